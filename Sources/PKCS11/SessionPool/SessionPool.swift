@@ -1,0 +1,423 @@
+internal import CPKCS11Shim
+import Logging
+import NIOPosix
+import Synchronization
+
+/// Settings of a `SessionPool`. Each limit protects the token or the callers.
+public struct SessionPoolConfiguration: Sendable {
+    /// The most sessions the pool keeps open. The pool also stays within the token's
+    /// `ulMaxRwSessionCount` (or `ulMaxSessionCount` for read-only pools). HSMs allow a few dozen
+    /// to a few thousand sessions across all clients; the gateway needs about one per core.
+    public var maximumSessions: Int = 8
+    /// How long a task waits for a free session before failing with `sessionAcquireTimeout`:
+    /// bounded waits turn an overloaded or hung token into errors instead of a pile-up.
+    public var acquireTimeout: Duration = .seconds(5)
+    /// The most tasks waiting at once; beyond it callers fail at once with
+    /// `sessionPoolQueueFull` instead of queueing without bound.
+    public var maximumWaiters: Int = 4096
+    /// How often one operation is tried when its session turns out to be unusable (closed
+    /// underneath, token removed, login lost): the first try plus replacements.
+    public var maximumAttempts: Int = 2
+    /// Read-write sessions (needed to create or destroy token objects).
+    public var readWrite: Bool = true
+
+    public init() {}
+}
+
+/// A bounded pool of logged-in PKCS#11 sessions on one token, the way servers use the token.
+///
+/// `withSession` leases a session to one task at a time and runs the task's closure on the
+/// pool's own threads (a `NIOThreadPool`), so blocking PKCS#11 calls never run on an event loop or
+/// Swift's cooperative pool. A task waits at most `acquireTimeout` for a session. A session that
+/// fails with `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`, `CKR_DEVICE_REMOVED`,
+/// `CKR_TOKEN_NOT_PRESENT` or `CKR_USER_NOT_LOGGED_IN` is closed and replaced by a new session
+/// (logged in again when the token forgot the login), and the operation is tried again on it.
+///
+/// The decisions are made by `SessionPoolStateMachine`; this class performs its actions.
+public final class SessionPool: Sendable {
+    /// The pool's module.
+    public let module: PKCS11Module
+    /// The token label the pool was opened for; used to find the slot again if it changes.
+    public let tokenLabel: String?
+    /// The effective maximum: the configured one bounded by the token's session limit.
+    public let maximumSessions: Int
+    /// The configuration the pool was created with.
+    public let configuration: SessionPoolConfiguration
+
+    private let pin: SecretBytes?
+    private let threadPool: NIOThreadPool
+    private let logger: Logger
+    private let state: Mutex<RunnerState>
+
+    private struct Lease: Sendable {
+        let id: SessionPoolStateMachine.SessionID
+        let handle: CK_SESSION_HANDLE
+        let slot: SlotID
+    }
+
+    private struct RunnerState: ~Copyable {
+        var machine: SessionPoolStateMachine
+        var slot: SlotID
+        var nextWaiterID = 0
+        var handles: [SessionPoolStateMachine.SessionID: (handle: CK_SESSION_HANDLE, slot: SlotID)] = [:]
+        var continuations: [SessionPoolStateMachine.WaiterID: CheckedContinuation<Lease, any Error>] = [:]
+        var timers: [SessionPoolStateMachine.WaiterID: Task<Void, Never>] = [:]
+        /// Why the last session open failed, for the waiters failed because of it.
+        var lastOpenError: (any Error)?
+        var shutdownWaiters: [CheckedContinuation<Void, Never>] = []
+        var shutdownCompleted = false
+    }
+
+    /// Opens a pool on the token labelled `tokenLabel` and opens and logs in one session at once,
+    /// so a wrong PIN or a missing token fails here rather than on first use.
+    public convenience init(
+        module: PKCS11Module,
+        tokenLabel: String,
+        pin: SecretBytes?,
+        configuration: SessionPoolConfiguration = SessionPoolConfiguration(),
+        logger: Logger = Logger(label: "hsm-gateway.pkcs11.pool")
+    ) async throws {
+        let slot = try module.slot(tokenLabel: tokenLabel)
+        try await self.init(
+            module: module, slot: slot, tokenLabel: tokenLabel, pin: pin, configuration: configuration, logger: logger)
+    }
+
+    /// Opens a pool on `slot` (`tokenLabel`, when given, lets the pool find the token again after
+    /// its slot number changes).
+    public init(
+        module: PKCS11Module,
+        slot: SlotID,
+        tokenLabel: String? = nil,
+        pin: SecretBytes?,
+        configuration: SessionPoolConfiguration = SessionPoolConfiguration(),
+        logger: Logger = Logger(label: "hsm-gateway.pkcs11.pool")
+    ) async throws {
+        guard configuration.maximumSessions >= 1, configuration.maximumAttempts >= 1,
+            configuration.maximumWaiters >= 0, configuration.acquireTimeout > .zero
+        else {
+            throw PKCS11Error(code: .invalidArgument, detail: "session pool configuration out of range")
+        }
+        let token = try module.tokenInfo(slot)
+        let tokenLimit = configuration.readWrite ? token.maximumReadWriteSessionCount : token.maximumSessionCount
+        let maximum = min(configuration.maximumSessions, tokenLimit.count.map { max($0, 1) } ?? .max)
+
+        self.module = module
+        self.tokenLabel = tokenLabel
+        self.maximumSessions = maximum
+        self.configuration = configuration
+        self.pin = pin
+        self.logger = logger
+        self.threadPool = NIOThreadPool(numberOfThreads: maximum)
+        self.state = Mutex(
+            RunnerState(
+                machine: SessionPoolStateMachine(
+                    maximumSessions: maximum, maximumWaiters: configuration.maximumWaiters),
+                slot: slot
+            )
+        )
+        threadPool.start()
+        do {
+            try await withSession { _ in }
+        } catch {
+            await shutdown()
+            throw error
+        }
+    }
+
+    /// Counts of sessions by state and of waiting tasks, for metrics.
+    public struct Statistics: Hashable, Sendable {
+        public let maximumSessions: Int
+        public let opening: Int
+        public let idle: Int
+        public let leased: Int
+        public let closing: Int
+        public let waiting: Int
+        /// Sessions discarded after failing (each replaced on demand).
+        public let discarded: Int
+        /// Failed attempts to open (or log in) a session.
+        public let openFailures: Int
+    }
+
+    /// The pool's current counts.
+    public var statistics: Statistics {
+        let s = state.withLock { $0.machine.statistics }
+        return Statistics(
+            maximumSessions: maximumSessions,
+            opening: s.opening,
+            idle: s.idle,
+            leased: s.leased,
+            closing: s.closing,
+            waiting: s.waiting,
+            discarded: s.discarded,
+            openFailures: s.openFailures
+        )
+    }
+
+    /// Leases a session, runs `body` with it on the pool's threads and returns the session.
+    ///
+    /// When the session proves unusable (`PKCS11Error.invalidatesSession`), it is discarded and
+    /// `body` runs again on another session, up to `maximumAttempts` times in all; `body` must
+    /// therefore be safe to repeat (PKCS#11 calls that failed this way had no effect).
+    ///
+    /// - Throws: `sessionAcquireTimeout`, `sessionPoolQueueFull`, `sessionPoolShutDown`, the error
+    ///   that stopped a session from opening, or what `body` throws.
+    public func withSession<T: Sendable>(_ body: @escaping @Sendable (borrowing Session) throws -> T) async throws -> T
+    {
+        var attempt = 1
+        while true {
+            let lease = try await acquire()
+            let module = self.module
+            let outcome: Result<T, any Error>
+            do {
+                outcome = try await threadPool.runIfActive {
+                    let session = Session(module: module, handle: lease.handle, slot: lease.slot)
+                    return Result { try body(session) }
+                }
+            } catch {
+                // The thread pool refused the work (shutdown or cancellation): nothing ran.
+                release(lease, reusable: true)
+                throw error
+            }
+            switch outcome {
+            case .success(let value):
+                release(lease, reusable: true)
+                return value
+            case .failure(let error as PKCS11Error) where error.invalidatesSession:
+                release(lease, reusable: false)
+                logger.warning(
+                    "discarding unusable PKCS#11 session",
+                    metadata: ["error": "\(error)", "attempt": "\(attempt)"]
+                )
+                guard attempt < configuration.maximumAttempts else { throw error }
+                attempt += 1
+            case .failure(let error):
+                release(lease, reusable: true)
+                throw error
+            }
+        }
+    }
+
+    /// Stops leasing, fails waiting tasks with `sessionPoolShutDown`, waits for leased sessions to
+    /// come back, closes every session and stops the pool's threads. Call it before
+    /// `PKCS11Module.finalize()`.
+    public func shutdown() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let effects = state.withLock { state -> Effects in
+                if state.shutdownCompleted {
+                    return Effects(resumeShutdown: [continuation])
+                }
+                state.shutdownWaiters.append(continuation)
+                return apply(state.machine.shutdown(), to: &state)
+            }
+            perform(effects)
+        }
+        try? await threadPool.shutdownGracefully()
+    }
+
+    // MARK: - Acquire and release
+
+    private func acquire() async throws -> Lease {
+        let waiter = state.withLock { state in
+            defer { state.nextWaiterID += 1 }
+            return state.nextWaiterID
+        }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Lease, any Error>) in
+                let effects = state.withLock { state -> Effects in
+                    state.continuations[waiter] = continuation
+                    return apply(state.machine.leaseRequested(waiter), to: &state)
+                }
+                perform(effects)
+            }
+        } onCancel: {
+            let effects = state.withLock { apply($0.machine.waiterCancelled(waiter), to: &$0) }
+            perform(effects)
+        }
+    }
+
+    private func release(_ lease: Lease, reusable: Bool) {
+        let effects = state.withLock { apply($0.machine.sessionReleased(lease.id, reusable: reusable), to: &$0) }
+        perform(effects)
+    }
+
+    // MARK: - Performing actions
+
+    /// What to do outside the lock once the machine has decided.
+    private struct Effects: ~Copyable {
+        var resume: [(CheckedContinuation<Lease, any Error>, Result<Lease, any Error>)] = []
+        var cancelTimers: [Task<Void, Never>] = []
+        var startTimer: SessionPoolStateMachine.WaiterID?
+        var open: (id: SessionPoolStateMachine.SessionID, slot: SlotID)?
+        var close: [(id: SessionPoolStateMachine.SessionID, handle: CK_SESSION_HANDLE, slot: SlotID)] = []
+        var resumeShutdown: [CheckedContinuation<Void, Never>] = []
+    }
+
+    /// Turns an action into effects, updating the runner's bookkeeping; runs under the lock.
+    private func apply(_ action: SessionPoolStateMachine.Action, to state: inout RunnerState) -> Effects {
+        var effects = Effects()
+        switch action.waiter {
+        case .none:
+            break
+        case .lease(let session, let waiter):
+            if let continuation = state.continuations.removeValue(forKey: waiter), let entry = state.handles[session] {
+                effects.resume.append(
+                    (continuation, .success(Lease(id: session, handle: entry.handle, slot: entry.slot))))
+            }
+            if let timer = state.timers.removeValue(forKey: waiter) {
+                effects.cancelTimers.append(timer)
+            }
+        case .enqueued(let waiter):
+            effects.startTimer = waiter
+        case .fail(let waiters, let failure):
+            for waiter in waiters {
+                if let continuation = state.continuations.removeValue(forKey: waiter) {
+                    effects.resume.append(
+                        (continuation, .failure(error(for: failure, lastOpenError: state.lastOpenError))))
+                }
+                if let timer = state.timers.removeValue(forKey: waiter) {
+                    effects.cancelTimers.append(timer)
+                }
+            }
+        }
+        switch action.session {
+        case .none:
+            break
+        case .open(let session):
+            effects.open = (session, state.slot)
+        case .close(let sessions):
+            for session in sessions {
+                if let entry = state.handles.removeValue(forKey: session) {
+                    effects.close.append((session, entry.handle, entry.slot))
+                }
+            }
+        }
+        if action.shutdownCompleted {
+            state.shutdownCompleted = true
+            effects.resumeShutdown = state.shutdownWaiters
+            state.shutdownWaiters.removeAll()
+        }
+        if let waiter = effects.startTimer {
+            let timeout = configuration.acquireTimeout
+            state.timers[waiter] = Task { [weak self] in
+                guard (try? await Task.sleep(for: timeout)) != nil else { return }
+                self?.timerFired(waiter)
+            }
+        }
+        return effects
+    }
+
+    private func error(for failure: SessionPoolStateMachine.Failure, lastOpenError: (any Error)?) -> any Error {
+        switch failure {
+        case .timeout:
+            PKCS11Error(
+                code: .sessionAcquireTimeout,
+                detail: "no PKCS#11 session free within \(configuration.acquireTimeout) (\(maximumSessions) sessions)"
+            )
+        case .queueFull:
+            PKCS11Error(
+                code: .sessionPoolQueueFull,
+                detail: "\(configuration.maximumWaiters) tasks already wait for a PKCS#11 session"
+            )
+        case .shutDown:
+            PKCS11Error(code: .sessionPoolShutDown)
+        case .cancelled:
+            CancellationError()
+        case .openFailed:
+            lastOpenError ?? PKCS11Error(code: .sessionPoolShutDown, detail: "no session could be opened")
+        }
+    }
+
+    private func perform(_ effects: consuming Effects) {
+        for timer in effects.cancelTimers {
+            timer.cancel()
+        }
+        for (continuation, result) in effects.resume {
+            continuation.resume(with: result)
+        }
+        if let open = effects.open {
+            threadPool.submit { [self] workState in
+                let result: Result<CK_SESSION_HANDLE, any Error> =
+                    workState == .active
+                    ? Result { try self.openLoggedInSession(slot: open.slot) }
+                    : .failure(PKCS11Error(code: .sessionPoolShutDown))
+                self.openCompleted(open.id, result: result)
+            }
+        }
+        for close in effects.close {
+            threadPool.submit { [self] _ in
+                do {
+                    try module.closeSessionHandle(close.handle, slot: close.slot)
+                } catch {
+                    logger.warning("closing a PKCS#11 session failed", metadata: ["error": "\(error)"])
+                }
+                let effects = state.withLock { apply($0.machine.sessionClosed(close.id), to: &$0) }
+                perform(effects)
+            }
+        }
+        for continuation in effects.resumeShutdown {
+            continuation.resume()
+        }
+    }
+
+    private func timerFired(_ waiter: SessionPoolStateMachine.WaiterID) {
+        let effects = state.withLock { state -> Effects in
+            state.timers[waiter] = nil
+            return apply(state.machine.waiterTimedOut(waiter), to: &state)
+        }
+        perform(effects)
+    }
+
+    private func openCompleted(
+        _ session: SessionPoolStateMachine.SessionID, result: Result<CK_SESSION_HANDLE, any Error>
+    ) {
+        let effects = state.withLock { state -> Effects in
+            switch result {
+            case .success(let handle):
+                state.handles[session] = (handle, state.slot)
+                return apply(state.machine.sessionOpened(session), to: &state)
+            case .failure(let error):
+                state.lastOpenError = error
+                return apply(state.machine.sessionOpenFailed(session), to: &state)
+            }
+        }
+        if case .failure(let error) = result {
+            logger.error("opening a PKCS#11 session failed", metadata: ["error": "\(error)"])
+        }
+        perform(effects)
+    }
+
+    // MARK: - Blocking work (runs on the pool's threads)
+
+    /// Opens a session and logs the user in unless the token still holds the login.
+    private func openLoggedInSession(slot: SlotID) throws -> CK_SESSION_HANDLE {
+        do {
+            return try openLoggedInSession(onSlot: slot)
+        } catch let error as PKCS11Error
+            where tokenLabel != nil
+            && [.slotIdInvalid, .tokenNotPresent, .deviceRemoved, .tokenNotRecognized].contains(error.returnValue)
+        {
+            // The token may be back under another slot number (re-inserted, renumbered).
+            let newSlot = try module.slot(tokenLabel: tokenLabel!)
+            guard newSlot != slot else { throw error }
+            state.withLock { $0.slot = newSlot }
+            logger.notice("PKCS#11 token moved", metadata: ["from": "\(slot)", "to": "\(newSlot)"])
+            return try openLoggedInSession(onSlot: newSlot)
+        }
+    }
+
+    private func openLoggedInSession(onSlot slot: SlotID) throws -> CK_SESSION_HANDLE {
+        let handle = try module.openSessionHandle(slot: slot, readWrite: configuration.readWrite)
+        do {
+            if let pin {
+                let session = Session(module: module, handle: handle, slot: slot)
+                if try !session.state().isUserLoggedIn {
+                    try session.login(.user, pin: pin)
+                }
+            }
+            return handle
+        } catch {
+            try? module.closeSessionHandle(handle, slot: slot)
+            throw error
+        }
+    }
+}

@@ -1,0 +1,352 @@
+internal import CPKCS11Shim
+
+/// A slot number as the module reports it. Slot numbers may change when tokens are created or
+/// re-inserted (SoftHSM2 derives them from the token serial): find slots by token label or
+/// serial number instead of storing them.
+public struct SlotID: Hashable, Sendable, CustomStringConvertible {
+    /// The module's `CK_SLOT_ID`.
+    public let rawValue: UInt
+
+    /// Wraps a slot number reported by the module (or given by an operator).
+    public init(rawValue: UInt) {
+        self.rawValue = rawValue
+    }
+
+    public var description: String { "slot \(rawValue)" }
+}
+
+/// A `major.minor` version as PKCS#11 reports it.
+public struct PKCS11Version: Hashable, Sendable, CustomStringConvertible {
+    public let major: UInt8
+    public let minor: UInt8
+    public var description: String { "\(major).\(minor)" }
+
+    init(_ version: CK_VERSION) {
+        self.major = version.major
+        self.minor = version.minor
+    }
+}
+
+/// A count the token may leave unspecified (`CK_UNAVAILABLE_INFORMATION`) or unbounded
+/// (`CK_EFFECTIVELY_INFINITE`).
+public enum TokenLimit: Hashable, Sendable, CustomStringConvertible {
+    case value(Int)
+    case effectivelyInfinite
+    case unavailable
+
+    init(_ raw: CK_ULONG, zeroMeansInfinite: Bool) {
+        if raw == hsmgw_ck_unavailable_information {
+            self = .unavailable
+        } else if raw == hsmgw_ck_effectively_infinite && zeroMeansInfinite {
+            self = .effectivelyInfinite
+        } else {
+            self = .value(Int(clamping: raw))
+        }
+    }
+
+    /// The number, when the token gave one.
+    public var count: Int? {
+        if case .value(let count) = self { return count }
+        return nil
+    }
+
+    public var description: String {
+        switch self {
+        case .value(let count): "\(count)"
+        case .effectivelyInfinite: "unlimited"
+        case .unavailable: "unknown"
+        }
+    }
+}
+
+/// What `C_GetInfo` says about the module.
+public struct ModuleInfo: Sendable {
+    public let cryptokiVersion: PKCS11Version
+    public let manufacturer: String
+    public let libraryDescription: String
+    public let libraryVersion: PKCS11Version
+}
+
+/// What `C_GetSlotInfo` says about a slot.
+public struct SlotInfo: Sendable {
+    public let id: SlotID
+    public let description: String
+    public let manufacturer: String
+    public let tokenPresent: Bool
+    public let removableDevice: Bool
+    public let hardwareSlot: Bool
+}
+
+/// What `C_GetTokenInfo` says about a token.
+public struct TokenInfo: Sendable {
+    public let slot: SlotID
+    public let label: String
+    public let manufacturer: String
+    public let model: String
+    public let serialNumber: String
+    /// The token has been initialised (`C_InitToken`).
+    public let initialized: Bool
+    /// A user PIN has been set (`C_InitPIN`).
+    public let userPINInitialized: Bool
+    public let loginRequired: Bool
+    public let hasRNG: Bool
+    public let writeProtected: Bool
+    public let userPINLocked: Bool
+    public let userPINCountLow: Bool
+    public let maximumSessionCount: TokenLimit
+    public let sessionCount: TokenLimit
+    public let maximumReadWriteSessionCount: TokenLimit
+    public let readWriteSessionCount: TokenLimit
+    public let minimumPINLength: Int
+    public let maximumPINLength: Int
+    public let hardwareVersion: PKCS11Version
+    public let firmwareVersion: PKCS11Version
+}
+
+/// A mechanism type (`CK_MECHANISM_TYPE`); the ones the gateway uses have names.
+public struct Mechanism: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt
+
+    public init(rawValue: UInt) {
+        self.rawValue = rawValue
+    }
+
+    /// `CKM_AES_KEY_GEN`.
+    public static let aesKeyGen = Mechanism(rawValue: 0x1080)
+    /// `CKM_AES_ECB`.
+    public static let aesECB = Mechanism(rawValue: 0x1081)
+    /// `CKM_AES_CBC`.
+    public static let aesCBC = Mechanism(rawValue: 0x1082)
+    /// `CKM_AES_GCM`.
+    public static let aesGCM = Mechanism(rawValue: 0x1087)
+    /// `CKM_AES_KEY_WRAP` (RFC 3394, no padding).
+    public static let aesKeyWrap = Mechanism(rawValue: 0x2109)
+    /// `CKM_AES_KEY_WRAP_PAD` (0x210A). PKCS#11 3.0 defines it as RFC 3394 over PKCS#7 padding,
+    /// but several 2.40-era modules, SoftHSM2 among them, implement RFC 5649 under this number.
+    /// Use `Session.checkRFC5649` to find out which a token does.
+    public static let aesKeyWrapPad = Mechanism(rawValue: 0x210A)
+    /// `CKM_AES_KEY_WRAP_KWP` (0x210B): RFC 5649, AES key wrap with padding (PKCS#11 3.0).
+    public static let aesKeyWrapKWP = Mechanism(rawValue: 0x210B)
+
+    static let names: [UInt: String] = [
+        0x1080: "CKM_AES_KEY_GEN", 0x1081: "CKM_AES_ECB", 0x1082: "CKM_AES_CBC", 0x1085: "CKM_AES_CBC_PAD",
+        0x1086: "CKM_AES_CTR", 0x1087: "CKM_AES_GCM", 0x1088: "CKM_AES_CCM", 0x108A: "CKM_AES_CMAC",
+        0x2109: "CKM_AES_KEY_WRAP", 0x210A: "CKM_AES_KEY_WRAP_PAD", 0x210B: "CKM_AES_KEY_WRAP_KWP",
+        0x0250: "CKM_SHA256", 0x0251: "CKM_SHA256_HMAC", 0x0350: "CKM_GENERIC_SECRET_KEY_GEN",
+    ]
+
+    /// `CKM_…` name where known, the number otherwise.
+    public var name: String { Self.names[rawValue] ?? "CKM_0x" + String(rawValue, radix: 16) }
+
+    public var description: String { name }
+}
+
+/// What a mechanism may be used for (`CKF_…` mechanism flags).
+public struct MechanismFlags: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt
+    public init(rawValue: UInt) { self.rawValue = rawValue }
+
+    public static let hardware = MechanismFlags(rawValue: UInt(CKF_HW))
+    public static let encrypt = MechanismFlags(rawValue: UInt(CKF_ENCRYPT))
+    public static let decrypt = MechanismFlags(rawValue: UInt(CKF_DECRYPT))
+    public static let digest = MechanismFlags(rawValue: UInt(CKF_DIGEST))
+    public static let sign = MechanismFlags(rawValue: UInt(CKF_SIGN))
+    public static let verify = MechanismFlags(rawValue: UInt(CKF_VERIFY))
+    public static let generate = MechanismFlags(rawValue: UInt(CKF_GENERATE))
+    public static let generateKeyPair = MechanismFlags(rawValue: UInt(CKF_GENERATE_KEY_PAIR))
+    public static let wrap = MechanismFlags(rawValue: UInt(CKF_WRAP))
+    public static let unwrap = MechanismFlags(rawValue: UInt(CKF_UNWRAP))
+    public static let derive = MechanismFlags(rawValue: UInt(CKF_DERIVE))
+
+    /// Names of the set flags, for reports.
+    public var names: [String] {
+        let all: [(MechanismFlags, String)] = [
+            (.hardware, "hw"), (.encrypt, "encrypt"), (.decrypt, "decrypt"), (.digest, "digest"),
+            (.sign, "sign"), (.verify, "verify"), (.generate, "generate"),
+            (.generateKeyPair, "generate-key-pair"), (.wrap, "wrap"), (.unwrap, "unwrap"), (.derive, "derive"),
+        ]
+        return all.filter { contains($0.0) }.map(\.1)
+    }
+}
+
+/// What `C_GetMechanismInfo` says about one mechanism.
+public struct MechanismInfo: Hashable, Sendable {
+    public let mechanism: Mechanism
+    public let minimumKeySize: Int
+    public let maximumKeySize: Int
+    public let flags: MechanismFlags
+}
+
+/// Reads a fixed-width, blank-padded PKCS#11 text field.
+func paddedString<T>(_ field: T) -> String {
+    withUnsafeBytes(of: field) { raw in
+        var bytes = Array(raw)
+        while let last = bytes.last, last == 0x20 || last == 0 {
+            bytes.removeLast()
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// Pads `text` with blanks to a 32-byte label field; nil when it does not fit.
+func paddedLabel(_ text: String) -> [UInt8]? {
+    var bytes = Array(text.utf8)
+    guard bytes.count <= 32 else { return nil }
+    bytes += [UInt8](repeating: 0x20, count: 32 - bytes.count)
+    return bytes
+}
+
+extension PKCS11Module {
+    /// `C_GetInfo`.
+    public func info() throws -> ModuleInfo {
+        var info = CK_INFO()
+        try call(.getInfo, \.C_GetInfo) { $0(&info) }
+        return ModuleInfo(
+            cryptokiVersion: PKCS11Version(info.cryptokiVersion),
+            manufacturer: paddedString(info.manufacturerID),
+            libraryDescription: paddedString(info.libraryDescription),
+            libraryVersion: PKCS11Version(info.libraryVersion)
+        )
+    }
+
+    /// `C_GetSlotList`: the slots, optionally only those with a token present.
+    public func slotIDs(tokenPresent: Bool = true) throws -> [SlotID] {
+        // The list can grow between the two calls (a token inserted): retry a few times.
+        for _ in 0..<4 {
+            var count = CK_ULONG(0)
+            let present = CK_BBOOL(tokenPresent ? CK_TRUE : CK_FALSE)
+            try call(.getSlotList, \.C_GetSlotList) { $0(present, nil, &count) }
+            var slots = [CK_SLOT_ID](repeating: 0, count: Int(count))
+            let rv = try callReturningCode(.getSlotList, \.C_GetSlotList) { $0(present, &slots, &count) }
+            if rv == CK_RV(CKR_BUFFER_TOO_SMALL) { continue }
+            guard rv == CKR_OK else { throw PKCS11Error.failed(.getSlotList, rv) }
+            return slots.prefix(Int(count)).map { SlotID(rawValue: $0) }
+        }
+        throw PKCS11Error.failed(.getSlotList, CK_RV(CKR_BUFFER_TOO_SMALL))
+    }
+
+    /// `C_GetSlotInfo`.
+    public func slotInfo(_ slot: SlotID) throws -> SlotInfo {
+        var info = CK_SLOT_INFO()
+        try call(.getSlotInfo, \.C_GetSlotInfo) { $0(slot.rawValue, &info) }
+        return SlotInfo(
+            id: slot,
+            description: paddedString(info.slotDescription),
+            manufacturer: paddedString(info.manufacturerID),
+            tokenPresent: info.flags & CK_FLAGS(CKF_TOKEN_PRESENT) != 0,
+            removableDevice: info.flags & CK_FLAGS(CKF_REMOVABLE_DEVICE) != 0,
+            hardwareSlot: info.flags & CK_FLAGS(CKF_HW_SLOT) != 0
+        )
+    }
+
+    /// `C_GetTokenInfo`.
+    public func tokenInfo(_ slot: SlotID) throws -> TokenInfo {
+        var info = CK_TOKEN_INFO()
+        try call(.getTokenInfo, \.C_GetTokenInfo) { $0(slot.rawValue, &info) }
+        let flags = info.flags
+        func has(_ flag: Int32) -> Bool { flags & CK_FLAGS(flag) != 0 }
+        return TokenInfo(
+            slot: slot,
+            label: paddedString(info.label),
+            manufacturer: paddedString(info.manufacturerID),
+            model: paddedString(info.model),
+            serialNumber: paddedString(info.serialNumber),
+            initialized: flags & CK_FLAGS(CKF_TOKEN_INITIALIZED) != 0,
+            userPINInitialized: flags & CK_FLAGS(CKF_USER_PIN_INITIALIZED) != 0,
+            loginRequired: flags & CK_FLAGS(CKF_LOGIN_REQUIRED) != 0,
+            hasRNG: flags & CK_FLAGS(CKF_RNG) != 0,
+            writeProtected: flags & CK_FLAGS(CKF_WRITE_PROTECTED) != 0,
+            userPINLocked: flags & CK_FLAGS(CKF_USER_PIN_LOCKED) != 0,
+            userPINCountLow: flags & CK_FLAGS(CKF_USER_PIN_COUNT_LOW) != 0,
+            maximumSessionCount: TokenLimit(info.ulMaxSessionCount, zeroMeansInfinite: true),
+            sessionCount: TokenLimit(info.ulSessionCount, zeroMeansInfinite: false),
+            maximumReadWriteSessionCount: TokenLimit(info.ulMaxRwSessionCount, zeroMeansInfinite: true),
+            readWriteSessionCount: TokenLimit(info.ulRwSessionCount, zeroMeansInfinite: false),
+            minimumPINLength: Int(clamping: info.ulMinPinLen),
+            maximumPINLength: Int(clamping: info.ulMaxPinLen),
+            hardwareVersion: PKCS11Version(info.hardwareVersion),
+            firmwareVersion: PKCS11Version(info.firmwareVersion)
+        )
+    }
+
+    /// The tokens present, with their slots.
+    public func tokens() throws -> [TokenInfo] {
+        try slotIDs(tokenPresent: true).map { try tokenInfo($0) }
+    }
+
+    /// The slot whose token has `label`.
+    ///
+    /// - Throws: `tokenNotFound` when no present token has the label (uninitialised tokens never
+    ///   match); `invalidArgument` when two tokens share it.
+    public func slot(tokenLabel label: String) throws -> SlotID {
+        let matches = try tokens().filter { $0.initialized && $0.label == label }
+        guard let first = matches.first else {
+            throw PKCS11Error(code: .tokenNotFound, detail: "no token labelled '\(label)' in \(path)")
+        }
+        guard matches.count == 1 else {
+            throw PKCS11Error(
+                code: .invalidArgument, detail: "\(matches.count) tokens are labelled '\(label)'; use the serial")
+        }
+        return first.slot
+    }
+
+    /// The slot whose token has `serialNumber`.
+    public func slot(tokenSerial serialNumber: String) throws -> SlotID {
+        guard let match = try tokens().first(where: { $0.serialNumber == serialNumber }) else {
+            throw PKCS11Error(code: .tokenNotFound, detail: "no token with serial '\(serialNumber)' in \(path)")
+        }
+        return match.slot
+    }
+
+    /// `C_GetMechanismList` and `C_GetMechanismInfo` for every mechanism of the token in `slot`.
+    public func mechanisms(_ slot: SlotID) throws -> [MechanismInfo] {
+        var count = CK_ULONG(0)
+        try call(.getMechanismList, \.C_GetMechanismList) { $0(slot.rawValue, nil, &count) }
+        var types = [CK_MECHANISM_TYPE](repeating: 0, count: Int(count))
+        try call(.getMechanismList, \.C_GetMechanismList) { $0(slot.rawValue, &types, &count) }
+        return try types.prefix(Int(count)).map { type in
+            var info = CK_MECHANISM_INFO()
+            try call(.getMechanismInfo, \.C_GetMechanismInfo) { $0(slot.rawValue, type, &info) }
+            return MechanismInfo(
+                mechanism: Mechanism(rawValue: type),
+                minimumKeySize: Int(clamping: info.ulMinKeySize),
+                maximumKeySize: Int(clamping: info.ulMaxKeySize),
+                flags: MechanismFlags(rawValue: info.flags)
+            )
+        }
+    }
+
+    /// `C_InitToken`: (re)initialises the token in `slot` with a security-officer PIN and a
+    /// label of at most 32 bytes. Destroys every object on the token. For dev and test tokens.
+    public func initToken(slot: SlotID, securityOfficerPIN: SecretBytes, label: String) throws {
+        guard var padded = paddedLabel(label) else {
+            throw PKCS11Error(code: .invalidArgument, function: .initToken, detail: "token label longer than 32 bytes")
+        }
+        try withMutableCopy(of: securityOfficerPIN) { pin, pinLength in
+            try call(.initToken, \.C_InitToken) { $0(slot.rawValue, pin, pinLength, &padded) }
+        }
+    }
+
+    /// The slot of a present token that has not been initialised yet (SoftHSM2 always offers one).
+    public func uninitializedTokenSlot() throws -> SlotID {
+        guard let free = try tokens().first(where: { !$0.initialized }) else {
+            throw PKCS11Error(code: .tokenNotFound, detail: "no uninitialised token in \(path)")
+        }
+        return free.slot
+    }
+}
+
+/// Copies a secret into a temporary mutable buffer (PKCS#11 takes PINs as non-const pointers),
+/// runs `body` and zeroes the copy.
+func withMutableCopy<R>(
+    of secret: SecretBytes,
+    _ body: (UnsafeMutablePointer<CK_UTF8CHAR>, CK_ULONG) throws -> R
+) throws -> R {
+    let copy = SecretBytes(count: secret.count) { buffer in
+        secret.withUnsafeBytes { buffer.copyMemory(from: $0) }
+    }
+    return try copy.withUnsafeBytes { raw in
+        let pointer = UnsafeMutableRawPointer(mutating: raw.baseAddress!).assumingMemoryBound(to: CK_UTF8CHAR.self)
+        return try body(pointer, CK_ULONG(raw.count))
+    }
+}
