@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         // The only C in the tree: PKCS#11 headers from p11-kit, dlopen and the entry points.
@@ -35,18 +36,24 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The gateway's configuration file and PIN sources.
+        .target(
+            name: "GatewayConfig",
+            dependencies: ["PKCS11", .product(name: "Yams", package: "Yams")]
+        ),
         // The operator CLI's commands, as a library so tests can drive them in-process.
         .target(
             name: "HSMAdmin",
             dependencies: [
                 "PKCS11",
+                "GatewayConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(name: "hsm-admin", dependencies: ["HSMAdmin"]),
         .executableTarget(
             name: "hsm-gateway",
-            dependencies: [.product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["HSMAdmin", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "hsm-bench",
@@ -55,8 +62,17 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "PKCS11Tests", dependencies: ["PKCS11"], resources: [.copy("Resources")]),
-        .testTarget(name: "HSMAdminTests", dependencies: ["HSMAdmin", "PKCS11"]),
+        // One SoftHSM2 fixture per test process (C_Initialize and SOFTHSM2_CONF are process-wide),
+        // shared by every test target.
+        .target(name: "SoftHSMTestSupport", dependencies: ["PKCS11"], path: "Tests/SoftHSMTestSupport"),
+        .testTarget(
+            name: "PKCS11Tests",
+            dependencies: ["PKCS11", "SoftHSMTestSupport"],
+            resources: [.process("Resources")]
+        ),
+        .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
+        .testTarget(
+            name: "HSMAdminTests", dependencies: ["HSMAdmin", "GatewayConfig", "PKCS11", "SoftHSMTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

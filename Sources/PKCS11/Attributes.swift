@@ -205,6 +205,11 @@ public struct AttributeValues: Sendable {
     /// Every requested attribute with what the token said about it.
     public let values: [AttributeType: AttributeValue]
 
+    /// Wraps values read from a token (or built by hand, to test a policy).
+    public init(values: [AttributeType: AttributeValue]) {
+        self.values = values
+    }
+
     public subscript(_ type: AttributeType) -> AttributeValue? { values[type] }
 
     /// The boolean value; nil when absent, sensitive or not one byte.

@@ -167,7 +167,16 @@ public struct Session: ~Copyable {
 
     /// `C_GetAttributeValue` for each of `types`, with the two-call size query. Sensitive and
     /// missing attributes come back as `.sensitive` and `.typeInvalid` instead of failing the read.
+    /// Not for `CKA_VALUE`: key material is read only through `secretValue(of:)`, into memory that
+    /// is zeroed on release.
     public func attributes(_ types: [AttributeType], of object: ObjectHandle) throws -> AttributeValues {
+        guard !types.contains(.value) else {
+            throw PKCS11Error(
+                code: .invalidArgument,
+                function: .getAttributeValue,
+                detail: "CKA_VALUE is read with secretValue(of:)"
+            )
+        }
         var template = types.map { CK_ATTRIBUTE(type: $0.rawValue, pValue: nil, ulValueLen: 0) }
         let sizeRV = try module.callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
             $0(handle, object.rawValue, &template, CK_ULONG(template.count))

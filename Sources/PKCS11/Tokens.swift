@@ -123,7 +123,7 @@ public struct Mechanism: Hashable, Sendable, CustomStringConvertible {
     public static let aesKeyWrap = Mechanism(rawValue: 0x2109)
     /// `CKM_AES_KEY_WRAP_PAD` (0x210A). PKCS#11 3.0 defines it as RFC 3394 over PKCS#7 padding,
     /// but several 2.40-era modules, SoftHSM2 among them, implement RFC 5649 under this number.
-    /// Use `Session.checkRFC5649` to find out which a token does.
+    /// Use `Session.checkKeyWrapWithPadding` to find out which a token does.
     public static let aesKeyWrapPad = Mechanism(rawValue: 0x210A)
     /// `CKM_AES_KEY_WRAP_KWP` (0x210B): RFC 5649, AES key wrap with padding (PKCS#11 3.0).
     public static let aesKeyWrapKWP = Mechanism(rawValue: 0x210B)

@@ -1,1 +1,3 @@
-// placeholder
+import HSMAdmin
+
+HSMAdminCommand.main()

@@ -228,6 +228,10 @@ public final class SessionPool: Sendable {
                     return apply(state.machine.leaseRequested(waiter), to: &state)
                 }
                 perform(effects)
+                // A cancellation that arrived before the waiter was queued found nothing to cancel.
+                if Task.isCancelled {
+                    perform(state.withLock { apply($0.machine.waiterCancelled(waiter), to: &$0) })
+                }
             }
         } onCancel: {
             let effects = state.withLock { apply($0.machine.waiterCancelled(waiter), to: &$0) }

@@ -154,15 +154,27 @@ struct SessionPoolStateMachine: Sendable {
 
     /// A leased session comes back. `reusable` is false when it failed in a way that makes it
     /// unusable (closed underneath, token removed, login lost): it is closed, and a replacement is
-    /// opened once the close completes if anyone is waiting.
+    /// opened once the close completes if anyone is waiting. What breaks one session usually
+    /// breaks them all (`C_CloseAllSessions`, a token removal, and the login state are per token,
+    /// not per session), so the idle sessions are closed with it rather than handed to the next
+    /// caller to fail on.
     mutating func sessionReleased(_ session: SessionID, reusable: Bool) -> Action {
         precondition(sessions[session] == .leased, "session \(session) was not leased")
-        if !reusable {
-            discarded += 1
-        }
-        if !reusable || isShuttingDown {
+        if isShuttingDown {
+            if !reusable {
+                discarded += 1
+            }
             sessions[session] = .closing
             return Action(session: .close([session]))
+        }
+        guard reusable else {
+            discarded += 1 + idle.count
+            let closing = [session] + idle
+            idle.removeAll()
+            for id in closing {
+                sessions[id] = .closing
+            }
+            return Action(session: .close(closing))
         }
         return handOver(session)
     }

@@ -1,0 +1,123 @@
+import ArgumentParser
+import Foundation
+import GatewayConfig
+import PKCS11
+
+/// `hsm-admin`: the operator CLI. Today it has `preflight`; the commands that talk to a running
+/// gateway arrive with the server.
+public struct HSMAdminCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "hsm-admin",
+        abstract: "Operate an hsm-gateway and the HSM token behind it.",
+        discussion: """
+            Exit codes: 0 success; 1 a check or operation failed; 64 bad usage or an unusable \
+            configuration (missing flag, unreadable configuration or PIN file).
+            """,
+        version: HSMGatewayVersion.current,
+        subcommands: [PreflightCommand.self]
+    )
+
+    public init() {}
+}
+
+/// The version every executable reports.
+public enum HSMGatewayVersion {
+    public static let current = "0.1.0-dev"
+}
+
+/// `hsm-admin preflight`.
+public struct PreflightCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "preflight",
+        abstract: "Check a PKCS#11 token before pointing the gateway at it.",
+        discussion: """
+            Loads the module, shows the token, checks the mechanisms the gateway needs (AES key \
+            generation, AES-GCM, random; key wrap with padding is optional), verifies every \
+            master key against the policy (sensitive, never extractable, single purpose), and \
+            times a short AES-GCM round trip. Give the token either with --config or with \
+            --module, --token and --pin-file / --pin-env. The PIN is never taken from a flag.
+
+            Exit codes: 0 every check passed (warnings allowed); 1 a check failed; 64 bad usage.
+            """
+    )
+
+    @Option(help: "Gateway configuration file (YAML); its `hsm:` section names module, token and PIN.")
+    var config: String?
+
+    @Option(help: "Path of the PKCS#11 module (shared library).")
+    var module: String?
+
+    @Option(help: "Label of the token.")
+    var token: String?
+
+    @Option(help: "File holding the user PIN (mode 0600 or 0400).")
+    var pinFile: String?
+
+    @Option(help: "Environment variable holding the user PIN.")
+    var pinEnv: String?
+
+    @Option(help: "Label prefix that marks gateway master keys.")
+    var labelPrefix: String = MasterKeyPolicy.labelPrefix
+
+    @Option(help: "AES-GCM round trips to time (0 to skip, at most \(Preflight.Options.maximumRounds)).")
+    var rounds: Int = 1000
+
+    @Flag(help: "Print the report as JSON.")
+    var json = false
+
+    public init() {}
+
+    public func validate() throws {
+        guard (0...Preflight.Options.maximumRounds).contains(rounds) else {
+            throw ValidationError("--rounds must be from 0 to \(Preflight.Options.maximumRounds)")
+        }
+        guard !labelPrefix.isEmpty, labelPrefix.utf8.count <= 64 else {
+            throw ValidationError("--label-prefix must be 1 to 64 bytes")
+        }
+        if pinFile != nil, pinEnv != nil {
+            throw ValidationError("give --pin-file or --pin-env, not both")
+        }
+        if config == nil {
+            guard module != nil, token != nil, pinFile != nil || pinEnv != nil else {
+                throw ValidationError("give --config, or --module, --token and --pin-file (or --pin-env)")
+            }
+        }
+    }
+
+    /// The settings from the configuration file, with flags taking precedence.
+    func settings() throws -> HSMSettings {
+        var settings: HSMSettings
+        if let config {
+            settings = try HSMSettings.load(fromFile: config)
+        } else {
+            settings = HSMSettings(modulePath: "", tokenLabel: "", pin: .environment(""))
+        }
+        if let module { settings.modulePath = module }
+        if let token { settings.tokenLabel = token }
+        if let pinFile { settings.pin = .file(pinFile) }
+        if let pinEnv { settings.pin = .environment(pinEnv) }
+        return settings
+    }
+
+    public func run() throws {
+        let settings: HSMSettings
+        do {
+            settings = try self.settings()
+        } catch let error as ConfigurationError {
+            FileHandle.standardError.write(Data("hsm-admin preflight: \(error)\n".utf8))
+            throw ExitCode(64)
+        }
+        let report = Preflight(options: .init(settings: settings, labelPrefix: labelPrefix, rounds: rounds)).run()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            let data = try encoder.encode(report)
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print(report.text)
+        }
+        if !report.passed {
+            throw ExitCode.failure
+        }
+    }
+}

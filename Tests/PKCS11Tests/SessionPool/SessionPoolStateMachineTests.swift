@@ -1,0 +1,315 @@
+import Testing
+
+@testable import PKCS11
+
+/// The pool's logic without a token: each test is a transcript of events and the actions they
+/// must produce. Every event and every branch of the state machine appears at least once.
+@Suite("Session pool state machine")
+struct SessionPoolStateMachineTests {
+    typealias Machine = SessionPoolStateMachine
+
+    @Test("a first lease request waits and opens a session; the opened session goes to it")
+    func firstLeaseOpensSession() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        #expect(machine.leaseRequested(1) == Machine.Action(waiter: .enqueued(1), session: .open(0)))
+        #expect(machine.statistics.opening == 1)
+        #expect(machine.statistics.waiting == 1)
+        #expect(machine.sessionOpened(0) == Machine.Action(waiter: .lease(0, to: 1)))
+        #expect(machine.statistics.leased == 1)
+        #expect(machine.statistics.waiting == 0)
+    }
+
+    @Test("a released session with nobody waiting becomes idle and is leased again without opening")
+    func idleSessionIsReused() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        #expect(machine.sessionReleased(0, reusable: true) == .none)
+        #expect(machine.statistics.idle == 1)
+        #expect(machine.leaseRequested(2) == Machine.Action(waiter: .lease(0, to: 2)))
+        #expect(machine.statistics.idle == 0)
+        #expect(machine.statistics.leased == 1)
+    }
+
+    @Test("the most recently returned idle session is leased first")
+    func warmestIdleSessionFirst() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        _ = machine.sessionOpened(0)
+        _ = machine.sessionOpened(1)
+        _ = machine.sessionReleased(1, reusable: true)
+        _ = machine.sessionReleased(0, reusable: true)
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .lease(0, to: 3)))
+    }
+
+    @Test("never more sessions than the maximum; extra waiters queue and are served in order")
+    func capacityAndFIFO() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        #expect(machine.leaseRequested(1).session == .open(0))
+        #expect(machine.leaseRequested(2).session == .open(1))
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .enqueued(3), session: .none))
+        #expect(machine.leaseRequested(4) == Machine.Action(waiter: .enqueued(4), session: .none))
+        #expect(machine.sessions.count == 2)
+        #expect(machine.sessionOpened(1) == Machine.Action(waiter: .lease(1, to: 1)))
+        #expect(machine.sessionOpened(0) == Machine.Action(waiter: .lease(0, to: 2)))
+        #expect(machine.sessionReleased(0, reusable: true) == Machine.Action(waiter: .lease(0, to: 3)))
+        #expect(machine.sessionReleased(1, reusable: true) == Machine.Action(waiter: .lease(1, to: 4)))
+        #expect(machine.statistics.waiting == 0)
+    }
+
+    @Test("a waiter already covered by a session being opened does not open another")
+    func noOpenWhenCovered() {
+        var machine = Machine(maximumSessions: 4, maximumWaiters: 10)
+        #expect(machine.leaseRequested(1).session == .open(0))
+        _ = machine.sessionOpened(0)
+        // Session 0 is leased to waiter 1; waiter 2 needs a session of its own.
+        #expect(machine.leaseRequested(2).session == .open(1))
+        // The pool is not over-eager: one waiter, one opening session.
+        #expect(machine.statistics.opening == 1)
+    }
+
+    @Test("over the queue limit a request fails at once with queueFull")
+    func queueFull() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 2)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .fail([3], .queueFull)))
+        #expect(machine.statistics.waiting == 2)
+    }
+
+    @Test("a queue limit of zero: requests succeed only when a session is idle")
+    func zeroQueue() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 0)
+        #expect(machine.leaseRequested(1) == Machine.Action(waiter: .fail([1], .queueFull)))
+    }
+
+    @Test("a waiter that times out leaves the queue; a second timeout or a late one is ignored")
+    func waiterTimeout() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        _ = machine.leaseRequested(2)
+        _ = machine.leaseRequested(3)
+        #expect(machine.waiterTimedOut(2) == Machine.Action(waiter: .fail([2], .timeout)))
+        #expect(machine.waiterTimedOut(2) == .none)
+        // Waiter 1 holds a lease, it is not waiting: its timer firing late changes nothing.
+        #expect(machine.waiterTimedOut(1) == .none)
+        #expect(machine.sessionReleased(0, reusable: true) == Machine.Action(waiter: .lease(0, to: 3)))
+    }
+
+    @Test("a cancelled waiter leaves the queue with .cancelled")
+    func waiterCancelled() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        #expect(machine.waiterCancelled(1) == Machine.Action(waiter: .fail([1], .cancelled)))
+        #expect(machine.waiterCancelled(1) == .none)
+        // The session opened for it parks as idle.
+        #expect(machine.sessionOpened(0) == .none)
+        #expect(machine.statistics.idle == 1)
+    }
+
+    @Test("a session that failed is closed, counted as discarded, and replaced once closed")
+    func brokenSessionIsReplaced() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        _ = machine.leaseRequested(2)
+        #expect(machine.sessionReleased(0, reusable: false) == Machine.Action(session: .close([0])))
+        #expect(machine.statistics.discarded == 1)
+        #expect(machine.statistics.closing == 1)
+        // Capacity counts the closing session: nothing opens before it is gone.
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .enqueued(3), session: .none))
+        #expect(machine.sessionClosed(0) == Machine.Action(session: .open(1)))
+        #expect(machine.sessionOpened(1) == Machine.Action(waiter: .lease(1, to: 2)))
+    }
+
+    @Test("a failed session takes the idle sessions with it: they share its token and login state")
+    func brokenSessionPurgesIdle() {
+        var machine = Machine(maximumSessions: 3, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        _ = machine.leaseRequested(3)
+        _ = machine.sessionOpened(0)
+        _ = machine.sessionOpened(1)
+        _ = machine.sessionOpened(2)
+        _ = machine.sessionReleased(1, reusable: true)
+        _ = machine.sessionReleased(2, reusable: true)
+        #expect(machine.statistics.idle == 2)
+        #expect(machine.sessionReleased(0, reusable: false) == Machine.Action(session: .close([0, 1, 2])))
+        #expect(machine.statistics.discarded == 3)
+        // The next request does not get a stale session: it waits for a new one.
+        #expect(machine.leaseRequested(4) == Machine.Action(waiter: .enqueued(4)))
+        #expect(machine.sessionClosed(1) == Machine.Action(session: .open(3)))
+        #expect(machine.sessionClosed(0) == .none)
+        #expect(machine.sessionOpened(3) == Machine.Action(waiter: .lease(3, to: 4)))
+    }
+
+    @Test("a failed session with nobody waiting is closed and not replaced")
+    func brokenSessionNoWaiters() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        #expect(machine.sessionReleased(0, reusable: false) == Machine.Action(session: .close([0])))
+        #expect(machine.sessionClosed(0) == .none)
+        #expect(machine.sessions.isEmpty)
+    }
+
+    @Test("when the only session fails to open, every waiter fails with openFailed")
+    func openFailureFailsWaiters() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        #expect(machine.sessionOpenFailed(0) == Machine.Action(waiter: .fail([1, 2], .openFailed)))
+        #expect(machine.statistics.openFailures == 1)
+        #expect(machine.sessions.isEmpty)
+        // The next request tries again.
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .enqueued(3), session: .open(1)))
+    }
+
+    @Test("an open failure leaves waiters queued while another session can still serve them")
+    func openFailureWithOtherSessions() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        _ = machine.leaseRequested(2)
+        #expect(machine.sessionOpenFailed(1) == .none)
+        #expect(machine.statistics.waiting == 1)
+        #expect(machine.sessionReleased(0, reusable: true) == Machine.Action(waiter: .lease(0, to: 2)))
+    }
+
+    @Test("an open failure with no waiter left changes nothing else")
+    func openFailureNoWaiters() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.waiterTimedOut(1)
+        #expect(machine.sessionOpenFailed(0) == .none)
+    }
+
+    @Test("shutdown fails waiters, closes idle sessions, and completes when the last one closes")
+    func shutdownWithLeasesAndWaiters() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        _ = machine.sessionOpened(0)
+        _ = machine.sessionOpened(1)
+        _ = machine.sessionReleased(1, reusable: true)  // 1 idle, 0 leased to waiter 1
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .lease(1, to: 3)))
+        #expect(machine.leaseRequested(4) == Machine.Action(waiter: .enqueued(4)))  // the pool is full
+        #expect(
+            machine.shutdown()
+                == Machine.Action(waiter: .fail([4], .shutDown), session: .none, shutdownCompleted: false)
+        )
+        #expect(machine.shutdown() == .none)
+        #expect(machine.leaseRequested(5) == Machine.Action(waiter: .fail([5], .shutDown)))
+        #expect(machine.sessionReleased(0, reusable: true) == Machine.Action(session: .close([0])))
+        #expect(machine.sessionClosed(0) == Machine.Action(shutdownCompleted: false))
+        #expect(machine.sessionReleased(1, reusable: false) == Machine.Action(session: .close([1])))
+        #expect(machine.sessionClosed(1) == Machine.Action(shutdownCompleted: true))
+    }
+
+    @Test("shutdown of an idle pool closes everything at once")
+    func shutdownIdle() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        _ = machine.sessionReleased(0, reusable: true)
+        #expect(machine.shutdown() == Machine.Action(session: .close([0])))
+        #expect(machine.sessionClosed(0) == Machine.Action(shutdownCompleted: true))
+    }
+
+    @Test("shutdown of an empty pool completes at once")
+    func shutdownEmpty() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        #expect(machine.shutdown() == Machine.Action(shutdownCompleted: true))
+    }
+
+    @Test("a session that finishes opening during shutdown is closed; a failed open completes shutdown")
+    func shutdownWhileOpening() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        #expect(machine.shutdown() == Machine.Action(waiter: .fail([1, 2], .shutDown)))
+        #expect(machine.sessionOpened(0) == Machine.Action(session: .close([0])))
+        #expect(machine.sessionOpenFailed(1) == Machine.Action(shutdownCompleted: false))
+        #expect(machine.sessionClosed(0) == Machine.Action(shutdownCompleted: true))
+    }
+
+    @Test("a long random schedule never exceeds capacity nor leases one session twice")
+    func randomScheduleKeepsInvariants() {
+        var generator = SplitMix64(seed: 0x5eed)
+        var machine = Machine(maximumSessions: 3, maximumWaiters: 5)
+        var opening: Set<Int> = []
+        var leased: [Int: Int] = [:]  // session → waiter
+        var closing: Set<Int> = []
+        var waiting: Set<Int> = []
+        var nextWaiter = 0
+
+        func apply(_ action: Machine.Action) {
+            switch action.waiter {
+            case .none: break
+            case .lease(let session, let waiter):
+                #expect(leased[session] == nil, "session \(session) leased twice")
+                #expect(waiting.remove(waiter) != nil || waiter == nextWaiter - 1)
+                leased[session] = waiter
+            case .enqueued(let waiter): waiting.insert(waiter)
+            case .fail(let failed, _): failed.forEach { waiting.remove($0) }
+            }
+            switch action.session {
+            case .none: break
+            case .open(let session): opening.insert(session)
+            case .close(let sessions): closing.formUnion(sessions)
+            }
+        }
+
+        for _ in 0..<20_000 {
+            switch generator.next() % 6 {
+            case 0:
+                nextWaiter += 1
+                apply(machine.leaseRequested(nextWaiter - 1))
+            case 1:
+                if let session = opening.randomElement(using: &generator) {
+                    opening.remove(session)
+                    apply(
+                        generator.next() % 5 == 0 ? machine.sessionOpenFailed(session) : machine.sessionOpened(session)
+                    )
+                }
+            case 2:
+                if let session = leased.keys.randomElement(using: &generator) {
+                    leased[session] = nil
+                    apply(machine.sessionReleased(session, reusable: generator.next() % 4 != 0))
+                }
+            case 3:
+                if let session = closing.randomElement(using: &generator) {
+                    closing.remove(session)
+                    apply(machine.sessionClosed(session))
+                }
+            case 4:
+                if let waiter = waiting.randomElement(using: &generator) {
+                    apply(machine.waiterTimedOut(waiter))
+                }
+            default:
+                if let waiter = waiting.randomElement(using: &generator) {
+                    apply(machine.waiterCancelled(waiter))
+                }
+            }
+            #expect(machine.sessions.count <= 3)
+            #expect(machine.statistics.leased == leased.count)
+            #expect(machine.statistics.waiting == waiting.count)
+            #expect(waiting.count <= 5)
+        }
+    }
+}
+
+/// A small seeded generator so the random schedule is the same on every run.
+struct SplitMix64: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
