@@ -63,15 +63,20 @@ extension Session {
             aad: aad,
             inputCount: ciphertextAndTag.count - Session.gcmTagByteCount
         )
-        var input = ciphertextAndTag
         return try withGCMMechanism(iv: iv, aad: aad) { mechanism in
             try module.call(.decryptInit, \.C_DecryptInit) { $0(handle, mechanism, key.rawValue) }
-            // Some modules want room for the whole input before they know the tag checks out.
-            return try SecretBytes(capacity: input.count) { buffer in
-                var written = CK_ULONG(buffer.count)
-                let output = buffer.baseAddress!.assumingMemoryBound(to: CK_BYTE.self)
-                try module.call(.decrypt, \.C_Decrypt) { $0(handle, &input, CK_ULONG(input.count), output, &written) }
-                return Int(written)
+            return try ciphertextAndTag.withUnsafeBufferPointer { input in
+                // C_Decrypt's input pointer is not const in the C API but is only read.
+                let inputPointer = UnsafeMutablePointer(mutating: input.baseAddress)
+                // Some modules want room for the whole input before they know the tag checks out.
+                return try SecretBytes(capacity: input.count) { buffer in
+                    var written = CK_ULONG(buffer.count)
+                    let output = buffer.baseAddress!.assumingMemoryBound(to: CK_BYTE.self)
+                    try module.call(.decrypt, \.C_Decrypt) {
+                        $0(handle, inputPointer, CK_ULONG(input.count), output, &written)
+                    }
+                    return Int(written)
+                }
             }
         }
     }

@@ -253,7 +253,8 @@ struct SessionPoolStateMachineTests {
                 #expect(waiting.remove(waiter) != nil || waiter == nextWaiter - 1)
                 leased[session] = waiter
             case .enqueued(let waiter): waiting.insert(waiter)
-            case .fail(let failed, _): failed.forEach { waiting.remove($0) }
+            case .fail(let failed, _):
+                for waiter in failed { waiting.remove(waiter) }
             }
             switch action.session {
             case .none: break
