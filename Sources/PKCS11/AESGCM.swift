@@ -24,17 +24,18 @@ extension Session {
     ) throws -> [UInt8] {
         try checkGCMArguments(function: .encryptInit, iv: iv, aad: aad, inputCount: plaintext.count)
         let outputCount = plaintext.count + Session.gcmTagByteCount
-        var output = [UInt8](repeating: 0, count: outputCount)
-        var written = CK_ULONG(outputCount)
-        try withGCMMechanism(iv: iv, aad: aad) { mechanism in
+        return try withGCMMechanism(iv: iv, aad: aad) { mechanism in
             // The parameters stay alive from C_EncryptInit through C_Encrypt.
             try module.call(.encryptInit, \.C_EncryptInit) { $0(handle, mechanism, key.rawValue) }
             let input = UnsafeMutablePointer(mutating: plaintext.baseAddress?.assumingMemoryBound(to: CK_BYTE.self))
-            try module.call(.encrypt, \.C_Encrypt) {
-                $0(handle, input, CK_ULONG(plaintext.count), &output, &written)
+            return try [UInt8](unsafeUninitializedCapacity: outputCount) { output, initialized in
+                var written = CK_ULONG(outputCount)
+                try module.call(.encrypt, \.C_Encrypt) {
+                    $0(handle, input, CK_ULONG(plaintext.count), output.baseAddress, &written)
+                }
+                initialized = Int(min(written, CK_ULONG(outputCount)))
             }
         }
-        return Array(output.prefix(Int(written)))
     }
 
     /// Encrypts bytes held in an array.
@@ -121,21 +122,20 @@ extension Session {
         }
     }
 
-    /// Builds `CK_GCM_PARAMS` over copies of `iv` and `aad` that live until `body` returns.
+    /// Builds `CK_GCM_PARAMS` over `iv` and `aad`, which stay alive until `body` returns. The
+    /// C struct's pointers are not const, but modules only read through them.
     private func withGCMMechanism<R>(
         iv: [UInt8],
         aad: [UInt8],
         _ body: (UnsafeMutablePointer<CK_MECHANISM>) throws -> R
     ) throws -> R {
-        var ivCopy = iv
-        var aadCopy = aad
-        return try ivCopy.withUnsafeMutableBufferPointer { ivBuffer in
-            try aadCopy.withUnsafeMutableBufferPointer { aadBuffer in
+        try iv.withUnsafeBufferPointer { ivBuffer in
+            try aad.withUnsafeBufferPointer { aadBuffer in
                 var parameters = CK_GCM_PARAMS(
-                    pIv: ivBuffer.baseAddress,
+                    pIv: UnsafeMutablePointer(mutating: ivBuffer.baseAddress),
                     ulIvLen: CK_ULONG(ivBuffer.count),
                     ulIvBits: CK_ULONG(ivBuffer.count * 8),
-                    pAAD: aadBuffer.count == 0 ? nil : aadBuffer.baseAddress,
+                    pAAD: aadBuffer.count == 0 ? nil : UnsafeMutablePointer(mutating: aadBuffer.baseAddress),
                     ulAADLen: CK_ULONG(aadBuffer.count),
                     ulTagBits: CK_ULONG(Session.gcmTagByteCount * 8)
                 )

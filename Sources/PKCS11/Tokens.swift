@@ -244,7 +244,6 @@ extension PKCS11Module {
         var info = CK_TOKEN_INFO()
         try call(.getTokenInfo, \.C_GetTokenInfo) { $0(slot.rawValue, &info) }
         let flags = info.flags
-        func has(_ flag: Int32) -> Bool { flags & CK_FLAGS(flag) != 0 }
         return TokenInfo(
             slot: slot,
             label: paddedString(info.label),

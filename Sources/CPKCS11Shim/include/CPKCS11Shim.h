@@ -52,7 +52,8 @@ typedef struct hsmgw_p11_module {
 /// Opens the module at `path` with `dlopen(RTLD_NOW | RTLD_LOCAL)` and fetches its function
 /// table: `C_GetInterface("PKCS 11", NULL, …, 0)` when exported, `C_GetFunctionList` otherwise.
 /// On failure the library is closed again and `error` (NUL-terminated, may be truncated) says
-/// why; `module` is filled only on success.
+/// why; `module` is written only on success, except `entry_point_rv`, which holds the entry
+/// point's `CK_RV` for `HSMGW_P11_ENTRY_POINT_FAILED`.
 hsmgw_p11_open_status hsmgw_p11_open(
     const char *path, hsmgw_p11_module *module, char *error, size_t error_capacity);
 
