@@ -25,6 +25,16 @@ struct SessionPoolTests {
         return configuration
     }
 
+    /// A pool on this suite's token, logged in with its PIN.
+    func makePool(sessions: Int, timeout: Duration = .seconds(10), waiters: Int = 4096) async throws -> SessionPool {
+        try await SessionPool(
+            module: fixture.module,
+            tokenLabel: token.label,
+            pin: token.pin,
+            configuration: configuration(sessions: sessions, timeout: timeout, waiters: waiters)
+        )
+    }
+
     /// A token master key for the pool tests, found again by its CKA_ID.
     func masterKey(id: [UInt8]) throws -> ObjectHandle {
         try fixture.module.withSession(slot: token.slot) { session in
@@ -36,12 +46,7 @@ struct SessionPoolTests {
 
     @Test("256 concurrent tasks over 4 sessions: right answers, no session used twice at once")
     func concurrentExclusiveUse() async throws {
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 4)
-        )
+        let pool = try await makePool(sessions: 4)
         let keyID: [UInt8] = [0x50, 0x01]
         _ = try masterKey(id: keyID)
         let tracker = SessionUseTracker()
@@ -82,12 +87,7 @@ struct SessionPoolTests {
 
     @Test("sessions closed underneath the pool are replaced, with a new login, and the call succeeds")
     func closedUnderneath() async throws {
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 4)
-        )
+        let pool = try await makePool(sessions: 4)
         let keyID: [UInt8] = [0x50, 0x02]
         _ = try masterKey(id: keyID)
         // Warm the pool up to four sessions.
@@ -124,17 +124,13 @@ struct SessionPoolTests {
 
     @Test("a full pool makes the next caller wait, then fail with sessionAcquireTimeout")
     func acquireTimeout() async throws {
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 1, timeout: .milliseconds(200))
-        )
+        let pool = try await makePool(sessions: 1, timeout: .milliseconds(200))
         let holding = Flag()
+        let release = Flag()
         let holder = Task {
             try await pool.withSession { _ in
                 holding.set()
-                usleep(1_500_000)
+                release.wait(upTo: .seconds(60))
             }
         }
         while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
@@ -146,6 +142,7 @@ struct SessionPoolTests {
         #expect(error?.code == .sessionAcquireTimeout)
         #expect(waited >= .milliseconds(150))
         #expect(error?.description.contains("sessionAcquireTimeout") == true)
+        release.set()
         try await holder.value
         // Once the session is back, callers are served again.
         try await pool.withSession { _ in }
@@ -154,17 +151,13 @@ struct SessionPoolTests {
 
     @Test("over the waiter limit a caller fails at once with sessionPoolQueueFull")
     func queueFull() async throws {
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 1, timeout: .seconds(10), waiters: 1)
-        )
+        let pool = try await makePool(sessions: 1, timeout: .seconds(10), waiters: 1)
         let holding = Flag()
+        let release = Flag()
         let holder = Task {
             try await pool.withSession { _ in
                 holding.set()
-                usleep(1_000_000)
+                release.wait(upTo: .seconds(60))
             }
         }
         while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
@@ -172,6 +165,7 @@ struct SessionPoolTests {
         while pool.statistics.waiting < 1 { try await Task.sleep(for: .milliseconds(5)) }
         let error = await #expect(throws: PKCS11Error.self) { try await pool.withSession { _ in 2 } }
         #expect(error?.code == .sessionPoolQueueFull)
+        release.set()
         try await holder.value
         #expect(try await waiter.value == 1)
         await pool.shutdown()
@@ -179,17 +173,13 @@ struct SessionPoolTests {
 
     @Test("a cancelled waiter leaves the queue with CancellationError")
     func cancelledWaiter() async throws {
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 1)
-        )
+        let pool = try await makePool(sessions: 1)
         let holding = Flag()
+        let release = Flag()
         let holder = Task {
             try await pool.withSession { _ in
                 holding.set()
-                usleep(500_000)
+                release.wait(upTo: .seconds(60))
             }
         }
         while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
@@ -198,6 +188,7 @@ struct SessionPoolTests {
         waiter.cancel()
         await #expect(throws: CancellationError.self) { try await waiter.value }
         #expect(pool.statistics.waiting == 0)
+        release.set()
         try await holder.value
         await pool.shutdown()
     }
@@ -205,12 +196,7 @@ struct SessionPoolTests {
     @Test("after shutdown, calls fail with sessionPoolShutDown and no session is left open")
     func shutdown() async throws {
         let before = fixture.module.openSessionCount
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 2)
-        )
+        let pool = try await makePool(sessions: 2)
         try await pool.withSession { _ in }
         await pool.shutdown()
         let error = await #expect(throws: PKCS11Error.self) { try await pool.withSession { _ in } }
@@ -243,12 +229,7 @@ struct SessionPoolTests {
 
     @Test("the pool is no bigger than the configuration asks, nor than the token allows")
     func sizeBounds() async throws {
-        let pool = try await SessionPool(
-            module: fixture.module,
-            tokenLabel: token.label,
-            pin: token.pin,
-            configuration: configuration(sessions: 3)
-        )
+        let pool = try await makePool(sessions: 3)
         #expect(pool.maximumSessions == 3)
         let limit = try fixture.module.tokenInfo(token.slot).maximumReadWriteSessionCount
         if let count = limit.count { #expect(pool.maximumSessions <= count) }
@@ -298,4 +279,10 @@ final class Flag: Sendable {
     private let value = Atomic<Bool>(false)
     func set() { value.store(true, ordering: .releasing) }
     var isSet: Bool { value.load(ordering: .acquiring) }
+
+    /// Blocks the calling thread (a pool thread in these tests) until the flag is set.
+    func wait(upTo limit: Duration) {
+        let deadline = ContinuousClock.now.advanced(by: limit)
+        while !isSet, ContinuousClock.now < deadline { usleep(1000) }
+    }
 }
