@@ -141,6 +141,9 @@ public final class PKCS11Module: Sendable {
     /// The number of sessions opened through this instance and not yet closed.
     public var openSessionCount: Int { openSessions.withLock { $0.values.reduce(0, +) } }
 
+    /// Sessions opened through this instance on `slot` and not closed yet.
+    public func openSessionCount(slot: SlotID) -> Int { openSessions.withLock { $0[slot.rawValue] ?? 0 } }
+
     // MARK: - The funnel every C call goes through
 
     private func checkProcess() throws {

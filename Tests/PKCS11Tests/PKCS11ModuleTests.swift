@@ -122,12 +122,12 @@ struct PKCS11ModuleTests {
         #expect(error?.description.contains("C_Login") == true)
         #expect(error?.description.contains("CKR_PIN_INCORRECT") == true)
         // The right PIN still works (and the session bookkeeping is balanced).
-        let before = fixture.module.openSessionCount
+        let before = fixture.module.openSessionCount(slot: token.slot)
         try fixture.module.withSession(slot: token.slot) { session in
             try session.login(.user, pin: token.pin)
             #expect(try session.state() == .readWriteUser)
         }
-        #expect(fixture.module.openSessionCount == before)
+        #expect(fixture.module.openSessionCount(slot: token.slot) == before)
     }
 
     @Test("logging in twice is tolerated (CKR_USER_ALREADY_LOGGED_IN)")

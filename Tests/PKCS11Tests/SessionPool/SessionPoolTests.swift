@@ -195,14 +195,14 @@ struct SessionPoolTests {
 
     @Test("after shutdown, calls fail with sessionPoolShutDown and no session is left open")
     func shutdown() async throws {
-        let before = fixture.module.openSessionCount
+        let before = fixture.module.openSessionCount(slot: token.slot)
         let pool = try await makePool(sessions: 2)
         try await pool.withSession { _ in }
         await pool.shutdown()
         let error = await #expect(throws: PKCS11Error.self) { try await pool.withSession { _ in } }
         #expect(error?.code == .sessionPoolShutDown)
         await pool.shutdown()  // a second shutdown returns at once
-        #expect(fixture.module.openSessionCount == before)
+        #expect(fixture.module.openSessionCount(slot: token.slot) == before)
     }
 
     @Test("a wrong PIN or a missing token fails when the pool is created, not on first use")
