@@ -35,6 +35,20 @@ struct SessionPoolTests {
         )
     }
 
+    /// Leases one of `pool`'s sessions in a task until `release` is set; returns once it is held.
+    func holdSession(_ pool: SessionPool) async throws -> (release: Flag, holder: Task<Void, any Error>) {
+        let holding = Flag()
+        let release = Flag()
+        let holder = Task {
+            try await pool.withSession { _ in
+                holding.set()
+                release.wait(upTo: .seconds(60))
+            }
+        }
+        while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
+        return (release, holder)
+    }
+
     /// A token master key for the pool tests, found again by its CKA_ID.
     func masterKey(id: [UInt8]) throws -> ObjectHandle {
         try fixture.module.withSession(slot: token.slot) { session in
@@ -125,15 +139,7 @@ struct SessionPoolTests {
     @Test("a full pool makes the next caller wait, then fail with sessionAcquireTimeout")
     func acquireTimeout() async throws {
         let pool = try await makePool(sessions: 1, timeout: .milliseconds(200))
-        let holding = Flag()
-        let release = Flag()
-        let holder = Task {
-            try await pool.withSession { _ in
-                holding.set()
-                release.wait(upTo: .seconds(60))
-            }
-        }
-        while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
+        let (release, holder) = try await holdSession(pool)
         let started = ContinuousClock.now
         let error = await #expect(throws: PKCS11Error.self) {
             try await pool.withSession { _ in }
@@ -152,15 +158,7 @@ struct SessionPoolTests {
     @Test("over the waiter limit a caller fails at once with sessionPoolQueueFull")
     func queueFull() async throws {
         let pool = try await makePool(sessions: 1, timeout: .seconds(10), waiters: 1)
-        let holding = Flag()
-        let release = Flag()
-        let holder = Task {
-            try await pool.withSession { _ in
-                holding.set()
-                release.wait(upTo: .seconds(60))
-            }
-        }
-        while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
+        let (release, holder) = try await holdSession(pool)
         let waiter = Task { try await pool.withSession { _ in 1 } }
         while pool.statistics.waiting < 1 { try await Task.sleep(for: .milliseconds(5)) }
         let error = await #expect(throws: PKCS11Error.self) { try await pool.withSession { _ in 2 } }
@@ -174,15 +172,7 @@ struct SessionPoolTests {
     @Test("a cancelled waiter leaves the queue with CancellationError")
     func cancelledWaiter() async throws {
         let pool = try await makePool(sessions: 1)
-        let holding = Flag()
-        let release = Flag()
-        let holder = Task {
-            try await pool.withSession { _ in
-                holding.set()
-                release.wait(upTo: .seconds(60))
-            }
-        }
-        while !holding.isSet { try await Task.sleep(for: .milliseconds(5)) }
+        let (release, holder) = try await holdSession(pool)
         let waiter = Task { try await pool.withSession { _ in } }
         while pool.statistics.waiting < 1 { try await Task.sleep(for: .milliseconds(5)) }
         waiter.cancel()
