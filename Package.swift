@@ -8,6 +8,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "PKCS11", targets: ["PKCS11"]),
+        .library(name: "KeyHierarchy", targets: ["KeyHierarchy"]),
         .executable(name: "hsm-gateway", targets: ["hsm-gateway"]),
         .executable(name: "hsm-admin", targets: ["hsm-admin"]),
         .executable(name: "hsm-bench", targets: ["hsm-bench"]),
@@ -18,6 +19,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
+        .package(url: "https://github.com/vapor/sqlite-nio", from: "1.13.2"),
     ],
     targets: [
         // The only C in the tree: PKCS#11 headers from p11-kit, dlopen and the entry points.
@@ -26,13 +30,47 @@ let package = Package(
             cSettings: [.unsafeFlags(["-Wall", "-Wextra", "-Werror"])],
             linkerSettings: [.linkedLibrary("dl")]
         ),
+        // Zeroed-on-release memory for PINs and key material; needs nothing else.
+        .target(name: "SecretMemory"),
         // Safe Swift PKCS#11: no `CK_*` type in its public API.
         .target(
             name: "PKCS11",
             dependencies: [
                 "CPKCS11Shim",
+                "SecretMemory",
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The domain core: tenants, master-key versions, data keys, audit. It imports no NIO, no
+        // database driver and no PKCS#11: it defines the ports (`MasterKeyToken`, `KeyRepository`)
+        // that the adapters below implement.
+        .target(
+            name: "KeyHierarchy",
+            dependencies: [
+                "SecretMemory",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Adapter: master keys on a PKCS#11 token, through the session pool.
+        .target(name: "PKCS11KeyToken", dependencies: ["KeyHierarchy", "PKCS11"]),
+        // Adapter: the key repository on PostgreSQL (production, shared by several instances).
+        .target(
+            name: "PostgresKeyStore",
+            dependencies: [
+                "KeyHierarchy",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Adapter: the key repository in one SQLite file (the embedded single-node default).
+        .target(
+            name: "SQLiteKeyStore",
+            dependencies: [
+                "KeyHierarchy",
+                .product(name: "SQLiteNIO", package: "sqlite-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -70,7 +108,25 @@ let package = Package(
             dependencies: ["PKCS11", "SoftHSMTestSupport"],
             resources: [.process("Resources")]
         ),
+        // A throwaway PostgreSQL cluster per test process: initdb into a temporary directory,
+        // loopback and a Unix socket, a free port.
+        .target(name: "PostgresTestSupport", path: "Tests/PostgresTestSupport"),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
+        // Pure unit tests of the domain's logic (encodings, state rules, audit chain).
+        .testTarget(name: "KeyHierarchyTests", dependencies: ["KeyHierarchy"]),
+        // One conformance suite, run against both stores, on a real SoftHSM2 token.
+        .testTarget(
+            name: "KeyStoreConformanceTests",
+            dependencies: [
+                "KeyHierarchy",
+                "PKCS11KeyToken",
+                "PostgresKeyStore",
+                "SQLiteKeyStore",
+                "PKCS11",
+                "SoftHSMTestSupport",
+                "PostgresTestSupport",
+            ]
+        ),
         .testTarget(
             name: "HSMAdminTests", dependencies: ["HSMAdmin", "GatewayConfig", "PKCS11", "SoftHSMTestSupport"]),
     ],

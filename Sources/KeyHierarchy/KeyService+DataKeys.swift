@@ -1,0 +1,716 @@
+import SecretMemory
+
+/// A new data key: its id, the version that wrapped it, the wrapped blob, and the plaintext
+/// unless the caller asked for none.
+public struct GeneratedDataKey: Sendable {
+    public var id: DataKeyID
+    public var version: MasterKeyVersionNumber
+    /// `WrappedDataKey` encoding (83 bytes); also stored by the gateway.
+    public var wrapped: [UInt8]
+    public var plaintext: SecretBytes?
+}
+
+/// A data key decrypted for its caller.
+public struct DecryptedDataKey: Sendable {
+    public var id: DataKeyID
+    public var version: MasterKeyVersionNumber
+    public var plaintext: SecretBytes
+}
+
+/// One entry of a batch decrypt: the key and the exact context it was generated with.
+public struct DataKeyRequest: Sendable, Hashable {
+    public var id: DataKeyID
+    public var context: EncryptionContext
+
+    public init(id: DataKeyID, context: EncryptionContext) {
+        self.id = id
+        self.context = context
+    }
+}
+
+extension KeyService {
+    // MARK: Generate
+
+    /// Generates one data key (AES-256 from the token's RNG), wraps it under the tenant's
+    /// primary version inside the token, and stores the wrapped copy.
+    public func generateDataKey(
+        _ tenant: TenantID,
+        context: EncryptionContext = .empty,
+        includePlaintext: Bool = true,
+        idempotencyKey: String? = nil,
+        request: RequestContext
+    ) async throws(KeyServiceError) -> GeneratedDataKey {
+        try await generateDataKeys(
+            tenant,
+            count: 1,
+            context: context,
+            includePlaintext: includePlaintext,
+            idempotencyKey: idempotencyKey,
+            request: request
+        )[0]
+    }
+
+    /// Generates `count` (1 to 1,000) data keys with one context, in one token lease and one
+    /// transaction.
+    public func generateDataKeys(
+        _ tenant: TenantID,
+        count: Int,
+        context: EncryptionContext = .empty,
+        includePlaintext: Bool = true,
+        idempotencyKey: String? = nil,
+        request: RequestContext
+    ) async throws(KeyServiceError) -> [GeneratedDataKey] {
+        try await audited(.generateDataKey, tenant: tenant, request: request) { () async throws -> [GeneratedDataKey] in
+            guard count >= 1, count <= KeyServiceConfiguration.maximumBatchSize else {
+                throw KeyServiceError(
+                    .invalidArgument,
+                    "count must be 1 to \(KeyServiceConfiguration.maximumBatchSize)"
+                )
+            }
+            let contextHash = context.hash
+            let fingerprint = Self.fingerprint(
+                AuditOperation.generateDataKey.rawValue,
+                tenant.rawValue,
+                "\(count)",
+                contextHash.hexString,
+                "\(includePlaintext)"
+            )
+            if let key = idempotencyKey,
+                let replay = try await self.replay(scope: tenant.rawValue, key: key, .generateDataKey, fingerprint)
+            {
+                return try await self.replayGenerated(
+                    tenant, replay, context: context, includePlaintext: includePlaintext)
+            }
+            for _ in 0..<4 {
+                let primary = try await self.primaryVersion(tenant)
+                let version = VersionRef(tenant: tenant, version: primary)
+                let keyID = try await self.tokenKeyID(version)
+                guard let counters = try await self.reserveCounters(version, count: Int64(count), request: request)
+                else {
+                    // The version reached its invocation limit: rotate (once, whoever gets there
+                    // first) and generate under the new primary.
+                    _ = try await self.rotate(
+                        tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                    self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                    continue
+                }
+                let ids = (0..<count).map { _ in DataKeyID.random() }
+                let operations = ids.enumerated().map { index, id in
+                    TokenOperation.generateAndWrap(
+                        key: keyID,
+                        iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
+                        aad: WrappedDataKey.aad(
+                            tenant: tenant, dataKeyID: id, version: primary, contextHash: contextHash)
+                    )
+                }
+                let results = try await self.token.perform(operations)
+                var generated: [GeneratedDataKey] = []
+                var records: [DataKeyRecord] = []
+                let now = Timestamp.now()
+                for (index, result) in results.enumerated() {
+                    guard case .generated(let plaintext, let ciphertextAndTag) = result else {
+                        if case .failed(let error) = result { throw error }
+                        throw KeyServiceError(.internalError, "unexpected token result")
+                    }
+                    let wrapped = WrappedDataKey(
+                        version: primary,
+                        dataKeyID: ids[index],
+                        iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
+                        ciphertextAndTag: ciphertextAndTag
+                    ).encoded
+                    generated.append(
+                        GeneratedDataKey(
+                            id: ids[index],
+                            version: primary,
+                            wrapped: wrapped,
+                            plaintext: includePlaintext ? plaintext : nil
+                        )
+                    )
+                    records.append(
+                        DataKeyRecord(
+                            tenant: tenant,
+                            id: ids[index],
+                            version: primary,
+                            state: .enabled,
+                            wrapped: wrapped,
+                            contextHash: contextHash,
+                            createdAt: now,
+                            updatedAt: now
+                        )
+                    )
+                }
+                let recordsToInsert = records
+                let stored = try await self.committer.commit { transaction -> UnitOutcome<Bool> in
+                    guard try await self.checkPrimary(transaction, tenant, primary) else {
+                        return UnitOutcome(false, audit: [])
+                    }
+                    try await transaction.insertDataKeys(recordsToInsert)
+                    if let key = idempotencyKey {
+                        try await self.rememberIdempotent(
+                            transaction,
+                            scope: tenant.rawValue,
+                            key: key,
+                            .generateDataKey,
+                            fingerprint,
+                            result: ids.map(\.description).joined(separator: ",")
+                        )
+                    }
+                    return UnitOutcome(
+                        true,
+                        audit: [
+                            AuditEvent(
+                                time: now,
+                                principal: request.principal,
+                                tenant: tenant,
+                                operation: .generateDataKey,
+                                keyIDs: ids.map(\.description),
+                                requestID: request.requestID,
+                                detail:
+                                    "version=\(primary) count=\(count) plaintext=\(includePlaintext) context-sha256=\(contextHash.hexString)"
+                            )
+                        ]
+                    )
+                }.value
+                if stored { return generated }
+                // The primary changed while the keys were being wrapped: wrap again under the new one.
+                self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+            }
+            throw KeyServiceError(.aborted, "the primary version kept changing; retry")
+        }
+    }
+
+    /// Inside a write transaction: the tenant is enabled, `version` is still its primary (the row
+    /// is locked, so a rotation waits for this transaction) and active. False when the primary
+    /// moved on; throws when the tenant or version state forbids new keys.
+    func checkPrimary(
+        _ transaction: any KeyRepositoryTransaction,
+        _ tenant: TenantID,
+        _ version: MasterKeyVersionNumber
+    ) async throws -> Bool {
+        guard let record = try await transaction.tenant(tenant, forUpdate: true) else {
+            throw KeyServiceError(.notFound, "tenant \(tenant) not found")
+        }
+        guard record.state == .enabled else {
+            throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(record.state.rawValue)")
+        }
+        guard record.primaryVersion == version else { return false }
+        guard let versionRecord = try await transaction.masterKeyVersion(tenant, version),
+            versionRecord.state == .active
+        else {
+            throw KeyServiceError(
+                .failedPrecondition,
+                "the primary master-key version of tenant \(tenant) is not active; rotate or resume it"
+            )
+        }
+        return true
+    }
+
+    /// The tenant's primary version (cached), failing when the tenant cannot use keys.
+    func primaryVersion(_ tenant: TenantID) async throws -> MasterKeyVersionNumber {
+        if let cached = primaryVersions.withLock({ $0[tenant] }) { return cached }
+        guard let record = try await repository.read({ try await $0.tenant(tenant, forUpdate: false) }) else {
+            throw KeyServiceError(.notFound, "tenant \(tenant) not found")
+        }
+        guard record.state == .enabled else {
+            throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(record.state.rawValue)")
+        }
+        primaryVersions.withLock { $0[tenant] = record.primaryVersion }
+        return record.primaryVersion
+    }
+
+    private func replayGenerated(
+        _ tenant: TenantID,
+        _ result: String,
+        context: EncryptionContext,
+        includePlaintext: Bool
+    ) async throws -> [GeneratedDataKey] {
+        let ids = try result.split(separator: ",").map { try DataKeyID(String($0)) }
+        let rows = try await repository.read { try await $0.dataKeys(tenant, ids: ids) }
+        let byID = Dictionary(uniqueKeysWithValues: rows.map { ($0.id, $0) })
+        var generated: [GeneratedDataKey] = []
+        var unwrap: [DataKeyRequest] = []
+        for id in ids {
+            guard let row = byID[id], let wrapped = row.wrapped else {
+                throw KeyServiceError(.failedPrecondition, "a data key of the first call has been destroyed")
+            }
+            generated.append(GeneratedDataKey(id: id, version: row.version, wrapped: wrapped, plaintext: nil))
+            unwrap.append(DataKeyRequest(id: id, context: context))
+        }
+        guard includePlaintext else { return generated }
+        let plaintexts = try await unwrapForCaller(tenant, unwrap, rows: byID)
+        for index in generated.indices {
+            generated[index].plaintext = try plaintexts[index].get().plaintext
+        }
+        return generated
+    }
+
+    // MARK: Decrypt
+
+    /// Decrypts one data key by id. The context must be exactly the one it was generated with.
+    public func decryptDataKey(
+        _ tenant: TenantID,
+        id: DataKeyID,
+        context: EncryptionContext = .empty,
+        request: RequestContext
+    ) async throws(KeyServiceError) -> DecryptedDataKey {
+        try await decryptDataKeys(tenant, [DataKeyRequest(id: id, context: context)], request: request)[0].get()
+    }
+
+    /// Decrypts up to 1,000 data keys in one token lease; each entry succeeds or fails alone.
+    public func decryptDataKeys(
+        _ tenant: TenantID,
+        _ requests: [DataKeyRequest],
+        request: RequestContext
+    ) async throws(KeyServiceError) -> [Result<DecryptedDataKey, KeyServiceError>] {
+        try await audited(
+            .decryptDataKey, tenant: tenant, keyIDs: requests.prefix(10).map(\.id.description), request: request
+        ) {
+            () async throws -> [Result<DecryptedDataKey, KeyServiceError>] in
+            guard !requests.isEmpty, requests.count <= KeyServiceConfiguration.maximumBatchSize else {
+                throw KeyServiceError(.invalidArgument, "1 to \(KeyServiceConfiguration.maximumBatchSize) ids per call")
+            }
+            let rows = try await self.repository.read { try await $0.dataKeys(tenant, ids: requests.map(\.id)) }
+            let results = try await self.unwrapForCaller(
+                tenant,
+                requests,
+                rows: Dictionary(rows.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
+            )
+            try await self.auditResults(.decryptDataKey, tenant, requests.map(\.id), results, request: request)
+            return results
+        }
+    }
+
+    /// Checks tenant, key and version states and unwraps in one token lease.
+    func unwrapForCaller(
+        _ tenant: TenantID,
+        _ requests: [DataKeyRequest],
+        rows: [DataKeyID: DataKeyRecord]
+    ) async throws -> [Result<DecryptedDataKey, KeyServiceError>] {
+        let (tenantRecord, versions) = try await repository.read { transaction in
+            (try await transaction.tenant(tenant, forUpdate: false), try await transaction.masterKeyVersions(tenant))
+        }
+        guard let tenantRecord else { throw KeyServiceError(.notFound, "tenant \(tenant) not found") }
+        guard tenantRecord.state == .enabled else {
+            throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(tenantRecord.state.rawValue)")
+        }
+        let versionByNumber = Dictionary(uniqueKeysWithValues: versions.map { ($0.version, $0) })
+        var results: [Result<DecryptedDataKey, KeyServiceError>?] = Array(repeating: nil, count: requests.count)
+        var operations: [TokenOperation] = []
+        var positions: [Int] = []
+        for (index, entry) in requests.enumerated() {
+            do throws(KeyServiceError) {
+                let (row, blob) = try Self.usable(rows[entry.id], entry.id)
+                guard let version = versionByNumber[row.version], version.state.allowsDecrypt else {
+                    let state = versionByNumber[row.version]?.state.rawValue ?? "missing"
+                    throw KeyServiceError(
+                        .failedPrecondition,
+                        "the master-key version of data key \(entry.id) is \(state); it does not decrypt"
+                    )
+                }
+                operations.append(
+                    .unwrap(
+                        key: version.tokenKeyID,
+                        iv: blob.iv,
+                        aad: WrappedDataKey.aad(
+                            tenant: tenant,
+                            dataKeyID: entry.id,
+                            version: row.version,
+                            contextHash: entry.context.hash
+                        ),
+                        ciphertextAndTag: blob.ciphertextAndTag
+                    )
+                )
+                positions.append(index)
+            } catch {
+                results[index] = .failure(error)
+            }
+        }
+        if !operations.isEmpty {
+            let tokenResults = try await token.perform(operations)
+            for (position, result) in zip(positions, tokenResults) {
+                let entry = requests[position]
+                switch result {
+                case .unwrapped(let plaintext):
+                    results[position] = .success(
+                        DecryptedDataKey(id: entry.id, version: rows[entry.id]!.version, plaintext: plaintext)
+                    )
+                case .failed(let error):
+                    results[position] = .failure(Self.map(error))
+                default:
+                    results[position] = .failure(KeyServiceError(.internalError, "unexpected token result"))
+                }
+            }
+        }
+        return results.map { $0! }
+    }
+
+    /// A stored row that can be used for a caller: exists, enabled, and holds a parseable blob
+    /// that names this very key and version.
+    static func usable(_ row: DataKeyRecord?, _ id: DataKeyID) throws(KeyServiceError) -> (
+        DataKeyRecord, WrappedDataKey
+    ) {
+        guard let row else { throw KeyServiceError(.notFound, "data key \(id) not found") }
+        guard row.state == .enabled else {
+            throw KeyServiceError(.failedPrecondition, "data key \(id) is \(row.state.rawValue)")
+        }
+        guard let bytes = row.wrapped, let blob = WrappedDataKey(encoded: bytes) else {
+            throw KeyServiceError(.dataLoss, "the stored wrapped key of \(id) is damaged")
+        }
+        // A blob copied from another row names another key or version: refuse before the token
+        // (the AAD would refuse it too).
+        guard blob.dataKeyID == id, blob.version == row.version else {
+            throw KeyServiceError(.decryptionFailed, "decryption failed")
+        }
+        return (row, blob)
+    }
+
+    /// One audit unit for a batch: a success record listing the keys that worked and a failure
+    /// record per error code listing the keys that did not.
+    func auditResults<T>(
+        _ operation: AuditOperation,
+        _ tenant: TenantID,
+        _ ids: [DataKeyID],
+        _ results: [Result<T, KeyServiceError>],
+        detail: String = "",
+        request: RequestContext
+    ) async throws {
+        var succeeded: [String] = []
+        var failed: [String: [String]] = [:]
+        for (id, result) in zip(ids, results) {
+            switch result {
+            case .success: succeeded.append(id.description)
+            case .failure(let error): failed[error.code.description, default: []].append(id.description)
+            }
+        }
+        var events: [AuditEvent] = []
+        if !succeeded.isEmpty {
+            events.append(
+                AuditEvent(
+                    principal: request.principal,
+                    tenant: tenant,
+                    operation: operation,
+                    keyIDs: succeeded,
+                    requestID: request.requestID,
+                    detail: detail
+                )
+            )
+        }
+        for (code, keys) in failed.sorted(by: { $0.key < $1.key }) {
+            events.append(
+                AuditEvent(
+                    principal: request.principal,
+                    tenant: tenant,
+                    operation: operation,
+                    keyIDs: keys,
+                    outcome: .failure(code),
+                    requestID: request.requestID,
+                    detail: detail
+                )
+            )
+        }
+        let recorded = events
+        _ = try await committer.commit { _ in UnitOutcome((), audit: recorded) }
+    }
+
+    // MARK: ReWrap
+
+    /// Moves one data key to the tenant's primary version inside the gateway: unwrapped and
+    /// wrapped again in one token lease, the plaintext zeroed before the lease ends. Needs the
+    /// exact context.
+    public func rewrapDataKey(
+        _ tenant: TenantID,
+        id: DataKeyID,
+        context: EncryptionContext = .empty,
+        request: RequestContext
+    ) async throws(KeyServiceError) -> DataKeyRecord {
+        try await audited(.rewrapDataKey, tenant: tenant, keyIDs: [id.description], request: request) {
+            () async throws -> DataKeyRecord in
+            guard let row = try await self.repository.read({ try await $0.dataKey(tenant, id) }) else {
+                throw KeyServiceError(.notFound, "data key \(id) not found")
+            }
+            guard row.state != .destroyed else {
+                throw KeyServiceError(.failedPrecondition, "data key \(id) is destroyed")
+            }
+            let moved = try await self.rewrap(tenant, [row], contextHashes: [context.hash], request: request)
+            return try moved[0].get()
+        }
+    }
+
+    /// Moves `rows` to the primary version: reserves IVs, rewraps in one lease, updates the rows
+    /// that are still under their old version, audits. Used by ReWrap and by the rewrap job.
+    func rewrap(
+        _ tenant: TenantID,
+        _ rows: [DataKeyRecord],
+        contextHashes: [[UInt8]],
+        job: RewrapJobRecord? = nil,
+        request: RequestContext
+    ) async throws -> [Result<DataKeyRecord, KeyServiceError>] {
+        for _ in 0..<4 {
+            let primary = try await primaryVersion(tenant)
+            let target = VersionRef(tenant: tenant, version: primary)
+            let targetKey = try await tokenKeyID(target)
+            let versions = try await repository.read { try await $0.masterKeyVersions(tenant) }
+            let versionByNumber = Dictionary(uniqueKeysWithValues: versions.map { ($0.version, $0) })
+            var results: [Result<DataKeyRecord, KeyServiceError>?] = Array(repeating: nil, count: rows.count)
+            var pending: [(position: Int, blob: WrappedDataKey)] = []
+            // A key already under the primary is wrapped again too (fresh IV): that proves the
+            // caller's context, as every ReWrap must.
+            for (index, row) in rows.enumerated() {
+                guard let bytes = row.wrapped, let blob = WrappedDataKey(encoded: bytes), blob.dataKeyID == row.id,
+                    blob.version == row.version
+                else {
+                    results[index] = .failure(
+                        KeyServiceError(.dataLoss, "the stored wrapped key of \(row.id) is damaged"))
+                    continue
+                }
+                guard let source = versionByNumber[row.version], source.state.allowsRewrapFrom else {
+                    results[index] = .failure(
+                        KeyServiceError(.failedPrecondition, "version \(row.version) cannot be unwrapped any more")
+                    )
+                    continue
+                }
+                pending.append((index, blob))
+            }
+            if pending.isEmpty { return results.map { $0! } }
+            guard let counters = try await reserveCounters(target, count: Int64(pending.count), request: request) else {
+                _ = try await rotate(
+                    tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                continue
+            }
+            var operations: [TokenOperation] = []
+            for (offset, item) in pending.enumerated() {
+                let row = rows[item.position]
+                operations.append(
+                    .rewrap(
+                        from: versionByNumber[row.version]!.tokenKeyID,
+                        iv: item.blob.iv,
+                        aad: WrappedDataKey.aad(
+                            tenant: tenant,
+                            dataKeyID: row.id,
+                            version: row.version,
+                            contextHash: contextHashes[item.position]
+                        ),
+                        ciphertextAndTag: item.blob.ciphertextAndTag,
+                        to: targetKey,
+                        newIV: WrappedDataKey.iv(counter: counters.lowerBound + Int64(offset)),
+                        newAAD: WrappedDataKey.aad(
+                            tenant: tenant,
+                            dataKeyID: row.id,
+                            version: primary,
+                            contextHash: row.contextHash
+                        )
+                    )
+                )
+            }
+            let tokenResults = try await token.perform(operations)
+            var updates: [(position: Int, row: DataKeyRecord)] = []
+            let now = Timestamp.now()
+            for ((offset, item), result) in zip(pending.enumerated(), tokenResults) {
+                switch result {
+                case .rewrapped(let ciphertextAndTag):
+                    var row = rows[item.position]
+                    // The new AAD uses the stored context hash; for ReWrap the caller's context
+                    // has just been proven equal to it by the unwrap.
+                    row.wrapped =
+                        WrappedDataKey(
+                            version: primary,
+                            dataKeyID: row.id,
+                            iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(offset)),
+                            ciphertextAndTag: ciphertextAndTag
+                        ).encoded
+                    row.version = primary
+                    row.updatedAt = now
+                    updates.append((item.position, row))
+                case .failed(let error):
+                    results[item.position] = .failure(Self.map(error))
+                default:
+                    results[item.position] = .failure(KeyServiceError(.internalError, "unexpected token result"))
+                }
+            }
+            let plannedUpdates = updates
+            let originalRows = rows
+            let priorResults = results
+            let committed = try await committer.commit {
+                transaction -> UnitOutcome<[Result<DataKeyRecord, KeyServiceError>?]?> in
+                guard try await self.checkPrimaryForRewrap(transaction, tenant, primary) else {
+                    return UnitOutcome(nil, audit: [])
+                }
+                var results = priorResults
+                var moved: [String] = []
+                for update in plannedUpdates {
+                    let original = originalRows[update.position]
+                    let changed = try await transaction.updateDataKeyWrapping(
+                        tenant,
+                        original.id,
+                        fromVersion: original.version,
+                        toVersion: primary,
+                        wrapped: update.row.wrapped!,
+                        at: now
+                    )
+                    if changed {
+                        results[update.position] = .success(update.row)
+                        moved.append(original.id.description)
+                    } else {
+                        results[update.position] = .failure(
+                            KeyServiceError(.aborted, "data key \(original.id) changed meanwhile")
+                        )
+                    }
+                }
+                var audit: [AuditEvent] = []
+                if !moved.isEmpty || job != nil {
+                    audit.append(
+                        AuditEvent(
+                            time: now,
+                            principal: request.principal,
+                            tenant: tenant,
+                            operation: job == nil ? .rewrapDataKey : .rewrapJob,
+                            keyIDs: moved,
+                            requestID: request.requestID,
+                            detail: "to-version=\(primary) moved=\(moved.count)"
+                        )
+                    )
+                }
+                if var job {
+                    job.targetVersion = primary
+                    job.cursor = originalRows.last?.id
+                    job.moved += Int64(moved.count)
+                    job.updatedAt = now
+                    try await transaction.saveRewrapJob(job)
+                }
+                return UnitOutcome(results, audit: audit)
+            }.value
+            guard let final = committed else {
+                primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                continue
+            }
+            return final.map { $0! }
+        }
+        throw KeyServiceError(.aborted, "the primary version kept changing; retry")
+    }
+
+    /// Like `checkPrimary`, but a disabled tenant may still rewrap (moving keys is maintenance).
+    private func checkPrimaryForRewrap(
+        _ transaction: any KeyRepositoryTransaction,
+        _ tenant: TenantID,
+        _ version: MasterKeyVersionNumber
+    ) async throws -> Bool {
+        guard let record = try await transaction.tenant(tenant, forUpdate: true) else {
+            throw KeyServiceError(.notFound, "tenant \(tenant) not found")
+        }
+        guard record.state != .shredded else {
+            throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is shredded")
+        }
+        guard record.primaryVersion == version else { return false }
+        guard let versionRecord = try await transaction.masterKeyVersion(tenant, version),
+            versionRecord.state == .active
+        else {
+            throw KeyServiceError(
+                .failedPrecondition, "the primary master-key version of tenant \(tenant) is not active")
+        }
+        return true
+    }
+
+    // MARK: State and listing
+
+    /// Refuses decrypt and encrypt with the key until it is enabled again.
+    public func disableDataKey(_ tenant: TenantID, id: DataKeyID, request: RequestContext) async throws(KeyServiceError)
+        -> DataKeyRecord
+    {
+        try await setDataKeyState(tenant, id, from: [.enabled], to: .disabled, .disableDataKey, request)
+    }
+
+    public func enableDataKey(_ tenant: TenantID, id: DataKeyID, request: RequestContext) async throws(KeyServiceError)
+        -> DataKeyRecord
+    {
+        try await setDataKeyState(tenant, id, from: [.disabled], to: .enabled, .enableDataKey, request)
+    }
+
+    /// Deletes the wrapped copy: the key can never be decrypted again (crypto-shred of one key).
+    public func destroyDataKey(_ tenant: TenantID, id: DataKeyID, request: RequestContext) async throws(KeyServiceError)
+        -> DataKeyRecord
+    {
+        try await setDataKeyState(tenant, id, from: [.enabled, .disabled], to: .destroyed, .destroyDataKey, request)
+    }
+
+    private func setDataKeyState(
+        _ tenant: TenantID,
+        _ id: DataKeyID,
+        from allowed: Set<DataKeyState>,
+        to state: DataKeyState,
+        _ operation: AuditOperation,
+        _ request: RequestContext
+    ) async throws(KeyServiceError) -> DataKeyRecord {
+        try await audited(operation, tenant: tenant, keyIDs: [id.description], request: request) {
+            () async throws -> DataKeyRecord in
+            try await self.committer.commit { transaction in
+                guard let tenantRecord = try await transaction.tenant(tenant, forUpdate: false),
+                    tenantRecord.state != .shredded
+                else { throw KeyServiceError(.notFound, "tenant \(tenant) not found") }
+                guard var row = try await transaction.dataKey(tenant, id) else {
+                    throw KeyServiceError(.notFound, "data key \(id) not found")
+                }
+                guard allowed.contains(row.state) else {
+                    throw KeyServiceError(
+                        .failedPrecondition,
+                        "a \(row.state.rawValue) data key cannot become \(state.rawValue)"
+                    )
+                }
+                let now = Timestamp.now()
+                guard
+                    try await transaction.setDataKeyState(
+                        tenant,
+                        id,
+                        to: state,
+                        clearWrapped: state == .destroyed,
+                        at: now
+                    )
+                else { throw KeyServiceError(.aborted, "data key \(id) changed meanwhile") }
+                row.state = state
+                row.updatedAt = now
+                if state == .destroyed { row.wrapped = nil }
+                return UnitOutcome(
+                    row,
+                    audit: [
+                        AuditEvent(
+                            time: now,
+                            principal: request.principal,
+                            tenant: tenant,
+                            operation: operation,
+                            keyIDs: [id.description],
+                            requestID: request.requestID,
+                            detail: "state=\(state.rawValue)"
+                        )
+                    ]
+                )
+            }.value
+        }
+    }
+
+    /// One data key's metadata (never its plaintext).
+    public func dataKey(_ tenant: TenantID, id: DataKeyID) async throws(KeyServiceError) -> DataKeyRecord {
+        try await mapErrors {
+            guard let row = try await self.repository.read({ try await $0.dataKey(tenant, id) }) else {
+                throw KeyServiceError(.notFound, "data key \(id) not found")
+            }
+            return row
+        }
+    }
+
+    /// A tenant's data keys ordered by id, optionally one state only, a page at a time.
+    public func listDataKeys(
+        _ tenant: TenantID,
+        state: DataKeyState? = nil,
+        page: PageRequest = PageRequest()
+    ) async throws(KeyServiceError) -> Page<DataKeyRecord> {
+        try await mapErrors {
+            let limit = try Self.checkedLimit(page.limit)
+            let after = try page.after.map { (value: String) throws(KeyServiceError) in try DataKeyID(value) }
+            let items = try await self.repository.read {
+                try await $0.dataKeys(tenant, state: state, after: after, limit: limit + 1)
+            }
+            let pageItems = Array(items.prefix(limit))
+            return Page(items: pageItems, nextPage: items.count > limit ? pageItems.last?.id.description : nil)
+        }
+    }
+}

@@ -1,0 +1,98 @@
+/// A master-key version's state, after NIST SP 800-57 Part 1 Rev. 5, §7.
+///
+/// Stored as its `rawValue`. What each state allows:
+///
+/// | state        | wrap new keys        | decrypt (unwrap) | rewrap from |
+/// |--------------|----------------------|------------------|-------------|
+/// | pre-active   | no                   | no               | no          |
+/// | active       | only if primary      | yes              | yes         |
+/// | suspended    | no                   | yes              | yes         |
+/// | deactivated  | no                   | yes              | yes         |
+/// | compromised  | no                   | only for rewrap  | yes         |
+/// | destroyed    | no                   | no               | no          |
+public enum MasterKeyState: String, Sendable, Hashable, CaseIterable, Codable {
+    case preActive = "pre-active"
+    case active
+    case suspended
+    case deactivated
+    case compromised
+    case destroyed
+
+    /// The transitions NIST allows, plus suspend/resume. Destruction happens only through
+    /// scheduled deletion, from deactivated or compromised (or pre-active, never used).
+    public func canTransition(to next: MasterKeyState) -> Bool {
+        switch (self, next) {
+        case (.preActive, .active), (.preActive, .compromised), (.preActive, .destroyed):
+            return true
+        case (.active, .suspended), (.active, .deactivated), (.active, .compromised):
+            return true
+        case (.suspended, .active), (.suspended, .deactivated), (.suspended, .compromised):
+            return true
+        case (.deactivated, .compromised), (.deactivated, .destroyed):
+            return true
+        case (.compromised, .destroyed):
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// Whether a version in this state may be scheduled for destruction.
+    public var canScheduleDestruction: Bool {
+        self == .preActive || self == .deactivated || self == .compromised
+    }
+
+    /// Whether data keys wrapped under this version can be decrypted for the caller.
+    public var allowsDecrypt: Bool {
+        self == .active || self == .suspended || self == .deactivated
+    }
+
+    /// Whether data keys wrapped under this version can be unwrapped to move them to the primary.
+    public var allowsRewrapFrom: Bool {
+        self == .active || self == .suspended || self == .deactivated || self == .compromised
+    }
+}
+
+/// A tenant's state.
+public enum TenantState: String, Sendable, Hashable, CaseIterable, Codable {
+    /// Keys can be used.
+    case enabled
+    /// Every key use is refused; administration still works; reversible.
+    case disabled
+    /// Crypto-shredded: master keys destroyed in the token, data keys deleted. Final.
+    case shredded
+}
+
+/// A data key's state.
+public enum DataKeyState: String, Sendable, Hashable, CaseIterable, Codable {
+    case enabled
+    /// Decrypt and encrypt are refused until enabled again; rewrap still moves it.
+    case disabled
+    /// The wrapped copy was deleted: the key can never be recovered. Final.
+    case destroyed
+}
+
+/// What kind of change or use an audit record records. Stored as `rawValue`; values are stable.
+public enum AuditOperation: String, Sendable, Hashable, CaseIterable, Codable {
+    case createTenant = "tenant.create"
+    case disableTenant = "tenant.disable"
+    case enableTenant = "tenant.enable"
+    case shredTenant = "tenant.shred"
+    case rotateMasterKey = "master-key.rotate"
+    case activateMasterKey = "master-key.activate"
+    case changeMasterKeyState = "master-key.state"
+    case scheduleMasterKeyDestruction = "master-key.schedule-destruction"
+    case cancelMasterKeyDestruction = "master-key.cancel-destruction"
+    case destroyMasterKey = "master-key.destroy"
+    case reserveInvocations = "master-key.reserve-invocations"
+    case generateDataKey = "data-key.generate"
+    case decryptDataKey = "data-key.decrypt"
+    case rewrapDataKey = "data-key.rewrap"
+    case disableDataKey = "data-key.disable"
+    case enableDataKey = "data-key.enable"
+    case destroyDataKey = "data-key.destroy"
+    case encrypt = "encrypt"
+    case decrypt = "decrypt"
+    case rewrapJob = "rewrap-job.batch"
+    case startRewrapJob = "rewrap-job.start"
+}
