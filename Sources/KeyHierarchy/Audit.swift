@@ -36,7 +36,7 @@ public struct AuditEvent: Sendable, Hashable {
         self.keyIDs = Array(keyIDs.prefix(Self.maximumKeyIDs))
         self.outcome = outcome
         self.requestID = requestID
-        self.detail = String(detail.utf8.prefix(Self.maximumDetailLength)) ?? ""
+        self.detail = detail.truncated(toUTF8Bytes: Self.maximumDetailLength)
     }
 }
 
@@ -257,6 +257,12 @@ public struct AuditProblem: Sendable, Hashable, CustomStringConvertible {
     public var sequence: Int64
     public var kind: Kind
     public var explanation: String
+
+    public init(sequence: Int64, kind: Kind, explanation: String) {
+        self.sequence = sequence
+        self.kind = kind
+        self.explanation = explanation
+    }
 
     public var description: String { explanation }
 }

@@ -36,6 +36,7 @@ public final class GroupCommitter: Sendable {
     public static let conflictRetries = 3
 
     private struct Pending: Sendable {
+        let isolated: Bool
         let execute: @Sendable (any KeyRepositoryTransaction) async throws -> Executed
         let fail: @Sendable (any Error) -> Void
     }
@@ -61,11 +62,18 @@ public final class GroupCommitter: Sendable {
     }
 
     /// Runs `unit` in a shared transaction and returns once it is durable.
+    ///
+    /// An `isolated` unit gets a transaction of its own. Used for units that lock rows in
+    /// another order than the rest (IV reservations lock a version row before anything else):
+    /// sharing a transaction with units that lock the tenant row first could deadlock against
+    /// another gateway instance doing the same in the opposite order.
     public func commit<Value: Sendable>(
+        isolated: Bool = false,
         _ unit: @escaping @Sendable (any KeyRepositoryTransaction) async throws -> UnitOutcome<Value>
     ) async throws -> Committed<Value> {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Committed<Value>, any Error>) in
             let pending = Pending(
+                isolated: isolated,
                 execute: { transaction in
                     let outcome = try await unit(transaction)
                     return Executed(events: outcome.audit) { records in
@@ -89,7 +97,12 @@ public final class GroupCommitter: Sendable {
     private func drain() async {
         while true {
             let batch: [Pending] = state.withLock { state in
-                let count = min(state.queue.count, maximumBatch)
+                var count = 0
+                if state.queue.first?.isolated == true {
+                    count = 1
+                } else {
+                    while count < min(state.queue.count, maximumBatch), !state.queue[count].isolated { count += 1 }
+                }
                 let batch = Array(state.queue.prefix(count))
                 state.queue.removeFirst(count)
                 if batch.isEmpty { state.leading = false }

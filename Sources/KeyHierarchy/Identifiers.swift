@@ -90,7 +90,7 @@ public struct Principal: Hashable, Sendable, CustomStringConvertible, Codable {
     public let name: String
 
     public init(_ name: String) {
-        self.name = String(name.utf8.prefix(Self.maximumLength)) ?? "invalid"
+        self.name = name.truncated(toUTF8Bytes: Self.maximumLength)
     }
 
     /// The gateway itself (rotation at the invocation limit, the rewrap job, scheduled deletion).
@@ -109,7 +109,7 @@ public struct RequestContext: Sendable {
 
     public init(principal: Principal, requestID: String = UUID().uuidString.lowercased()) {
         self.principal = principal
-        self.requestID = String(requestID.utf8.prefix(Self.maximumRequestIDLength)) ?? "invalid"
+        self.requestID = requestID.truncated(toUTF8Bytes: Self.maximumRequestIDLength)
     }
 
     /// The gateway's own work.
@@ -128,7 +128,8 @@ public struct Timestamp: Hashable, Sendable, Comparable, Codable, CustomStringCo
     }
 
     public init(_ date: Date) {
-        millisecondsSinceEpoch = Int64((date.timeIntervalSince1970 * 1000).rounded(.down))
+        // Nearest, not down: 0.999 s is 998.9999… ms in binary floating point.
+        millisecondsSinceEpoch = Int64((date.timeIntervalSince1970 * 1000).rounded())
     }
 
     public static func now() -> Timestamp { Timestamp(Date()) }
@@ -168,5 +169,22 @@ public struct Page<Element: Sendable>: Sendable {
     public init(items: [Element], nextPage: String?) {
         self.items = items
         self.nextPage = nextPage
+    }
+}
+
+extension String {
+    /// The longest prefix of whole characters that fits in `limit` UTF-8 bytes.
+    func truncated(toUTF8Bytes limit: Int) -> String {
+        guard utf8.count > limit else { return self }
+        var end = startIndex
+        var used = 0
+        for index in indices {
+            let next = self.index(after: index)
+            let size = self[index..<next].utf8.count
+            if used + size > limit { break }
+            used += size
+            end = next
+        }
+        return String(self[startIndex..<end])
     }
 }

@@ -64,7 +64,7 @@ extension KeyService {
     ) async throws -> Range<Int64>? {
         if let range = counters.take(version, count: count) { return range }
         for size in [max(counters.blockSize, count), count] {
-            let start = try await committer.commit { transaction -> UnitOutcome<Int64?> in
+            let start = try await committer.commit(isolated: true) { transaction -> UnitOutcome<Int64?> in
                 guard
                     let start = try await transaction.reserveInvocations(
                         version.tenant,

@@ -29,6 +29,17 @@ public struct DataKeyRequest: Sendable, Hashable {
 }
 
 extension KeyService {
+    /// How often a write that lost a race (the primary moved, a lock conflict with another
+    /// instance) is tried again before the caller gets `aborted`.
+    static let writeAttempts = 10
+
+    /// Whether `error` says a unique constraint refused a row (directly or mapped).
+    static func isDuplicate(_ error: any Error) -> Bool {
+        if let error = error as? StorageError { return error.kind == .uniqueViolation }
+        if let error = error as? KeyServiceError { return error.code == .alreadyExists }
+        return false
+    }
+
     // MARK: Generate
 
     /// Generates one data key (AES-256 from the token's RNG), wraps it under the tenant's
@@ -81,99 +92,116 @@ extension KeyService {
                 return try await self.replayGenerated(
                     tenant, replay, context: context, includePlaintext: includePlaintext)
             }
-            for _ in 0..<4 {
-                let primary = try await self.primaryVersion(tenant)
-                let version = VersionRef(tenant: tenant, version: primary)
-                let keyID = try await self.tokenKeyID(version)
-                guard let counters = try await self.reserveCounters(version, count: Int64(count), request: request)
-                else {
-                    // The version reached its invocation limit: rotate (once, whoever gets there
-                    // first) and generate under the new primary.
-                    _ = try await self.rotate(
-                        tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
-                    self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
-                    continue
-                }
-                let ids = (0..<count).map { _ in DataKeyID.random() }
-                let operations = ids.enumerated().map { index, id in
-                    TokenOperation.generateAndWrap(
-                        key: keyID,
-                        iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
-                        aad: WrappedDataKey.aad(
-                            tenant: tenant, dataKeyID: id, version: primary, contextHash: contextHash)
-                    )
-                }
-                let results = try await self.token.perform(operations)
-                var generated: [GeneratedDataKey] = []
-                var records: [DataKeyRecord] = []
-                let now = Timestamp.now()
-                for (index, result) in results.enumerated() {
-                    guard case .generated(let plaintext, let ciphertextAndTag) = result else {
-                        if case .failed(let error) = result { throw error }
-                        throw KeyServiceError(.internalError, "unexpected token result")
+            for _ in 0..<Self.writeAttempts {
+                do {
+                    let primary = try await self.primaryVersion(tenant)
+                    let version = VersionRef(tenant: tenant, version: primary)
+                    let keyID = try await self.tokenKeyID(version)
+                    guard let counters = try await self.reserveCounters(version, count: Int64(count), request: request)
+                    else {
+                        // The version reached its invocation limit: rotate (once, whoever gets there
+                        // first) and generate under the new primary.
+                        _ = try await self.rotate(
+                            tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                        self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                        continue
                     }
-                    let wrapped = WrappedDataKey(
-                        version: primary,
-                        dataKeyID: ids[index],
-                        iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
-                        ciphertextAndTag: ciphertextAndTag
-                    ).encoded
-                    generated.append(
-                        GeneratedDataKey(
-                            id: ids[index],
+                    let ids = (0..<count).map { _ in DataKeyID.random() }
+                    let operations = ids.enumerated().map { index, id in
+                        TokenOperation.generateAndWrap(
+                            key: keyID,
+                            iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
+                            aad: WrappedDataKey.aad(
+                                tenant: tenant, dataKeyID: id, version: primary, contextHash: contextHash)
+                        )
+                    }
+                    let results = try await self.token.perform(operations)
+                    var generated: [GeneratedDataKey] = []
+                    var records: [DataKeyRecord] = []
+                    let now = Timestamp.now()
+                    for (index, result) in results.enumerated() {
+                        guard case .generated(let plaintext, let ciphertextAndTag) = result else {
+                            if case .failed(let error) = result { throw error }
+                            throw KeyServiceError(.internalError, "unexpected token result")
+                        }
+                        let wrapped = WrappedDataKey(
                             version: primary,
-                            wrapped: wrapped,
-                            plaintext: includePlaintext ? plaintext : nil
-                        )
-                    )
-                    records.append(
-                        DataKeyRecord(
-                            tenant: tenant,
-                            id: ids[index],
-                            version: primary,
-                            state: .enabled,
-                            wrapped: wrapped,
-                            contextHash: contextHash,
-                            createdAt: now,
-                            updatedAt: now
-                        )
-                    )
-                }
-                let recordsToInsert = records
-                let stored = try await self.committer.commit { transaction -> UnitOutcome<Bool> in
-                    guard try await self.checkPrimary(transaction, tenant, primary) else {
-                        return UnitOutcome(false, audit: [])
-                    }
-                    try await transaction.insertDataKeys(recordsToInsert)
-                    if let key = idempotencyKey {
-                        try await self.rememberIdempotent(
-                            transaction,
-                            scope: tenant.rawValue,
-                            key: key,
-                            .generateDataKey,
-                            fingerprint,
-                            result: ids.map(\.description).joined(separator: ",")
-                        )
-                    }
-                    return UnitOutcome(
-                        true,
-                        audit: [
-                            AuditEvent(
-                                time: now,
-                                principal: request.principal,
-                                tenant: tenant,
-                                operation: .generateDataKey,
-                                keyIDs: ids.map(\.description),
-                                requestID: request.requestID,
-                                detail:
-                                    "version=\(primary) count=\(count) plaintext=\(includePlaintext) context-sha256=\(contextHash.hexString)"
+                            dataKeyID: ids[index],
+                            iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
+                            ciphertextAndTag: ciphertextAndTag
+                        ).encoded
+                        generated.append(
+                            GeneratedDataKey(
+                                id: ids[index],
+                                version: primary,
+                                wrapped: wrapped,
+                                plaintext: includePlaintext ? plaintext : nil
                             )
-                        ]
+                        )
+                        records.append(
+                            DataKeyRecord(
+                                tenant: tenant,
+                                id: ids[index],
+                                version: primary,
+                                state: .enabled,
+                                wrapped: wrapped,
+                                contextHash: contextHash,
+                                createdAt: now,
+                                updatedAt: now
+                            )
+                        )
+                    }
+                    let recordsToInsert = records
+                    let stored = try await self.committer.commit { transaction -> UnitOutcome<Bool> in
+                        guard try await self.checkPrimary(transaction, tenant, primary) else {
+                            return UnitOutcome(false, audit: [])
+                        }
+                        try await transaction.insertDataKeys(recordsToInsert)
+                        if let key = idempotencyKey {
+                            try await self.rememberIdempotent(
+                                transaction,
+                                scope: tenant.rawValue,
+                                key: key,
+                                .generateDataKey,
+                                fingerprint,
+                                result: ids.map(\.description).joined(separator: ",")
+                            )
+                        }
+                        return UnitOutcome(
+                            true,
+                            audit: [
+                                AuditEvent(
+                                    time: now,
+                                    principal: request.principal,
+                                    tenant: tenant,
+                                    operation: .generateDataKey,
+                                    keyIDs: ids.map(\.description),
+                                    requestID: request.requestID,
+                                    detail:
+                                        "version=\(primary) count=\(count) plaintext=\(includePlaintext) context-sha256=\(contextHash.hexString)"
+                                )
+                            ]
+                        )
+                    }.value
+                    if stored { return generated }
+                    // The primary changed while the keys were being wrapped: wrap again under the new one.
+                    self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                } catch let error as StorageError where error.kind == .conflict {
+                    // Lost a lock race to another gateway instance: nothing was stored; go again.
+                    self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                } catch  where idempotencyKey != nil && Self.isDuplicate(error) {
+                    // A concurrent call with the same idempotency key committed first.
+                    guard let key = idempotencyKey,
+                        let replay = try await self.replay(
+                            scope: tenant.rawValue, key: key, .generateDataKey, fingerprint)
+                    else { throw error }
+                    return try await self.replayGenerated(
+                        tenant,
+                        replay,
+                        context: context,
+                        includePlaintext: includePlaintext
                     )
-                }.value
-                if stored { return generated }
-                // The primary changed while the keys were being wrapped: wrap again under the new one.
-                self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                }
             }
             throw KeyServiceError(.aborted, "the primary version kept changing; retry")
         }
@@ -445,7 +473,7 @@ extension KeyService {
         job: RewrapJobRecord? = nil,
         request: RequestContext
     ) async throws -> [Result<DataKeyRecord, KeyServiceError>] {
-        for _ in 0..<4 {
+        for _ in 0..<Self.writeAttempts {
             let primary = try await primaryVersion(tenant)
             let target = VersionRef(tenant: tenant, version: primary)
             let targetKey = try await tokenKeyID(target)

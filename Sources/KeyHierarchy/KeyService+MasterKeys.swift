@@ -1,4 +1,7 @@
 extension KeyService {
+    /// How often a rotation that lost a race for its version number is tried again.
+    static let rotationAttempts = 10
+
     /// A tenant's master-key versions, oldest first.
     public func masterKeyVersions(_ tenant: TenantID) async throws(KeyServiceError) -> [MasterKeyVersionRecord] {
         try await mapErrors {
@@ -31,13 +34,23 @@ extension KeyService {
                 else { throw KeyServiceError(.dataLoss, "idempotent result no longer exists") }
                 return version
             }
-            return try await self.rotate(
-                tenant,
-                activate: activate,
-                expectedPrimary: nil,
-                idempotency: idempotencyKey.map { ($0, fingerprint) },
-                request: request
-            )
+            do {
+                return try await self.rotate(
+                    tenant,
+                    activate: activate,
+                    expectedPrimary: nil,
+                    idempotency: idempotencyKey.map { ($0, fingerprint) },
+                    request: request
+                )
+            } catch  where idempotencyKey != nil && Self.isDuplicate(error) {
+                // A concurrent call with the same idempotency key committed first.
+                guard let key = idempotencyKey,
+                    let replay = try await self.replay(scope: tenant.rawValue, key: key, .rotateMasterKey, fingerprint),
+                    let number = Int(replay),
+                    let version = try await self.repository.read({ try await $0.masterKeyVersion(tenant, number) })
+                else { throw error }
+                return version
+            }
         }
     }
 
@@ -51,7 +64,8 @@ extension KeyService {
         idempotency: (key: String, fingerprint: [UInt8])? = nil,
         request: RequestContext
     ) async throws -> MasterKeyVersionRecord {
-        for _ in 0..<3 {
+        // Concurrent rotations of one tenant pick the same next number; the loser tries the next.
+        for _ in 0..<Self.rotationAttempts {
             let (tenantRecord, versions) = try await repository.read { transaction in
                 (
                     try await transaction.tenant(tenant, forUpdate: false),

@@ -446,16 +446,21 @@ public final class KeyService: Sendable {
             }
             _ = try await transaction.deleteIdempotencyRecords(before: Timestamp(millisecondsSinceEpoch: cutoff))
         }
-        try await transaction.insertIdempotencyRecord(
-            IdempotencyRecord(
-                scope: scope,
-                key: key,
-                operation: operation.rawValue,
-                fingerprint: fingerprint,
-                result: result,
-                createdAt: now
+        do {
+            try await transaction.insertIdempotencyRecord(
+                IdempotencyRecord(
+                    scope: scope,
+                    key: key,
+                    operation: operation.rawValue,
+                    fingerprint: fingerprint,
+                    result: result,
+                    createdAt: now
+                )
             )
-        )
+        } catch let error as StorageError where error.kind == .uniqueViolation {
+            // Another instance's call with the same key committed first.
+            throw KeyServiceError(.alreadyExists, "idempotency key is in use", underlying: error.description)
+        }
     }
 }
 
