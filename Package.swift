@@ -97,6 +97,11 @@ let package = Package(
             name: "hsm-bench",
             dependencies: [
                 "PKCS11",
+                "KeyHierarchy",
+                "PKCS11KeyToken",
+                "PostgresKeyStore",
+                "SQLiteKeyStore",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -147,8 +147,9 @@ extension KeyService {
                     metadata: ["tenant": "\(tenant)", "version": "\(number)", "request": "\(request.requestID)"]
                 )
                 return record
-            } catch let error as StorageError where error.kind == .uniqueViolation {
-                // A concurrent rotation took the same version number: try the next one.
+            } catch let error as StorageError where error.kind == .uniqueViolation || error.kind == .conflict {
+                // A concurrent rotation took the same version number, or a lock race was lost:
+                // nothing was stored; try again.
                 _ = try? await token.destroyMasterKey(id: tokenKeyID)
                 continue
             } catch {

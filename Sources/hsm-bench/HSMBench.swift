@@ -3,12 +3,21 @@ import Foundation
 import PKCS11
 import Synchronization
 
-/// Measures AES-GCM through the Swift PKCS#11 wrapper on a throwaway SoftHSM2 token (or any
-/// module whose token you name). Results go to docs/benchmarks.md by hand, with the command.
+/// The benchmark harness. Results go to docs/benchmarks.md by hand, with the command.
 @main
 struct HSMBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "hsm-bench",
+        abstract: "Benchmarks on a throwaway SoftHSM2 token.",
+        subcommands: [GCMBenchmark.self, KeysBenchmark.self],
+        defaultSubcommand: GCMBenchmark.self
+    )
+}
+
+/// Measures AES-GCM through the Swift PKCS#11 wrapper on a throwaway SoftHSM2 token.
+struct GCMBenchmark: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gcm",
         abstract: "AES-GCM encrypt/decrypt ops/s through the PKCS#11 wrapper and the session pool."
     )
 
@@ -35,26 +44,9 @@ struct HSMBench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        // A throwaway token: its own SoftHSM2 configuration in a temporary directory.
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("hsm-bench-\(getpid())")
-        let tokens = directory.appendingPathComponent("tokens")
-        try FileManager.default.createDirectory(at: tokens, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let conf = directory.appendingPathComponent("softhsm2.conf")
-        try "directories.tokendir = \(tokens.path)\nobjectstore.backend = file\nlog.level = ERROR\n"
-            .write(to: conf, atomically: true, encoding: .utf8)
-        setenv("SOFTHSM2_CONF", conf.path, 1)
-
-        let pkcs11 = try PKCS11Module.load(path: module)
-        let pin = SecretBytes(utf8: "bench-user-pin")
-        let slot = try pkcs11.uninitializedTokenSlot()
-        try pkcs11.initToken(slot: slot, securityOfficerPIN: SecretBytes(utf8: "bench-so-pin"), label: "hsm-bench")
-        let tokenSlot = try pkcs11.slot(tokenLabel: "hsm-bench")
-        try pkcs11.withSession(slot: tokenSlot) { session in
-            try session.login(.securityOfficer, pin: SecretBytes(utf8: "bench-so-pin"))
-            try session.initPIN(pin)
-            try session.logout()
-        }
+        let throwaway = try ThrowawayToken(module: module, label: "hsm-bench")
+        defer { throwaway.remove() }
+        let (pkcs11, pin, tokenSlot) = (throwaway.module, throwaway.pin, throwaway.slot)
         let info = try pkcs11.info()
         print("module: \(info.libraryDescription) \(info.libraryVersion) (\(module))")
         print("AES-256-GCM, \(bytes)-byte plaintext, 12-byte IV, 16-byte tag, \(seconds) s per figure")

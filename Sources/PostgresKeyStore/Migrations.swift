@@ -1,0 +1,156 @@
+/// One schema change: applied once, in one transaction, and recorded in `schema_migrations`.
+///
+/// Statements are separate because PostgreSQL's extended query protocol (what postgres-nio
+/// speaks) runs one statement per query. Never edit a released migration: add a new one.
+struct Migration: Sendable {
+    /// 1, 2, 3, ... in the order they are applied.
+    let version: Int
+    /// A short description, recorded next to the version.
+    let name: String
+    /// The statements, run in order inside the migration's transaction.
+    let statements: [String]
+}
+
+/// The schema's history. The table and column names are shared with the SQLite store.
+///
+/// Tenant ids are `COLLATE "C"` so that `ORDER BY id` (and keyset paging) is byte order whatever
+/// the cluster's locale, the same order as SQLite's and as `TenantID`'s `<`.
+enum Migrations {
+    /// Every migration, in order.
+    static let all: [Migration] = [initialSchema]
+
+    /// The highest version this build knows.
+    static var latestVersion: Int { all.last?.version ?? 0 }
+
+    /// Created before any migration runs, outside the numbered list.
+    static let createMigrationsTable = """
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INT PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at BIGINT NOT NULL
+        )
+        """
+
+    static let initialSchema = Migration(
+        version: 1,
+        name: "initial schema",
+        statements: [
+            """
+            CREATE TABLE tenants (
+                id TEXT COLLATE "C" PRIMARY KEY,
+                state TEXT NOT NULL CHECK (state IN ('enabled', 'disabled', 'shredded')),
+                primary_version INT NOT NULL,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE master_key_versions (
+                tenant_id TEXT COLLATE "C" NOT NULL REFERENCES tenants (id),
+                version INT NOT NULL CHECK (version > 0),
+                state TEXT NOT NULL CHECK (
+                    state IN ('pre-active', 'active', 'suspended', 'deactivated', 'compromised', 'destroyed')
+                ),
+                token_key_id BYTEA NOT NULL UNIQUE,
+                invocations_reserved BIGINT NOT NULL DEFAULT 0 CHECK (invocations_reserved >= 0),
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                destroy_after BIGINT NULL,
+                destroyed_at BIGINT NULL,
+                PRIMARY KEY (tenant_id, version)
+            )
+            """,
+            """
+            CREATE INDEX master_key_versions_destroy_after ON master_key_versions (destroy_after)
+                WHERE destroy_after IS NOT NULL
+            """,
+            """
+            CREATE TABLE data_keys (
+                tenant_id TEXT COLLATE "C" NOT NULL,
+                id UUID NOT NULL UNIQUE,
+                version INT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('enabled', 'disabled', 'destroyed')),
+                wrapped BYTEA NULL,
+                context_hash BYTEA NOT NULL,
+                encryptions BIGINT NOT NULL DEFAULT 0 CHECK (encryptions >= 0),
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                PRIMARY KEY (tenant_id, id),
+                FOREIGN KEY (tenant_id, version) REFERENCES master_key_versions (tenant_id, version),
+                CHECK ((state = 'destroyed') = (wrapped IS NULL))
+            )
+            """,
+            "CREATE INDEX data_keys_tenant_state ON data_keys (tenant_id, state, id)",
+            "CREATE INDEX data_keys_tenant_version ON data_keys (tenant_id, version, id)",
+            """
+            CREATE TABLE idempotency_keys (
+                scope TEXT NOT NULL,
+                key TEXT NOT NULL,
+                operation TEXT NOT NULL,
+                fingerprint BYTEA NOT NULL,
+                result TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                PRIMARY KEY (scope, key)
+            )
+            """,
+            "CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at)",
+            """
+            CREATE TABLE rewrap_jobs (
+                tenant_id TEXT COLLATE "C" PRIMARY KEY REFERENCES tenants (id),
+                target_version INT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('running', 'completed')),
+                cursor UUID NULL,
+                moved BIGINT NOT NULL,
+                total BIGINT NOT NULL,
+                started_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE audit_log (
+                seq BIGINT PRIMARY KEY,
+                time BIGINT NOT NULL,
+                principal TEXT NOT NULL,
+                tenant_id TEXT COLLATE "C" NULL,
+                operation TEXT NOT NULL,
+                key_ids TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                prev_hash BYTEA NOT NULL,
+                hash BYTEA NOT NULL
+            )
+            """,
+            "CREATE INDEX audit_log_tenant_seq ON audit_log (tenant_id, seq)",
+            """
+            CREATE TABLE audit_head (
+                id INT PRIMARY KEY CHECK (id = 1),
+                seq BIGINT NOT NULL,
+                hash BYTEA NOT NULL
+            )
+            """,
+            "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, decode(repeat('00', 32), 'hex'))",
+            // Append-only: the hash chain detects edits, the triggers refuse them in the first place.
+            """
+            CREATE FUNCTION audit_log_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'audit_log is append-only: % refused', TG_OP
+                    USING ERRCODE = 'insufficient_privilege';
+            END
+            $$
+            """,
+            """
+            CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+                FOR EACH ROW EXECUTE FUNCTION audit_log_refuse_change()
+            """,
+            """
+            CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+                FOR EACH ROW EXECUTE FUNCTION audit_log_refuse_change()
+            """,
+            """
+            CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+                FOR EACH STATEMENT EXECUTE FUNCTION audit_log_refuse_change()
+            """,
+        ]
+    )
+}

@@ -1,0 +1,415 @@
+import Foundation
+import KeyHierarchy
+import Logging
+import PostgresNIO
+import Synchronization
+
+/// The key repository on PostgreSQL: the production store, shared by several gateway instances.
+///
+/// A pool of connections (postgres-nio's `PostgresClient`, run by a task the store owns). Each
+/// `transaction` is one pooled connection between `BEGIN` and `COMMIT`; `read` runs its statements
+/// on a pooled connection without a transaction (each sees committed data). Commits are durable
+/// when they return: `open` refuses a server, database or role with `fsync` or
+/// `synchronous_commit` off.
+///
+/// Bound values (wrapped keys, hashes, ids) are never logged and never put in errors.
+public final class PostgresKeyStore: KeyRepository {
+    /// How long `open` waits for the first connection (TCP connect, TLS-less start-up and login)
+    /// before failing with `.unavailable`: a gateway that cannot reach its database should say so
+    /// at start-up, not hang. Also the pool's connect timeout for later connections.
+    public static let connectTimeout: Duration = .seconds(5)
+
+    /// How long `open` waits for another instance that is applying migrations (building an index
+    /// on millions of rows takes minutes) before failing with `.conflict`.
+    public static let migrationLockTimeout: Duration = .seconds(600)
+
+    /// The advisory-lock key that serialises migrations across gateway instances ("hsmgwmig").
+    static let migrationLockKey: Int64 = 0x6873_6D67_776D_6967
+
+    private let client: PostgresClient
+    private let runTask: Task<Void, Never>
+    private let logger: Logger
+    private let isClosed = Atomic<Bool>(false)
+
+    private init(client: PostgresClient, logger: Logger) {
+        self.client = client
+        self.logger = logger
+        // `Task.immediate` enters `run()` before `open` returns, so the first lease never finds
+        // the pool not yet running (postgres-nio warns about that, though the lease would wait).
+        if #available(macOS 26.0, iOS 26.0, tvOS 26.0, watchOS 26.0, visionOS 26.0, *) {
+            runTask = Task.immediate { await client.run() }
+        } else {
+            runTask = Task { await client.run() }
+        }
+    }
+
+    /// Connects (pool), applies pending migrations under an advisory lock (several gateway
+    /// instances may start at once), records them.
+    ///
+    /// Throws `StorageError(.unavailable)` within `connectTimeout` when the server cannot be
+    /// reached or refuses the login, and `StorageError(.other)` for a configuration outside its
+    /// limits, a server with `fsync` or `synchronous_commit` off, or a database migrated by a
+    /// newer gateway.
+    public static func open(
+        _ configuration: PostgresKeyStoreConfiguration,
+        logger: Logger = Logger(label: "hsm-gateway.postgres")
+    ) async throws -> PostgresKeyStore {
+        guard PostgresKeyStoreConfiguration.maximumConnectionsRange.contains(configuration.maximumConnections) else {
+            throw StorageError(
+                .other,
+                "maximumConnections must be in \(PostgresKeyStoreConfiguration.maximumConnectionsRange), "
+                    + "not \(configuration.maximumConnections)"
+            )
+        }
+        let connection = try await connect(configuration, logger: logger)
+        do {
+            try await checkDurability(connection, logger: logger)
+            try await migrate(connection, logger: logger)
+        } catch {
+            try? await connection.close()
+            throw PostgresErrorMapping.storageError(error, operation: "migrate")
+        }
+        try? await connection.close()
+
+        var options = PostgresClient.Configuration.Options()
+        options.maximumConnections = configuration.maximumConnections
+        options.minimumConnections = 0
+        options.connectTimeout = connectTimeout
+        let clientConfiguration =
+            if let path = configuration.unixSocketPath {
+                PostgresClient.Configuration(
+                    unixSocketPath: path,
+                    username: configuration.username,
+                    password: configuration.password,
+                    database: configuration.database
+                )
+            } else {
+                PostgresClient.Configuration(
+                    host: configuration.host,
+                    port: configuration.port,
+                    username: configuration.username,
+                    password: configuration.password,
+                    database: configuration.database,
+                    tls: .disable
+                )
+            }
+        var pooled = clientConfiguration
+        pooled.options = options
+        let store = PostgresKeyStore(
+            client: PostgresClient(configuration: pooled, backgroundLogger: logger), logger: logger)
+        logger.info(
+            "postgres key store open",
+            metadata: [
+                "endpoint": "\(configuration.endpointDescription)",
+                "pool": "\(configuration.maximumConnections)",
+                "schema": "\(Migrations.latestVersion)",
+            ]
+        )
+        return store
+    }
+
+    // MARK: KeyRepository
+
+    /// Runs `body` between `BEGIN` and `COMMIT` on one pooled connection; a throwing body is
+    /// rolled back and its error rethrown unchanged. A statement that failed inside the body
+    /// without a savepoint around it makes the commit fail too (PostgreSQL would roll back).
+    public func transaction<T: Sendable>(
+        _ body: (any KeyRepositoryTransaction) async throws -> T
+    ) async throws -> T {
+        try requireOpen()
+        return try await withLeasedConnection(operation: "transaction") { connection in
+            let transaction = PostgresTransaction(connection: connection, logger: logger, mode: .readWrite)
+            try await transaction.begin()
+            let value: T
+            do {
+                value = try await body(transaction)
+            } catch {
+                await transaction.rollback()
+                throw error
+            }
+            try await transaction.commit()
+            return value
+        }
+    }
+
+    /// Runs `body` on one pooled connection without a transaction: each statement sees what is
+    /// committed when it runs. Writes and row locks throw `StorageError(.other)`.
+    public func read<T: Sendable>(_ body: (any KeyRepositoryTransaction) async throws -> T) async throws -> T {
+        try requireOpen()
+        return try await withLeasedConnection(operation: "read") { connection in
+            let transaction = PostgresTransaction(connection: connection, logger: logger, mode: .readOnly)
+            defer { transaction.finish() }
+            return try await body(transaction)
+        }
+    }
+
+    /// Cancels the pool's task and waits for it: connections close; later calls throw
+    /// `StorageError(.unavailable)`.
+    public func close() async {
+        guard isClosed.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
+        else { return }
+        runTask.cancel()
+        await runTask.value
+        logger.info("postgres key store closed")
+    }
+
+    // MARK: Tools
+
+    /// Migrations in order; `schemaVersion()` returns the highest applied.
+    public func schemaVersion() async throws -> Int {
+        try requireOpen()
+        return try await withLeasedConnection(operation: "schemaVersion") { connection in
+            let rows = try await Self.query(
+                connection,
+                "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                logger: logger,
+                operation: "schemaVersion"
+            )
+            return try Self.decode(rows.first, as: Int.self, operation: "schemaVersion")
+        }
+    }
+
+    /// For tests and repair tools only, never with caller input: runs one SQL statement.
+    public func executeUnsafeSQL(_ sql: String) async throws {
+        try requireOpen()
+        try await withLeasedConnection(operation: "executeUnsafeSQL") { connection in
+            _ = try await Self.query(
+                connection,
+                PostgresQuery(unsafeSQL: sql),
+                logger: logger,
+                operation: "executeUnsafeSQL"
+            )
+        }
+    }
+
+    // MARK: Internals
+
+    private func requireOpen() throws {
+        if isClosed.load(ordering: .sequentiallyConsistent) {
+            throw StorageError(.unavailable, "the postgres key store is closed")
+        }
+    }
+
+    /// Marks errors thrown by the caller's body, so they pass through unchanged while anything
+    /// else from the lease (pool closed, circuit breaker open) becomes a `StorageError`.
+    private struct BodyError: Error {
+        let error: any Error
+    }
+
+    private func withLeasedConnection<T: Sendable>(
+        operation: String,
+        _ body: (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        do {
+            return try await client.withConnection { connection in
+                do {
+                    return try await body(connection)
+                } catch {
+                    throw BodyError(error: error)
+                }
+            }
+        } catch let error as BodyError {
+            throw error.error
+        } catch {
+            let mapped = PostgresErrorMapping.storageError(error, operation: operation)
+            logger.warning("postgres connection lease failed", metadata: ["error": "\(mapped.detail)"])
+            throw mapped
+        }
+    }
+
+    /// Runs one statement outside a `PostgresTransaction`, mapping errors.
+    static func query(
+        _ connection: PostgresConnection,
+        _ query: PostgresQuery,
+        logger: Logger,
+        operation: String
+    ) async throws -> PostgresQueryResult {
+        do {
+            let future: EventLoopFuture<PostgresQueryResult> = connection.query(query, logger: logger)
+            return try await future.get()
+        } catch {
+            throw PostgresErrorMapping.storageError(error, operation: operation)
+        }
+    }
+
+    static func decode<Value: PostgresDecodable>(
+        _ row: PostgresRow?,
+        as type: Value.Type,
+        operation: String
+    ) throws -> Value {
+        guard let row else { throw StorageError(.corrupt, "\(operation): no row returned") }
+        do {
+            return try row.decode(Value.self)
+        } catch {
+            throw PostgresErrorMapping.storageError(error, operation: operation)
+        }
+    }
+
+    // MARK: Opening
+
+    private static func connect(
+        _ configuration: PostgresKeyStoreConfiguration,
+        logger: Logger
+    ) async throws -> PostgresConnection {
+        var connectionConfiguration =
+            if let path = configuration.unixSocketPath {
+                PostgresConnection.Configuration(
+                    unixSocketPath: path,
+                    username: configuration.username,
+                    password: configuration.password,
+                    database: configuration.database
+                )
+            } else {
+                PostgresConnection.Configuration(
+                    host: configuration.host,
+                    port: configuration.port,
+                    username: configuration.username,
+                    password: configuration.password,
+                    database: configuration.database,
+                    tls: .disable
+                )
+            }
+        connectionConfiguration.options.connectTimeout = .init(connectTimeout)
+        let endpoint = configuration.endpointDescription
+        let finalConfiguration = connectionConfiguration
+        do {
+            // The connect timeout bounds the TCP handshake only; the race bounds the login too (a
+            // server that accepts and then says nothing).
+            return try await withThrowingTaskGroup(of: PostgresConnection?.self) { group in
+                group.addTask {
+                    try await PostgresConnection.connect(
+                        configuration: finalConfiguration,
+                        id: 0,
+                        logger: logger
+                    )
+                }
+                group.addTask {
+                    try await Task.sleep(for: connectTimeout)
+                    return nil
+                }
+                defer { group.cancelAll() }
+                guard let first = try await group.next(), let connection = first else {
+                    throw StorageError(.unavailable, "no connection to \(endpoint) within \(connectTimeout)")
+                }
+                return connection
+            }
+        } catch {
+            var mapped = PostgresErrorMapping.storageError(error, operation: "connect to \(endpoint)")
+            if mapped.kind == .other, !(error is StorageError) {
+                // Anything that stops the first login (protocol, TLS, authentication) means the
+                // database is not available to us.
+                mapped = StorageError(.unavailable, mapped.detail)
+            }
+            logger.error("cannot connect to postgres", metadata: ["error": "\(mapped.detail)"])
+            throw mapped
+        }
+    }
+
+    /// Refuses a server that would acknowledge commits it can lose (`fsync` or
+    /// `synchronous_commit` off, for the server, the database or the role): a data key id handed
+    /// to a caller must survive a crash.
+    private static func checkDurability(_ connection: PostgresConnection, logger: Logger) async throws {
+        let rows = try await query(
+            connection,
+            "SELECT current_setting('fsync'), current_setting('synchronous_commit')",
+            logger: logger,
+            operation: "durability check"
+        )
+        guard let row = rows.first else { throw StorageError(.corrupt, "durability check: no row") }
+        let (fsync, synchronousCommit) = try decodeRow(row, as: (String, String).self, operation: "durability check")
+        guard fsync == "on", synchronousCommit != "off" else {
+            throw StorageError(
+                .other,
+                "the server acknowledges commits it can lose (fsync=\(fsync), synchronous_commit="
+                    + "\(synchronousCommit)): turn both on"
+            )
+        }
+    }
+
+    /// Applies pending migrations, one transaction each, while holding a session advisory lock
+    /// (released by `pg_advisory_unlock`, or by the server if the connection drops).
+    private static func migrate(_ connection: PostgresConnection, logger: Logger) async throws {
+        func run(_ query: PostgresQuery, _ operation: String) async throws -> PostgresQueryResult {
+            try await Self.query(connection, query, logger: logger, operation: operation)
+        }
+        let lockTimeout = "\(migrationLockTimeout.components.seconds)s"
+        _ = try await run("SET lock_timeout = \(unescaped: "'\(lockTimeout)'")", "migrate: lock_timeout")
+        _ = try await run("SELECT pg_advisory_lock(\(migrationLockKey))", "migrate: lock")
+        _ = try await run("RESET lock_timeout", "migrate: lock_timeout")
+        do {
+            _ = try await run(PostgresQuery(unsafeSQL: Migrations.createMigrationsTable), "migrate: bootstrap")
+            let rows = try await run("SELECT version, name FROM schema_migrations ORDER BY version", "migrate: list")
+            var applied: [Int: String] = [:]
+            for row in rows {
+                let (version, name) = try decodeRow(row, as: (Int, String).self, operation: "migrate: list")
+                applied[version] = name
+            }
+            if let newest = applied.keys.max(), newest > Migrations.latestVersion {
+                throw StorageError(
+                    .other,
+                    "the database schema is at version \(newest), newer than this gateway's "
+                        + "\(Migrations.latestVersion): upgrade the gateway"
+                )
+            }
+            for migration in Migrations.all {
+                if let name = applied[migration.version] {
+                    guard name == migration.name else {
+                        throw StorageError(
+                            .corrupt,
+                            "schema_migrations records version \(migration.version) as '\(name)', "
+                                + "this gateway knows it as '\(migration.name)'"
+                        )
+                    }
+                    continue
+                }
+                try await apply(migration, connection: connection, logger: logger)
+            }
+            _ = try await run("SELECT pg_advisory_unlock(\(migrationLockKey))", "migrate: unlock")
+        } catch {
+            _ = try? await run("SELECT pg_advisory_unlock(\(migrationLockKey))", "migrate: unlock")
+            throw error
+        }
+    }
+
+    private static func apply(_ migration: Migration, connection: PostgresConnection, logger: Logger) async throws {
+        let operation = "migration \(migration.version)"
+        _ = try await query(connection, "BEGIN", logger: logger, operation: operation)
+        do {
+            for statement in migration.statements {
+                _ = try await query(
+                    connection, PostgresQuery(unsafeSQL: statement), logger: logger, operation: operation)
+            }
+            let now = Timestamp.now().millisecondsSinceEpoch
+            _ = try await query(
+                connection,
+                """
+                INSERT INTO schema_migrations (version, name, applied_at) \
+                VALUES (\(migration.version), \(migration.name), \(now))
+                """,
+                logger: logger,
+                operation: operation
+            )
+            _ = try await query(connection, "COMMIT", logger: logger, operation: operation)
+        } catch {
+            _ = try? await query(connection, "ROLLBACK", logger: logger, operation: operation)
+            throw error
+        }
+        logger.notice(
+            "applied schema migration",
+            metadata: ["version": "\(migration.version)", "name": "\(migration.name)"]
+        )
+    }
+}
+
+/// Decodes a whole row as a tuple, mapping decoding failures to `StorageError(.corrupt)`.
+func decodeRow<each Column: PostgresDecodable>(
+    _ row: PostgresRow,
+    as type: (repeat each Column).Type,
+    operation: String
+) throws -> (repeat each Column) {
+    do {
+        return try row.decode(type, context: .default)
+    } catch {
+        throw PostgresErrorMapping.storageError(error, operation: operation)
+    }
+}

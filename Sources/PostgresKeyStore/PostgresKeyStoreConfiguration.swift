@@ -1,0 +1,56 @@
+/// Where and how `PostgresKeyStore` connects.
+///
+/// Connections are plain TCP or a Unix socket (no TLS): run the database on the gateway's host
+/// or on a network the operator already protects.
+public struct PostgresKeyStoreConfiguration: Sendable {
+    /// The default pool size: enough for group commit and concurrent reads on a small gateway,
+    /// well below PostgreSQL's default `max_connections` (100) when several gateways share it.
+    public static let defaultMaximumConnections = 8
+    /// Pool sizes accepted: at least one connection; at most 256, beyond which PostgreSQL's
+    /// per-connection processes cost more than they bring (use a pooler such as PgBouncer).
+    public static let maximumConnectionsRange = 1...256
+
+    /// Server host name or address, for TCP.
+    public var host: String
+    /// Server port, for TCP.
+    public var port: Int
+    /// Path of the server's Unix socket file (`…/.s.PGSQL.<port>`); when set, used instead of
+    /// `host` and `port`.
+    public var unixSocketPath: String?
+    /// The role to log in as.
+    public var username: String
+    /// The role's password (scram-sha-256 or md5); nil when the server needs none.
+    public var password: String?
+    /// The database holding the key store's tables.
+    public var database: String
+    /// Pool size: default `defaultMaximumConnections` (8), `maximumConnectionsRange` (1...256)
+    /// accepted; `PostgresKeyStore.open` refuses anything else.
+    public var maximumConnections: Int
+
+    /// A configuration; only `username` and `database` have no default.
+    public init(
+        host: String = "127.0.0.1",
+        port: Int = 5432,
+        unixSocketPath: String? = nil,
+        username: String,
+        password: String? = nil,
+        database: String,
+        maximumConnections: Int = PostgresKeyStoreConfiguration.defaultMaximumConnections
+    ) {
+        self.host = host
+        self.port = port
+        self.unixSocketPath = unixSocketPath
+        self.username = username
+        self.password = password
+        self.database = database
+        self.maximumConnections = maximumConnections
+    }
+
+    /// Where the store connects, for log lines and errors (never the password).
+    var endpointDescription: String {
+        if let unixSocketPath {
+            return "unix:\(unixSocketPath) database \(database)"
+        }
+        return "\(host):\(port) database \(database)"
+    }
+}

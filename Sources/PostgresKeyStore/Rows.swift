@@ -1,0 +1,222 @@
+import Foundation
+import KeyHierarchy
+import PostgresNIO
+
+/// Column lists, in the order `Rows` decodes them.
+enum Columns {
+    static let tenant = "id, state, primary_version, created_at, updated_at"
+    static let version = """
+        tenant_id, version, state, token_key_id, invocations_reserved, created_at, updated_at, destroy_after, \
+        destroyed_at
+        """
+    static let dataKey = "tenant_id, id, version, state, wrapped, context_hash, encryptions, created_at, updated_at"
+    static let idempotency = "scope, key, operation, fingerprint, result, created_at"
+    static let rewrapJob = "tenant_id, target_version, state, cursor, moved, total, started_at, updated_at"
+    static let audit =
+        "seq, time, principal, tenant_id, operation, key_ids, outcome, request_id, detail, prev_hash, hash"
+}
+
+/// The data-key lookups and listings: one fixed statement per shape (no `$after IS NULL OR …`, which would
+/// keep the planner from using the index range), so each has one plan that `EXPLAIN` can check.
+/// Every one walks an index in id order and stops after `limit` rows (keyset paging, no OFFSET).
+enum SQL {
+    static func dataKeyByID(_ tenant: String, _ id: UUID) -> PostgresQuery {
+        "SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) AND id = \(id)"
+    }
+
+    static func dataKeysByIDs(_ tenant: String, _ ids: [UUID]) -> PostgresQuery {
+        "SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) AND id = ANY(\(ids)::uuid[])"
+    }
+
+    static func countLiveDataKeys(_ tenant: String) -> PostgresQuery {
+        "SELECT count(*) FROM data_keys WHERE tenant_id = \(tenant) AND state <> 'destroyed'"
+    }
+
+    static func countLiveDataKeys(_ tenant: String, version: Int) -> PostgresQuery {
+        """
+        SELECT count(*) FROM data_keys WHERE tenant_id = \(tenant) AND version = \(version) \
+        AND state <> 'destroyed'
+        """
+    }
+
+    static func dataKeysByTenant(_ tenant: String, limit: Int) -> PostgresQuery {
+        """
+        SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) \
+        ORDER BY id LIMIT \(limit)
+        """
+    }
+
+    static func dataKeysByTenant(_ tenant: String, after: UUID, limit: Int) -> PostgresQuery {
+        """
+        SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) AND id > \(after) \
+        ORDER BY id LIMIT \(limit)
+        """
+    }
+
+    static func dataKeysByState(_ tenant: String, _ state: String, limit: Int) -> PostgresQuery {
+        """
+        SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) AND state = \(state) \
+        ORDER BY id LIMIT \(limit)
+        """
+    }
+
+    static func dataKeysByState(_ tenant: String, _ state: String, after: UUID, limit: Int) -> PostgresQuery {
+        """
+        SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) AND state = \(state) \
+        AND id > \(after) ORDER BY id LIMIT \(limit)
+        """
+    }
+
+    static func dataKeysNotUnderVersion(_ tenant: String, _ version: Int, limit: Int) -> PostgresQuery {
+        """
+        SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) \
+        AND version <> \(version) AND state <> 'destroyed' ORDER BY id LIMIT \(limit)
+        """
+    }
+
+    static func dataKeysNotUnderVersion(_ tenant: String, _ version: Int, after: UUID, limit: Int) -> PostgresQuery {
+        """
+        SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) \
+        AND version <> \(version) AND state <> 'destroyed' AND id > \(after) ORDER BY id LIMIT \(limit)
+        """
+    }
+}
+
+/// Row decoders. A value that does not parse (unknown state, wrong length) is `.corrupt`.
+enum Rows {
+    static func tenant(_ row: PostgresRow) throws -> TenantRecord {
+        let (id, state, primaryVersion, created, updated) = try decodeRow(
+            row,
+            as: (String, String, Int, Int64, Int64).self,
+            operation: "tenants"
+        )
+        return TenantRecord(
+            id: TenantID(trusted: id),
+            state: try parse(TenantState.self, state, "tenants.state"),
+            primaryVersion: primaryVersion,
+            createdAt: Timestamp(millisecondsSinceEpoch: created),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
+        )
+    }
+
+    static func version(_ row: PostgresRow) throws -> MasterKeyVersionRecord {
+        let (tenant, version, state, tokenKeyID, reserved, created, updated, destroyAfter, destroyedAt) =
+            try decodeRow(
+                row,
+                as: (String, Int, String, ByteBuffer, Int64, Int64, Int64, Int64?, Int64?).self,
+                operation: "master_key_versions"
+            )
+        guard let keyID = TokenKeyID(bytes: Array(tokenKeyID.readableBytesView)) else {
+            throw StorageError(.corrupt, "master_key_versions.token_key_id is not \(TokenKeyID.byteCount) bytes")
+        }
+        return MasterKeyVersionRecord(
+            tenant: TenantID(trusted: tenant),
+            version: version,
+            state: try parse(MasterKeyState.self, state, "master_key_versions.state"),
+            tokenKeyID: keyID,
+            invocationsReserved: reserved,
+            createdAt: Timestamp(millisecondsSinceEpoch: created),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated),
+            destroyAfter: destroyAfter.map(Timestamp.init(millisecondsSinceEpoch:)),
+            destroyedAt: destroyedAt.map(Timestamp.init(millisecondsSinceEpoch:))
+        )
+    }
+
+    static func dataKey(_ row: PostgresRow) throws -> DataKeyRecord {
+        let (tenant, id, version, state, wrapped, contextHash, encryptions, created, updated) = try decodeRow(
+            row,
+            as: (String, UUID, Int, String, ByteBuffer?, ByteBuffer, Int64, Int64, Int64).self,
+            operation: "data_keys"
+        )
+        return DataKeyRecord(
+            tenant: TenantID(trusted: tenant),
+            id: DataKeyID(uuid: id),
+            version: version,
+            state: try parse(DataKeyState.self, state, "data_keys.state"),
+            wrapped: wrapped.map { Array($0.readableBytesView) },
+            contextHash: Array(contextHash.readableBytesView),
+            encryptions: encryptions,
+            createdAt: Timestamp(millisecondsSinceEpoch: created),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
+        )
+    }
+
+    static func idempotency(_ row: PostgresRow) throws -> IdempotencyRecord {
+        let (scope, key, operation, fingerprint, result, created) = try decodeRow(
+            row,
+            as: (String, String, String, ByteBuffer, String, Int64).self,
+            operation: "idempotency_keys"
+        )
+        return IdempotencyRecord(
+            scope: scope,
+            key: key,
+            operation: operation,
+            fingerprint: Array(fingerprint.readableBytesView),
+            result: result,
+            createdAt: Timestamp(millisecondsSinceEpoch: created)
+        )
+    }
+
+    static func rewrapJob(_ row: PostgresRow) throws -> RewrapJobRecord {
+        let (tenant, target, state, cursor, moved, total, started, updated) = try decodeRow(
+            row,
+            as: (String, Int, String, UUID?, Int64, Int64, Int64, Int64).self,
+            operation: "rewrap_jobs"
+        )
+        return RewrapJobRecord(
+            tenant: TenantID(trusted: tenant),
+            targetVersion: target,
+            state: try parse(RewrapJobState.self, state, "rewrap_jobs.state"),
+            cursor: cursor.map(DataKeyID.init(uuid:)),
+            moved: moved,
+            total: total,
+            startedAt: Timestamp(millisecondsSinceEpoch: started),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
+        )
+    }
+
+    static func audit(_ row: PostgresRow) throws -> AuditRecord {
+        let (sequence, time, principal, tenant, operation, keyIDs, outcome, requestID, detail, previousHash, hash) =
+            try decodeRow(
+                row,
+                as: (
+                    Int64, Int64, String, String?, String, String, String, String, String, ByteBuffer, ByteBuffer
+                ).self,
+                operation: "audit_log"
+            )
+        let event = AuditEvent(
+            time: Timestamp(millisecondsSinceEpoch: time),
+            principal: Principal(principal),
+            tenant: tenant.map(TenantID.init(trusted:)),
+            operation: try parse(AuditOperation.self, operation, "audit_log.operation"),
+            keyIDs: keyIDs.isEmpty
+                ? [] : keyIDs.split(separator: ",", omittingEmptySubsequences: false).map(String.init),
+            outcome: AuditOutcome(stored: outcome),
+            requestID: requestID,
+            detail: detail
+        )
+        return AuditRecord(
+            sequence: sequence,
+            event: event,
+            previousHash: Array(previousHash.readableBytesView),
+            hash: Array(hash.readableBytesView)
+        )
+    }
+
+    static func auditHead(_ row: PostgresRow?, operation: String) throws -> AuditHead {
+        guard let row else { throw StorageError(.corrupt, "\(operation): the audit_head row is missing") }
+        let (sequence, hash) = try decodeRow(row, as: (Int64, ByteBuffer).self, operation: operation)
+        return AuditHead(sequence: sequence, hash: Array(hash.readableBytesView))
+    }
+
+    private static func parse<Value: RawRepresentable>(
+        _ type: Value.Type,
+        _ stored: String,
+        _ column: String
+    ) throws -> Value where Value.RawValue == String {
+        guard let value = Value(rawValue: stored) else {
+            throw StorageError(.corrupt, "\(column) holds an unknown value")
+        }
+        return value
+    }
+}

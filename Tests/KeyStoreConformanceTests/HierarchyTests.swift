@@ -1,0 +1,350 @@
+import Foundation
+import KeyHierarchy
+import PKCS11
+import Testing
+
+/// Tenant → data keys → decrypt, batches, Encrypt/Decrypt, idempotency and states, on both stores.
+@Suite("Key hierarchy end to end")
+struct HierarchyTests {
+    @Test(arguments: StoreKind.allCases)
+    func tenantDataKeyDecrypt(kind: StoreKind) async throws {
+        let harness = try await ServiceHarness.make(kind, "e2e")
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        let tenant = tenantID("acme")
+
+        let created = try await service.createTenant(tenant, request: admin)
+        #expect(created.state == .enabled)
+        #expect(created.primaryVersion == 1)
+        let versions = try await service.masterKeyVersions(tenant)
+        #expect(versions.map(\.state) == [.active])
+        #expect(try await harness.masterKeyLabels() == ["hsmgw:mk:acme:v1"])
+
+        let context: EncryptionContext = ["purpose": "invoices", "region": "eu"]
+        let generated = try await service.generateDataKey(tenant, context: context, request: app)
+        #expect(generated.version == 1)
+        #expect(generated.wrapped.count == WrappedDataKey.encodedByteCount)
+        let plaintext = try #require(generated.plaintext)
+        #expect(plaintext.count == 32)
+
+        let decrypted = try await service.decryptDataKey(tenant, id: generated.id, context: context, request: app)
+        #expect(decrypted.plaintext.copyBytes() == plaintext.copyBytes())
+        #expect(decrypted.version == 1)
+
+        // The stored row matches what was returned; no plaintext anywhere in it.
+        let row = try await service.dataKey(tenant, id: generated.id)
+        #expect(row.wrapped == generated.wrapped)
+        #expect(row.contextHash == context.hash)
+        #expect(row.state == .enabled)
+
+        let withoutPlaintext = try await service.generateDataKey(
+            tenant,
+            context: context,
+            includePlaintext: false,
+            request: app
+        )
+        #expect(withoutPlaintext.plaintext == nil)
+        let later = try await service.decryptDataKey(tenant, id: withoutPlaintext.id, context: context, request: app)
+        #expect(later.plaintext.count == 32)
+        #expect(later.plaintext.copyBytes() != plaintext.copyBytes())
+
+        // Another tenant sees nothing of acme's.
+        let other = tenantID("globex")
+        _ = try await service.createTenant(other, request: admin)
+        let foreign = await serviceError {
+            try await service.decryptDataKey(other, id: generated.id, context: context, request: app)
+        }
+        #expect(foreign?.code == .notFound)
+        #expect(try await service.listDataKeys(other).items.isEmpty)
+
+        let tenants = try await service.listTenants(PageRequest(limit: 1))
+        #expect(tenants.items.map(\.id) == [tenant])
+        let rest = try await service.listTenants(PageRequest(after: tenants.nextPage, limit: 10))
+        #expect(rest.items.map(\.id) == [other])
+        #expect(rest.nextPage == nil)
+
+        #expect(try await service.verifyAuditLog().isVerified)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func batches(kind: StoreKind) async throws {
+        let harness = try await ServiceHarness.make(kind, "batch")
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        let tenant = tenantID("batch")
+        _ = try await service.createTenant(tenant, request: admin)
+        let context: EncryptionContext = ["job": "nightly"]
+
+        let keys = try await service.generateDataKeys(tenant, count: 1000, context: context, request: app)
+        #expect(keys.count == 1000)
+        #expect(Set(keys.map(\.id)).count == 1000)
+        let results = try await service.decryptDataKeys(
+            tenant,
+            keys.map { DataKeyRequest(id: $0.id, context: context) },
+            request: app
+        )
+        for (key, result) in zip(keys, results) {
+            #expect(try result.get().plaintext.copyBytes() == key.plaintext!.copyBytes())
+        }
+
+        let tooMany = await serviceError {
+            try await service.generateDataKeys(tenant, count: 1001, request: app)
+        }
+        #expect(tooMany?.code == .invalidArgument)
+        let none = await serviceError { try await service.generateDataKeys(tenant, count: 0, request: app) }
+        #expect(none?.code == .invalidArgument)
+        let tooManyIDs = await serviceError {
+            try await service.decryptDataKeys(
+                tenant,
+                Array(repeating: DataKeyRequest(id: keys[0].id, context: context), count: 1001),
+                request: app
+            )
+        }
+        #expect(tooManyIDs?.code == .invalidArgument)
+
+        // Mixed batch: each entry succeeds or fails on its own.
+        let mixed = try await service.decryptDataKeys(
+            tenant,
+            [
+                DataKeyRequest(id: keys[0].id, context: context),
+                DataKeyRequest(id: keys[1].id, context: ["job": "other"]),
+                DataKeyRequest(id: DataKeyID.random(), context: context),
+                DataKeyRequest(id: keys[2].id, context: context),
+            ],
+            request: app
+        )
+        #expect((try? mixed[0].get()) != nil)
+        #expect(mixed[1].failureCode == .decryptionFailed)
+        #expect(mixed[2].failureCode == .notFound)
+        #expect((try? mixed[3].get()) != nil)
+
+        // Listing pages through all 1,000 in id order.
+        var seen: [DataKeyID] = []
+        var page = PageRequest(limit: 300)
+        while true {
+            let result = try await service.listDataKeys(tenant, page: page)
+            seen += result.items.map(\.id)
+            guard let next = result.nextPage else { break }
+            page = PageRequest(after: next, limit: 300)
+        }
+        #expect(seen == keys.map(\.id).sorted())
+        let badPage = await serviceError { try await service.listDataKeys(tenant, page: PageRequest(limit: 1001)) }
+        #expect(badPage?.code == .invalidArgument)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func encryptDecryptPayloads(kind: StoreKind) async throws {
+        let harness = try await ServiceHarness.make(kind, "payload")
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        let tenant = tenantID("payload")
+        _ = try await service.createTenant(tenant, request: admin)
+        let context: EncryptionContext = ["record": "42"]
+        let key = try await service.generateDataKey(tenant, context: context, includePlaintext: false, request: app)
+
+        for size in [0, 1, 1000, PayloadCiphertext.maximumPlaintextByteCount] {
+            let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+            let ciphertext = try await service.encrypt(
+                tenant,
+                dataKey: key.id,
+                plaintext: payload,
+                context: context,
+                request: app
+            )
+            #expect(ciphertext.count == PayloadCiphertext.headerByteCount + size + PayloadCiphertext.tagByteCount)
+            let opened = try await service.decrypt(tenant, ciphertext: ciphertext, context: context, request: app)
+            #expect(opened == payload)
+        }
+
+        let tooLarge = await serviceError {
+            try await service.encrypt(
+                tenant,
+                dataKey: key.id,
+                plaintext: [UInt8](repeating: 1, count: PayloadCiphertext.maximumPlaintextByteCount + 1),
+                context: context,
+                request: app
+            )
+        }
+        #expect(tooLarge?.code == .invalidArgument)
+        #expect(tooLarge?.message.contains("65536") == true)
+        let oversizedCiphertext = await serviceError {
+            try await service.decrypt(
+                tenant,
+                ciphertext: [UInt8](repeating: 0, count: PayloadCiphertext.maximumCiphertextByteCount + 1),
+                context: context,
+                request: app
+            )
+        }
+        #expect(oversizedCiphertext?.code == .invalidArgument)
+
+        let ciphertext = try await service.encrypt(
+            tenant,
+            dataKey: key.id,
+            plaintext: Array("attack at dawn".utf8),
+            context: context,
+            request: app
+        )
+        // Every byte after the header flipped, and a wrong context, fail without plaintext.
+        for index in stride(from: PayloadCiphertext.headerByteCount - 12, to: ciphertext.count, by: 3) {
+            var tampered = ciphertext
+            tampered[index] ^= 0x01
+            let error = await serviceError {
+                try await service.decrypt(tenant, ciphertext: tampered, context: context, request: app)
+            }
+            #expect(error?.code == .decryptionFailed)
+        }
+        let wrongContext = await serviceError {
+            try await service.decrypt(tenant, ciphertext: ciphertext, context: ["record": "43"], request: app)
+        }
+        #expect(wrongContext?.code == .decryptionFailed)
+        let truncated = await serviceError {
+            try await service.decrypt(tenant, ciphertext: Array(ciphertext.prefix(20)), context: context, request: app)
+        }
+        #expect(truncated?.code == .invalidArgument)
+
+        // The data key's encryption count is kept.
+        #expect(try await service.dataKey(tenant, id: key.id).encryptions == 5)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func encryptionLimitPerDataKey(kind: StoreKind) async throws {
+        var configuration = KeyServiceConfiguration()
+        configuration.dataKeyEncryptionLimit = 3
+        let harness = try await ServiceHarness.make(kind, "enclimit", configuration: configuration)
+        defer { Task { await harness.close() } }
+        let tenant = tenantID("limit")
+        _ = try await harness.service.createTenant(tenant, request: admin)
+        let key = try await harness.service.generateDataKey(tenant, request: app)
+        for _ in 0..<3 {
+            _ = try await harness.service.encrypt(tenant, dataKey: key.id, plaintext: [1, 2, 3], request: app)
+        }
+        let fourth = await serviceError {
+            try await harness.service.encrypt(tenant, dataKey: key.id, plaintext: [1, 2, 3], request: app)
+        }
+        #expect(fourth?.code == .resourceExhausted)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func idempotentRetries(kind: StoreKind) async throws {
+        let harness = try await ServiceHarness.make(kind, "idem")
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        let tenant = tenantID("idem")
+        let first = try await service.createTenant(tenant, idempotencyKey: "create-1", request: admin)
+        let again = try await service.createTenant(tenant, idempotencyKey: "create-1", request: admin)
+        #expect(first == again)
+        #expect(try await harness.masterKeyLabels().count == 1)
+
+        let context: EncryptionContext = ["a": "b"]
+        let key = try await service.generateDataKey(tenant, context: context, idempotencyKey: "gen-1", request: app)
+        let retried = try await service.generateDataKey(tenant, context: context, idempotencyKey: "gen-1", request: app)
+        #expect(retried.id == key.id)
+        #expect(retried.wrapped == key.wrapped)
+        #expect(retried.plaintext?.copyBytes() == key.plaintext?.copyBytes())
+        #expect(try await service.listDataKeys(tenant).items.count == 1)
+
+        // The same key with other parameters is refused, not silently answered.
+        let reused = await serviceError {
+            try await service.generateDataKey(tenant, context: ["a": "c"], idempotencyKey: "gen-1", request: app)
+        }
+        #expect(reused?.code == .alreadyExists)
+
+        // Concurrent retries of one call create one key.
+        let ids = try await withThrowingTaskGroup(of: DataKeyID.self) { group in
+            for _ in 0..<8 {
+                group.addTask {
+                    try await service.generateDataKey(tenant, context: context, idempotencyKey: "gen-2", request: app)
+                        .id
+                }
+            }
+            return try await group.reduce(into: Set<DataKeyID>()) { $0.insert($1) }
+        }
+        #expect(ids.count == 1)
+        #expect(try await service.listDataKeys(tenant).items.count == 2)
+
+        let rotated = try await service.rotateMasterKey(tenant, idempotencyKey: "rot-1", request: admin)
+        let rotatedAgain = try await service.rotateMasterKey(tenant, idempotencyKey: "rot-1", request: admin)
+        #expect(rotated.version == 2)
+        #expect(rotatedAgain.version == 2)
+        #expect(try await service.masterKeyVersions(tenant).count == 2)
+
+        let batch = try await service.generateDataKeys(tenant, count: 5, idempotencyKey: "gen-3", request: app)
+        let batchAgain = try await service.generateDataKeys(tenant, count: 5, idempotencyKey: "gen-3", request: app)
+        #expect(batch.map(\.id) == batchAgain.map(\.id))
+        let badKey = await serviceError {
+            try await service.generateDataKey(tenant, idempotencyKey: String(repeating: "k", count: 129), request: app)
+        }
+        #expect(badKey?.code == .invalidArgument)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func dataKeyAndTenantStates(kind: StoreKind) async throws {
+        let harness = try await ServiceHarness.make(kind, "states")
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        let tenant = tenantID("states")
+        _ = try await service.createTenant(tenant, request: admin)
+        let key = try await service.generateDataKey(tenant, request: app)
+
+        #expect(try await service.disableDataKey(tenant, id: key.id, request: admin).state == .disabled)
+        #expect(
+            await serviceError { try await service.decryptDataKey(tenant, id: key.id, request: app) }?.code
+                == .failedPrecondition)
+        #expect(
+            await serviceError { try await service.encrypt(tenant, dataKey: key.id, plaintext: [1], request: app) }?
+                .code == .failedPrecondition
+        )
+        #expect(
+            await serviceError { try await service.disableDataKey(tenant, id: key.id, request: admin) }?.code
+                == .failedPrecondition)
+        #expect(try await service.enableDataKey(tenant, id: key.id, request: admin).state == .enabled)
+        #expect(try await service.decryptDataKey(tenant, id: key.id, request: app).plaintext.count == 32)
+        #expect(try await service.listDataKeys(tenant, state: .disabled).items.isEmpty)
+
+        let destroyed = try await service.destroyDataKey(tenant, id: key.id, request: admin)
+        #expect(destroyed.state == .destroyed)
+        #expect(destroyed.wrapped == nil)
+        #expect(try await service.dataKey(tenant, id: key.id).wrapped == nil)
+        #expect(
+            await serviceError { try await service.decryptDataKey(tenant, id: key.id, request: app) }?.code
+                == .failedPrecondition)
+        #expect(
+            await serviceError { try await service.enableDataKey(tenant, id: key.id, request: admin) }?.code
+                == .failedPrecondition)
+        #expect(
+            await serviceError { try await service.destroyDataKey(tenant, id: key.id, request: admin) }?.code
+                == .failedPrecondition)
+        #expect(try await service.listDataKeys(tenant, state: .destroyed).items.map(\.id) == [key.id])
+
+        let second = try await service.generateDataKey(tenant, request: app)
+        _ = try await service.disableTenant(tenant, request: admin)
+        #expect(
+            await serviceError { try await service.generateDataKey(tenant, request: app) }?.code == .failedPrecondition)
+        #expect(
+            await serviceError { try await service.decryptDataKey(tenant, id: second.id, request: app) }?.code
+                == .failedPrecondition)
+        _ = try await service.enableTenant(tenant, request: admin)
+        #expect(try await service.decryptDataKey(tenant, id: second.id, request: app).plaintext.count == 32)
+        #expect(await serviceError { try await service.createTenant(tenant, request: admin) }?.code == .alreadyExists)
+        #expect(await serviceError { try await service.tenant(tenantID("nobody")) }?.code == .notFound)
+    }
+}
+
+extension AuditVerification {
+    var isVerified: Bool {
+        if case .verified = self { return true }
+        return false
+    }
+
+    var problem: AuditProblem? {
+        if case .broken(let problem) = self { return problem }
+        return nil
+    }
+}
+
+extension Result where Failure == KeyServiceError {
+    var failureCode: KeyServiceError.Code? {
+        if case .failure(let error) = self { return error.code }
+        return nil
+    }
+}

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL cluster for tests: private data directory, loopback only, a random
+# scram-sha-256 password, a free port, durability left at the server's defaults.
+#
+#   throwaway-postgres.sh start DIR [--watch-pid PID]
+#       initdb into DIR/data (superuser `hsmgw`, password in DIR/password, mode 0600), start the
+#       server on 127.0.0.1 and a free port with its Unix socket in DIR/socket, wait until it
+#       accepts connections, then print:
+#           port=N
+#           socket=DIR/socket      (the socket directory; the socket is DIR/socket/.s.PGSQL.N)
+#           bin=PATH               (the PostgreSQL binaries used, for psql)
+#       With --watch-pid, a detached watcher stops and removes the cluster once PID has exited
+#       (so a test process that crashes does not leave a server running).
+#   throwaway-postgres.sh stop DIR
+#       stop the server (-m fast) and remove DIR. DIR must have been made by `start`.
+#
+# Binaries: $PG_BIN, else the newest /usr/lib/postgresql/*/bin. As root, initdb, pg_ctl and the
+# server run as the `postgres` user (`runuser -u postgres --`), which owns DIR.
+set -euo pipefail
+
+# The superuser the tests connect as.
+readonly PG_USER=hsmgw
+# A file in DIR that marks it as ours: `stop` removes nothing without it.
+readonly MARKER=.throwaway-postgres
+# How many random ports to try before giving up (another process may take one between the
+# check and the bind).
+readonly PORT_ATTEMPTS=20
+# Seconds pg_ctl waits for start-up and shut-down.
+readonly PG_CTL_TIMEOUT=60
+
+die() {
+    echo "throwaway-postgres: $*" >&2
+    exit 1
+}
+
+usage() {
+    die "usage: $0 start DIR [--watch-pid PID] | stop DIR"
+}
+
+find_bin() {
+    if [[ -n "${PG_BIN:-}" ]]; then
+        [[ -x "$PG_BIN/initdb" ]] || die "PG_BIN=$PG_BIN has no initdb"
+        echo "$PG_BIN"
+        return
+    fi
+    local newest candidates=(/usr/lib/postgresql/*/bin)
+    newest=""
+    if [[ -d "${candidates[0]}" ]]; then
+        newest=$(printf '%s\n' "${candidates[@]}" | sort -V | tail -n 1)
+    fi
+    [[ -n "$newest" && -x "$newest/initdb" ]] ||
+        die "no PostgreSQL binaries in /usr/lib/postgresql/*/bin (install the postgresql package, or set PG_BIN)"
+    echo "$newest"
+}
+
+# Runs a command as the cluster's owner: `postgres` when we are root, else ourselves.
+as_owner() {
+    if [[ $(id -u) == 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+port_in_use() {
+    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+start() {
+    local dir=$1 watch_pid=${2:-}
+    local bin
+    bin=$(find_bin)
+    [[ ! -e "$dir" ]] || [[ -z "$(ls -A "$dir")" ]] || die "$dir exists and is not empty"
+    if [[ $(id -u) == 0 ]]; then
+        id postgres >/dev/null 2>&1 || die "running as root needs the postgres user (postgresql package)"
+    fi
+
+    mkdir -p "$dir"
+    chmod 0700 "$dir"
+    dir=$(cd "$dir" && pwd)
+    touch "$dir/$MARKER"
+    mkdir -p "$dir/socket"
+    chmod 0700 "$dir/socket"
+    local password
+    password=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    (umask 077 && printf '%s' "$password" >"$dir/password")
+    touch "$dir/postgres.log"
+    if [[ $(id -u) == 0 ]]; then
+        chown -R postgres: "$dir"
+        runuser -u postgres -- test -x "$dir" ||
+            die "the postgres user cannot reach $dir (a parent directory is private); use a directory under /tmp"
+    fi
+    chmod 0600 "$dir/password"
+
+    as_owner "$bin/initdb" --pgdata="$dir/data" --username="$PG_USER" --pwfile="$dir/password" \
+        --auth=scram-sha-256 --encoding=UTF8 --no-locale >>"$dir/postgres.log" 2>&1 </dev/null ||
+        die "initdb failed; see $dir/postgres.log"
+
+    local attempt port started=""
+    for ((attempt = 0; attempt < PORT_ATTEMPTS; attempt++)); do
+        port=$((20000 + RANDOM % 40000))
+        port_in_use "$port" && continue
+        if as_owner "$bin/pg_ctl" --pgdata="$dir/data" --log="$dir/postgres.log" --wait \
+            --timeout="$PG_CTL_TIMEOUT" \
+            -o "-p $port -k $dir/socket -c listen_addresses=127.0.0.1" start >/dev/null 2>&1 </dev/null; then
+            started=yes
+            break
+        fi
+        # A port taken between the check and the bind: try another.
+        grep -q "could not bind\|could not create any TCP/IP sockets\|Address already in use" \
+            "$dir/postgres.log" || die "pg_ctl start failed; see $dir/postgres.log"
+    done
+    [[ -n "$started" ]] || die "no free port after $PORT_ATTEMPTS attempts; see $dir/postgres.log"
+
+    # Ready means a real login works (pg_ctl --wait already checked the socket).
+    local tries
+    for ((tries = 0; tries < 100; tries++)); do
+        if PGPASSWORD=$password "$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U "$PG_USER" -d postgres \
+            -c 'SELECT 1' >/dev/null 2>&1 </dev/null; then
+            break
+        fi
+        sleep 0.1
+    done
+    ((tries < 100)) || die "the server on port $port does not accept logins; see $dir/postgres.log"
+
+    if [[ -n "$watch_pid" ]]; then
+        # Detached (own session, no inherited stdout) so the caller's pipe closes now.
+        # shellcheck disable=SC2016 # $1..$3 are the inner shell's arguments
+        setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" stop "$3"' \
+            watcher "$watch_pid" "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" "$dir" \
+            </dev/null >/dev/null 2>&1 &
+    fi
+
+    echo "port=$port"
+    echo "socket=$dir/socket"
+    echo "bin=$bin"
+}
+
+stop() {
+    local dir=$1
+    [[ -d "$dir" ]] || return 0
+    [[ -e "$dir/$MARKER" ]] || die "$dir was not made by $0 start; not removing it"
+    local bin
+    bin=$(find_bin)
+    if [[ -f "$dir/data/postmaster.pid" ]]; then
+        as_owner "$bin/pg_ctl" --pgdata="$dir/data" --mode=fast --wait --timeout="$PG_CTL_TIMEOUT" stop \
+            >/dev/null 2>&1 </dev/null || true
+    fi
+    rm -rf "$dir"
+}
+
+[[ $# -ge 2 ]] || usage
+case "$1" in
+start)
+    watch=""
+    if [[ $# -eq 4 && "$3" == "--watch-pid" ]]; then
+        watch=$4
+    elif [[ $# -ne 2 ]]; then
+        usage
+    fi
+    start "$2" "$watch"
+    ;;
+stop)
+    [[ $# -eq 2 ]] || usage
+    stop "$2"
+    ;;
+*) usage ;;
+esac
