@@ -22,7 +22,7 @@ SOFTHSM2_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 help:
 	@echo "make run    build, create the dev token in $(DATA_DIR)/ and run hsm-admin preflight on it"
 	@echo "make test   install dependencies, build, run every test"
-	@echo "make bench  release build, AES-GCM benchmark on a throwaway token (see docs/benchmarks.md)"
+	@echo "make bench  release build; AES-GCM and key-service benchmarks on throwaway tokens and stores (docs/benchmarks.md)"
 
 # Installs only what is missing, so a machine that has everything never needs root or the network.
 deps:
@@ -55,7 +55,9 @@ test: deps
 
 bench: deps
 	$(SWIFT) build -c release --product hsm-bench
-	.build/release/hsm-bench --module "$(SOFTHSM2_MODULE)"
+	.build/release/hsm-bench gcm --module "$(SOFTHSM2_MODULE)"
+	.build/release/hsm-bench keys --module "$(SOFTHSM2_MODULE)" --store sqlite --tasks 16
+	.build/release/hsm-bench keys --module "$(SOFTHSM2_MODULE)" --store postgres --tasks 16
 
 format:
 	$(SWIFT) format -i -r Package.swift Sources Tests

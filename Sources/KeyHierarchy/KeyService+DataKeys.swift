@@ -265,7 +265,7 @@ extension KeyService {
             unwrap.append(DataKeyRequest(id: id, context: context))
         }
         guard includePlaintext else { return generated }
-        let plaintexts = try await unwrapForCaller(tenant, unwrap, rows: byID)
+        let plaintexts = try await unwrapForCaller(tenant, unwrap)
         for index in generated.indices {
             generated[index].plaintext = try plaintexts[index].get().plaintext
         }
@@ -297,26 +297,26 @@ extension KeyService {
             guard !requests.isEmpty, requests.count <= KeyServiceConfiguration.maximumBatchSize else {
                 throw KeyServiceError(.invalidArgument, "1 to \(KeyServiceConfiguration.maximumBatchSize) ids per call")
             }
-            let rows = try await self.repository.read { try await $0.dataKeys(tenant, ids: requests.map(\.id)) }
-            let results = try await self.unwrapForCaller(
-                tenant,
-                requests,
-                rows: Dictionary(rows.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
-            )
+            let results = try await self.unwrapForCaller(tenant, requests)
             try await self.auditResults(.decryptDataKey, tenant, requests.map(\.id), results, request: request)
             return results
         }
     }
 
-    /// Checks tenant, key and version states and unwraps in one token lease.
+    /// Loads the rows, the tenant and its versions in one read, checks tenant, key and version
+    /// states, and unwraps in one token lease.
     func unwrapForCaller(
         _ tenant: TenantID,
-        _ requests: [DataKeyRequest],
-        rows: [DataKeyID: DataKeyRecord]
+        _ requests: [DataKeyRequest]
     ) async throws -> [Result<DecryptedDataKey, KeyServiceError>] {
-        let (tenantRecord, versions) = try await repository.read { transaction in
-            (try await transaction.tenant(tenant, forUpdate: false), try await transaction.masterKeyVersions(tenant))
+        let (found, tenantRecord, versions) = try await repository.read { transaction in
+            (
+                try await transaction.dataKeys(tenant, ids: requests.map(\.id)),
+                try await transaction.tenant(tenant, forUpdate: false),
+                try await transaction.masterKeyVersions(tenant)
+            )
         }
+        let rows = Dictionary(found.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
         guard let tenantRecord else { throw KeyServiceError(.notFound, "tenant \(tenant) not found") }
         guard tenantRecord.state == .enabled else {
             throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(tenantRecord.state.rawValue)")

@@ -134,12 +134,7 @@ extension KeyService {
     private func unwrapOne(_ tenant: TenantID, _ id: DataKeyID, _ context: EncryptionContext) async throws
         -> DecryptedDataKey
     {
-        let row = try await repository.read { try await $0.dataKey(tenant, id) }
-        let results = try await unwrapForCaller(
-            tenant,
-            [DataKeyRequest(id: id, context: context)],
-            rows: row.map { [id: $0] } ?? [:]
-        )
+        let results = try await unwrapForCaller(tenant, [DataKeyRequest(id: id, context: context)])
         return try results[0].get()
     }
 }
