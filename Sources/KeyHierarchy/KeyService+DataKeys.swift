@@ -213,12 +213,14 @@ extension KeyService {
     func checkPrimary(
         _ transaction: any KeyRepositoryTransaction,
         _ tenant: TenantID,
-        _ version: MasterKeyVersionNumber
+        _ version: MasterKeyVersionNumber,
+        allowDisabledTenant: Bool = false
     ) async throws -> Bool {
         guard let record = try await transaction.tenant(tenant, forUpdate: true) else {
             throw KeyServiceError(.notFound, "tenant \(tenant) not found")
         }
-        guard record.state == .enabled else {
+        // Moving keys (rewrap) is maintenance and may run while the tenant is disabled.
+        guard record.state == .enabled || (allowDisabledTenant && record.state == .disabled) else {
             throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(record.state.rawValue)")
         }
         guard record.primaryVersion == version else { return false }
@@ -561,7 +563,7 @@ extension KeyService {
             let priorResults = results
             let committed = try await committer.commit {
                 transaction -> UnitOutcome<[Result<DataKeyRecord, KeyServiceError>?]?> in
-                guard try await self.checkPrimaryForRewrap(transaction, tenant, primary) else {
+                guard try await self.checkPrimary(transaction, tenant, primary, allowDisabledTenant: true) else {
                     return UnitOutcome(nil, audit: [])
                 }
                 var results = priorResults
@@ -615,28 +617,6 @@ extension KeyService {
             return final.map { $0! }
         }
         throw KeyServiceError(.aborted, "the primary version kept changing; retry")
-    }
-
-    /// Like `checkPrimary`, but a disabled tenant may still rewrap (moving keys is maintenance).
-    private func checkPrimaryForRewrap(
-        _ transaction: any KeyRepositoryTransaction,
-        _ tenant: TenantID,
-        _ version: MasterKeyVersionNumber
-    ) async throws -> Bool {
-        guard let record = try await transaction.tenant(tenant, forUpdate: true) else {
-            throw KeyServiceError(.notFound, "tenant \(tenant) not found")
-        }
-        guard record.state != .shredded else {
-            throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is shredded")
-        }
-        guard record.primaryVersion == version else { return false }
-        guard let versionRecord = try await transaction.masterKeyVersion(tenant, version),
-            versionRecord.state == .active
-        else {
-            throw KeyServiceError(
-                .failedPrecondition, "the primary master-key version of tenant \(tenant) is not active")
-        }
-        return true
     }
 
     // MARK: State and listing

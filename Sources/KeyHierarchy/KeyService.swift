@@ -420,7 +420,7 @@ public final class KeyService: Sendable {
             return nil
         }
         let cutoff =
-            Timestamp.now().adding(days: 0).millisecondsSinceEpoch
+            Timestamp.now().millisecondsSinceEpoch
             - Int64(configuration.idempotencyRetentionHours) * 3_600_000
         guard record.createdAt.millisecondsSinceEpoch >= cutoff else { return nil }
         guard record.operation == operation.rawValue, record.fingerprint == fingerprint else {
