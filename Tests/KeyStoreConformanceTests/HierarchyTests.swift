@@ -1,6 +1,9 @@
 import Foundation
 import KeyHierarchy
 import PKCS11
+import PKCS11KeyToken
+import SQLiteKeyStore
+import SoftHSMTestSupport
 import Testing
 
 /// Tenant → data keys → decrypt, batches, Encrypt/Decrypt, idempotency and states, on both stores.
@@ -346,5 +349,72 @@ extension Result where Failure == KeyServiceError {
     var failureCode: KeyServiceError.Code? {
         if case .failure(let error) = self { return error.code }
         return nil
+    }
+}
+
+/// Security invariant 4 at the storage level: the SQLite file (and its WAL) never holds a data
+/// key's plaintext or an encryption context value, byte for byte.
+@Suite("Nothing secret at rest")
+struct NothingSecretAtRestTests {
+    @Test func sqliteFileHoldsNoPlaintextKeysOrContextValues() async throws {
+        let fixture = try SoftHSMFixture.shared()
+        let testToken = try fixture.makeToken("at-rest")
+        let pool = try await SessionPool(module: fixture.module, tokenLabel: testToken.label, pin: testToken.pin)
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "hsmgw-at-rest-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        )
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("keys.sqlite").path
+        let store = try await SQLiteKeyStore.open(path: path)
+        let service = try KeyService(token: PKCS11KeyToken(pool: pool), repository: store)
+        let tenant = tenantID("at-rest")
+        _ = try await service.createTenant(tenant, request: admin)
+        let secretValue = "context-value-that-must-not-be-stored"
+        let context: EncryptionContext = ["owner": secretValue]
+        let keys = try await service.generateDataKeys(tenant, count: 50, context: context, request: app)
+        let payload = Array("payload-that-must-not-be-stored".utf8)
+        _ = try await service.encrypt(tenant, dataKey: keys[0].id, plaintext: payload, context: context, request: app)
+        _ = try await service.decryptDataKey(tenant, id: keys[1].id, context: context, request: app)
+
+        var bytes: [UInt8] = []
+        for suffix in ["", "-wal"] {
+            if let data = FileManager.default.contents(atPath: path + suffix) { bytes += data }
+        }
+        #expect(bytes.count > 0)
+        let plaintexts = try keys.map { try #require($0.plaintext).copyBytes() }
+        let secrets = plaintexts + [Array(secretValue.utf8), payload]
+        #expect(bytes.occurrences(of: secrets).isEmpty)
+        // The wrapped copies are there: the scan does find what is stored.
+        #expect(bytes.occurrences(of: keys.map(\.wrapped)).count == keys.count)
+        await store.close()
+        await pool.shutdown()
+    }
+}
+
+extension Array where Element == UInt8 {
+    /// Which of `needles` (each at least 8 bytes) occur in `self`: one pass over the haystack,
+    /// matching 8-byte prefixes first.
+    func occurrences(of needles: [[UInt8]]) -> Set<[UInt8]> {
+        func prefix(_ bytes: UnsafeBufferPointer<UInt8>, _ at: Int) -> UInt64 {
+            var value: UInt64 = 0
+            for offset in 0..<8 { value = value << 8 | UInt64(bytes[at + offset]) }
+            return value
+        }
+        var byPrefix: [UInt64: [[UInt8]]] = [:]
+        for needle in needles where needle.count >= 8 {
+            byPrefix[needle.withUnsafeBufferPointer { prefix($0, 0) }, default: []].append(needle)
+        }
+        var found: Set<[UInt8]> = []
+        withUnsafeBufferPointer { haystack in
+            guard haystack.count >= 8 else { return }
+            for start in 0...(haystack.count - 8) {
+                guard let candidates = byPrefix[prefix(haystack, start)] else { continue }
+                for needle in candidates where start + needle.count <= haystack.count {
+                    if haystack[start..<start + needle.count].elementsEqual(needle) { found.insert(needle) }
+                }
+            }
+        }
+        return found
     }
 }
