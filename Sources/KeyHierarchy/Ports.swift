@@ -90,7 +90,8 @@ public protocol KeyRepositoryTransaction: Sendable {
     // MARK: Savepoints
 
     /// Runs `body` inside a savepoint: when it throws, only its own changes are rolled back and
-    /// the error is rethrown; the transaction goes on (group commit isolates callers this way).
+    /// the error is rethrown; the transaction goes on. (Group commit does not use it: a refused
+    /// unit reruns the batch without it, cheaper than two round trips per unit.)
     func savepoint<T: Sendable>(_ body: () async throws -> T) async throws -> T
 
     // MARK: Tenants
