@@ -74,6 +74,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The wire protocol's framing: an I/O-free frame decoder and encoder with named limits.
+        .target(name: "GatewayWire", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         // The gateway's configuration file and PIN sources.
         .target(
             name: "GatewayConfig",
@@ -117,6 +119,14 @@ let package = Package(
         // loopback and a Unix socket, a free port.
         .target(name: "PostgresTestSupport", path: "Tests/PostgresTestSupport"),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
+        .testTarget(
+            name: "GatewayWireTests",
+            dependencies: [
+                "GatewayWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ]
+        ),
         // Pure unit tests of the domain's logic (encodings, state rules, audit chain).
         .testTarget(name: "KeyHierarchyTests", dependencies: ["KeyHierarchy"]),
         // One conformance suite, run against both stores, on a real SoftHSM2 token.
