@@ -107,10 +107,11 @@ extension KeyService {
                         continue
                     }
                     let ids = (0..<count).map { _ in DataKeyID.random() }
+                    let ivs = counters.map { WrappedDataKey.iv(counter: $0) }
                     let operations = ids.enumerated().map { index, id in
                         TokenOperation.generateAndWrap(
                             key: keyID,
-                            iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
+                            iv: ivs[index],
                             aad: WrappedDataKey.aad(
                                 tenant: tenant, dataKeyID: id, version: primary, contextHash: contextHash)
                         )
@@ -127,7 +128,7 @@ extension KeyService {
                         let wrapped = WrappedDataKey(
                             version: primary,
                             dataKeyID: ids[index],
-                            iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(index)),
+                            iv: ivs[index],
                             ciphertextAndTag: ciphertextAndTag
                         ).encoded
                         generated.append(

@@ -38,7 +38,7 @@ public struct TokenKeyID: Hashable, Sendable, CustomStringConvertible {
         return TokenKeyID(bytes: (0..<byteCount).map { _ in UInt8.random(in: 0...255, using: &generator) })!
     }
 
-    public var description: String { bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined() }
+    public var description: String { bytes.hexString }
 }
 
 extension String {
