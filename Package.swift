@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .library(name: "PKCS11", targets: ["PKCS11"]),
         .library(name: "KeyHierarchy", targets: ["KeyHierarchy"]),
+        .library(name: "GatewayClient", targets: ["GatewayClient"]),
         .executable(name: "hsm-gateway", targets: ["hsm-gateway"]),
         .executable(name: "hsm-admin", targets: ["hsm-admin"]),
         .executable(name: "hsm-bench", targets: ["hsm-bench"]),
@@ -22,6 +23,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
         .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
         .package(url: "https://github.com/vapor/sqlite-nio", from: "1.13.2"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // The only C in the tree: PKCS#11 headers from p11-kit, dlopen and the entry points.
@@ -74,8 +80,74 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The wire protocol's framing: an I/O-free frame decoder and encoder with named limits.
-        .target(name: "GatewayWire", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        // The wire protocol: an I/O-free frame decoder and encoder with named limits, the method
+        // table, status codes, and the protobuf messages (generated once and committed; see
+        // scripts/generate-protos.sh).
+        .target(
+            name: "GatewayWire",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ]
+        ),
+        // The server's transport: listeners (TLS, mTLS, plaintext on loopback), the connection
+        // state machine (handshake, requests in flight, cancel, deadlines, keepalive, goaway),
+        // per-tenant fair admission, and the HTTP endpoint for health and metrics. It knows no key
+        // service: requests go to a `GatewayRequestHandler`.
+        .target(
+            name: "GatewayTransport",
+            dependencies: [
+                "GatewayWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // The gateway server: configuration, authentication and authorisation, the dispatch of
+        // every method to the key service, dev mode, and start-up.
+        .target(
+            name: "GatewayServer",
+            dependencies: [
+                "GatewayTransport",
+                "GatewayWire",
+                "GatewayConfig",
+                "KeyHierarchy",
+                "PKCS11",
+                "PKCS11KeyToken",
+                "PostgresKeyStore",
+                "SQLiteKeyStore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
+        // The Swift client library: multiplexed connections, retries, TLS, and envelope
+        // encryption. It never links the domain core or the server.
+        .target(
+            name: "GatewayClient",
+            dependencies: [
+                "GatewayWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The gateway's configuration file and PIN sources.
         .target(
             name: "GatewayConfig",
@@ -87,13 +159,19 @@ let package = Package(
             dependencies: [
                 "PKCS11",
                 "GatewayConfig",
+                "GatewayClient",
+                "GatewayWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(name: "hsm-admin", dependencies: ["HSMAdmin"]),
         .executableTarget(
             name: "hsm-gateway",
-            dependencies: ["HSMAdmin", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: [
+                "GatewayServer",
+                "HSMAdmin",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
         ),
         .executableTarget(
             name: "hsm-bench",
@@ -119,6 +197,46 @@ let package = Package(
         // loopback and a Unix socket, a free port.
         .target(name: "PostgresTestSupport", path: "Tests/PostgresTestSupport"),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
+        .testTarget(
+            name: "GatewayTransportTests",
+            dependencies: [
+                "GatewayTransport",
+                "GatewayWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ]
+        ),
+        // Pure tests of the client's logic (envelope format, retry policy) without a server.
+        .testTarget(
+            name: "GatewayClientTests",
+            dependencies: [
+                "GatewayClient",
+                "GatewayWire",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        // End to end over loopback: the server with a real SoftHSM2 token and both stores, the
+        // client, TLS and mTLS, malformed input, auth, deadlines, drain.
+        .testTarget(
+            name: "GatewayServerTests",
+            dependencies: [
+                "GatewayServer",
+                "GatewayTransport",
+                "GatewayClient",
+                "GatewayWire",
+                "KeyHierarchy",
+                "PKCS11",
+                "SoftHSMTestSupport",
+                "PostgresTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
+        ),
         .testTarget(
             name: "GatewayWireTests",
             dependencies: [

@@ -1,0 +1,1 @@
+// Built by the client helper; see Package.swift.

@@ -1,0 +1,1 @@
+// Built by the server helper; see Package.swift.

@@ -1,0 +1,57 @@
+import NIOCore
+import SwiftProtobuf
+
+extension SwiftProtobuf.Message {
+    /// Decodes a frame's payload. Unknown fields are kept and ignored (compatibility rule);
+    /// malformed bytes throw, and the caller answers `INVALID_ARGUMENT`.
+    public init(wirePayload buffer: ByteBuffer) throws {
+        var bytes = buffer
+        let data = bytes.readBytes(length: bytes.readableBytes) ?? []
+        try self.init(serializedBytes: data)
+    }
+
+    /// The message as a frame payload.
+    public func wirePayload(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer {
+        // Serialising a message with only valid field values cannot fail; the fallback keeps a
+        // broken invariant from crashing the server.
+        let bytes: [UInt8] = (try? serializedBytes()) ?? []
+        var buffer = allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        return buffer
+    }
+}
+
+extension Hsmgw_V1_Status {
+    /// A status message for a failed response or a goaway.
+    public init(_ code: StatusCode, _ message: String, reason: String = "") {
+        self.init()
+        self.code = UInt32(code.rawValue)
+        self.message = message
+        self.reason = reason
+    }
+
+    /// The code as a `StatusCode`.
+    public var statusCode: StatusCode { StatusCode(rawValue: UInt16(truncatingIfNeeded: code)) }
+}
+
+/// Stable `Status.reason` values. A client may branch on these; they never change meaning.
+public enum StatusReason {
+    /// `INVALID_ARGUMENT`: a ciphertext, wrapped key or encryption context does not authenticate.
+    public static let decryptionFailed = "DECRYPTION_FAILED"
+    /// `RESOURCE_EXHAUSTED`: the connection already has its maximum of requests in flight.
+    public static let tooManyRequestsInFlight = "TOO_MANY_REQUESTS_IN_FLIGHT"
+    /// `RESOURCE_EXHAUSTED`: the tenant's queue is full, or the request waited its bound.
+    public static let overloaded = "OVERLOADED"
+    /// `INVALID_ARGUMENT` (goaway): a request reused the id of a request still in flight.
+    public static let requestIDInUse = "REQUEST_ID_IN_USE"
+    /// `INVALID_ARGUMENT`: the payload is not a valid message for the method.
+    public static let malformedPayload = "MALFORMED_PAYLOAD"
+    /// `UNAVAILABLE` (goaway): the server is shutting down.
+    public static let shuttingDown = "SHUTTING_DOWN"
+    /// `UNAUTHENTICATED`: a request other than Hello before the handshake.
+    public static let handshakeRequired = "HANDSHAKE_REQUIRED"
+    /// `UNAUTHENTICATED`: the API token has expired.
+    public static let tokenExpired = "TOKEN_EXPIRED"
+    /// `UNAUTHENTICATED`: the API token was revoked.
+    public static let tokenRevoked = "TOKEN_REVOKED"
+}
