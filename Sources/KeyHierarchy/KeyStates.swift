@@ -95,4 +95,16 @@ public enum AuditOperation: String, Sendable, Hashable, CaseIterable, Codable {
     case decrypt = "decrypt"
     case rewrapJob = "rewrap-job.batch"
     case startRewrapJob = "rewrap-job.start"
+    /// Credentials refused (unknown, malformed, revoked or expired token; disabled principal;
+    /// unknown certificate). The detail names the reason and the token id, never the token.
+    case authenticate = "access.authenticate"
+    /// An authenticated caller asked for an action its roles do not allow.
+    case authorize = "access.authorize"
+    case createPrincipal = "principal.create"
+    case disablePrincipal = "principal.disable"
+    case enablePrincipal = "principal.enable"
+    case grantRole = "principal.role-grant"
+    case revokeRole = "principal.role-revoke"
+    case createAPIToken = "api-token.create"
+    case revokeAPIToken = "api-token.revoke"
 }

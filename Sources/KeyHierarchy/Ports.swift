@@ -196,4 +196,78 @@ public protocol KeyRepositoryTransaction: Sendable {
     /// Records with sequence > `after`, in sequence order... as stored: ordered by the primary
     /// key, which is the sequence.
     func auditRecords(after: Int64, limit: Int) async throws -> [AuditRecord]
+
+    // MARK: Principals
+
+    /// Inserts the principal and its role bindings. Throws `uniqueViolation` when the name or
+    /// the certificate common name is taken.
+    func insertPrincipal(_ principal: PrincipalRecord) async throws
+    /// One principal with its role bindings (ordered by scope, then role).
+    func principal(_ name: PrincipalName) async throws -> PrincipalRecord?
+    /// The principal whose certificate common name is exactly `commonName`.
+    func principal(certificateCommonName commonName: CertificateCommonName) async throws -> PrincipalRecord?
+    /// Principals ordered by name, after `after` (exclusive), each with its role bindings.
+    func principals(after: PrincipalName?, limit: Int) async throws -> [PrincipalRecord]
+    /// How many principals exist.
+    func countPrincipals() async throws -> Int64
+    /// Locks the principals against inserts from other transactions until this one ends
+    /// (PostgreSQL `LOCK TABLE`; SQLite needs nothing, its writer is already exclusive), so
+    /// "insert only if none exists" cannot race.
+    func lockPrincipals() async throws
+    /// Sets the disabled flag. Returns whether the principal exists.
+    func setPrincipalDisabled(_ name: PrincipalName, _ disabled: Bool) async throws -> Bool
+    /// Adds a binding. Returns false when the principal already holds it; throws
+    /// `foreignKeyViolation` when the principal does not exist.
+    func insertRoleBinding(_ name: PrincipalName, _ binding: RoleBinding) async throws -> Bool
+    /// Removes a binding. Returns whether the principal held it.
+    func deleteRoleBinding(_ name: PrincipalName, _ binding: RoleBinding) async throws -> Bool
+
+    // MARK: API tokens
+
+    /// Throws `uniqueViolation` when the id or the hash exists, `foreignKeyViolation` when the
+    /// principal does not.
+    func insertAPIToken(_ token: APITokenRecord) async throws
+    /// The token whose SHA-256 is `hash` (the lookup at authentication).
+    func apiToken(hash: [UInt8]) async throws -> APITokenRecord?
+    func apiToken(_ id: APITokenID) async throws -> APITokenRecord?
+    /// Tokens ordered by id, after `after` (exclusive), of one principal or of all.
+    func apiTokens(principal: PrincipalName?, after: APITokenID?, limit: Int) async throws -> [APITokenRecord]
+    /// Sets `revokedAt` when the token is not revoked yet. Returns whether a row changed.
+    func revokeAPIToken(_ id: APITokenID, at time: Timestamp) async throws -> Bool
+}
+
+/// Access-control storage is newer than the rest of the port: these defaults let an
+/// implementation that predates it (a test double) still conform. Both stores implement every
+/// method, and the conformance suite checks them.
+extension KeyRepositoryTransaction {
+    private static func unsupported() -> StorageError {
+        StorageError(.other, "this repository does not store principals or API tokens")
+    }
+
+    public func insertPrincipal(_ principal: PrincipalRecord) async throws { throw Self.unsupported() }
+    public func principal(_ name: PrincipalName) async throws -> PrincipalRecord? { throw Self.unsupported() }
+    public func principal(certificateCommonName commonName: CertificateCommonName) async throws -> PrincipalRecord? {
+        throw Self.unsupported()
+    }
+    public func principals(after: PrincipalName?, limit: Int) async throws -> [PrincipalRecord] {
+        throw Self.unsupported()
+    }
+    public func countPrincipals() async throws -> Int64 { throw Self.unsupported() }
+    public func lockPrincipals() async throws { throw Self.unsupported() }
+    public func setPrincipalDisabled(_ name: PrincipalName, _ disabled: Bool) async throws -> Bool {
+        throw Self.unsupported()
+    }
+    public func insertRoleBinding(_ name: PrincipalName, _ binding: RoleBinding) async throws -> Bool {
+        throw Self.unsupported()
+    }
+    public func deleteRoleBinding(_ name: PrincipalName, _ binding: RoleBinding) async throws -> Bool {
+        throw Self.unsupported()
+    }
+    public func insertAPIToken(_ token: APITokenRecord) async throws { throw Self.unsupported() }
+    public func apiToken(hash: [UInt8]) async throws -> APITokenRecord? { throw Self.unsupported() }
+    public func apiToken(_ id: APITokenID) async throws -> APITokenRecord? { throw Self.unsupported() }
+    public func apiTokens(principal: PrincipalName?, after: APITokenID?, limit: Int) async throws -> [APITokenRecord] {
+        throw Self.unsupported()
+    }
+    public func revokeAPIToken(_ id: APITokenID, at time: Timestamp) async throws -> Bool { throw Self.unsupported() }
 }

@@ -17,7 +17,7 @@ struct Migration: Sendable {
 /// the cluster's locale, the same order as SQLite's and as `TenantID`'s `<`.
 enum Migrations {
     /// Every migration, in order.
-    static let all: [Migration] = [initialSchema]
+    static let all: [Migration] = [initialSchema, accessControl]
 
     /// The highest version this build knows.
     static var latestVersion: Int { all.last?.version ?? 0 }
@@ -151,6 +151,46 @@ enum Migrations {
             CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
                 FOR EACH STATEMENT EXECUTE FUNCTION audit_log_refuse_change()
             """,
+        ]
+    )
+
+    /// Principals, their role bindings and API tokens (only SHA-256 hashes of the tokens).
+    /// Names, scopes and ids are `COLLATE "C"` for byte-order paging, like tenant ids. A binding's
+    /// scope is `*` or a tenant id, so it has no foreign key to `tenants`; the key service checks
+    /// the tenant when it grants.
+    static let accessControl = Migration(
+        version: 2,
+        name: "principals, role bindings and API tokens",
+        statements: [
+            """
+            CREATE TABLE principals (
+                name TEXT COLLATE "C" PRIMARY KEY,
+                certificate_common_name TEXT COLLATE "C" NULL UNIQUE,
+                disabled BOOLEAN NOT NULL DEFAULT false,
+                created_at BIGINT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE role_bindings (
+                principal TEXT COLLATE "C" NOT NULL REFERENCES principals (name),
+                scope TEXT COLLATE "C" NOT NULL,
+                role TEXT COLLATE "C" NOT NULL CHECK (role IN ('admin', 'key-user', 'decrypt-only')),
+                PRIMARY KEY (principal, scope, role)
+            )
+            """,
+            "CREATE INDEX role_bindings_scope ON role_bindings (scope)",
+            """
+            CREATE TABLE api_tokens (
+                id TEXT COLLATE "C" PRIMARY KEY,
+                principal TEXT COLLATE "C" NOT NULL REFERENCES principals (name),
+                hash BYTEA NOT NULL UNIQUE CHECK (octet_length(hash) = 32),
+                description TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                expires_at BIGINT NULL,
+                revoked_at BIGINT NULL
+            )
+            """,
+            "CREATE INDEX api_tokens_principal_id ON api_tokens (principal, id)",
         ]
     )
 }

@@ -86,7 +86,7 @@ final class PostgresTransaction: KeyRepositoryTransaction {
     // MARK: Statements
 
     @discardableResult
-    private func run(_ query: PostgresQuery, _ operation: String) async throws -> PostgresQueryResult {
+    func run(_ query: PostgresQuery, _ operation: String) async throws -> PostgresQueryResult {
         let finished = state.withLock { $0.finished }
         guard !finished else {
             throw StorageError(.other, "\(operation): used after its transaction ended")
@@ -104,13 +104,13 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         }
     }
 
-    private func requireWritable(_ operation: String) throws {
+    func requireWritable(_ operation: String) throws {
         guard mode == .readWrite else {
             throw StorageError(.other, "\(operation): a write inside read(); use transaction()")
         }
     }
 
-    private static func clamped(_ limit: Int) -> Int {
+    static func clamped(_ limit: Int) -> Int {
         min(max(limit, 0), maximumRowsPerRead)
     }
 

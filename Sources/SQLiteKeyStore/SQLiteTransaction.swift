@@ -116,7 +116,7 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
         }
     }
 
-    private static func clamped(_ limit: Int) -> Int {
+    static func clamped(_ limit: Int) -> Int {
         min(max(limit, 0), maximumRowsPerRead)
     }
 
@@ -124,7 +124,7 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
         try rows.first.map(decode)
     }
 
-    private func changedRows(_ operation: String) async throws -> Int64 {
+    func changedRows(_ operation: String) async throws -> Int64 {
         let rows = try await run(operation, SQL.changes)
         guard let row = rows.first else { throw StorageError(.other, "\(operation): changes() returned no row") }
         return try RowReader(row: row, table: "changes()").int64("n")

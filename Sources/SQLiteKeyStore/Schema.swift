@@ -136,7 +136,45 @@ enum Schema {
                 """,
                 "INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, zeroblob(32))",
             ]
-        )
+        ),
+        // Principals, their role bindings and API tokens (only SHA-256 hashes of the tokens). A
+        // binding's scope is `*` or a tenant id, so it has no foreign key to `tenants`; the key
+        // service checks the tenant when it grants.
+        Migration(
+            version: 2,
+            name: "principals, role bindings and API tokens",
+            statements: [
+                """
+                CREATE TABLE principals (
+                    name TEXT PRIMARY KEY,
+                    certificate_common_name TEXT NULL UNIQUE,
+                    disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),
+                    created_at INTEGER NOT NULL
+                ) STRICT
+                """,
+                """
+                CREATE TABLE role_bindings (
+                    principal TEXT NOT NULL REFERENCES principals (name),
+                    scope TEXT NOT NULL,
+                    role TEXT NOT NULL CHECK (role IN ('admin', 'key-user', 'decrypt-only')),
+                    PRIMARY KEY (principal, scope, role)
+                ) STRICT
+                """,
+                "CREATE INDEX role_bindings_scope ON role_bindings (scope)",
+                """
+                CREATE TABLE api_tokens (
+                    id TEXT PRIMARY KEY,
+                    principal TEXT NOT NULL REFERENCES principals (name),
+                    hash BLOB NOT NULL UNIQUE CHECK (length(hash) = 32),
+                    description TEXT NOT NULL,
+                    created_at INTEGER NOT NULL,
+                    expires_at INTEGER NULL,
+                    revoked_at INTEGER NULL
+                ) STRICT
+                """,
+                "CREATE INDEX api_tokens_principal_id ON api_tokens (principal, id)",
+            ]
+        ),
     ]
 
     /// The version a fully migrated database has.
