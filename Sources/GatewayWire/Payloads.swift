@@ -6,7 +6,9 @@ extension SwiftProtobuf.Message {
     /// malformed bytes throw, and the caller answers `INVALID_ARGUMENT`.
     public init(wirePayload buffer: ByteBuffer) throws {
         var bytes = buffer
-        let data = bytes.readBytes(length: bytes.readableBytes) ?? []
+        var data = bytes.readBytes(length: bytes.readableBytes) ?? []
+        // Payloads may hold key material: zero the temporary copy whatever happens.
+        defer { data.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
         try self.init(serializedBytes: data)
     }
 
