@@ -181,6 +181,10 @@ let package = Package(
                 "PKCS11KeyToken",
                 "PostgresKeyStore",
                 "SQLiteKeyStore",
+                "GatewayConfig",
+                "GatewayServer",
+                "GatewayClient",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -202,6 +206,10 @@ let package = Package(
             dependencies: [
                 "GatewayTransport",
                 "GatewayWire",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -209,7 +217,8 @@ let package = Package(
                 .product(name: "NIOTestUtils", package: "swift-nio"),
             ]
         ),
-        // Pure tests of the client's logic (envelope format, retry policy) without a server.
+        // The client without the real server: envelope format, retry policy, and connections against
+        // a small raw-frame server on loopback.
         .testTarget(
             name: "GatewayClientTests",
             dependencies: [
@@ -217,6 +226,8 @@ let package = Package(
                 "GatewayWire",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         // End to end over loopback: the server with a real SoftHSM2 token and both stores, the
