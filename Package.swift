@@ -272,7 +272,9 @@ let package = Package(
             ]
         ),
         .testTarget(
-            name: "HSMAdminTests", dependencies: ["HSMAdmin", "GatewayConfig", "PKCS11", "SoftHSMTestSupport"]),
+            name: "HSMAdminTests",
+            dependencies: ["HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -3,21 +3,44 @@ import Foundation
 import GatewayConfig
 import PKCS11
 
-/// `hsm-admin`: the operator CLI. Today it has `preflight`; the commands that talk to a running
-/// gateway arrive with the server.
-public struct HSMAdminCommand: ParsableCommand {
+/// `hsm-admin`: the operator CLI. `preflight` checks a token directly; every other command talks
+/// to a running gateway over the wire protocol (docs/admin-cli.md).
+public struct HSMAdminCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "hsm-admin",
         abstract: "Operate an hsm-gateway and the HSM token behind it.",
         discussion: """
-            Exit codes: 0 success; 1 a check or operation failed; 64 bad usage or an unusable \
-            configuration (missing flag, unreadable configuration or PIN file).
+            Remote commands connect to 127.0.0.1:7700 with ./.hsm-dev/admin.token by default, so \
+            `hsm-admin status` works next to `hsm-gateway --dev`. Settings: flags, then HSMGW_* \
+            environment variables, then the --admin-config file (key = value lines). The API \
+            token is never taken from a flag: use a file of mode 0600 or HSMGW_TOKEN. Tables by \
+            default; --json for machine-readable output.
+
+            Exit codes:
+            \(AdminExitCode.helpText)
             """,
         version: HSMGatewayVersion.current,
-        subcommands: [PreflightCommand.self]
+        subcommands: [
+            StatusCommand.self, TenantCommand.self, MasterKeyCommand.self, DataKeyCommand.self, RewrapCommand.self,
+            PrincipalCommand.self, TokenCommand.self, AuditCommand.self, PreflightCommand.self,
+        ]
     )
 
     public init() {}
+
+    /// The executable's entry point: runs the command line through `AdminRunner.main`, the same
+    /// path tests drive in-process, and exits with its code.
+    ///
+    /// Not named `main`: in top-level code, `await HSMAdminCommand.main()` resolves to
+    /// ArgumentParser's synchronous `main()` (Swift 6.3), which refuses asynchronous commands.
+    public static func runCommandLine() async -> Never {
+        let code = await AdminRunner.main(
+            arguments: Array(CommandLine.arguments.dropFirst()),
+            environment: ProcessInfo.processInfo.environment,
+            output: .console
+        )
+        Foundation.exit(code)
+    }
 }
 
 /// The version every executable reports.

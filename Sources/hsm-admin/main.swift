@@ -1,3 +1,3 @@
 import HSMAdmin
 
-HSMAdminCommand.main()
+await HSMAdminCommand.runCommandLine()
