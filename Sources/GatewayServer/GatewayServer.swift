@@ -1,1 +1,0 @@
-// Built by the server helper; see Package.swift.

@@ -1,0 +1,265 @@
+import Foundation
+import GatewayTransport
+import KeyHierarchy
+import Logging
+import NIOCore
+import PKCS11
+import PKCS11KeyToken
+import Prometheus
+import ServiceLifecycle
+import Synchronization
+
+/// The transport, set once after the handler that reports its connection count is built.
+private final class TransportReference: Sendable {
+    private let value = Mutex<GatewayTransportServer?>(nil)
+    var server: GatewayTransportServer? {
+        get { value.withLock { $0 } }
+        set { value.withLock { $0 = newValue } }
+    }
+}
+
+/// The assembled gateway: the HSM session pool, the key store and the key service behind the
+/// request handler, the transport's listeners, the health and metrics endpoint, and the
+/// server's own maintenance, run as one ServiceLifecycle group.
+///
+/// ```swift
+/// let app = try await GatewayServerApp.open(launch, logger: logger)
+/// try await app.run()          // until SIGTERM/SIGINT (or `shutdown()`), then drains and closes
+/// ```
+///
+/// `run` drains gracefully on SIGTERM or SIGINT: listeners stop, open connections get a goaway,
+/// requests already received are answered within `limits.drain_timeout_seconds`; then the
+/// rewrap jobs stop, and the store and the session pool close.
+public final class GatewayServerApp: Sendable {
+    /// The configuration the server runs with.
+    public let configuration: GatewayConfiguration
+    /// The key service, for in-process use (tests, tools).
+    public let service: KeyService
+    /// The request handler the transport calls.
+    public let handler: GatewayHandler
+    /// Where every metric of this server goes; `/metrics` serves it.
+    public let metricsRegistry: PrometheusCollectorRegistry
+    /// The first admin's API token when this start created it (empty database), else nil.
+    /// Development mode also writes it to `<data-dir>/admin.token`; production to
+    /// `auth.bootstrap_token_file`. Never logged.
+    public let bootstrapAdminToken: String?
+
+    let launch: GatewayLaunch
+    let module: PKCS11Module
+    let ownsModule: Bool
+    let pool: SessionPool
+    let store: any KeyRepository
+    let readiness: ReadinessProbe
+    let rewrapJobs: RewrapJobRunner
+    let transport: GatewayTransportServer
+    let maintenance: MaintenanceService
+    let health: HealthAndMetricsServer?
+    let serviceGroup: ServiceGroup
+    let logger: Logger
+    private let closed = Atomic(false)
+
+    /// Opens the token and the store, builds every part, and creates the first admin when the
+    /// database has no principal (see `bootstrapAdminToken`). Nothing listens until `run()`.
+    ///
+    /// - Parameters:
+    ///   - module: an already loaded PKCS#11 module (C_Initialize is process-wide: a process that
+    ///     runs several servers, like a test, loads it once); nil loads `hsm.module`.
+    ///   - handleSignals: drain on SIGTERM and SIGINT (off for servers embedded in tests).
+    public static func open(
+        _ launch: GatewayLaunch,
+        module givenModule: PKCS11Module? = nil,
+        handleSignals: Bool = true,
+        logger: Logger
+    ) async throws(GatewayStartupError) -> GatewayServerApp {
+        do {
+            try launch.configuration.validate()
+        } catch {
+            throw GatewayStartupError(.configuration, error.description)
+        }
+        let opened = try await openDependencies(launch, module: givenModule, logger: logger)
+        let service: KeyService
+        do {
+            service = try KeyService(
+                token: PKCS11KeyToken(pool: opened.pool),
+                repository: opened.store,
+                logger: logger.with(label: "hsm-gateway.keys")
+            )
+        } catch {
+            await opened.store.close()
+            await opened.pool.shutdown()
+            throw GatewayStartupError(.configuration, "key service: \(error)")
+        }
+        let token: String?
+        do {
+            token = try await bootstrap(launch, service: service, logger: logger)
+        } catch {
+            await opened.store.close()
+            await opened.pool.shutdown()
+            throw error
+        }
+        return GatewayServerApp(
+            launch: launch,
+            module: opened.module,
+            ownsModule: opened.ownsModule,
+            pool: opened.pool,
+            store: opened.store,
+            service: service,
+            bootstrapAdminToken: token,
+            handleSignals: handleSignals,
+            logger: logger
+        )
+    }
+
+    private init(
+        launch: GatewayLaunch,
+        module: PKCS11Module,
+        ownsModule: Bool,
+        pool: SessionPool,
+        store: any KeyRepository,
+        service: KeyService,
+        bootstrapAdminToken: String?,
+        handleSignals: Bool,
+        logger: Logger
+    ) {
+        let configuration = launch.configuration
+        self.launch = launch
+        self.configuration = configuration
+        self.module = module
+        self.ownsModule = ownsModule
+        self.pool = pool
+        self.store = store
+        self.service = service
+        self.bootstrapAdminToken = bootstrapAdminToken
+        self.logger = logger
+        let registry = PrometheusCollectorRegistry()
+        self.metricsRegistry = registry
+        let readiness = ReadinessProbe(pool: pool, repository: store, logger: logger)
+        self.readiness = readiness
+        let rewrapJobs = RewrapJobRunner(
+            service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))
+        self.rewrapJobs = rewrapJobs
+        let maintenance = MaintenanceService(
+            service: service,
+            pool: pool,
+            readiness: readiness,
+            rewrapJobs: rewrapJobs,
+            registry: registry,
+            logger: logger.with(label: "hsm-gateway.maintenance")
+        )
+        self.maintenance = maintenance
+        let scheduler = TenantFairScheduler(
+            configuration: TenantFairScheduler.Configuration(
+                limits: configuration.limits, concurrency: configuration.fairQueue.maximumConcurrent)
+        )
+        let transportBox = TransportReference()
+        let handler = GatewayHandler(
+            service: service,
+            options: GatewayHandler.Options(
+                serverVersion: launch.serverVersion,
+                instanceID: configuration.instanceID,
+                storeKind: configuration.store.kind,
+                limits: configuration.limits,
+                accessCacheTTL: configuration.auth.accessCacheTTL,
+                rewrap: configuration.rewrap
+            ),
+            rewrapJobs: rewrapJobs,
+            admission: { tenant, work in await GatewayHandler.admit(tenant, work, scheduler: scheduler) },
+            status: { [maintenance] in
+                let result = await readiness.check()
+                return ServerStatus(
+                    ready: result.ready && !maintenance.isDraining,
+                    tokenReachable: result.tokenReachable,
+                    storeReachable: result.storeReachable,
+                    openConnections: transportBox.server?.openConnections ?? 0
+                )
+            },
+            logger: logger.with(label: "hsm-gateway.requests")
+        )
+        self.handler = handler
+        let transport = GatewayTransportServer(
+            configuration: configuration.transportConfiguration,
+            handler: handler,
+            metricsFactory: PrometheusMetricsFactory(registry: registry),
+            logger: logger.with(label: "hsm-gateway.transport")
+        )
+        self.transport = transport
+        transportBox.server = transport
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        if case .tcp(let host, let port) = configuration.metricsListen {
+            let health = HealthAndMetricsServer(
+                host: host,
+                port: port,
+                registry: registry,
+                logger: logger.with(label: "hsm-gateway.health")
+            ) { [maintenance] in
+                let result = await readiness.check()
+                var checks = [
+                    HealthAndMetricsServer.ReadinessCheck(
+                        name: "hsm", isReady: result.tokenReachable,
+                        detail: result.tokenReachable ? nil : "the token does not answer"),
+                    HealthAndMetricsServer.ReadinessCheck(
+                        name: "store", isReady: result.storeReachable,
+                        detail: result.storeReachable ? nil : "the key store does not answer"),
+                ]
+                if maintenance.isDraining {
+                    checks.append(.init(name: "shutdown", isReady: false, detail: "draining"))
+                }
+                return checks
+            }
+            self.health = health
+            // Listed first, so it stops last: /readyz says "draining" while connections drain.
+            services.append(.init(service: health))
+        } else {
+            self.health = nil
+        }
+        services.append(.init(service: maintenance))
+        services.append(.init(service: transport))
+        var groupConfiguration = ServiceGroupConfiguration(
+            services: services,
+            gracefulShutdownSignals: handleSignals ? [.sigterm, .sigint] : [],
+            logger: logger.with(label: "hsm-gateway.lifecycle")
+        )
+        // The transport's own drain bound, plus time for the others to stop.
+        groupConfiguration.maximumGracefulShutdownDuration = configuration.limits.drainTimeout + .seconds(15)
+        self.serviceGroup = ServiceGroup(configuration: groupConfiguration)
+    }
+
+    /// Serves until SIGTERM/SIGINT (when `handleSignals`) or `shutdown()`, drains, then closes
+    /// the rewrap jobs, the store and the session pool (and finalizes the module it loaded).
+    public func run() async throws {
+        do {
+            try await serviceGroup.run()
+        } catch {
+            await close()
+            throw error
+        }
+        await close()
+    }
+
+    /// Closes what `open` opened, for an app that will not `run` (run closes by itself).
+    /// Idempotent.
+    public func close() async {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        await rewrapJobs.shutdown()
+        await store.close()
+        await pool.shutdown()
+        if ownsModule { try? module.finalize() }
+        logger.info("stopped")
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does.
+    public func shutdown() async {
+        await serviceGroup.triggerGracefulShutdown()
+    }
+
+    /// The gateway's listening addresses once `run()` has bound them (port 0 resolved).
+    public func listeningAddresses() async throws -> [SocketAddress] {
+        try await transport.listeningAddresses()
+    }
+
+    /// The health and metrics endpoint's address once `run()` has bound it; nil when off.
+    public func metricsAddress() async throws -> SocketAddress? {
+        guard let health else { return nil }
+        return try await health.listeningAddress()
+    }
+}

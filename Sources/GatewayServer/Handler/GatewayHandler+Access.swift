@@ -1,0 +1,130 @@
+import Foundation
+import GatewayTransport
+import GatewayWire
+import KeyHierarchy
+
+extension GatewayHandler {
+    /// Listings without paging in the protocol (principals, tokens) return at most this many:
+    /// one store page, and well inside the frame limit.
+    static let maximumUnpagedListing = PageRequest.maximumPageSize
+
+    func createPrincipal(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_CreatePrincipalRequest.self, call)
+        let name = try PrincipalName(message.name)
+        let commonName =
+            message.certificateCommonName.isEmpty ? nil : try CertificateCommonName(message.certificateCommonName)
+        guard message.roles.count <= PrincipalRecord.maximumRoleBindings else {
+            throw RequestFailure(
+                .invalidArgument, "roles must hold at most \(PrincipalRecord.maximumRoleBindings) bindings")
+        }
+        let roles = try message.roles.map { try KeyHierarchy.RoleBinding(scope: $0.tenant, role: $0.role) }
+        try await authorize(.manageAccess, tenant: nil, call)
+        let record = try await service.createPrincipal(
+            name, certificateCommonName: commonName, roles: roles, request: call.context)
+        var response = Hsmgw_V1_PrincipalResponse()
+        response.principal = WireMapping.principalInfo(record)
+        return WireMapping.ok(response)
+    }
+
+    func listPrincipals(_ call: Call) async throws -> OutgoingResponse {
+        _ = try decode(Hsmgw_V1_ListPrincipalsRequest.self, call)
+        try await authorize(.manageAccess, tenant: nil, call)
+        let page = try await service.listPrincipals(PageRequest(limit: Self.maximumUnpagedListing))
+        var response = Hsmgw_V1_ListPrincipalsResponse()
+        response.principals = page.items.map(WireMapping.principalInfo)
+        return WireMapping.ok(response)
+    }
+
+    /// Grant and revoke; the principal's cached roles are dropped at once on this instance.
+    func changeRole(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_RoleRequest.self, call)
+        let name = try PrincipalName(message.principal)
+        guard message.hasRole else { throw RequestFailure(.invalidArgument, "role is required") }
+        let binding = try KeyHierarchy.RoleBinding(scope: message.role.tenant, role: message.role.role)
+        try await authorize(.manageAccess, tenant: nil, call)
+        let record =
+            call.request.method == .grantRole
+            ? try await service.grantRole(binding, to: name, request: call.context)
+            : try await service.revokeRole(binding, from: name, request: call.context)
+        accessCache.invalidate(principal: name.rawValue)
+        var response = Hsmgw_V1_PrincipalResponse()
+        response.principal = WireMapping.principalInfo(record)
+        return WireMapping.ok(response)
+    }
+
+    func createAPIToken(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_CreateAPITokenRequest.self, call)
+        let name = try PrincipalName(message.principal)
+        guard message.description_p.utf8.count <= ServerLimits.maxTokenDescriptionBytes else {
+            throw RequestFailure(
+                .invalidArgument, "description must be at most \(ServerLimits.maxTokenDescriptionBytes) bytes")
+        }
+        try await authorize(.manageAccess, tenant: nil, call)
+        let created = try await service.createAPIToken(
+            for: name,
+            description: message.description_p,
+            timeToLiveSeconds: message.ttlSeconds == 0 ? nil : Int64(clamping: message.ttlSeconds),
+            request: call.context
+        )
+        var response = Hsmgw_V1_CreateAPITokenResponse()
+        response.info = WireMapping.apiTokenInfo(created.record)
+        response.token = created.token
+        return WireMapping.ok(response)
+    }
+
+    func listAPITokens(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_ListAPITokensRequest.self, call)
+        let principal = message.principal.isEmpty ? nil : try PrincipalName(message.principal)
+        try await authorize(.manageAccess, tenant: nil, call)
+        let page = try await service.listAPITokens(
+            principal: principal, PageRequest(limit: Self.maximumUnpagedListing))
+        var response = Hsmgw_V1_ListAPITokensResponse()
+        response.tokens = page.items.map(WireMapping.apiTokenInfo)
+        return WireMapping.ok(response)
+    }
+
+    /// Revokes a token; connections using it are refused from their next request on this
+    /// instance, within the access cache's lifetime on others.
+    func revokeAPIToken(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_RevokeAPITokenRequest.self, call)
+        let id = try APITokenID(message.id)
+        try await authorize(.manageAccess, tenant: nil, call)
+        let record = try await service.revokeAPIToken(id, request: call.context)
+        accessCache.invalidate(tokenID: id.rawValue)
+        var response = Hsmgw_V1_RevokeAPITokenResponse()
+        response.info = WireMapping.apiTokenInfo(record)
+        return WireMapping.ok(response)
+    }
+
+    // MARK: Audit
+
+    func listAuditRecords(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_ListAuditRecordsRequest.self, call)
+        guard message.after >= 0 else { throw RequestFailure(.invalidArgument, "after must be 0 or more") }
+        let limit = try pageSize(message.limit)
+        try await authorize(.readAudit, tenant: nil, call)
+        let records = try await service.auditRecords(after: message.after, limit: limit)
+        var response = Hsmgw_V1_ListAuditRecordsResponse()
+        response.records = records.map(WireMapping.auditRecordInfo)
+        return WireMapping.ok(response)
+    }
+
+    func verifyAuditLog(_ call: Call) async throws -> OutgoingResponse {
+        _ = try decode(Hsmgw_V1_VerifyAuditLogRequest.self, call)
+        try await authorize(.readAudit, tenant: nil, call)
+        var response = Hsmgw_V1_VerifyAuditLogResponse()
+        switch try await service.verifyAuditLog() {
+        case .verified(let records, let head):
+            response.intact = true
+            response.recordsChecked = records
+            response.headSequence = head.sequence
+            response.headHash = Data(head.hash)
+        case .broken(let problem):
+            response.intact = false
+            response.recordsChecked = max(0, problem.sequence - 1)
+            response.problemSequence = problem.sequence
+            response.problem = "\(problem.kind.rawValue): \(problem.explanation)"
+        }
+        return WireMapping.ok(response)
+    }
+}

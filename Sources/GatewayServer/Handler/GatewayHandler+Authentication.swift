@@ -1,0 +1,176 @@
+import GatewayTransport
+import GatewayWire
+import KeyHierarchy
+import Logging
+
+extension GatewayHandler {
+    /// The longest client name accepted in Hello (logged only).
+    static let maximumClientNameBytes = ServerLimits.maxClientNameBytes
+
+    /// What a refused Hello says, whatever the reason: a caller cannot tell an unknown token from
+    /// a revoked one, or a token from a certificate problem.
+    static let authenticationFailed = RequestFailure(.unauthenticated, AuthenticationFailure.clientMessage)
+
+    /// Authenticates a connection: the API token, the client certificate's CN, or both (then
+    /// they must name the same principal). Refusals are audited and answered UNAUTHENTICATED with
+    /// one message whatever the reason.
+    public func hello(_ request: IncomingRequest) async -> HelloOutcome {
+        let requestID = Self.requestID(request)
+        var logger = self.logger
+        logger[metadataKey: "request-id"] = "\(requestID)"
+        logger[metadataKey: "remote"] = "\(request.connection.remoteAddress)"
+        do {
+            let accepted = try await authenticateHello(request, requestID: requestID, logger: logger)
+            logger.info(
+                "connection authenticated",
+                metadata: [
+                    "principal": "\(accepted.peer.principal)",
+                    "token-id": "\(accepted.peer.apiTokenID ?? "-")",
+                    "client": "\(accepted.peer.clientName)",
+                ]
+            )
+            return .accepted(accepted.peer, response: WireMapping.ok(accepted.response))
+        } catch let failure as RequestFailure {
+            logger.info("handshake refused", metadata: ["status": "\(failure.status)"])
+            return .refused(failure.response)
+        } catch let error as KeyServiceError {
+            return .refused(failureResponse(error, logger: logger))
+        } catch {
+            logger.error("unexpected error in handshake", metadata: ["error-type": "\(type(of: error))"])
+            return .refused(RequestFailure(.internalError, "internal error").response)
+        }
+    }
+
+    private func authenticateHello(
+        _ request: IncomingRequest,
+        requestID: String,
+        logger: Logger
+    ) async throws -> (peer: AuthenticatedPeer, response: Hsmgw_V1_HelloResponse) {
+        let hello: Hsmgw_V1_HelloRequest
+        do {
+            hello = try Hsmgw_V1_HelloRequest(wirePayload: request.payload)
+        } catch {
+            throw RequestFailure.malformedPayload
+        }
+        guard hello.clientName.utf8.count <= Self.maximumClientNameBytes else {
+            throw RequestFailure(
+                .invalidArgument, "client_name must be at most \(Self.maximumClientNameBytes) bytes")
+        }
+        let commonName = request.connection.clientCertificateCommonName
+        var byToken: AuthenticatedCaller?
+        var byCertificate: AuthenticatedCaller?
+        if !hello.apiToken.isEmpty {
+            switch try await service.authenticate(apiToken: hello.apiToken, requestID: requestID) {
+            case .authenticated(let caller): byToken = caller
+            case .refused: throw Self.authenticationFailed  // audited by the service
+            }
+        }
+        if let commonName {
+            switch try await service.authenticate(certificateCommonName: commonName, requestID: requestID) {
+            case .authenticated(let caller): byCertificate = caller
+            case .refused: throw Self.authenticationFailed  // audited by the service
+            }
+        }
+        let caller: AuthenticatedCaller
+        switch (byToken, byCertificate) {
+        case (nil, nil):
+            await auditAuthenticationFailure(
+                principal: .unauthenticated, reason: "no-credentials", method: request.method, requestID: requestID)
+            throw Self.authenticationFailed
+        case (let token?, let certificate?):
+            guard token.principal.name == certificate.principal.name else {
+                await auditAuthenticationFailure(
+                    principal: token.principal.name.principal,
+                    reason: "token-and-certificate-differ",
+                    method: request.method,
+                    requestID: requestID
+                )
+                throw Self.authenticationFailed
+            }
+            caller = token
+        case (let token?, nil):
+            caller = token
+        case (nil, let certificate?):
+            caller = certificate
+        }
+        let peer = AuthenticatedPeer(
+            principal: caller.principal.name.rawValue,
+            apiTokenID: caller.token?.id.rawValue,
+            clientName: hello.clientName
+        )
+        accessCache.store(
+            AccessCache.Snapshot(principal: caller.principal, token: caller.token),
+            for: AccessCache.Key(principal: peer.principal, tokenID: peer.apiTokenID)
+        )
+        var response = Hsmgw_V1_HelloResponse()
+        response.serverVersion = options.serverVersion
+        response.instanceID = options.instanceID
+        response.principal = peer.principal
+        response.maxFrameBytes = UInt32(clamping: options.limits.maxFrameBytes)
+        response.maxRequestsInFlight = UInt32(clamping: options.limits.maxRequestsInFlightPerConnection)
+        response.keepaliveSeconds = UInt32(clamping: options.limits.keepaliveInterval.components.seconds)
+        response.roles = caller.principal.roles.map(WireMapping.roleBinding)
+        return (peer, response)
+    }
+
+    /// The caller's current principal and token, re-checked at most `accessCacheTTL` ago: a
+    /// revoked or expired token, or a disabled principal, is refused (UNAUTHENTICATED, audited).
+    func currentCaller(
+        _ peer: AuthenticatedPeer,
+        request: IncomingRequest,
+        requestID: String
+    ) async throws -> AccessCache.Snapshot {
+        let service = self.service
+        let snapshot = try await accessCache.snapshot(
+            for: AccessCache.Key(principal: peer.principal, tokenID: peer.apiTokenID)
+        ) { () async throws -> AccessCache.Snapshot in
+            let name = PrincipalName(trusted: peer.principal)
+            var token: APITokenRecord?
+            if let tokenID = peer.apiTokenID {
+                token = try await service.apiToken(APITokenID(trusted: tokenID))
+            }
+            return AccessCache.Snapshot(principal: try await service.principal(name), token: token)
+        }
+        var failure: AuthenticationFailure?
+        var reason = ""
+        if let token = snapshot.token, let tokenFailure = token.failure(at: .now()) {
+            failure = tokenFailure
+            reason = tokenFailure == .revokedToken ? StatusReason.tokenRevoked : StatusReason.tokenExpired
+        } else if snapshot.principal.disabled {
+            failure = .principalDisabled
+        }
+        guard let failure else { return snapshot }
+        await auditAuthenticationFailure(
+            principal: Principal(peer.principal),
+            reason: failure.name,
+            method: request.method,
+            requestID: requestID,
+            tokenID: peer.apiTokenID
+        )
+        throw RequestFailure(.unauthenticated, AuthenticationFailure.clientMessage, reason: reason)
+    }
+
+    func auditAuthenticationFailure(
+        principal: Principal,
+        reason: String,
+        method: GatewayWire.Method,
+        requestID: String,
+        tokenID: String? = nil
+    ) async {
+        do {
+            try await service.recordAccessFailure(
+                .authentication,
+                principal: principal,
+                tenant: nil,
+                operation: method.description,
+                reason: reason + (tokenID.map { " token-id=\($0)" } ?? ""),
+                request: RequestContext(principal: principal, requestID: requestID)
+            )
+        } catch {
+            logger.error(
+                "could not audit a refused authentication",
+                metadata: ["request-id": "\(requestID)", "error": "\(error.logDescription)"]
+            )
+        }
+    }
+}

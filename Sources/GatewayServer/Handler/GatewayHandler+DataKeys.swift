@@ -1,0 +1,237 @@
+import Foundation
+import GatewayTransport
+import GatewayWire
+import KeyHierarchy
+
+extension GatewayHandler {
+    /// Parses a data key id.
+    func dataKeyID(_ text: String) throws -> DataKeyID {
+        try DataKeyID(text)
+    }
+
+    /// An idempotency key from the wire: "" means none.
+    func idempotencyKey(_ text: String) throws -> String? {
+        guard !text.isEmpty else { return nil }
+        guard text.utf8.count <= ServerLimits.maxIdempotencyKeyBytes else {
+            throw RequestFailure(
+                .invalidArgument, "idempotency_key must be at most \(ServerLimits.maxIdempotencyKeyBytes) bytes")
+        }
+        return text
+    }
+
+    /// A page size from the wire: 0 means 100.
+    func pageSize(_ value: UInt32) throws -> Int {
+        guard value != 0 else { return 100 }
+        guard value <= UInt32(ServerLimits.maxPageSize) else {
+            throw RequestFailure(.invalidArgument, "page_size must be at most \(ServerLimits.maxPageSize)")
+        }
+        return Int(value)
+    }
+
+    func generateDataKey(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_GenerateDataKeyRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let context = try EncryptionContext(message.encryptionContext)
+        let idempotencyKey = try idempotencyKey(message.idempotencyKey)
+        try await authorize(.generateDataKey, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            let key = try await service.generateDataKey(
+                tenant,
+                context: context,
+                includePlaintext: message.includePlaintext,
+                idempotencyKey: idempotencyKey,
+                request: call.context
+            )
+            var response = Hsmgw_V1_GenerateDataKeyResponse()
+            response.key = WireMapping.dataKey(
+                id: key.id, version: key.version, wrapped: key.wrapped, plaintext: key.plaintext)
+            return WireMapping.ok(response)
+        }
+    }
+
+    func generateDataKeys(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_GenerateDataKeysRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let context = try EncryptionContext(message.encryptionContext)
+        let idempotencyKey = try idempotencyKey(message.idempotencyKey)
+        guard message.count >= 1, message.count <= UInt32(ServerLimits.maxBatchKeys) else {
+            throw RequestFailure(.invalidArgument, "count must be 1 to \(ServerLimits.maxBatchKeys)")
+        }
+        try await authorize(.generateDataKey, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            let keys = try await service.generateDataKeys(
+                tenant,
+                count: Int(message.count),
+                context: context,
+                includePlaintext: message.includePlaintext,
+                idempotencyKey: idempotencyKey,
+                request: call.context
+            )
+            var response = Hsmgw_V1_GenerateDataKeysResponse()
+            response.keys = keys.map {
+                WireMapping.dataKey(id: $0.id, version: $0.version, wrapped: $0.wrapped, plaintext: $0.plaintext)
+            }
+            return WireMapping.ok(response)
+        }
+    }
+
+    func decryptDataKey(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_DecryptDataKeyRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let id = try dataKeyID(message.id)
+        let context = try EncryptionContext(message.encryptionContext)
+        try await authorize(.decrypt, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            let key = try await service.decryptDataKey(tenant, id: id, context: context, request: call.context)
+            var response = Hsmgw_V1_DecryptDataKeyResponse()
+            response.key = WireMapping.dataKey(id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
+            return WireMapping.ok(response)
+        }
+    }
+
+    func decryptDataKeys(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_DecryptDataKeysRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        guard !message.keys.isEmpty, message.keys.count <= ServerLimits.maxBatchKeys else {
+            throw RequestFailure(.invalidArgument, "keys must hold 1 to \(ServerLimits.maxBatchKeys) entries")
+        }
+        var requests: [DataKeyRequest] = []
+        requests.reserveCapacity(message.keys.count)
+        for (index, entry) in message.keys.enumerated() {
+            do {
+                requests.append(
+                    DataKeyRequest(id: try dataKeyID(entry.id), context: try EncryptionContext(entry.encryptionContext))
+                )
+            } catch let error as KeyServiceError {
+                throw RequestFailure(.invalidArgument, "keys[\(index)]: \(error.message)")
+            }
+        }
+        try await authorize(.decrypt, tenant: tenant, call)
+        return await admitted(tenant) { [service, requests] in
+            let results = try await service.decryptDataKeys(tenant, requests, request: call.context)
+            var response = Hsmgw_V1_DecryptDataKeysResponse()
+            response.results = results.map { result in
+                var entry = Hsmgw_V1_DecryptDataKeysResult()
+                switch result {
+                case .success(let key):
+                    entry.key = WireMapping.dataKey(
+                        id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
+                case .failure(let error):
+                    entry.error = RequestFailure(error).statusMessage
+                }
+                return entry
+            }
+            return WireMapping.ok(response)
+        }
+    }
+
+    func encrypt(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_EncryptRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let id = try dataKeyID(message.dataKeyID)
+        let context = try EncryptionContext(message.encryptionContext)
+        guard message.plaintext.count <= ServerLimits.maxEncryptPlaintextBytes else {
+            throw RequestFailure(
+                .invalidArgument, "plaintext must be at most \(ServerLimits.maxEncryptPlaintextBytes) bytes")
+        }
+        try await authorize(.encrypt, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            let ciphertext = try await service.encrypt(
+                tenant, dataKey: id, plaintext: [UInt8](message.plaintext), context: context, request: call.context)
+            var response = Hsmgw_V1_EncryptResponse()
+            response.ciphertext = Data(ciphertext)
+            return WireMapping.ok(response)
+        }
+    }
+
+    func decrypt(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_DecryptRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let context = try EncryptionContext(message.encryptionContext)
+        guard message.ciphertext.count <= PayloadCiphertext.maximumCiphertextByteCount else {
+            throw RequestFailure(
+                .invalidArgument,
+                "ciphertext must be at most \(PayloadCiphertext.maximumCiphertextByteCount) bytes"
+            )
+        }
+        try await authorize(.decrypt, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            let ciphertext = [UInt8](message.ciphertext)
+            let plaintext = try await service.decrypt(
+                tenant, ciphertext: ciphertext, context: context, request: call.context)
+            var response = Hsmgw_V1_DecryptResponse()
+            response.plaintext = Data(plaintext)
+            // It parsed, or decrypt would have failed.
+            response.dataKeyID = (try? PayloadCiphertext(encoded: ciphertext))?.dataKeyID.description ?? ""
+            return WireMapping.ok(response)
+        }
+    }
+
+    func rewrapDataKey(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_RewrapDataKeyRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let id = try dataKeyID(message.id)
+        let context = try EncryptionContext(message.encryptionContext)
+        try await authorize(.rewrapDataKey, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            let record = try await service.rewrapDataKey(tenant, id: id, context: context, request: call.context)
+            var response = Hsmgw_V1_RewrapDataKeyResponse()
+            response.key = WireMapping.dataKeyInfo(record)
+            return WireMapping.ok(response)
+        }
+    }
+
+    func getDataKey(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_GetDataKeyRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let id = try dataKeyID(message.id)
+        try await authorize(.readDataKey, tenant: tenant, call)
+        return await admitted(tenant) { [service] in
+            var response = Hsmgw_V1_GetDataKeyResponse()
+            response.key = WireMapping.dataKeyInfo(try await service.dataKey(tenant, id: id))
+            return WireMapping.ok(response)
+        }
+    }
+
+    func listDataKeys(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_ListDataKeysRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        var state: DataKeyState?
+        if !message.state.isEmpty {
+            guard let parsed = DataKeyState(rawValue: message.state) else {
+                throw RequestFailure(.invalidArgument, "state must be empty, enabled, disabled or destroyed")
+            }
+            state = parsed
+        }
+        let page = PageRequest(
+            after: message.pageToken.isEmpty ? nil : message.pageToken, limit: try pageSize(message.pageSize))
+        if let after = page.after { _ = try dataKeyID(after) }
+        try await authorize(.listDataKeys, tenant: tenant, call)
+        return await admitted(tenant) { [service, state] in
+            let listed = try await service.listDataKeys(tenant, state: state, page: page)
+            var response = Hsmgw_V1_ListDataKeysResponse()
+            response.keys = listed.items.map(WireMapping.dataKeyInfo)
+            response.nextPageToken = listed.nextPage ?? ""
+            return WireMapping.ok(response)
+        }
+    }
+
+    func setDataKeyState(_ call: Call) async throws -> OutgoingResponse {
+        let message = try decode(Hsmgw_V1_DataKeyStateRequest.self, call)
+        let tenant = try tenantID(message.tenant)
+        let id = try dataKeyID(message.id)
+        try await authorize(.manageDataKeys, tenant: tenant, call)
+        let method = call.request.method
+        return await admitted(tenant) { [service] in
+            let record: DataKeyRecord
+            switch method {
+            case .disableDataKey: record = try await service.disableDataKey(tenant, id: id, request: call.context)
+            case .enableDataKey: record = try await service.enableDataKey(tenant, id: id, request: call.context)
+            default: record = try await service.destroyDataKey(tenant, id: id, request: call.context)
+            }
+            var response = Hsmgw_V1_DataKeyStateResponse()
+            response.key = WireMapping.dataKeyInfo(record)
+            return WireMapping.ok(response)
+        }
+    }
+}

@@ -1,0 +1,165 @@
+import Foundation
+import GatewayClient
+import GatewayServer
+import GatewayWire
+import NIOCore
+import Testing
+
+/// The handler's answers to what the protocol rules single out: malformed payloads, unknown
+/// methods, deadlines, cancellation.
+@Suite("Protocol behaviour end to end", .serialized)
+struct ProtocolTests {
+    @Test func malformedPayloadUnknownMethodDeadlineAndCancel() async throws {
+        try await withGateway(.sqlite, "protocol") { gateway in
+            let admin = try gateway.client(token: gateway.adminToken)
+            defer { Task { await admin.shutdown() } }
+            _ = try await admin.createTenant("acme")
+            let connection = try await gateway.connection(token: gateway.adminToken)
+            defer { Task { await connection.close() } }
+
+            // Garbage that is not a protobuf message: a truncated varint, a reserved wire type.
+            for garbage: [UInt8] in [[0xFF, 0xFF, 0xFF], [0x0F, 0x01], [0x0A, 0x7F, 0x61]] {
+                await expectStatus(.invalidArgument, reason: StatusReason.malformedPayload) {
+                    try await connection.call(
+                        method: .generateDataKey, payload: ByteBuffer(bytes: garbage), deadline: nil)
+                }
+            }
+            // A method number nobody defined.
+            await expectStatus(.unimplemented) {
+                try await connection.call(method: Method(rawValue: 999), payload: ByteBuffer(), deadline: nil)
+            }
+            // Invalid fields.
+            var badTenant = Hsmgw_V1_GenerateDataKeyRequest()
+            badTenant.tenant = "Not A Tenant"
+            await expectStatus(.invalidArgument) {
+                try await connection.call(
+                    method: .generateDataKey, request: badTenant,
+                    responseType: Hsmgw_V1_GenerateDataKeyResponse.self, deadline: nil)
+            }
+            // A second Hello on an authenticated connection.
+            await expectStatus(.failedPrecondition) {
+                try await connection.call(method: .hello, payload: Hsmgw_V1_HelloRequest().wirePayload(), deadline: nil)
+            }
+
+            // A deadline far shorter than the work.
+            var big = Hsmgw_V1_GenerateDataKeysRequest()
+            big.tenant = "acme"
+            big.count = 1000
+            big.includePlaintext = true
+            await expectStatus(.deadlineExceeded) {
+                try await connection.call(
+                    method: .generateDataKeys, request: big, responseType: Hsmgw_V1_GenerateDataKeysResponse.self,
+                    deadline: .now + .milliseconds(5))
+            }
+
+            // Cancellation while the server works.
+            let cancelled = Task {
+                try await connection.call(
+                    method: .generateDataKeys, request: big, responseType: Hsmgw_V1_GenerateDataKeysResponse.self,
+                    deadline: nil)
+            }
+            try await Task.sleep(for: .milliseconds(5))
+            cancelled.cancel()
+            await expectStatus(.cancelled) { try await cancelled.value }
+
+            // The connection still serves.
+            var small = Hsmgw_V1_GenerateDataKeyRequest()
+            small.tenant = "acme"
+            let answer = try await connection.call(
+                method: .generateDataKey, request: small, responseType: Hsmgw_V1_GenerateDataKeyResponse.self,
+                deadline: nil)
+            #expect(answer.key.wrapped.count == 83)
+        }
+    }
+
+    @Test func tenantQueueRefusesFloodsWithOverloaded() async throws {
+        let tightQueue: (inout GatewayConfiguration) -> Void = {
+            $0.fairQueue.maximumConcurrent = 1
+            $0.limits.maxQueuedRequestsPerTenant = 2
+        }
+        try await withGateway(.sqlite, "fairqueue", configure: tightQueue) { gateway in
+            let client = try gateway.client(token: gateway.adminToken)
+            defer { Task { await client.shutdown() } }
+            _ = try await client.createTenant("acme")
+            let outcomes = await withTaskGroup(of: GatewayError?.self) { group in
+                for _ in 0..<20 {
+                    group.addTask {
+                        do {
+                            _ = try await client.generateDataKeys(tenant: "acme", count: 200)
+                            return nil
+                        } catch let error as GatewayError {
+                            return error
+                        } catch {
+                            return nil
+                        }
+                    }
+                }
+                var outcomes: [GatewayError?] = []
+                for await outcome in group { outcomes.append(outcome) }
+                return outcomes
+            }
+            let refused = outcomes.compactMap { $0 }
+            #expect(!refused.isEmpty)
+            #expect(refused.allSatisfy { $0.code == .resourceExhausted && $0.reason == StatusReason.overloaded })
+            #expect(outcomes.count - refused.count >= 3)
+            // The tenant is served again once the flood is over.
+            _ = try await client.generateDataKey(tenant: "acme")
+        }
+    }
+
+    @Test func healthAndMetricsEndpoint() async throws {
+        try await withGateway(.sqlite, "health") { gateway in
+            let port = try #require(gateway.metricsPort)
+            let ready = try await HTTPProbe.get("127.0.0.1", port, "/readyz")
+            #expect(ready.status == 200)
+            let metrics = try await HTTPProbe.get("127.0.0.1", port, "/metrics")
+            #expect(metrics.status == 200)
+            #expect(metrics.body.contains("hsmgw_hsm_sessions_max"))
+            #expect(metrics.body.contains("hsmgw_ready 1"))
+            #expect(!metrics.body.contains(gateway.adminToken))
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a plain socket, for the health endpoint.
+enum HTTPProbe {
+    static func get(_ host: String, _ port: Int, _ path: String) async throws -> (status: Int, body: String) {
+        try await Task.detached {
+            let socket = Foundation.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            guard socket >= 0 else { throw TestSetupError("socket: errno \(errno)") }
+            defer { close(socket) }
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            inet_pton(AF_INET, host, &address.sin_addr)
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(socket, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            guard connected == 0 else { throw TestSetupError("connect: errno \(errno)") }
+            let request = "GET \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\n\r\n"
+            _ = request.withCString { send(socket, $0, strlen($0), 0) }
+            var data = [UInt8]()
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            // Reads until the body announced by Content-Length is complete (or the peer closes).
+            while true {
+                let count = recv(socket, &buffer, buffer.count, 0)
+                if count <= 0 { break }
+                data += buffer[0..<count]
+                let text = String(decoding: data, as: UTF8.self)
+                guard let end = text.range(of: "\r\n\r\n") else { continue }
+                let headers = text[..<end.lowerBound].lowercased()
+                guard let line = headers.split(separator: "\r\n").first(where: { $0.hasPrefix("content-length:") }),
+                    let length = Int(line.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces))
+                else { continue }
+                if text[end.upperBound...].utf8.count >= length { break }
+            }
+            let text = String(decoding: data, as: UTF8.self)
+            let statusLine = text.split(separator: "\r\n").first ?? ""
+            let status = Int(statusLine.split(separator: " ").dropFirst().first ?? "") ?? 0
+            let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
+            return (status, body)
+        }.value
+    }
+}
