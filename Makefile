@@ -1,7 +1,9 @@
 # hsm-gateway: the two commands the README promises, and the pieces they are made of.
 #
-#   make run    build, create the project-local SoftHSM2 dev token, run preflight against it
-#   make test   every test, against a real SoftHSM2 token (what .ci/run calls)
+#   make run    build and start `hsm-gateway --dev`: SoftHSM2 dev token + SQLite under .hsm-dev/,
+#               plaintext on 127.0.0.1:7700, health and metrics on 127.0.0.1:7701
+#   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python
+#               interoperability client against a real gateway (what .ci/run calls)
 #
 # Both install what they need from Debian's packages first (sudo when not root).
 
@@ -11,16 +13,21 @@ SHELL := /bin/bash
 
 SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
-APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev
+# openssl makes the test PKI; protobuf-compiler and python3-venv serve the Python interop client.
+APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler \
+    python3 python3-venv
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev
 DEV_TOKEN_LABEL ?= hsmgw-dev
 SOFTHSM2_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 
-.PHONY: help deps build run dev-token test bench format lint clean
+LISTEN ?= 127.0.0.1:7700
+METRICS_LISTEN ?= 127.0.0.1:7701
+
+.PHONY: help deps build run dev-token preflight test interop bench format lint clean
 
 help:
-	@echo "make run    build, create the dev token in $(DATA_DIR)/ and run hsm-admin preflight on it"
+	@echo "make run    build and start hsm-gateway --dev (token and SQLite in $(DATA_DIR)/, $(LISTEN))"
 	@echo "make test   install dependencies, build, run every test"
 	@echo "make bench  release build; AES-GCM and key-service benchmarks on throwaway tokens and stores (docs/benchmarks.md)"
 
@@ -44,20 +51,32 @@ build: deps
 dev-token: deps
 	DATA_DIR="$(DATA_DIR)" TOKEN_LABEL="$(DEV_TOKEN_LABEL)" hsm-config/dev-token.sh
 
-# In this issue the gateway does not serve yet: run stops after preflight on the dev token.
-run: build dev-token
+# The embedded default: creates (first start) or reopens the dev token, the SQLite file and the
+# first admin token (printed once, kept in $(DATA_DIR)/admin.token for hsm-admin). Ctrl-C drains.
+run: build
+	exec .build/debug/hsm-gateway --dev --data-dir "$(DATA_DIR)" --listen "$(LISTEN)" \
+	    --metrics-listen "$(METRICS_LISTEN)"
+
+preflight: build dev-token
 	SOFTHSM2_CONF="$(CURDIR)/$(DATA_DIR)/softhsm2.conf" .build/debug/hsm-admin preflight \
 	    --module "$(SOFTHSM2_MODULE)" --token "$(DEV_TOKEN_LABEL)" --pin-file "$(DATA_DIR)/user.pin"
 
 test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
+
+interop: deps
+	$(SWIFT) build --product hsm-gateway
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
 
 bench: deps
 	$(SWIFT) build -c release --product hsm-bench
 	.build/release/hsm-bench gcm --module "$(SOFTHSM2_MODULE)"
 	.build/release/hsm-bench keys --module "$(SOFTHSM2_MODULE)" --store sqlite --tasks 16
 	.build/release/hsm-bench keys --module "$(SOFTHSM2_MODULE)" --store postgres --tasks 16
+	.build/release/hsm-bench wire --module "$(SOFTHSM2_MODULE)" --store sqlite --concurrency 16,64
+	.build/release/hsm-bench wire --module "$(SOFTHSM2_MODULE)" --store postgres --concurrency 16,64
 
 format:
 	$(SWIFT) format -i -r Package.swift Sources Tests

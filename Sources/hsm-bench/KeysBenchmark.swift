@@ -177,7 +177,7 @@ struct KeysBenchmark: AsyncParsableCommand {
     /// Runs a script and returns its output. `posix_spawn` and `waitpid` rather than
     /// Foundation's `Process` (whose `waitUntilExit` never returned here), and the output goes
     /// through a file: the cluster script leaves a watcher behind that would keep a pipe open.
-    private static func shell(_ arguments: [String]) throws -> String {
+    static func shell(_ arguments: [String]) throws -> String {
         let outputPath = FileManager.default.temporaryDirectory.appendingPathComponent(
             "hsm-bench-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).out"
         ).path

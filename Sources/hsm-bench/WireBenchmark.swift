@@ -1,0 +1,216 @@
+import ArgumentParser
+import Foundation
+import GatewayClient
+import GatewayConfig
+import GatewayServer
+import Logging
+import NIOCore
+import Synchronization
+
+/// GenerateDataKey and DecryptDataKey through the Swift client and the wire protocol, TLS on, at
+/// several concurrency levels: the gateway runs in this process (one `GatewayServerApp` on
+/// 127.0.0.1, port chosen by the system) on a throwaway SoftHSM2 token and a throwaway store.
+struct WireBenchmark: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "wire",
+        abstract: "GenerateDataKey / DecryptDataKey ops/s through the client, over TLS on loopback."
+    )
+
+    @Option(help: "PKCS#11 module.")
+    var module = "/usr/lib/softhsm/libsofthsm2.so"
+
+    @Option(help: "Store: sqlite or postgres.")
+    var store: KeysBenchmark.Store = .sqlite
+
+    @Option(help: "Seconds per measurement (1 to 600).")
+    var seconds: Double = 5
+
+    @Option(help: "Concurrent requests, comma-separated (each 1 to 1024).")
+    var concurrency = "16,64"
+
+    @Option(help: "Client connections in the pool (1 to 16).")
+    var connections = 2
+
+    @Option(help: "HSM sessions in the pool (1 to 64).")
+    var sessions = 4
+
+    @Option(help: "The throwaway-cluster script (for --store postgres).")
+    var postgresScript = "scripts/throwaway-postgres.sh"
+
+    @Flag(help: "Plaintext on loopback instead of TLS.")
+    var plaintext = false
+
+    var levels: [Int] { concurrency.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+
+    func validate() throws {
+        guard (1...600).contains(seconds) else { throw ValidationError("--seconds must be from 1 to 600") }
+        guard !levels.isEmpty, levels.allSatisfy({ (1...1024).contains($0) }) else {
+            throw ValidationError("--concurrency must list numbers from 1 to 1024")
+        }
+        guard (1...16).contains(connections) else { throw ValidationError("--connections must be from 1 to 16") }
+        guard (1...64).contains(sessions) else { throw ValidationError("--sessions must be from 1 to 64") }
+    }
+
+    func run() async throws {
+        var logger = Logger(label: "hsm-bench")
+        logger.logLevel = .error
+        let throwaway = try ThrowawayToken(module: module, label: "hsm-bench-wire")
+        defer { throwaway.remove() }
+        let directory = throwaway.directory.path
+        let pinFile = directory + "/user.pin"
+        try "bench-user-pin".write(toFile: pinFile, atomically: true, encoding: .utf8)
+        chmod(pinFile, 0o600)
+
+        let storeSettings: StoreSettings
+        var stopCluster: () -> Void = {}
+        switch store {
+        case .sqlite:
+            storeSettings = .sqlite(path: directory + "/keys.sqlite")
+        case .postgres:
+            let cluster = directory + "/pg"
+            let output = try KeysBenchmark.shell([postgresScript, "start", cluster, "--watch-pid", "\(getpid())"])
+            guard
+                let port = output.split(separator: "\n").first(where: { $0.hasPrefix("port=") }).flatMap({
+                    Int($0.dropFirst("port=".count))
+                })
+            else { throw ValidationError("the cluster script printed no port: \(output)") }
+            storeSettings = .postgres(
+                PostgresSettings(
+                    port: port, user: "hsmgw", database: "postgres", passwordFile: cluster + "/password",
+                    maximumConnections: 8
+                )
+            )
+            let script = postgresScript
+            stopCluster = { _ = try? KeysBenchmark.shell([script, "stop", cluster]) }
+        }
+        defer { stopCluster() }
+
+        var hsm = HSMSettings(modulePath: module, tokenLabel: throwaway.label, pin: .file(pinFile))
+        hsm.maximumSessions = sessions
+        var configuration = GatewayConfiguration(hsm: hsm, store: storeSettings)
+        configuration.listen = [.tcp(host: "127.0.0.1", port: 0)]
+        configuration.metricsListen = nil
+        configuration.auth.bootstrapTokenFile = directory + "/admin.token"
+        var trust: GatewayClientConfiguration.TransportSecurity = .plaintext
+        if !plaintext {
+            let pki = try BenchCertificates(directory: directory + "/pki")
+            configuration.tls = .init(certificateChainPath: pki.serverCertificate, privateKeyPath: pki.serverKey)
+            trust = .tls(.init(trustRoots: .pemFile(path: pki.caCertificate), serverHostnameOverride: "localhost"))
+        }
+        let app = try await GatewayServerApp.open(
+            GatewayLaunch(configuration: configuration, serverVersion: "bench"),
+            module: throwaway.module,
+            handleSignals: false,
+            logger: logger
+        )
+        guard let adminToken = app.bootstrapAdminToken else { throw ValidationError("no admin token was made") }
+        let server = Task { try await app.run() }
+        defer { server.cancel() }
+        let port = try await app.listeningAddresses().first?.port ?? 0
+
+        let client = try GatewayClient(
+            configuration: GatewayClientConfiguration(
+                target: .host("127.0.0.1", port: port),
+                transportSecurity: trust,
+                apiToken: APIToken(adminToken),
+                clientName: "hsm-bench",
+                poolSize: connections,
+                defaultDeadline: .seconds(60)
+            )
+        )
+        _ = try await client.createTenant("bench")
+        let context = ["service": "bench"]
+        print(
+            "store: \(store.rawValue)   \(plaintext ? "plaintext" : "TLS")   client connections: \(connections)"
+                + "   HSM sessions: \(sessions)   \(seconds) s per figure"
+        )
+        let duration = Duration.milliseconds(Int(seconds * 1000))
+        let ids = Mutex<[String]>([])
+        for level in levels {
+            let generate = try await Self.measure(duration, tasks: level) {
+                let key = try await client.generateDataKey(tenant: "bench", context: context, includePlaintext: true)
+                ids.withLock { if $0.count < 200_000 { $0.append(key.id) } }
+            }
+            Self.report("GenerateDataKey", level, generate)
+            let keys = ids.withLock { $0 }
+            let decrypt = try await Self.measure(duration, tasks: level) {
+                let id = keys[Int.random(in: 0..<keys.count)]
+                _ = try await client.decryptDataKey(tenant: "bench", id: id, context: context)
+            }
+            Self.report("DecryptDataKey", level, decrypt)
+        }
+        await client.shutdown()
+        await app.shutdown()
+        _ = try? await server.value
+    }
+
+    struct Measurement {
+        var elapsed: Duration
+        var latencies: [Duration]
+    }
+
+    /// Runs `operation` from `tasks` tasks until `duration` has passed.
+    static func measure(
+        _ duration: Duration,
+        tasks: Int,
+        _ operation: @escaping @Sendable () async throws -> Void
+    ) async throws -> Measurement {
+        let started = ContinuousClock.now
+        let deadline = started.advanced(by: duration)
+        let latencies = try await withThrowingTaskGroup(of: [Duration].self) { group in
+            for _ in 0..<tasks {
+                group.addTask {
+                    var mine: [Duration] = []
+                    while ContinuousClock.now < deadline {
+                        let begin = ContinuousClock.now
+                        try await operation()
+                        mine.append(ContinuousClock.now - begin)
+                    }
+                    return mine
+                }
+            }
+            return try await group.reduce(into: [Duration]()) { $0 += $1 }
+        }
+        return Measurement(elapsed: ContinuousClock.now - started, latencies: latencies)
+    }
+
+    static func report(_ name: String, _ concurrency: Int, _ measurement: Measurement) {
+        let sorted = measurement.latencies.sorted()
+        func percentile(_ p: Double) -> String {
+            guard !sorted.isEmpty else { return "-" }
+            let value = sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+            return String(format: "%.2f ms", GCMBenchmark.seconds(value) * 1000)
+        }
+        let rate = Double(sorted.count) / GCMBenchmark.seconds(measurement.elapsed)
+        print(
+            "\(name.padding(toLength: 16, withPad: " ", startingAt: 0)) x\(concurrency)\t"
+                + "\(GCMBenchmark.format(rate)) ops/s   p50 \(percentile(0.5))   p99 \(percentile(0.99))"
+        )
+    }
+}
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1, made with the `openssl` CLI.
+struct BenchCertificates {
+    let directory: String
+    var caCertificate: String { directory + "/ca.crt" }
+    var serverCertificate: String { directory + "/server.crt" }
+    var serverKey: String { directory + "/server.key" }
+
+    init(directory: String) throws {
+        self.directory = directory
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let d = directory
+        let commands = [
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout '\(d)/ca.key'"
+                + " -out '\(d)/ca.crt' -days 2 -subj '/CN=hsm-bench CA'"
+                + " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout '\(d)/server.key'"
+                + " -out '\(d)/server.csr' -subj '/CN=localhost'",
+            "printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > '\(d)/server.ext'",
+            "openssl x509 -req -in '\(d)/server.csr' -CA '\(d)/ca.crt' -CAkey '\(d)/ca.key' -CAcreateserial"
+                + " -out '\(d)/server.crt' -days 2 -extfile '\(d)/server.ext'",
+            "chmod 600 '\(d)/server.key' '\(d)/ca.key'",
+        ]
+        _ = try KeysBenchmark.shell(["-c", commands.joined(separator: " && ") + " 2>/dev/null"])
+    }
+}
