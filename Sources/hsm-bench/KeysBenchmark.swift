@@ -75,17 +75,17 @@ struct KeysBenchmark: AsyncParsableCommand {
         )
 
         let ids = Mutex<[DataKeyID]>([])
-        let generate = try await measure(duration) {
+        let generate = try await LoadMeasurement.run(duration, tasks: tasks) {
             let key = try await service.generateDataKey(tenant, context: context, request: request)
             ids.withLock { if $0.count < 200_000 { $0.append(key.id) } }
         }
-        report("GenerateDataKey", generate)
+        generate.report("GenerateDataKey")
         let keys = ids.withLock { $0 }
-        let decrypt = try await measure(duration) {
+        let decrypt = try await LoadMeasurement.run(duration, tasks: tasks) {
             let id = keys[Int.random(in: 0..<keys.count)]
             _ = try await service.decryptDataKey(tenant, id: id, context: context, request: request)
         }
-        report("DecryptDataKey", decrypt)
+        decrypt.report("DecryptDataKey")
         let verification = try await service.verifyAuditLog()
         if case .verified(let records, _) = verification {
             print("audit log verified: \(records) records")
@@ -129,49 +129,6 @@ struct KeysBenchmark: AsyncParsableCommand {
             let script = postgresScript
             return (repository, { _ = try Self.shell([script, "stop", directory.path]) })
         }
-    }
-
-    struct Measurement {
-        var operations: Int
-        var elapsed: Duration
-        var latencies: [Duration]
-    }
-
-    /// Runs `operation` from `tasks` tasks until `duration` has passed.
-    private func measure(
-        _ duration: Duration,
-        _ operation: @escaping @Sendable () async throws -> Void
-    ) async throws -> Measurement {
-        let started = ContinuousClock.now
-        let deadline = started.advanced(by: duration)
-        let latencies = try await withThrowingTaskGroup(of: [Duration].self) { group in
-            for _ in 0..<tasks {
-                group.addTask {
-                    var mine: [Duration] = []
-                    while ContinuousClock.now < deadline {
-                        let begin = ContinuousClock.now
-                        try await operation()
-                        mine.append(ContinuousClock.now - begin)
-                    }
-                    return mine
-                }
-            }
-            return try await group.reduce(into: [Duration]()) { $0 += $1 }
-        }
-        return Measurement(operations: latencies.count, elapsed: ContinuousClock.now - started, latencies: latencies)
-    }
-
-    private func report(_ name: String, _ measurement: Measurement) {
-        let sorted = measurement.latencies.sorted()
-        func percentile(_ p: Double) -> String {
-            guard !sorted.isEmpty else { return "-" }
-            let value = sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-            return String(format: "%.2f ms", GCMBenchmark.seconds(value) * 1000)
-        }
-        let rate = Double(measurement.operations) / GCMBenchmark.seconds(measurement.elapsed)
-        print(
-            "\(name.padding(toLength: 16, withPad: " ", startingAt: 0)) \(GCMBenchmark.format(rate)) ops/s   p50 \(percentile(0.5))   p99 \(percentile(0.99))"
-        )
     }
 
     /// Runs a script and returns its output. `posix_spawn` and `waitpid` rather than

@@ -127,65 +127,21 @@ struct WireBenchmark: AsyncParsableCommand {
         let duration = Duration.milliseconds(Int(seconds * 1000))
         let ids = Mutex<[String]>([])
         for level in levels {
-            let generate = try await Self.measure(duration, tasks: level) {
+            let generate = try await LoadMeasurement.run(duration, tasks: level) {
                 let key = try await client.generateDataKey(tenant: "bench", context: context, includePlaintext: true)
                 ids.withLock { if $0.count < 200_000 { $0.append(key.id) } }
             }
-            Self.report("GenerateDataKey", level, generate)
+            generate.report("GenerateDataKey", concurrency: level)
             let keys = ids.withLock { $0 }
-            let decrypt = try await Self.measure(duration, tasks: level) {
+            let decrypt = try await LoadMeasurement.run(duration, tasks: level) {
                 let id = keys[Int.random(in: 0..<keys.count)]
                 _ = try await client.decryptDataKey(tenant: "bench", id: id, context: context)
             }
-            Self.report("DecryptDataKey", level, decrypt)
+            decrypt.report("DecryptDataKey", concurrency: level)
         }
         await client.shutdown()
         await app.shutdown()
         _ = try? await server.value
-    }
-
-    struct Measurement {
-        var elapsed: Duration
-        var latencies: [Duration]
-    }
-
-    /// Runs `operation` from `tasks` tasks until `duration` has passed.
-    static func measure(
-        _ duration: Duration,
-        tasks: Int,
-        _ operation: @escaping @Sendable () async throws -> Void
-    ) async throws -> Measurement {
-        let started = ContinuousClock.now
-        let deadline = started.advanced(by: duration)
-        let latencies = try await withThrowingTaskGroup(of: [Duration].self) { group in
-            for _ in 0..<tasks {
-                group.addTask {
-                    var mine: [Duration] = []
-                    while ContinuousClock.now < deadline {
-                        let begin = ContinuousClock.now
-                        try await operation()
-                        mine.append(ContinuousClock.now - begin)
-                    }
-                    return mine
-                }
-            }
-            return try await group.reduce(into: [Duration]()) { $0 += $1 }
-        }
-        return Measurement(elapsed: ContinuousClock.now - started, latencies: latencies)
-    }
-
-    static func report(_ name: String, _ concurrency: Int, _ measurement: Measurement) {
-        let sorted = measurement.latencies.sorted()
-        func percentile(_ p: Double) -> String {
-            guard !sorted.isEmpty else { return "-" }
-            let value = sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-            return String(format: "%.2f ms", GCMBenchmark.seconds(value) * 1000)
-        }
-        let rate = Double(sorted.count) / GCMBenchmark.seconds(measurement.elapsed)
-        print(
-            "\(name.padding(toLength: 16, withPad: " ", startingAt: 0)) x\(concurrency)\t"
-                + "\(GCMBenchmark.format(rate)) ops/s   p50 \(percentile(0.5))   p99 \(percentile(0.99))"
-        )
     }
 }
 
