@@ -167,6 +167,6 @@ struct BenchCertificates {
                 + " -out '\(d)/server.crt' -days 2 -extfile '\(d)/server.ext'",
             "chmod 600 '\(d)/server.key' '\(d)/ca.key'",
         ]
-        _ = try KeysBenchmark.shell(["-c", commands.joined(separator: " && ") + " 2>/dev/null"])
+        _ = try KeysBenchmark.shell(["-c", "(" + commands.joined(separator: " && ") + ") 2>/dev/null"])
     }
 }
