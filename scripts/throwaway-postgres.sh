@@ -25,6 +25,9 @@ readonly MARKER=.throwaway-postgres
 # How many random ports to try before giving up (another process may take one between the
 # check and the bind).
 readonly PORT_ATTEMPTS=20
+# One cluster serves a whole test process, where many suites each open a pool of up to 8
+# connections at once (each gateway under test has its own); PostgreSQL's default of 100 ran out.
+readonly MAX_CONNECTIONS=400
 # Seconds pg_ctl waits for start-up and shut-down.
 readonly PG_CTL_TIMEOUT=60
 
@@ -102,7 +105,7 @@ start() {
         port_in_use "$port" && continue
         if as_owner "$bin/pg_ctl" --pgdata="$dir/data" --log="$dir/postgres.log" --wait \
             --timeout="$PG_CTL_TIMEOUT" \
-            -o "-p $port -k $dir/socket -c listen_addresses=127.0.0.1" start >/dev/null 2>&1 </dev/null; then
+            -o "-p $port -k $dir/socket -c listen_addresses=127.0.0.1 -c max_connections=$MAX_CONNECTIONS" start >/dev/null 2>&1 </dev/null; then
             started=yes
             break
         fi

@@ -202,6 +202,9 @@ public struct ServerConfiguration: Sendable, Hashable {
             privateKey: .privateKey(key)
         )
         configuration.minimumTLSVersion = .tlsv12
+        // TLS 1.2 only with forward secrecy and AEAD (TLS 1.3's suites are all of that kind):
+        // NIOSSL's default list still allows RSA key exchange and CBC.
+        configuration.cipherSuites = Self.tls12CipherSuites
         switch tls.clientCertificates {
         case .none:
             configuration.certificateVerification = .none
@@ -244,4 +247,10 @@ public struct ServerConfiguration: Sendable, Hashable {
     private static func describe(_ error: any Error) -> String {
         String(String(describing: error).prefix(200))
     }
+}
+
+extension ServerConfiguration {
+    /// The TLS 1.2 cipher suites the server offers: ECDHE key exchange with AES-GCM or
+    /// ChaCha20-Poly1305, for ECDSA and RSA certificates.
+    static let tls12CipherSuites = "ECDH+AESGCM:ECDH+CHACHA20:!aNULL:!eNULL:!MD5"
 }

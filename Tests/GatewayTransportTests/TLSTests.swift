@@ -36,6 +36,40 @@ struct TLSTests {
         }
     }
 
+    @Test(
+        "TLS 1.2: forward-secret AEAD suites only; a client offering only CBC or RSA key exchange is refused",
+        arguments: [
+            ("ECDHE-ECDSA-AES128-GCM-SHA256", true),
+            ("ECDHE-ECDSA-CHACHA20-POLY1305", true),
+            ("ECDHE-ECDSA-AES128-SHA", false),
+            ("AES128-GCM-SHA256", false),
+        ]
+    )
+    func tls12CipherSuites(suite: String, accepted: Bool) async throws {
+        let certificates = try TestCertificates.load()
+        try await withTestServer(tls: Self.tls(certificates, clientCertificates: .none)) { address, handler in
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(certificates.caPath))
+            configuration.maximumTLSVersion = .tlsv12
+            configuration.cipherSuites = suite
+            let context = try NIOSSLContext(configuration: configuration)
+            var status: StatusCode?
+            do {
+                let client = try await TestFrameClient.connect(to: address, tls: context, serverHostname: "localhost")
+                status = try? await client.hello().statusCode
+                await client.close()
+            } catch {
+                status = nil
+            }
+            if accepted {
+                #expect(status == .ok)
+            } else {
+                #expect(status == nil)
+                #expect(handler.log.withLockedValue { $0.helloConnections.isEmpty })
+            }
+        }
+    }
+
     @Test("TLS: a plaintext client gets no frame and is closed")
     func plaintextClientOnTLS() async throws {
         let certificates = try TestCertificates.load()

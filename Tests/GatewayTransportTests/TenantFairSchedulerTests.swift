@@ -85,6 +85,10 @@ private final class Gate: Sendable {
 
 @Suite("Tenant fair scheduler: async gate")
 struct TenantFairSchedulerTests {
+    /// A wait bound no test reaches even on a loaded machine (the default 5 s was reached by 200
+    /// queued requests while the whole test suite ran on two cores).
+    static let patientWait = Duration.seconds(300)
+
     private static func waitUntil(_ condition: () -> Bool) async throws {
         let clock = ContinuousClock()
         let end = clock.now + .seconds(10)
@@ -96,7 +100,8 @@ struct TenantFairSchedulerTests {
 
     @Test("at most `concurrency` bodies run at once; results and errors pass through")
     func concurrencyBound() async throws {
-        let scheduler = TenantFairScheduler(configuration: .init(concurrency: 3, maxQueuedPerTenant: 100))
+        let scheduler = TenantFairScheduler(
+            configuration: .init(concurrency: 3, maxQueuedPerTenant: 100, maxWait: Self.patientWait))
         let running = NIOLockedValueBox((now: 0, peak: 0))
         try await withThrowingTaskGroup(of: Int.self) { group in
             for index in 0..<30 {
@@ -126,7 +131,8 @@ struct TenantFairSchedulerTests {
 
     @Test("fairness with real tasks: B's 5 requests are admitted within the first slots after A's flood")
     func fairnessAsync() async throws {
-        let scheduler = TenantFairScheduler(configuration: .init(concurrency: 1, maxQueuedPerTenant: 256))
+        let scheduler = TenantFairScheduler(
+            configuration: .init(concurrency: 1, maxQueuedPerTenant: 256, maxWait: Self.patientWait))
         let gate = Gate()
         let enqueued = NIOLockedValueBox(0)
         try await withThrowingTaskGroup(of: Void.self) { group in

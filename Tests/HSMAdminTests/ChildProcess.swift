@@ -207,10 +207,10 @@ final class DevGatewayProcess: Sendable {
             withIntermediateDirectories: true,
             attributes: [.posixPermissions: 0o700]
         )
-        let gateway = root + "/hsm-gateway"
-        adminExecutable = root + "/hsm-admin"
-        try FileManager.default.copyItem(atPath: try Self.builtExecutable("hsm-gateway"), toPath: gateway)
-        try FileManager.default.copyItem(atPath: try Self.builtExecutable("hsm-admin"), toPath: adminExecutable)
+        // The built binaries in place: a copy made here could be executed while another test
+        // thread's posix_spawn child still holds its write descriptor (ETXTBSY).
+        let gateway = try Self.builtExecutable("hsm-gateway")
+        adminExecutable = try Self.builtExecutable("hsm-admin")
 
         var environment = ["PATH": "/usr/bin:/bin", "HOME": root + "/home"]
         if let module = ProcessInfo.processInfo.environment["HSMGW_TEST_PKCS11_MODULE"] {
