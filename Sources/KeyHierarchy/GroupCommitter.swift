@@ -30,6 +30,10 @@ public struct Committed<Value: Sendable>: Sendable {
 /// The first caller to find no batch running leads: it drains the queue batch by batch in a
 /// task of its own; later callers only enqueue and wait.
 public final class GroupCommitter: Sendable {
+    /// Told about every transaction a batch ran (the server turns it into the audit-write latency
+    /// metric: each batch's transaction is where the audit records become durable).
+    public typealias Observer = @Sendable (GroupCommitObservation) -> Void
+
     /// The most units in one transaction: bounds how long the audit head stays locked and how
     /// much one failed commit takes down with it.
     public static let defaultMaximumBatch = 64
@@ -54,12 +58,18 @@ public final class GroupCommitter: Sendable {
 
     private let repository: any KeyRepository
     private let maximumBatch: Int
+    private let observer: Observer?
     private let state = Mutex(State())
 
-    public init(repository: any KeyRepository, maximumBatch: Int = GroupCommitter.defaultMaximumBatch) {
+    public init(
+        repository: any KeyRepository,
+        maximumBatch: Int = GroupCommitter.defaultMaximumBatch,
+        observer: Observer? = nil
+    ) {
         precondition(maximumBatch >= 1, "a batch holds at least one unit")
         self.repository = repository
         self.maximumBatch = maximumBatch
+        self.observer = observer
     }
 
     /// Runs `unit` in a shared transaction and returns once it is durable.
@@ -123,21 +133,32 @@ public final class GroupCommitter: Sendable {
         defer { for (pending, error) in refused { pending.fail(error) } }
         var attempt = 0
         while !batch.isEmpty {
+            let started = ContinuousClock.now
+            let units = batch.count
+            let observe = { [observer] (committed: Bool) in
+                observer?(
+                    GroupCommitObservation(duration: ContinuousClock.now - started, units: units, committed: committed)
+                )
+            }
             do {
                 let results = try await repository.transaction { transaction in
                     try await Self.execute(batch, in: transaction)
                 }
+                observe(true)
                 for linked in results {
                     linked.executed.deliver(linked.records)
                 }
                 return
             } catch let failure as UnitFailure {
+                observe(false)
                 // One unit refused: the transaction rolled back; the others run again without it.
                 refused.append((batch[failure.index], failure.error))
                 batch.remove(at: failure.index)
             } catch let error as StorageError where error.kind == .conflict && attempt < Self.conflictRetries {
+                observe(false)
                 attempt += 1
             } catch {
+                observe(false)
                 for pending in batch { pending.fail(error) }
                 return
             }
@@ -189,5 +210,21 @@ public final class GroupCommitter: Sendable {
             offset += executed.events.count
             return Linked(executed: executed, records: mine)
         }
+    }
+}
+
+/// One transaction of the group committer, as its observer sees it.
+public struct GroupCommitObservation: Sendable, Hashable {
+    /// From the start of the transaction to its durable commit (or its failure).
+    public var duration: Duration
+    /// Write units the transaction carried.
+    public var units: Int
+    /// Whether it committed; false when it rolled back (a refused unit, a conflict, a failure).
+    public var committed: Bool
+
+    public init(duration: Duration, units: Int, committed: Bool) {
+        self.duration = duration
+        self.units = units
+        self.committed = committed
     }
 }

@@ -32,14 +32,19 @@ public final class KeyService: Sendable {
         token: any MasterKeyToken,
         repository: any KeyRepository,
         configuration: KeyServiceConfiguration = KeyServiceConfiguration(),
-        logger: Logger = Logger(label: "hsm-gateway.keys")
+        logger: Logger = Logger(label: "hsm-gateway.keys"),
+        commitObserver: GroupCommitter.Observer? = nil
     ) throws(KeyServiceError) {
         try configuration.validate()
         self.token = token
         self.repository = repository
         self.configuration = configuration
         self.logger = logger
-        self.committer = GroupCommitter(repository: repository, maximumBatch: configuration.groupCommitMaximumBatch)
+        self.committer = GroupCommitter(
+            repository: repository,
+            maximumBatch: configuration.groupCommitMaximumBatch,
+            observer: commitObserver
+        )
         self.counters = InvocationCounters(blockSize: configuration.invocationBlockSize)
     }
 

@@ -23,7 +23,7 @@ public final class SQLiteKeyStore: KeyRepository {
     /// Reader connections: every decrypt starts with a read, so reads are most of the traffic;
     /// four keep a burst of lookups (all callers refreshing after a rotation) from queueing behind
     /// one listing, at the cost of one thread each.
-    static let readerCount = 4
+    public static let readerCount = 4
     /// How long a `transaction` waits for the writer before failing with `StorageError(.conflict)`:
     /// transactions take milliseconds, so a wait this long means a pile-up that callers should see
     /// as an error rather than as latency. Measured: 10 s was reached on a 2-core machine with

@@ -112,11 +112,25 @@ struct ProtocolTests {
             let port = try #require(gateway.metricsPort)
             let ready = try await HTTPProbe.get("127.0.0.1", port, "/readyz")
             #expect(ready.status == 200)
+            // Some audited work first: the commit metrics count it.
+            let client = try gateway.client(token: gateway.adminToken)
+            _ = try await client.createTenant("acme")
+            let key = try await client.generateDataKey(tenant: "acme", context: ["a": "b"])
+            await client.shutdown()
             let metrics = try await HTTPProbe.get("127.0.0.1", port, "/metrics")
             #expect(metrics.status == 200)
             #expect(metrics.body.contains("hsmgw_hsm_sessions_max"))
             #expect(metrics.body.contains("hsmgw_ready 1"))
+            // Requests by method and status, database pool, audit write latency.
+            #expect(metrics.body.contains("hsmgw_requests_total{method=\"GenerateDataKey\",status=\"OK\"} 1"))
+            #expect(metrics.body.contains("hsmgw_store_connections_max 5"))
+            #expect(metrics.body.contains("hsmgw_store_connections_in_use"))
+            #expect(metrics.body.contains("hsmgw_audit_commit_duration_seconds_count"))
+            #expect(!metrics.body.contains("hsmgw_audit_commit_duration_seconds_count 0"))
+            #expect(!metrics.body.contains("hsmgw_audit_commit_units_total 0"))
+            // Nothing secret: not the token, not the key, not the context value's id.
             #expect(!metrics.body.contains(gateway.adminToken))
+            #expect(!metrics.body.contains(key.id))
         }
     }
 }

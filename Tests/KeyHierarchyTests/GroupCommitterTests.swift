@@ -139,6 +139,33 @@ struct GroupCommitterTests {
         #expect(!sharedWithFailure.isEmpty, "no batch mixed failing and committing units: \(snapshot.unitsPerAttempt)")
     }
 
+    @Test("the observer sees every transaction: committed ones with their units, rolled-back ones as such")
+    func observerSeesEveryTransaction() async throws {
+        let gate = Gate()
+        let repository = InMemoryRepository(beforeBody: { attempt in if attempt == 1 { await gate.wait() } })
+        let observations = Mutex<[GroupCommitObservation]>([])
+        let committer = GroupCommitter(repository: repository) { observation in
+            observations.withLock { $0.append(observation) }
+        }
+        async let first = Self.commitConcurrently(committer, [0])
+        await repository.waitForAttempt(1)
+        async let rest = Self.commitConcurrently(committer, 1..<20, failing: [5])
+        try await Task.sleep(for: .milliseconds(100))
+        gate.open()
+        _ = (await first, await rest)
+        let seen = observations.withLock { $0 }
+        let snapshot = repository.snapshot
+        // One observation per transaction attempt, in order; the refused unit rolled one back.
+        #expect(seen.count == snapshot.unitsPerAttempt.count)
+        // The first unit alone; the 19 queued behind it in one batch, rolled back at the refused
+        // unit; the 18 others again.
+        #expect(seen.map(\.units) == [1, 19, 18])
+        #expect(seen.map(\.committed) == [true, false, true])
+        #expect(seen.filter { !$0.committed }.count == 1)
+        #expect(seen.filter(\.committed).map(\.units).reduce(0, +) == 19)
+        #expect(seen.allSatisfy { $0.duration >= .zero })
+    }
+
     @Test("a unit that throws alone in its batch fails its caller and leaves nothing behind")
     func failingLoneUnit() async throws {
         let repository = InMemoryRepository()

@@ -2,6 +2,7 @@ import Foundation
 import GatewayConfig
 import GatewayTransport
 import Logging
+import SQLiteKeyStore
 
 /// Everything the gateway needs to start, validated. Built by `load(file:environment:overrides:)`
 /// from a YAML file, `HSMGW_*` environment variables and command-line flags, in that order of
@@ -195,6 +196,15 @@ public enum StoreSettings: Sendable, Hashable {
         switch self {
         case .sqlite: return "sqlite"
         case .postgres: return "postgres"
+        }
+    }
+
+    /// Connections the store may hold at once: the PostgreSQL pool size, or SQLite's writer and
+    /// its readers.
+    public var connectionLimit: Int {
+        switch self {
+        case .sqlite: return 1 + SQLiteKeyStore.readerCount
+        case .postgres(let settings): return settings.maximumConnections
         }
     }
 }
