@@ -199,7 +199,10 @@ let package = Package(
         ),
         // A throwaway PostgreSQL cluster per test process: initdb into a temporary directory,
         // loopback and a Unix socket, a free port.
-        .target(name: "PostgresTestSupport", path: "Tests/PostgresTestSupport"),
+        .target(name: "PostgresTestSupport", dependencies: ["ProcessTestSupport"], path: "Tests/PostgresTestSupport"),
+        // Child processes (posix_spawn, not Foundation's Process), temporary directories and a
+        // throwaway PKI made with the openssl CLI, for the tests that start servers and tools.
+        .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport"),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
         .testTarget(
             name: "GatewayTransportTests",
@@ -243,6 +246,7 @@ let package = Package(
                 "PKCS11",
                 "SoftHSMTestSupport",
                 "PostgresTestSupport",
+                "ProcessTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -269,11 +273,15 @@ let package = Package(
                 "PKCS11",
                 "SoftHSMTestSupport",
                 "PostgresTestSupport",
+                "ProcessTestSupport",
             ]
         ),
         .testTarget(
             name: "HSMAdminTests",
-            dependencies: ["HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport"]
+            dependencies: [
+                "HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport",
+                "ProcessTestSupport",
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

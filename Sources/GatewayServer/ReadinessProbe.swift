@@ -32,23 +32,28 @@ final class ReadinessProbe: Sendable {
         self.checkStore = checkStore
     }
 
-    /// The probe for a session pool and a repository: the token answers `C_GetSessionInfo` on a
-    /// pooled session (a busy pool whose sessions are all leased counts as reachable: it is
-    /// working), and the store reads its audit head.
+    /// The probe for a session pool and a repository (see `tokenCheck` and `storeCheck`).
     convenience init(pool: SessionPool, repository: any KeyRepository, logger: Logger) {
-        self.init(
-            checkToken: {
-                let answered = await Self.withTimeout {
-                    _ = try await pool.withSession { session in try session.state() }
-                }
-                if answered { return true }
-                let statistics = pool.statistics
-                return statistics.leased > 0 && statistics.leased + statistics.opening >= statistics.maximumSessions
-            },
-            checkStore: {
-                await Self.withTimeout { _ = try await repository.read { try await $0.auditHead() } }
+        self.init(checkToken: Self.tokenCheck(pool: pool), checkStore: Self.storeCheck(repository: repository))
+    }
+
+    /// The token answers `C_GetSessionInfo` on a pooled session within `checkTimeout`. A busy pool
+    /// whose sessions are all leased counts as reachable: it is working, and a probe must not
+    /// queue behind real requests.
+    static func tokenCheck(pool: SessionPool) -> @Sendable () async -> Bool {
+        {
+            let answered = await withTimeout {
+                _ = try await pool.withSession { session in try session.state() }
             }
-        )
+            if answered { return true }
+            let statistics = pool.statistics
+            return statistics.leased > 0 && statistics.leased + statistics.opening >= statistics.maximumSessions
+        }
+    }
+
+    /// The store reads its audit head within `checkTimeout`.
+    static func storeCheck(repository: any KeyRepository) -> @Sendable () async -> Bool {
+        { await withTimeout { _ = try await repository.read { try await $0.auditHead() } } }
     }
 
     /// The current result (at most `cacheLifetime` old).

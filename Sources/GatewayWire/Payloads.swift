@@ -8,7 +8,7 @@ extension SwiftProtobuf.Message {
         var bytes = buffer
         var data = bytes.readBytes(length: bytes.readableBytes) ?? []
         // Payloads may hold key material: zero the temporary copy whatever happens.
-        defer { data.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
+        defer { _ = data.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) } }
         try self.init(serializedBytes: data)
     }
 

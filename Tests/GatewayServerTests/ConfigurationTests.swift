@@ -1,6 +1,7 @@
 import Foundation
 import GatewayConfig
 import GatewayServer
+import ProcessTestSupport
 import Testing
 
 /// Loading and validating the configuration: file, environment and flags, in that order of

@@ -1,6 +1,7 @@
 import Foundation
 import GatewayClient
 import GatewayWire
+import ProcessTestSupport
 import Testing
 
 /// The real `hsm-gateway` binary: dev mode from an empty directory and again, SIGTERM drain,
@@ -148,11 +149,11 @@ struct ExecutableTests {
     }
 
     @Test func configurationErrorsExitWith78() throws {
-        let missing = try Processes.run(PackagePaths.gatewayBinary, ["--config", "/nonexistent/gateway.yaml"])
+        let missing = try ChildProcess.run(PackagePaths.gatewayBinary, ["--config", "/nonexistent/gateway.yaml"])
         #expect(missing.status == 78)
-        #expect(missing.output.contains("cannot read configuration file /nonexistent/gateway.yaml"))
+        #expect(missing.error.contains("cannot read configuration file /nonexistent/gateway.yaml"))
         let dir = try makeTemporaryDirectory("badflag")
-        let bad = try Processes.run(
+        let bad = try ChildProcess.run(
             PackagePaths.gatewayBinary,
             [
                 "--hsm-module", "/x.so", "--token-label", "t", "--pin-env", "P", "--sqlite-path", dir + "/s.db",
@@ -160,8 +161,8 @@ struct ExecutableTests {
             ]
         )
         #expect(bad.status == 78)
-        #expect(bad.output.contains("not a loopback address"))
-        let usage = try Processes.run(PackagePaths.gatewayBinary, ["--dev", "--config", "x.yaml"])
+        #expect(bad.error.contains("not a loopback address"))
+        let usage = try ChildProcess.run(PackagePaths.gatewayBinary, ["--dev", "--config", "x.yaml"])
         #expect(usage.status == 64)
     }
 }

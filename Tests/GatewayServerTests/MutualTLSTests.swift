@@ -2,6 +2,7 @@ import Foundation
 import GatewayClient
 import GatewayWire
 import KeyHierarchy
+import ProcessTestSupport
 import Testing
 
 /// Client certificates (mTLS): a verified certificate's subject CN authenticates as the principal

@@ -3,6 +3,7 @@ import GatewayClient
 import GatewayServer
 import GatewayWire
 import NIOCore
+import ProcessTestSupport
 import Testing
 
 /// The handler's answers to what the protocol rules single out: malformed payloads, unknown

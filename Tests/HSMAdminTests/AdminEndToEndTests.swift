@@ -1,5 +1,6 @@
 import Foundation
 import GatewayClient
+import ProcessTestSupport
 import Testing
 
 /// The built `hsm-admin` against a real `hsm-gateway --dev` (SoftHSM2 token, SQLite store,
@@ -25,7 +26,9 @@ struct AdminEndToEndTests {
         ]
         environment.merge(extra) { $1 }
         environment = environment.filter { !$0.value.isEmpty }
-        return try ChildProcess.run(gateway.adminExecutable, arguments, environment: environment, directory: directory)
+        return try ChildProcess.run(
+            gateway.adminExecutable, arguments, environment: environment, inheritEnvironment: false,
+            directory: directory)
     }
 
     /// `--json` output as an object.
@@ -319,16 +322,17 @@ struct AdminEndToEndTests {
     @Test("audit tail --follow prints records as they are written")
     func follow() throws {
         let log = gateway.home + "/follow-\(UInt32.random(in: 0...UInt32.max)).jsonl"
-        let pid = try ChildProcess.start(
+        let follower = try SpawnedProcess(
             gateway.adminExecutable,
             ["audit", "tail", "--follow", "--json", "--limit", "1", "--interval", "200ms"],
             environment: [
                 "PATH": "/usr/bin:/bin", "HOME": gateway.home, "HSMGW_SERVER": gateway.server,
                 "HSMGW_TOKEN_FILE": gateway.adminTokenFile,
             ],
-            logFile: log
+            inheritEnvironment: false,
+            outputPath: log
         )
-        defer { ChildProcess.stop(pid, grace: .seconds(2)) }
+        defer { follower.stop(grace: .seconds(2)) }
         let tenant = unique("e2e-follow")
         #expect(try admin(["tenant", "create", tenant]).status == 0)
         let deadline = ContinuousClock.now + .seconds(20)
@@ -344,6 +348,6 @@ struct AdminEndToEndTests {
             usleep(100_000)
         }
         #expect(seen, "\((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
-        #expect(ChildProcess.isRunning(pid), "--follow keeps running")
+        #expect(follower.poll() == nil, "--follow keeps running")
     }
 }

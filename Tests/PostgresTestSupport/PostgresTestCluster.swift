@@ -1,4 +1,5 @@
 import Foundation
+import ProcessTestSupport
 import Synchronization
 
 /// One real, throwaway PostgreSQL server per test process, made by `scripts/throwaway-postgres.sh`:
@@ -15,7 +16,28 @@ public final class PostgresTestCluster: Sendable {
         try sharedResult.get()
     }
 
-    private static let sharedResult: Result<PostgresTestCluster, any Error> = Result { try PostgresTestCluster() }
+    private static let sharedResult: Result<PostgresTestCluster, any Error> = Result {
+        let cluster = try PostgresTestCluster(tls: nil)
+        scriptForExit.withLock { $0 = (cluster.script, cluster.directory) }
+        atexit {
+            if let (script, directory) = PostgresTestCluster.scriptForExit.withLock({ $0 }) {
+                _ = try? ChildProcess.run(script, ["stop", directory])
+            }
+        }
+        return cluster
+    }
+
+    /// A cluster of the caller's own, for a test that stops it or needs other settings; `stop()`
+    /// it when done (its watcher removes it if this process dies first). With `tls`, the server
+    /// serves TLS with that certificate and key and refuses TCP logins without TLS.
+    public static func startOwn(tls: (certificate: String, key: String)? = nil) throws -> PostgresTestCluster {
+        try PostgresTestCluster(tls: tls)
+    }
+
+    /// Stops the server and removes its directory.
+    public func stop() {
+        _ = try? ChildProcess.run(script, ["stop", directory])
+    }
 
     /// The longest database name PostgreSQL keeps (`NAMEDATALEN - 1`).
     public static let maximumDatabaseNameLength = 63
@@ -38,13 +60,19 @@ public final class PostgresTestCluster: Sendable {
 
     private let databaseCounter = Mutex(0)
 
-    private init() throws {
+    /// `scripts/throwaway-postgres.sh`.
+    private let script: String
+
+    private init(tls: (certificate: String, key: String)?) throws {
         let script = try Self.scriptPath()
+        // Directly under /tmp: as root the server runs as `postgres`, which must reach it.
         let directory = "/tmp/hsmgw-pg-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let result = try Self.run(script, ["start", directory, "--watch-pid", "\(getpid())"])
+        let tlsArguments = tls.map { ["--tls", $0.certificate, $0.key] } ?? []
+        let result = try ChildProcess.run(
+            script, ["start", directory, "--watch-pid", "\(getpid())"] + tlsArguments, timeout: .seconds(600))
         guard result.status == 0 else {
-            _ = try? Self.run(script, ["stop", directory])
-            throw PostgresTestClusterError("throwaway-postgres.sh start failed (\(result.status)): \(result.output)")
+            _ = try? ChildProcess.run(script, ["stop", directory])
+            throw PostgresTestClusterError("throwaway-postgres.sh start failed: \(result)")
         }
         var values: [String: String] = [:]
         for line in result.output.split(separator: "\n") {
@@ -54,8 +82,8 @@ public final class PostgresTestCluster: Sendable {
         guard let portText = values["port"], let port = Int(portText), let socket = values["socket"],
             let bin = values["bin"]
         else {
-            _ = try? Self.run(script, ["stop", directory])
-            throw PostgresTestClusterError("throwaway-postgres.sh printed no port/socket/bin: \(result.output)")
+            _ = try? ChildProcess.run(script, ["stop", directory])
+            throw PostgresTestClusterError("throwaway-postgres.sh printed no port/socket/bin: \(result)")
         }
         self.port = port
         self.socketDirectory = socket
@@ -63,12 +91,7 @@ public final class PostgresTestCluster: Sendable {
         self.directory = directory
         self.username = "hsmgw"
         self.password = try String(contentsOfFile: "\(directory)/password", encoding: .utf8)
-        Self.scriptForExit.withLock { $0 = (script, directory) }
-        atexit {
-            if let (script, directory) = PostgresTestCluster.scriptForExit.withLock({ $0 }) {
-                _ = try? PostgresTestCluster.run(script, ["stop", directory])
-            }
-        }
+        self.script = script
     }
 
     /// What `atexit` needs, kept outside the instance so the C callback captures nothing.
@@ -93,7 +116,7 @@ public final class PostgresTestCluster: Sendable {
     /// Runs `sql` (one or more statements) with `psql` in `database` over TCP and returns what it
     /// printed, unaligned and tuples only (`-XAt`). Throws when psql fails.
     public func psql(_ database: String, _ sql: String) throws -> String {
-        let result = try Self.run(
+        let result = try ChildProcess.run(
             "\(binDirectory)/psql",
             [
                 "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", "\(port)", "-U", username,
@@ -102,90 +125,9 @@ public final class PostgresTestCluster: Sendable {
             environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
         )
         guard result.status == 0 else {
-            throw PostgresTestClusterError("psql failed (\(result.status)): \(result.output)")
+            throw PostgresTestClusterError("psql failed: \(result)")
         }
         return result.output
-    }
-
-    // MARK: Processes
-
-    /// Runs `executable` and returns its exit status and its stdout and stderr, interleaved.
-    ///
-    /// `posix_spawn` and `waitpid` rather than Foundation's `Process`, whose `waitUntilExit` was
-    /// seen never returning inside the swift-testing runner (the child's exit went unnoticed).
-    /// Reading stops when the child has exited and the pipe is drained, not at end-of-file: a
-    /// child that another thread spawns at the same moment may inherit the pipe and hold it open.
-    private static func run(
-        _ executable: String,
-        _ arguments: [String],
-        environment: [String: String] = [:]
-    ) throws -> (status: Int32, output: String) {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else {
-            throw PostgresTestClusterError("pipe failed: errno \(errno)")
-        }
-        let (readEnd, writeEnd) = (fds[0], fds[1])
-        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
-        _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC)
-        _ = fcntl(readEnd, F_SETFL, O_NONBLOCK)
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, writeEnd, 1)
-        posix_spawn_file_actions_adddup2(&actions, writeEnd, 2)
-
-        let merged = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = merged.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            for pointer in argv { free(pointer) }
-            for pointer in envp { free(pointer) }
-        }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, envp)
-        close(writeEnd)
-        guard spawned == 0 else {
-            close(readEnd)
-            throw PostgresTestClusterError("cannot run \(executable): errno \(spawned)")
-        }
-        defer { close(readEnd) }
-
-        var output: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        /// Reads what the pipe holds now; false at end-of-file.
-        func drain() -> Bool {
-            while true {
-                let count = buffer.withUnsafeMutableBytes { read(readEnd, $0.baseAddress, $0.count) }
-                if count > 0 {
-                    output += buffer[0..<count]
-                } else if count == 0 {
-                    return false
-                } else if errno != EINTR {
-                    return true  // EAGAIN: nothing more for now
-                }
-            }
-        }
-        var status: Int32 = 0
-        var open = true
-        while true {
-            if open {
-                var descriptor = pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0)
-                _ = poll(&descriptor, 1, 100)
-                open = drain()
-            }
-            let waited = waitpid(pid, &status, open ? WNOHANG : 0)
-            if waited == pid {
-                _ = drain()
-                break
-            }
-            if waited == -1 && errno != EINTR {
-                throw PostgresTestClusterError("waitpid failed: errno \(errno)")
-            }
-        }
-        // WIFEXITED / WEXITSTATUS: exited normally when the low 7 bits are 0; else 128 + signal.
-        let exitStatus = status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        return (exitStatus, String(decoding: output, as: UTF8.self))
     }
 
     /// `scripts/throwaway-postgres.sh`, found by walking up from this file to the package root.

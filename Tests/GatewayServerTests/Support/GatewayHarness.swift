@@ -5,6 +5,7 @@ import GatewayTransport
 import GatewayWire
 import Logging
 import NIOCore
+import ProcessTestSupport
 import SoftHSMTestSupport
 
 /// One gateway in this process on 127.0.0.1 with a port the system picks, on a fresh SoftHSM2

@@ -1,6 +1,7 @@
 import Foundation
 import GatewayServer
 import PostgresTestSupport
+import ProcessTestSupport
 import Testing
 
 /// The two stores; end-to-end tests run against both with `@Test(arguments: StoreKind.allCases)`.

@@ -2,14 +2,18 @@ import Foundation
 
 /// A throwaway PKI made with the `openssl` CLI: a CA, a server certificate for `localhost` and
 /// 127.0.0.1, and client certificates with chosen subject common names (for mTLS).
-struct TestCertificates: Sendable {
-    let directory: String
-    var caCertificate: String { directory + "/ca.crt" }
-    var serverCertificate: String { directory + "/server.crt" }
-    var serverKey: String { directory + "/server.key" }
+public struct TestCertificates: Sendable {
+    /// Where the files are (mode 0700).
+    public let directory: String
+    /// The CA certificate (PEM), to trust.
+    public var caCertificate: String { directory + "/ca.crt" }
+    /// The server certificate (PEM), for `localhost` and 127.0.0.1.
+    public var serverCertificate: String { directory + "/server.crt" }
+    /// The server private key (PEM, mode 0600).
+    public var serverKey: String { directory + "/server.key" }
 
     /// One set per test process.
-    static func shared() throws -> TestCertificates { try sharedResult.get() }
+    public static func shared() throws -> TestCertificates { try sharedResult.get() }
     private static let sharedResult: Result<TestCertificates, any Error> = Result { try TestCertificates() }
 
     private init() throws {
@@ -25,8 +29,20 @@ struct TestCertificates: Sendable {
                 "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
     }
 
+    /// A server certificate for the DNS name `localhost` only, with no IP address: a client
+    /// connecting to 127.0.0.1 must name `localhost` to accept it (NIOSSL accepts a certificate
+    /// whose IP address matches the connected address whatever server name was asked for).
+    public func dnsOnlyServer() throws -> (certificate: String, key: String) {
+        if !FileManager.default.fileExists(atPath: directory + "/server-dns.crt") {
+            try issue(
+                name: "server-dns", commonName: "localhost",
+                extensions: "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+        }
+        return (directory + "/server-dns.crt", directory + "/server-dns.key")
+    }
+
     /// A client certificate and key signed by the CA, with subject CN `commonName`.
-    func client(commonName: String) throws -> (certificate: String, key: String) {
+    public func client(commonName: String) throws -> (certificate: String, key: String) {
         let name = "client-" + commonName.map { $0.isLetter || $0.isNumber ? String($0) : "_" }.joined()
         if !FileManager.default.fileExists(atPath: "\(directory)/\(name).crt") {
             try issue(
@@ -37,7 +53,7 @@ struct TestCertificates: Sendable {
     }
 
     /// A client certificate from a CA the server does not trust.
-    func untrustedClient(commonName: String) throws -> (certificate: String, key: String) {
+    public func untrustedClient(commonName: String) throws -> (certificate: String, key: String) {
         let other = directory + "/rogue"
         try? FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
         if !FileManager.default.fileExists(atPath: other + "/client.crt") {
@@ -68,9 +84,9 @@ struct TestCertificates: Sendable {
     }
 
     private func openssl(_ arguments: [String]) throws {
-        let result = try Processes.run("/usr/bin/openssl", arguments)
+        let result = try ChildProcess.run("/usr/bin/openssl", arguments)
         guard result.status == 0 else {
-            throw TestSetupError("openssl \(arguments.first ?? "") failed (\(result.status)): \(result.output)")
+            throw TestSetupError("openssl \(arguments.first ?? "") failed: \(result)")
         }
     }
 }

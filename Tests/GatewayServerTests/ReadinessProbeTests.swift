@@ -1,0 +1,135 @@
+import Foundation
+import PKCS11
+import SoftHSMTestSupport
+import Synchronization
+import Testing
+
+@testable import GatewayServer
+
+/// The readiness probe's rules: a dependency that fails or hangs is not ready, results are
+/// cached and shared, and the token check on a real SoftHSM2 pool.
+@Suite("Readiness probe")
+struct ReadinessProbeTests {
+    /// Counts the checks it runs; each answers `answer` after `delay` (or never, when nil).
+    final class FakeCheck: Sendable {
+        private let state = Mutex<(answer: Bool, delay: Duration?, runs: Int)>((true, .zero, 0))
+
+        var runs: Int { state.withLock { $0.runs } }
+
+        func set(answer: Bool, delay: Duration? = .zero) {
+            state.withLock {
+                $0.answer = answer
+                $0.delay = delay
+            }
+        }
+
+        var check: @Sendable () async -> Bool {
+            {
+                let (answer, delay) = self.state.withLock { state -> (Bool, Duration?) in
+                    state.runs += 1
+                    return (state.answer, state.delay)
+                }
+                guard let delay else {
+                    // Hung: only the probe's timeout gets the caller out.
+                    return await ReadinessProbe.withTimeout { try await Task.sleep(for: .seconds(3600)) }
+                }
+                try? await Task.sleep(for: delay)
+                return answer
+            }
+        }
+    }
+
+    @Test("a failing token or store makes the gateway not ready, naming which")
+    func failingDependency() async throws {
+        let token = FakeCheck()
+        let store = FakeCheck()
+        store.set(answer: false)
+        let probe = ReadinessProbe(checkToken: token.check, checkStore: store.check)
+        let result = await probe.check()
+        #expect(result == .init(tokenReachable: true, storeReachable: false))
+        #expect(!result.ready)
+    }
+
+    @Test("a token that hangs counts as unreachable after the check timeout, not after the hang")
+    func hungToken() async throws {
+        let token = FakeCheck()
+        token.set(answer: true, delay: nil)
+        let store = FakeCheck()
+        let probe = ReadinessProbe(checkToken: token.check, checkStore: store.check)
+        let started = ContinuousClock.now
+        let result = await probe.check()
+        let took = ContinuousClock.now - started
+        #expect(result == .init(tokenReachable: false, storeReachable: true))
+        // Bounded by the timeout (2 s) plus scheduling; an hour would mean no timeout at all.
+        #expect(took >= ReadinessProbe.checkTimeout && took < .seconds(60), "\(took)")
+    }
+
+    @Test("withTimeout: a throwing body is false, a slow one false, a quick one true")
+    func timeoutRule() async {
+        struct Refused: Error {}
+        #expect(await ReadinessProbe.withTimeout {})
+        #expect(!(await ReadinessProbe.withTimeout { throw Refused() }))
+        #expect(!(await ReadinessProbe.withTimeout { try await Task.sleep(for: .seconds(3600)) }))
+    }
+
+    @Test("results are reused within the cache lifetime and shared by concurrent askers, then refreshed")
+    func caching() async throws {
+        let token = FakeCheck()
+        let store = FakeCheck()
+        token.set(answer: true, delay: .milliseconds(200))
+        let probe = ReadinessProbe(checkToken: token.check, checkStore: store.check)
+        let before = ContinuousClock.now
+        let results = await withTaskGroup(of: ReadinessProbe.Result.self) { group in
+            for _ in 0..<50 { group.addTask { await probe.check() } }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(results.count == 50 && results.allSatisfy(\.ready))
+        #expect(token.runs == 1 && store.runs == 1)
+
+        // Within the lifetime a token that just failed is not seen yet (checked only when this
+        // machine got here in time: the rule is about the cache, not about speed).
+        token.set(answer: false)
+        let again = await probe.check()
+        if ContinuousClock.now - before < ReadinessProbe.cacheLifetime {
+            #expect(again.ready)
+            #expect(token.runs == 1)
+        }
+
+        // After the lifetime the next asker runs a new check and sees the failure.
+        try await Task.sleep(for: ReadinessProbe.cacheLifetime + .milliseconds(100))
+        let refreshed = await probe.check()
+        #expect(!refreshed.tokenReachable)
+        #expect(token.runs >= 2)
+    }
+
+    @Test("on a real SoftHSM2 pool: reachable when idle, reachable when every session is busy, not after shutdown")
+    func tokenCheckOnRealPool() async throws {
+        let fixture = try SoftHSMFixture.shared()
+        let testToken = try fixture.makeToken("readiness")
+        var configuration = SessionPoolConfiguration()
+        configuration.maximumSessions = 1
+        configuration.acquireTimeout = .seconds(30)
+        let pool = try await SessionPool(
+            module: fixture.module, tokenLabel: testToken.label, pin: testToken.pin, configuration: configuration)
+        let check = ReadinessProbe.tokenCheck(pool: pool)
+        #expect(await check())
+
+        // The only session held by a long operation: the probe must not wait behind it, and a
+        // working pool is not an unreachable token.
+        let release = Mutex(false)
+        let holder = Task {
+            try await pool.withSession { _ in
+                while !release.withLock({ $0 }) { usleep(10_000) }
+            }
+        }
+        while pool.statistics.leased == 0 { try await Task.sleep(for: .milliseconds(10)) }
+        let started = ContinuousClock.now
+        #expect(await check())
+        #expect(ContinuousClock.now - started < .seconds(20))
+        release.withLock { $0 = true }
+        try await holder.value
+
+        await pool.shutdown()
+        #expect(!(await check()))
+    }
+}
