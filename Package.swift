@@ -68,6 +68,7 @@ let package = Package(
             dependencies: [
                 "KeyHierarchy",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -2,7 +2,7 @@
 # A throwaway PostgreSQL cluster for tests: private data directory, loopback only, a random
 # scram-sha-256 password, a free port, durability left at the server's defaults.
 #
-#   throwaway-postgres.sh start DIR [--watch-pid PID]
+#   throwaway-postgres.sh start DIR [--watch-pid PID] [--tls CERT KEY]
 #       initdb into DIR/data (superuser `hsmgw`, password in DIR/password, mode 0600), start the
 #       server on 127.0.0.1 and a free port with its Unix socket in DIR/socket, wait until it
 #       accepts connections, then print:
@@ -11,6 +11,8 @@
 #           bin=PATH               (the PostgreSQL binaries used, for psql)
 #       With --watch-pid, a detached watcher stops and removes the cluster once PID has exited
 #       (so a test process that crashes does not leave a server running).
+#       With --tls, the server serves TLS with CERT and KEY (PEM; copied into DIR) and accepts
+#       TCP logins only over TLS (`hostssl` in pg_hba.conf); the Unix socket stays as it is.
 #   throwaway-postgres.sh stop DIR
 #       stop the server (-m fast) and remove DIR. DIR must have been made by `start`.
 #
@@ -37,7 +39,7 @@ die() {
 }
 
 usage() {
-    die "usage: $0 start DIR [--watch-pid PID] | stop DIR"
+    die "usage: $0 start DIR [--watch-pid PID] [--tls CERT KEY] | stop DIR"
 }
 
 find_bin() {
@@ -70,7 +72,7 @@ port_in_use() {
 }
 
 start() {
-    local dir=$1 watch_pid=${2:-}
+    local dir=$1 watch_pid=${2:-} tls_cert=${3:-} tls_key=${4:-}
     local bin
     bin=$(find_bin)
     [[ ! -e "$dir" ]] || [[ -z "$(ls -A "$dir")" ]] || die "$dir exists and is not empty"
@@ -94,10 +96,23 @@ start() {
             die "the postgres user cannot reach $dir (a parent directory is private); use a directory under /tmp"
     fi
     chmod 0600 "$dir/password"
+    local server_options="-c listen_addresses=127.0.0.1 -c max_connections=$MAX_CONNECTIONS"
+    if [[ -n "$tls_cert" ]]; then
+        [[ -r "$tls_cert" && -r "$tls_key" ]] || die "--tls: cannot read $tls_cert or $tls_key"
+        # The server refuses a key that others can read, and as root it must own it.
+        install -m 0600 "$tls_cert" "$dir/server.crt"
+        install -m 0600 "$tls_key" "$dir/server.key"
+        if [[ $(id -u) == 0 ]]; then chown postgres: "$dir/server.crt" "$dir/server.key"; fi
+        server_options+=" -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+    fi
 
     as_owner "$bin/initdb" --pgdata="$dir/data" --username="$PG_USER" --pwfile="$dir/password" \
         --auth=scram-sha-256 --encoding=UTF8 --no-locale >>"$dir/postgres.log" 2>&1 </dev/null ||
         die "initdb failed; see $dir/postgres.log"
+    if [[ -n "$tls_cert" ]]; then
+        # TCP logins over TLS only: a client that does not ask for TLS is refused.
+        sed -i 's/^host\([[:space:]]\)/hostssl\1/' "$dir/data/pg_hba.conf"
+    fi
 
     local attempt port started=""
     for ((attempt = 0; attempt < PORT_ATTEMPTS; attempt++)); do
@@ -105,7 +120,7 @@ start() {
         port_in_use "$port" && continue
         if as_owner "$bin/pg_ctl" --pgdata="$dir/data" --log="$dir/postgres.log" --wait \
             --timeout="$PG_CTL_TIMEOUT" \
-            -o "-p $port -k $dir/socket -c listen_addresses=127.0.0.1 -c max_connections=$MAX_CONNECTIONS" start >/dev/null 2>&1 </dev/null; then
+            -o "-p $port -k $dir/socket $server_options" start >/dev/null 2>&1 </dev/null; then
             started=yes
             break
         fi
@@ -116,9 +131,10 @@ start() {
     [[ -n "$started" ]] || die "no free port after $PORT_ATTEMPTS attempts; see $dir/postgres.log"
 
     # Ready means a real login works (pg_ctl --wait already checked the socket).
-    local tries
+    local tries sslmode=prefer
+    [[ -z "$tls_cert" ]] || sslmode=require
     for ((tries = 0; tries < 100; tries++)); do
-        if PGPASSWORD=$password "$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U "$PG_USER" -d postgres \
+        if PGPASSWORD=$password PGSSLMODE=$sslmode "$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U "$PG_USER" -d postgres \
             -c 'SELECT 1' >/dev/null 2>&1 </dev/null; then
             break
         fi
@@ -155,13 +171,24 @@ stop() {
 [[ $# -ge 2 ]] || usage
 case "$1" in
 start)
-    watch=""
-    if [[ $# -eq 4 && "$3" == "--watch-pid" ]]; then
-        watch=$4
-    elif [[ $# -ne 2 ]]; then
-        usage
-    fi
-    start "$2" "$watch"
+    dir=$2 watch="" cert="" key=""
+    shift 2
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+        --watch-pid)
+            [[ $# -ge 2 ]] || usage
+            watch=$2
+            shift 2
+            ;;
+        --tls)
+            [[ $# -ge 3 ]] || usage
+            cert=$2 key=$3
+            shift 3
+            ;;
+        *) usage ;;
+        esac
+    done
+    start "$dir" "$watch" "$cert" "$key"
     ;;
 stop)
     [[ $# -eq 2 ]] || usage

@@ -130,7 +130,13 @@ extension GatewayServerApp {
                 username: postgres.user,
                 password: password,
                 database: postgres.database,
-                maximumConnections: postgres.maximumConnections
+                maximumConnections: postgres.maximumConnections,
+                tls: {
+                    switch postgres.tls {
+                    case .disable: .disable
+                    case .verifyFull(let caFile, let serverName): .verifyFull(caFile: caFile, serverName: serverName)
+                    }
+                }()
             )
             do {
                 return try await PostgresKeyStore.open(

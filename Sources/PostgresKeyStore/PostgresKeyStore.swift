@@ -1,6 +1,7 @@
 import Foundation
 import KeyHierarchy
 import Logging
+import NIOSSL
 import PostgresNIO
 import Synchronization
 
@@ -14,7 +15,7 @@ import Synchronization
 ///
 /// Bound values (wrapped keys, hashes, ids) are never logged and never put in errors.
 public final class PostgresKeyStore: KeyRepository {
-    /// How long `open` waits for the first connection (TCP connect, TLS-less start-up and login)
+    /// How long `open` waits for the first connection (TCP connect, TLS, start-up and login)
     /// before failing with `.unavailable`: a gateway that cannot reach its database should say so
     /// at start-up, not hang. Also the pool's connect timeout for later connections.
     public static let connectTimeout: Duration = .seconds(5)
@@ -61,7 +62,8 @@ public final class PostgresKeyStore: KeyRepository {
                     + "not \(configuration.maximumConnections)"
             )
         }
-        let connection = try await connect(configuration, logger: logger)
+        let tls = try tlsSetup(configuration)
+        let connection = try await connect(configuration, tls: tls, logger: logger)
         do {
             try await checkDurability(connection, logger: logger)
             try await migrate(connection, logger: logger)
@@ -75,6 +77,7 @@ public final class PostgresKeyStore: KeyRepository {
         options.maximumConnections = configuration.maximumConnections
         options.minimumConnections = 0
         options.connectTimeout = connectTimeout
+        options.tlsServerName = tls?.serverName
         let clientConfiguration =
             if let path = configuration.unixSocketPath {
                 PostgresClient.Configuration(
@@ -90,7 +93,7 @@ public final class PostgresKeyStore: KeyRepository {
                     username: configuration.username,
                     password: configuration.password,
                     database: configuration.database,
-                    tls: .disable
+                    tls: tls.map { .require($0.configuration) } ?? .disable
                 )
             }
         var pooled = clientConfiguration
@@ -247,8 +250,32 @@ public final class PostgresKeyStore: KeyRepository {
 
     // MARK: Opening
 
+    /// The TLS configuration and context for `configuration.tls`, loaded now so that an
+    /// unreadable CA file fails `open` with its own message; nil for `.disable`.
+    private static func tlsSetup(
+        _ configuration: PostgresKeyStoreConfiguration
+    ) throws -> (configuration: TLSConfiguration, context: NIOSSLContext, serverName: String?)? {
+        guard case .verifyFull(let caFile, let serverName) = configuration.tls else { return nil }
+        guard configuration.unixSocketPath == nil else {
+            throw StorageError(.other, "TLS is for TCP connections; a Unix socket does not use it")
+        }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        tls.certificateVerification = .fullVerification
+        if let caFile {
+            tls.trustRoots = .file(caFile)
+        }
+        do {
+            return (tls, try NIOSSLContext(configuration: tls), serverName)
+        } catch {
+            throw StorageError(
+                .other, "TLS: cannot load the CA certificates \(caFile ?? "of the system") (PEM expected)")
+        }
+    }
+
     private static func connect(
         _ configuration: PostgresKeyStoreConfiguration,
+        tls: (configuration: TLSConfiguration, context: NIOSSLContext, serverName: String?)?,
         logger: Logger
     ) async throws -> PostgresConnection {
         var connectionConfiguration =
@@ -266,10 +293,11 @@ public final class PostgresKeyStore: KeyRepository {
                     username: configuration.username,
                     password: configuration.password,
                     database: configuration.database,
-                    tls: .disable
+                    tls: tls.map { .require($0.context) } ?? .disable
                 )
             }
         connectionConfiguration.options.connectTimeout = .init(connectTimeout)
+        connectionConfiguration.options.tlsServerName = tls?.serverName
         let endpoint = configuration.endpointDescription
         let finalConfiguration = connectionConfiguration
         do {

@@ -1,8 +1,19 @@
 /// Where and how `PostgresKeyStore` connects.
 ///
-/// Connections are plain TCP or a Unix socket (no TLS): run the database on the gateway's host
-/// or on a network the operator already protects.
+/// Over TCP, `tls` says whether the connection is encrypted and how the server is verified; a
+/// Unix socket never uses TLS (it does not leave the host).
 public struct PostgresKeyStoreConfiguration: Sendable {
+    /// TLS for TCP connections, after libpq's `sslmode` values of the same names.
+    public enum TLS: Sendable, Hashable {
+        /// Plain TCP: for a database on the gateway's host or on a network already protected.
+        case disable
+        /// TLS 1.2 or later is required, and the server's certificate must chain to the PEM
+        /// certificates in `caFile` (nil: the system's trust roots) and name `serverName` (nil:
+        /// `host`, or the address connected to when `host` is an IP address). No fallback to
+        /// plain TCP.
+        case verifyFull(caFile: String?, serverName: String?)
+    }
+
     /// The default pool size: enough for group commit and concurrent reads on a small gateway,
     /// well below PostgreSQL's default `max_connections` (100) when several gateways share it.
     public static let defaultMaximumConnections = 8
@@ -26,6 +37,8 @@ public struct PostgresKeyStoreConfiguration: Sendable {
     /// Pool size: default `defaultMaximumConnections` (8), `maximumConnectionsRange` (1...256)
     /// accepted; `PostgresKeyStore.open` refuses anything else.
     public var maximumConnections: Int
+    /// TLS for TCP; `PostgresKeyStore.open` refuses TLS with `unixSocketPath`.
+    public var tls: TLS
 
     /// A configuration; only `username` and `database` have no default.
     public init(
@@ -35,7 +48,8 @@ public struct PostgresKeyStoreConfiguration: Sendable {
         username: String,
         password: String? = nil,
         database: String,
-        maximumConnections: Int = PostgresKeyStoreConfiguration.defaultMaximumConnections
+        maximumConnections: Int = PostgresKeyStoreConfiguration.defaultMaximumConnections,
+        tls: TLS = .disable
     ) {
         self.host = host
         self.port = port
@@ -44,6 +58,7 @@ public struct PostgresKeyStoreConfiguration: Sendable {
         self.password = password
         self.database = database
         self.maximumConnections = maximumConnections
+        self.tls = tls
     }
 
     /// Where the store connects, for log lines and errors (never the password).
@@ -51,6 +66,7 @@ public struct PostgresKeyStoreConfiguration: Sendable {
         if let unixSocketPath {
             return "unix:\(unixSocketPath) database \(database)"
         }
-        return "\(host):\(port) database \(database)"
+        let security = if case .verifyFull = tls { " (TLS)" } else { "" }
+        return "\(host):\(port) database \(database)\(security)"
     }
 }

@@ -173,11 +173,51 @@ struct ConfigurationTests {
         #expect(
             loadError(file: try files.write(files.minimal.components(separatedBy: "store:")[0]), environment: postgres)
                 == nil)
-        var tls = postgres
-        tls["HSMGW_STORE_POSTGRES_TLS"] = "require"
-        #expect(
-            loadError(file: try files.write(files.minimal.components(separatedBy: "store:")[0]), environment: tls)?
-                .contains("only `disable`") == true)
+        let noStore = try files.write(files.minimal.components(separatedBy: "store:")[0])
+        func with(_ extra: [String: String]) -> [String: String] { postgres.merging(extra) { $1 } }
+
+        // TLS to PostgreSQL: disable (the default) or verify-full, nothing weaker.
+        let unknown = loadError(file: noStore, environment: with(["HSMGW_STORE_POSTGRES_TLS": "require"]))
+        #expect(unknown?.contains("HSMGW_STORE_POSTGRES_TLS") == true, "\(unknown ?? "")")
+        #expect(unknown?.contains("must be one of disable, verify-full, not `require`") == true)
+
+        let caFile = files.directory + "/pg-ca.pem"
+        _ = FileManager.default.createFile(atPath: caFile, contents: Data("-----BEGIN CERTIFICATE-----\n".utf8))
+        let verified = try GatewayConfiguration.load(
+            file: noStore,
+            environment: with([
+                "HSMGW_STORE_POSTGRES_TLS": "verify-full", "HSMGW_STORE_POSTGRES_TLS_CA_FILE": caFile,
+                "HSMGW_STORE_POSTGRES_TLS_SERVER_NAME": "db.internal",
+            ])
+        ).configuration
+        guard case .postgres(let settings) = verified.store else {
+            Issue.record("not a postgres store: \(verified.store)")
+            return
+        }
+        #expect(settings.tls == .verifyFull(caFile: caFile, serverName: "db.internal"))
+        let systemRoots = try GatewayConfiguration.load(
+            file: noStore, environment: with(["HSMGW_STORE_POSTGRES_TLS": "verify-full"])
+        ).configuration
+        if case .postgres(let settings) = systemRoots.store {
+            #expect(settings.tls == .verifyFull(caFile: nil, serverName: nil))
+        }
+
+        let missingCA = loadError(
+            file: noStore,
+            environment: with([
+                "HSMGW_STORE_POSTGRES_TLS": "verify-full",
+                "HSMGW_STORE_POSTGRES_TLS_CA_FILE": files.directory + "/none.pem",
+            ]))
+        #expect(missingCA?.contains("HSMGW_STORE_POSTGRES_TLS_CA_FILE") == true, "\(missingCA ?? "")")
+        let strayCA = loadError(file: noStore, environment: with(["HSMGW_STORE_POSTGRES_TLS_CA_FILE": caFile]))
+        #expect(strayCA?.contains("store.postgres.tls is disable") == true, "\(strayCA ?? "")")
+        let overSocket = loadError(
+            file: noStore,
+            environment: with([
+                "HSMGW_STORE_POSTGRES_TLS": "verify-full",
+                "HSMGW_STORE_POSTGRES_UNIX_SOCKET": "/run/postgresql/.s.PGSQL.5432",
+            ]))
+        #expect(overSocket?.contains("a Unix socket") == true, "\(overSocket ?? "")")
     }
 
     @Test func unknownEnvironmentVariablesAreReported() throws {

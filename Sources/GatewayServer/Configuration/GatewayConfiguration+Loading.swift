@@ -249,13 +249,6 @@ struct SettingsReader {
             if let stray = sqliteKeys.sorted().first {
                 throw ConfigurationError("\(origin(stray)): store.kind is postgres; remove the sqlite settings")
             }
-            let tls = try string("store.postgres.tls") ?? "disable"
-            guard tls == "disable" else {
-                throw ConfigurationError(
-                    "\(origin("store.postgres.tls")): only `disable` is supported by this build (the PostgreSQL "
-                        + "store connects over TCP without TLS or over a Unix socket); got `\(tls)`"
-                )
-            }
             var settings = PostgresSettings(
                 user: try required("store.postgres.user", maximumBytes: 63, because: "when store.kind is postgres"),
                 database: try required(
@@ -268,7 +261,33 @@ struct SettingsReader {
             settings.passwordFile = try existingFile("store.postgres.password_file", secret: true)
             settings.maximumConnections = try integer(
                 "store.postgres.max_connections", in: 1...256, default: settings.maximumConnections)
+            settings.tls = try postgresTLS(overUnixSocket: settings.unixSocketPath != nil)
             return .postgres(settings)
+        }
+    }
+
+    /// `store.postgres.tls` (`disable` or `verify-full`) with its CA file and server name.
+    func postgresTLS(overUnixSocket: Bool) throws(ConfigurationError) -> PostgresSettings.TLS {
+        enum Mode: String, CaseIterable {
+            case disable
+            case verifyFull = "verify-full"
+        }
+        let mode = try choice("store.postgres.tls", default: Mode.disable)
+        let caFile = try existingFile("store.postgres.tls_ca_file", secret: false)
+        let serverName = try string("store.postgres.tls_server_name", maximumBytes: 255)
+        switch mode {
+        case .disable:
+            for stray in ["store.postgres.tls_ca_file", "store.postgres.tls_server_name"] where raw[stray] != nil {
+                throw ConfigurationError("\(origin(stray)): store.postgres.tls is disable; set it to verify-full")
+            }
+            return .disable
+        case .verifyFull:
+            if overUnixSocket {
+                throw ConfigurationError(
+                    "\(origin("store.postgres.tls")): verify-full is for TCP; a Unix socket "
+                        + "(store.postgres.unix_socket) does not use TLS")
+            }
+            return .verifyFull(caFile: caFile, serverName: serverName)
         }
     }
 

@@ -211,6 +211,15 @@ public enum StoreSettings: Sendable, Hashable {
 
 /// Where and how to reach PostgreSQL.
 public struct PostgresSettings: Sendable, Hashable {
+    /// TLS to the server over TCP (`store.postgres.tls`), after libpq's `sslmode` values.
+    public enum TLS: Sendable, Hashable {
+        /// Plain TCP: for a database on the gateway's host or on a network already protected.
+        case disable
+        /// TLS required; the server's certificate must chain to `caFile` (`store.postgres.tls_ca_file`;
+        /// nil: the system's roots) and name `serverName` (`store.postgres.tls_server_name`; nil: the host).
+        case verifyFull(caFile: String?, serverName: String?)
+    }
+
     /// Server host, for TCP.
     public var host: String
     /// Server port, for TCP.
@@ -225,6 +234,8 @@ public struct PostgresSettings: Sendable, Hashable {
     public var passwordFile: String?
     /// Connection pool size.
     public var maximumConnections: Int
+    /// TLS over TCP; never with `unixSocketPath`.
+    public var tls: TLS
 
     /// Settings; only `user` and `database` have no default.
     public init(
@@ -234,7 +245,8 @@ public struct PostgresSettings: Sendable, Hashable {
         user: String,
         database: String,
         passwordFile: String? = nil,
-        maximumConnections: Int = 8
+        maximumConnections: Int = 8,
+        tls: TLS = .disable
     ) {
         self.host = host
         self.port = port
@@ -243,6 +255,7 @@ public struct PostgresSettings: Sendable, Hashable {
         self.database = database
         self.passwordFile = passwordFile
         self.maximumConnections = maximumConnections
+        self.tls = tls
     }
 }
 

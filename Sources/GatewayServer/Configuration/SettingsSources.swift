@@ -53,6 +53,8 @@ enum SettingKeys {
         SettingDefinition("store.postgres.database"),
         SettingDefinition("store.postgres.password_file"),
         SettingDefinition("store.postgres.tls"),
+        SettingDefinition("store.postgres.tls_ca_file"),
+        SettingDefinition("store.postgres.tls_server_name"),
         SettingDefinition("store.postgres.max_connections"),
         SettingDefinition("limits.max_frame_bytes"),
         SettingDefinition("limits.max_requests_in_flight"),
