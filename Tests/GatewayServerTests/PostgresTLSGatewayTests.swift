@@ -22,7 +22,8 @@ struct PostgresTLSGatewayTests {
         let cluster = try PostgresTestCluster.startOwn(tls: try TestCertificates.shared().dnsOnlyServer())
         defer { cluster.stop() }
         let store = try settings(cluster, host: "localhost", serverName: nil)
-        try await withGateway(.postgres, "pg-tls", configure: { $0.store = .postgres(store) }) { gateway in
+        let useTLSCluster: (inout GatewayConfiguration) -> Void = { $0.store = .postgres(store) }
+        try await withGateway(.postgres, "pg-tls", configure: useTLSCluster) { gateway in
             let client = try gateway.client(token: gateway.adminToken)
             _ = try await client.createTenant("acme")
             let key = try await client.generateDataKey(tenant: "acme", context: ["db": "tls"])
