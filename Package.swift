@@ -210,6 +210,7 @@ let package = Package(
             dependencies: [
                 "GatewayTransport",
                 "GatewayWire",
+                "ProcessTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -228,6 +229,7 @@ let package = Package(
             dependencies: [
                 "GatewayClient",
                 "GatewayWire",
+                "ProcessTestSupport",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -1,7 +1,10 @@
 import Foundation
+import Synchronization
 
-/// A throwaway PKI made with the `openssl` CLI: a CA, a server certificate for `localhost` and
-/// 127.0.0.1, and client certificates with chosen subject common names (for mTLS).
+/// A throwaway PKI made with the `openssl` CLI, one per test process: a CA, a server
+/// certificate for `localhost` and 127.0.0.1, and on demand a server certificate naming only
+/// `localhost`, client certificates with chosen subjects, a client certificate from a CA the
+/// server does not trust, and a second CA that signed nothing. All P-256, valid two days.
 public struct TestCertificates: Sendable {
     /// Where the files are (mode 0700).
     public let directory: String
@@ -15,16 +18,14 @@ public struct TestCertificates: Sendable {
     /// One set per test process.
     public static func shared() throws -> TestCertificates { try sharedResult.get() }
     private static let sharedResult: Result<TestCertificates, any Error> = Result { try TestCertificates() }
+    /// Certificates made on demand are made once, whichever test asks first.
+    private static let issuing = Mutex(())
 
     private init() throws {
         directory = try makeTemporaryDirectory("pki")
-        try openssl([
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", directory + "/ca.key", "-out", caCertificate, "-days", "2", "-subj", "/CN=hsmgw test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        ])
+        try makeCA("ca", subject: "/CN=hsmgw test CA")
         try issue(
-            name: "server", commonName: "localhost",
+            name: "server", subject: "/CN=localhost",
             extensions:
                 "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
     }
@@ -33,54 +34,84 @@ public struct TestCertificates: Sendable {
     /// connecting to 127.0.0.1 must name `localhost` to accept it (NIOSSL accepts a certificate
     /// whose IP address matches the connected address whatever server name was asked for).
     public func dnsOnlyServer() throws -> (certificate: String, key: String) {
-        if !FileManager.default.fileExists(atPath: directory + "/server-dns.crt") {
+        try onDemand("server-dns") { name in
             try issue(
-                name: "server-dns", commonName: "localhost",
+                name: name, subject: "/CN=localhost",
                 extensions: "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
         }
-        return (directory + "/server-dns.crt", directory + "/server-dns.key")
     }
 
     /// A client certificate and key signed by the CA, with subject CN `commonName`.
     public func client(commonName: String) throws -> (certificate: String, key: String) {
-        let name = "client-" + commonName.map { $0.isLetter || $0.isNumber ? String($0) : "_" }.joined()
-        if !FileManager.default.fileExists(atPath: "\(directory)/\(name).crt") {
-            try issue(
-                name: name, commonName: commonName,
-                extensions: "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
-        }
-        return ("\(directory)/\(name).crt", "\(directory)/\(name).key")
+        try client(subject: "/CN=\(commonName)", name: "client-" + Self.fileName(commonName))
     }
 
-    /// A client certificate from a CA the server does not trust.
+    /// A client certificate and key signed by the CA with `subject` as openssl writes it
+    /// (`/CN=first/CN=second`; UTF-8 allowed), in files called `name`.
+    public func client(subject: String, name: String) throws -> (certificate: String, key: String) {
+        try onDemand(name) { name in
+            try issue(
+                name: name, subject: subject, extensions: "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
+        }
+    }
+
+    /// A self-signed client certificate with subject CN `commonName`: from a CA the server does
+    /// not trust.
     public func untrustedClient(commonName: String) throws -> (certificate: String, key: String) {
-        let other = directory + "/rogue"
-        try? FileManager.default.createDirectory(atPath: other, withIntermediateDirectories: true)
-        if !FileManager.default.fileExists(atPath: other + "/client.crt") {
+        try onDemand("untrusted-" + Self.fileName(commonName)) { name in
             try openssl([
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", other + "/client.key", "-out", other + "/client.crt", "-days", "2",
+                "req", "-x509", "-utf8", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", "\(directory)/\(name).key", "-out", "\(directory)/\(name).crt", "-days", "2",
                 "-subj", "/CN=\(commonName)",
             ])
-            chmod(other + "/client.key", 0o600)
         }
-        return (other + "/client.crt", other + "/client.key")
     }
 
-    private func issue(name: String, commonName: String, extensions: String) throws {
+    /// The certificate (PEM) of a second CA that signed nothing here: trusting only it must fail.
+    public func otherCA() throws -> String {
+        try onDemand("other-ca") { name in try makeCA(name, subject: "/CN=hsmgw other CA") }.certificate
+    }
+
+    /// `<name>.crt` and `<name>.key`, made by `make` unless they exist; keys mode 0600.
+    private func onDemand(_ name: String, make: (String) throws -> Void) throws -> (certificate: String, key: String) {
+        let files = (certificate: "\(directory)/\(name).crt", key: "\(directory)/\(name).key")
+        try Self.issuing.withLock { _ in
+            if !FileManager.default.fileExists(atPath: files.certificate) {
+                try make(name)
+                chmod(files.key, 0o600)
+            }
+        }
+        return files
+    }
+
+    private func makeCA(_ name: String, subject: String) throws {
+        try openssl([
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "\(directory)/\(name).key", "-out", "\(directory)/\(name).crt", "-days", "2", "-subj", subject,
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        ])
+        chmod("\(directory)/\(name).key", 0o600)
+    }
+
+    private func issue(name: String, subject: String, extensions: String) throws {
         let key = "\(directory)/\(name).key"
         let request = "\(directory)/\(name).csr"
         let extensionsFile = "\(directory)/\(name).ext"
         try extensions.write(toFile: extensionsFile, atomically: true, encoding: .utf8)
         try openssl([
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
-            "-out", request, "-subj", "/CN=\(commonName)",
+            "req", "-utf8", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
+            "-out", request, "-subj", subject,
         ])
         try openssl([
             "x509", "-req", "-in", request, "-CA", caCertificate, "-CAkey", directory + "/ca.key",
             "-CAcreateserial", "-out", "\(directory)/\(name).crt", "-days", "2", "-extfile", extensionsFile,
         ])
         chmod(key, 0o600)
+    }
+
+    /// A file name for `text`: letters and digits kept, anything else `_`.
+    private static func fileName(_ text: String) -> String {
+        text.map { $0.isASCII && ($0.isLetter || $0.isNumber) ? String($0) : "_" }.joined()
     }
 
     private func openssl(_ arguments: [String]) throws {

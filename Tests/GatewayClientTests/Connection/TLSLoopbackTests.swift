@@ -1,86 +1,36 @@
 import Foundation
 import GatewayWire
 import NIOSSL
+import ProcessTestSupport
 import Testing
 
 @testable import GatewayClient
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Darwin)
-    import Darwin
-#endif
-
-/// TLS and mutual TLS against the fake gateway, with a throwaway PKI made by the `openssl` CLI.
+/// TLS and mutual TLS against the fake gateway, with the throwaway PKI made by the `openssl` CLI.
 @Suite("TLS over loopback")
 struct TLSLoopbackTests {
-    /// A CA, a server certificate for localhost and 127.0.0.1, a client certificate, and a second
-    /// CA that signed nothing the server uses.
+    /// The process's test PKI (`ProcessTestSupport`) under the names these tests use.
     struct PKI: Sendable {
-        let directory: String
-        var ca: String { directory + "/ca.crt" }
-        var otherCA: String { directory + "/other-ca.crt" }
-        var serverCertificate: String { directory + "/server.crt" }
-        var serverKey: String { directory + "/server.key" }
+        var ca: String
+        /// A CA that signed nothing the server uses.
+        var otherCA: String
+        var serverCertificate: String
+        var serverKey: String
         /// A server certificate that names only DNS:localhost (no IP address).
-        var namedServerCertificate: String { directory + "/named-server.crt" }
-        var namedServerKey: String { directory + "/named-server.key" }
-        var clientCertificate: String { directory + "/client.crt" }
-        var clientKey: String { directory + "/client.key" }
+        var namedServerCertificate: String
+        var namedServerKey: String
+        var clientCertificate: String
+        var clientKey: String
 
-        static let shared: Result<PKI, any Error> = Result { try PKI() }
-
-        private init() throws {
-            directory = NSTemporaryDirectory() + "h4-pki-\(UUID().uuidString)"
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-            for name in ["ca", "other-ca"] {
-                try Self.openssl([
-                    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", "\(directory)/\(name).key", "-out", "\(directory)/\(name).crt", "-days", "2",
-                    "-subj", "/CN=h4 \(name)", "-addext", "basicConstraints=critical,CA:TRUE",
-                    "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                ])
-            }
-            try issue("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-            try issue("named-server", "localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
-            try issue("client", "billing-service", "extendedKeyUsage=clientAuth\n")
+        static let shared: Result<PKI, any Error> = Result {
+            let pki = try TestCertificates.shared()
+            let named = try pki.dnsOnlyServer()
+            let client = try pki.client(commonName: "billing-service")
+            return PKI(
+                ca: pki.caCertificate, otherCA: try pki.otherCA(), serverCertificate: pki.serverCertificate,
+                serverKey: pki.serverKey, namedServerCertificate: named.certificate, namedServerKey: named.key,
+                clientCertificate: client.certificate, clientKey: client.key)
         }
-
-        private func issue(_ name: String, _ commonName: String, _ extensions: String) throws {
-            try extensions.write(toFile: "\(directory)/\(name).ext", atomically: true, encoding: .utf8)
-            try Self.openssl([
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", "\(directory)/\(name).key", "-out", "\(directory)/\(name).csr", "-subj", "/CN=\(commonName)",
-            ])
-            try Self.openssl([
-                "x509", "-req", "-in", "\(directory)/\(name).csr", "-CA", ca, "-CAkey", "\(directory)/ca.key",
-                "-CAcreateserial", "-out", "\(directory)/\(name).crt", "-days", "2",
-                "-extfile", "\(directory)/\(name).ext",
-            ])
-        }
-
-        /// Runs openssl with posix_spawn (Foundation's Process can hang in the test runner).
-        private static func openssl(_ arguments: [String]) throws {
-            var actions = posix_spawn_file_actions_t()
-            posix_spawn_file_actions_init(&actions)
-            defer { posix_spawn_file_actions_destroy(&actions) }
-            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-            posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-            posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-            let argv: [UnsafeMutablePointer<CChar>?] = (["/usr/bin/openssl"] + arguments).map { strdup($0) } + [nil]
-            defer { for pointer in argv { free(pointer) } }
-            var pid: pid_t = 0
-            guard posix_spawn(&pid, "/usr/bin/openssl", &actions, nil, argv, environ) == 0 else {
-                throw PKIError(message: "cannot run openssl")
-            }
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-            guard status == 0 else { throw PKIError(message: "openssl \(arguments[0]) failed: \(status)") }
-        }
-    }
-
-    struct PKIError: Error {
-        var message: String
     }
 
     static func serverContext(_ pki: PKI, requireClientCertificate: Bool, namedOnly: Bool = false) throws
