@@ -191,7 +191,8 @@ public final class GatewayServerApp: Sendable {
                 storeKind: configuration.store.kind,
                 limits: configuration.limits,
                 accessCacheTTL: configuration.auth.accessCacheTTL,
-                rewrap: configuration.rewrap
+                rewrap: configuration.rewrap,
+                failedAuthentications: configuration.auth.failedAuthentications
             ),
             rewrapJobs: rewrapJobs,
             admission: { tenant, work in await GatewayHandler.admit(tenant, work, scheduler: scheduler) },

@@ -44,6 +44,8 @@ public enum StatusReason {
     public static let tooManyRequestsInFlight = "TOO_MANY_REQUESTS_IN_FLIGHT"
     /// `RESOURCE_EXHAUSTED`: the tenant's queue is full, or the request waited its bound.
     public static let overloaded = "OVERLOADED"
+    /// RESOURCE_EXHAUSTED on Hello: too many refused authentications from the caller's address.
+    public static let authThrottled = "AUTH_THROTTLED"
     /// `INVALID_ARGUMENT` (goaway): a request reused the id of a request still in flight.
     public static let requestIDInUse = "REQUEST_ID_IN_USE"
     /// `INVALID_ARGUMENT`: the payload is not a valid message for the method.

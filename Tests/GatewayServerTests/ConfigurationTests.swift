@@ -220,6 +220,22 @@ struct ConfigurationTests {
         #expect(overSocket?.contains("a Unix socket") == true, "\(overSocket ?? "")")
     }
 
+    @Test func failedAuthenticationLimit() throws {
+        let files = try Files("authlimit")
+        let file = try files.write(files.minimal)
+        let defaults = try GatewayConfiguration.load(file: file, environment: [:]).configuration
+        #expect(defaults.auth.failedAuthentications == AuthSettings.FailureLimit())
+        let set = try GatewayConfiguration.load(
+            file: file, environment: ["HSMGW_AUTH_FAILURE_BURST": "5", "HSMGW_AUTH_FAILURES_PER_MINUTE": "10"]
+        ).configuration
+        #expect(set.auth.failedAuthentications?.burst == 5)
+        #expect(set.auth.failedAuthentications?.perMinute == 10)
+        let off = try GatewayConfiguration.load(file: file, environment: ["HSMGW_AUTH_FAILURE_BURST": "0"])
+        #expect(off.configuration.auth.failedAuthentications == nil)
+        let tooMany = loadError(file: file, environment: ["HSMGW_AUTH_FAILURES_PER_MINUTE": "0"])
+        #expect(tooMany?.contains("HSMGW_AUTH_FAILURES_PER_MINUTE") == true, "\(tooMany ?? "")")
+    }
+
     @Test func unknownEnvironmentVariablesAreReported() throws {
         let files = try Files("env")
         let file = try files.write(

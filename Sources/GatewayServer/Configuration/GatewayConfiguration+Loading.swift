@@ -396,6 +396,18 @@ struct SettingsReader {
         }
         settings.accessCacheTTL = try duration(
             "auth.access_cache_ttl_ms", unit: .milliseconds(1), in: 0...2000, default: settings.accessCacheTTL)
+        let defaults = AuthSettings.FailureLimit()
+        let range = AuthSettings.FailureLimit.range
+        let burst = try integer("auth.failure_burst", in: 0...range.upperBound, default: defaults.burst)
+        let perMinute = try integer("auth.failures_per_minute", in: range, default: defaults.perMinute)
+        if burst == 0 {
+            settings.failedAuthentications = nil
+        } else {
+            var limit = defaults
+            limit.burst = burst
+            limit.perMinute = perMinute
+            settings.failedAuthentications = limit
+        }
         return settings
     }
 

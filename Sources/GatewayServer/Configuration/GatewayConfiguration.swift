@@ -281,6 +281,23 @@ public struct AuthSettings: Sendable, Hashable {
     public var bootstrapTokenFile: String?
     /// How long a checked API token is trusted before it is checked again (2 s at most).
     public var accessCacheTTL: Duration = .seconds(2)
+    /// Refused authentications allowed per source address before its Hellos are refused
+    /// RESOURCE_EXHAUSTED for a while (`auth.failure_burst`, `auth.failures_per_minute`); nil
+    /// (`auth.failure_burst: 0`): no limit.
+    public var failedAuthentications: FailureLimit? = FailureLimit()
+
+    /// A token bucket of refused authentications per source address.
+    public struct FailureLimit: Sendable, Hashable {
+        /// Accepted for both values.
+        public static let range = 1...100_000
+        /// Failures in a row an address may have (20).
+        public var burst = 20
+        /// Failures per minute it earns back (60: one a second).
+        public var perMinute = 60
+
+        /// The defaults.
+        public init() {}
+    }
 
     /// The defaults, optionally with a bootstrap token file.
     public init(bootstrapTokenFile: String? = nil) {

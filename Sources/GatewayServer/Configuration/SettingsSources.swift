@@ -70,6 +70,8 @@ enum SettingKeys {
         SettingDefinition("fair_queue.max_concurrent"),
         SettingDefinition("auth.bootstrap_token_file"),
         SettingDefinition("auth.access_cache_ttl_ms"),
+        SettingDefinition("auth.failure_burst"),
+        SettingDefinition("auth.failures_per_minute"),
         SettingDefinition("rewrap.batch_size"),
         SettingDefinition("rewrap.keys_per_second"),
         SettingDefinition("log.level"),

@@ -13,12 +13,24 @@ extension GatewayHandler {
 
     /// Authenticates a connection: the API token, the client certificate's CN, or both (then
     /// they must name the same principal). Refusals are audited and answered UNAUTHENTICATED with
-    /// one message whatever the reason.
+    /// one message whatever the reason. An address with too many refusals in a row is answered
+    /// RESOURCE_EXHAUSTED (`AUTH_THROTTLED`) for a while, without a check or an audit record each.
     public func hello(_ request: IncomingRequest) async -> HelloOutcome {
         let requestID = Self.requestID(request)
         var logger = self.logger
         logger[metadataKey: "request-id"] = "\(requestID)"
         logger[metadataKey: "remote"] = "\(request.connection.remoteAddress)"
+        let address = AuthenticationThrottle.sourceAddress(request.connection.remoteAddress)
+        if let throttle, let wait = throttle.waitBeforeNextTry(address) {
+            let seconds = max(1, Int(wait.components.seconds) + (wait.components.attoseconds > 0 ? 1 : 0))
+            logger.info("handshake throttled", metadata: ["retry-after-s": "\(seconds)"])
+            return .refused(
+                RequestFailure(
+                    .resourceExhausted,
+                    "too many failed authentications from this address; retry in \(seconds) s",
+                    reason: StatusReason.authThrottled
+                ).response)
+        }
         do {
             let accepted = try await authenticateHello(request, requestID: requestID, logger: logger)
             logger.info(
@@ -32,6 +44,16 @@ extension GatewayHandler {
             return .accepted(accepted.peer, response: WireMapping.ok(accepted.response))
         } catch let failure as RequestFailure {
             logger.info("handshake refused", metadata: ["status": "\(failure.status)"])
+            if failure.status == .unauthenticated, let throttle, throttle.recordFailure(address) {
+                logger.warning("throttling an address after repeated failed authentications")
+                await auditAuthenticationFailure(
+                    principal: .unauthenticated,
+                    reason: "throttled source=\(address) burst=\(throttle.limit.burst) "
+                        + "per-minute=\(throttle.limit.perMinute)",
+                    method: request.method,
+                    requestID: requestID
+                )
+            }
             return .refused(failure.response)
         } catch let error as KeyServiceError {
             return .refused(failureResponse(error, logger: logger))

@@ -56,6 +56,9 @@ public final class GatewayHandler: GatewayRequestHandler {
         public var accessCacheTTL: Duration
         /// How fast started rewrap jobs run.
         public var rewrap: RewrapSettings
+        /// Refused authentications allowed per source address (`AuthenticationThrottle`); nil:
+        /// no limit.
+        public var failedAuthentications: AuthSettings.FailureLimit?
 
         /// Options; the access-cache lifetime is capped at 2 s.
         public init(
@@ -64,7 +67,8 @@ public final class GatewayHandler: GatewayRequestHandler {
             storeKind: String,
             limits: ServerLimits = ServerLimits(),
             accessCacheTTL: Duration = AuthSettings.maximumAccessCacheTTL,
-            rewrap: RewrapSettings = RewrapSettings()
+            rewrap: RewrapSettings = RewrapSettings(),
+            failedAuthentications: AuthSettings.FailureLimit? = AuthSettings.FailureLimit()
         ) {
             self.serverVersion = serverVersion
             self.instanceID = instanceID
@@ -72,12 +76,14 @@ public final class GatewayHandler: GatewayRequestHandler {
             self.limits = limits
             self.accessCacheTTL = min(accessCacheTTL, AuthSettings.maximumAccessCacheTTL)
             self.rewrap = rewrap
+            self.failedAuthentications = failedAuthentications
         }
     }
 
     let service: KeyService
     let options: Options
     let accessCache: AccessCache
+    let throttle: AuthenticationThrottle?
     let rewrapJobs: RewrapJobRunner
     let admission: TenantAdmission
     let status: @Sendable () async -> ServerStatus
@@ -97,6 +103,7 @@ public final class GatewayHandler: GatewayRequestHandler {
         self.service = service
         self.options = options
         self.accessCache = AccessCache(ttl: options.accessCacheTTL)
+        self.throttle = options.failedAuthentications.map { AuthenticationThrottle(limit: $0) }
         self.rewrapJobs = rewrapJobs
         self.admission = admission ?? { _, work in await work() }
         self.status = status
