@@ -164,7 +164,7 @@ public final class GatewayServerApp: Sendable {
         self.bootstrapAdminToken = bootstrapAdminToken
         self.logger = logger
         self.metricsRegistry = registry
-        let readiness = ReadinessProbe(pool: pool, repository: store, logger: logger)
+        let readiness = ReadinessProbe(pool: pool, repository: store)
         self.readiness = readiness
         let rewrapJobs = RewrapJobRunner(
             service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))

@@ -1,5 +1,4 @@
 import KeyHierarchy
-import Logging
 import PKCS11
 import Synchronization
 
@@ -19,41 +18,44 @@ final class ReadinessProbe: Sendable {
         var ready: Bool { tokenReachable && storeReachable }
     }
 
-    private let checkToken: @Sendable () async -> Bool
-    private let checkStore: @Sendable () async -> Bool
+    private let checkToken: @Sendable () async throws -> Void
+    private let tokenBusy: @Sendable () -> Bool
+    private let checkStore: @Sendable () async throws -> Void
     private struct Cached {
         var checkedAt: ContinuousClock.Instant
         var task: Task<Result, Never>
     }
     private let cached = Mutex<Cached?>(nil)
 
-    init(checkToken: @escaping @Sendable () async -> Bool, checkStore: @escaping @Sendable () async -> Bool) {
+    /// A probe over two checks, each reachable when it returns within `checkTimeout` without
+    /// throwing. When the token's check does not, `tokenBusy` decides: a token whose sessions are
+    /// all at work is reachable, and a probe must not queue behind real requests to learn it.
+    init(
+        checkToken: @escaping @Sendable () async throws -> Void,
+        tokenBusy: @escaping @Sendable () -> Bool = { false },
+        checkStore: @escaping @Sendable () async throws -> Void
+    ) {
         self.checkToken = checkToken
+        self.tokenBusy = tokenBusy
         self.checkStore = checkStore
     }
 
-    /// The probe for a session pool and a repository (see `tokenCheck` and `storeCheck`).
-    convenience init(pool: SessionPool, repository: any KeyRepository, logger: Logger) {
-        self.init(checkToken: Self.tokenCheck(pool: pool), checkStore: Self.storeCheck(repository: repository))
+    /// The probe for a session pool: `C_GetSessionInfo` on a pooled session, or every session
+    /// leased (busy, so working); and `checkStore`.
+    convenience init(pool: SessionPool, checkStore: @escaping @Sendable () async throws -> Void) {
+        self.init(
+            checkToken: { _ = try await pool.withSession { session in try session.state() } },
+            tokenBusy: {
+                let statistics = pool.statistics
+                return statistics.leased > 0 && statistics.leased + statistics.opening >= statistics.maximumSessions
+            },
+            checkStore: checkStore
+        )
     }
 
-    /// The token answers `C_GetSessionInfo` on a pooled session within `checkTimeout`. A busy pool
-    /// whose sessions are all leased counts as reachable: it is working, and a probe must not
-    /// queue behind real requests.
-    static func tokenCheck(pool: SessionPool) -> @Sendable () async -> Bool {
-        {
-            let answered = await withTimeout {
-                _ = try await pool.withSession { session in try session.state() }
-            }
-            if answered { return true }
-            let statistics = pool.statistics
-            return statistics.leased > 0 && statistics.leased + statistics.opening >= statistics.maximumSessions
-        }
-    }
-
-    /// The store reads its audit head within `checkTimeout`.
-    static func storeCheck(repository: any KeyRepository) -> @Sendable () async -> Bool {
-        { await withTimeout { _ = try await repository.read { try await $0.auditHead() } } }
+    /// The probe for a session pool and a repository, which reads its audit head.
+    convenience init(pool: SessionPool, repository: any KeyRepository) {
+        self.init(pool: pool, checkStore: { _ = try await repository.read { try await $0.auditHead() } })
     }
 
     /// The current result (at most `cacheLifetime` old).
@@ -61,10 +63,11 @@ final class ReadinessProbe: Sendable {
         let now = ContinuousClock.now
         let task = cached.withLock { cached -> Task<Result, Never> in
             if let cached, now - cached.checkedAt < Self.cacheLifetime { return cached.task }
-            let task = Task { [checkToken, checkStore] in
-                async let token = checkToken()
-                async let store = checkStore()
-                return Result(tokenReachable: await token, storeReachable: await store)
+            let task = Task { [checkToken, tokenBusy, checkStore] in
+                async let token = Self.withTimeout(checkToken)
+                async let store = Self.withTimeout(checkStore)
+                let tokenAnswered = await token
+                return Result(tokenReachable: tokenAnswered || tokenBusy(), storeReachable: await store)
             }
             cached = Cached(checkedAt: now, task: task)
             return task

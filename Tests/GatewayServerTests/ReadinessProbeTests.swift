@@ -10,8 +10,10 @@ import Testing
 /// cached and shared, and the token check on a real SoftHSM2 pool.
 @Suite("Readiness probe")
 struct ReadinessProbeTests {
-    /// Counts the checks it runs; each answers `answer` after `delay` (or never, when nil).
+    /// Counts the checks it runs; each succeeds or throws (`answer`) after `delay`, or hangs
+    /// (until cancelled) when `delay` is nil.
     final class FakeCheck: Sendable {
+        struct Refused: Error {}
         private let state = Mutex<(answer: Bool, delay: Duration?, runs: Int)>((true, .zero, 0))
 
         var runs: Int { state.withLock { $0.runs } }
@@ -23,18 +25,14 @@ struct ReadinessProbeTests {
             }
         }
 
-        var check: @Sendable () async -> Bool {
+        var check: @Sendable () async throws -> Void {
             {
                 let (answer, delay) = self.state.withLock { state -> (Bool, Duration?) in
                     state.runs += 1
                     return (state.answer, state.delay)
                 }
-                guard let delay else {
-                    // Hung: only the probe's timeout gets the caller out.
-                    return await ReadinessProbe.withTimeout { try await Task.sleep(for: .seconds(3600)) }
-                }
-                try? await Task.sleep(for: delay)
-                return answer
+                try await Task.sleep(for: delay ?? .seconds(3600))
+                guard answer else { throw Refused() }
             }
         }
     }
@@ -50,7 +48,7 @@ struct ReadinessProbeTests {
         #expect(!result.ready)
     }
 
-    @Test("a token that hangs counts as unreachable after the check timeout, not after the hang")
+    @Test("a token that hangs counts as unreachable after the probe's check timeout, not after the hang")
     func hungToken() async throws {
         let token = FakeCheck()
         token.set(answer: true, delay: nil)
@@ -64,12 +62,14 @@ struct ReadinessProbeTests {
         #expect(took >= ReadinessProbe.checkTimeout && took < .seconds(60), "\(took)")
     }
 
-    @Test("withTimeout: a throwing body is false, a slow one false, a quick one true")
-    func timeoutRule() async {
-        struct Refused: Error {}
-        #expect(await ReadinessProbe.withTimeout {})
-        #expect(!(await ReadinessProbe.withTimeout { throw Refused() }))
-        #expect(!(await ReadinessProbe.withTimeout { try await Task.sleep(for: .seconds(3600)) }))
+    @Test("a hung token whose sessions are all busy is reachable: the probe does not queue behind work")
+    func busyToken() async {
+        let token = FakeCheck()
+        token.set(answer: true, delay: nil)
+        let busy = ReadinessProbe(checkToken: token.check, tokenBusy: { true }, checkStore: FakeCheck().check)
+        #expect(await busy.check().ready)
+        let idle = ReadinessProbe(checkToken: token.check, tokenBusy: { false }, checkStore: FakeCheck().check)
+        #expect(!(await idle.check().tokenReachable))
     }
 
     @Test("results are reused within the cache lifetime and shared by concurrent askers, then refreshed")
@@ -111,11 +111,11 @@ struct ReadinessProbeTests {
         configuration.acquireTimeout = .seconds(30)
         let pool = try await SessionPool(
             module: fixture.module, tokenLabel: testToken.label, pin: testToken.pin, configuration: configuration)
-        let check = ReadinessProbe.tokenCheck(pool: pool)
-        #expect(await check())
+        // A new probe per look: each one's first check is not cached.
+        func probe() -> ReadinessProbe { ReadinessProbe(pool: pool, checkStore: {}) }
+        #expect(await probe().check().ready)
 
-        // The only session held by a long operation: the probe must not wait behind it, and a
-        // working pool is not an unreachable token.
+        // The only session held by a long operation: a working pool is not an unreachable token.
         let release = Mutex(false)
         let holder = Task {
             try await pool.withSession { _ in
@@ -124,12 +124,12 @@ struct ReadinessProbeTests {
         }
         while pool.statistics.leased == 0 { try await Task.sleep(for: .milliseconds(10)) }
         let started = ContinuousClock.now
-        #expect(await check())
+        #expect(await probe().check().tokenReachable)
         #expect(ContinuousClock.now - started < .seconds(20))
         release.withLock { $0 = true }
         try await holder.value
 
         await pool.shutdown()
-        #expect(!(await check()))
+        #expect(!(await probe().check().tokenReachable))
     }
 }
