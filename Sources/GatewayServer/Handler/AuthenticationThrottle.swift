@@ -10,7 +10,7 @@ import Synchronization
 /// Unix socket every client shares one address; raise the limit there, or turn it off.
 final class AuthenticationThrottle: Sendable {
     /// Addresses tracked at most. Beyond it, the entries whose buckets are full again go first,
-    /// then the ones that failed longest ago, down to nine tenths (so that eviction runs once per
+    /// then the ones touched longest ago (never the one just failing), down to nine tenths (so that eviction runs once per
     /// thousand new addresses, not on each): memory stays bounded whatever the address spread.
     static let maximumTrackedAddresses = 10_000
 
@@ -50,7 +50,7 @@ final class AuthenticationThrottle: Sendable {
             let before = bucket.tokens
             bucket.tokens = max(0, bucket.tokens - 1)
             buckets[address] = bucket
-            if buckets.count > Self.maximumTrackedAddresses { evict(&buckets, at: now) }
+            if buckets.count > Self.maximumTrackedAddresses { evict(&buckets, keeping: address, at: now) }
             return before >= 1 && bucket.tokens < 1
         }
     }
@@ -65,16 +65,15 @@ final class AuthenticationThrottle: Sendable {
         bucket.updatedAt = now
     }
 
-    private func evict(_ buckets: inout [String: Bucket], at now: ContinuousClock.Instant) {
-        for (address, var bucket) in buckets {
+    private func evict(_ buckets: inout [String: Bucket], keeping current: String, at now: ContinuousClock.Instant) {
+        for (address, var bucket) in buckets where address != current {
             refill(&bucket, at: now)
             if bucket.tokens >= Double(limit.burst) { buckets[address] = nil }
         }
         let excess = buckets.count - Self.maximumTrackedAddresses * 9 / 10
         if excess > 0 {
-            for (address, _) in buckets.sorted(by: { $0.value.updatedAt < $1.value.updatedAt }).prefix(excess) {
-                buckets[address] = nil
-            }
+            let oldest = buckets.filter { $0.key != current }.sorted { $0.value.updatedAt < $1.value.updatedAt }
+            for (address, _) in oldest.prefix(excess) { buckets[address] = nil }
         }
     }
 
