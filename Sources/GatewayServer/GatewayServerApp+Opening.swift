@@ -131,12 +131,7 @@ extension GatewayServerApp {
                 password: password,
                 database: postgres.database,
                 maximumConnections: postgres.maximumConnections,
-                tls: {
-                    switch postgres.tls {
-                    case .disable: .disable
-                    case .verifyFull(let caFile, let serverName): .verifyFull(caFile: caFile, serverName: serverName)
-                    }
-                }()
+                tls: postgres.tls
             )
             do {
                 return try await PostgresKeyStore.open(

@@ -250,11 +250,17 @@ public final class PostgresKeyStore: KeyRepository {
 
     // MARK: Opening
 
-    /// The TLS configuration and context for `configuration.tls`, loaded now so that an
-    /// unreadable CA file fails `open` with its own message; nil for `.disable`.
-    private static func tlsSetup(
-        _ configuration: PostgresKeyStoreConfiguration
-    ) throws -> (configuration: TLSConfiguration, context: NIOSSLContext, serverName: String?)? {
+    /// What `verifyFull` makes: the configuration the pool takes, the context a single connection
+    /// takes (loaded once, so an unreadable CA file fails `open` with its own message), and the
+    /// name to verify.
+    private struct TLSSetup {
+        let configuration: TLSConfiguration
+        let context: NIOSSLContext
+        let serverName: String?
+    }
+
+    /// The TLS setup for `configuration.tls`; nil for `.disable`.
+    private static func tlsSetup(_ configuration: PostgresKeyStoreConfiguration) throws -> TLSSetup? {
         guard case .verifyFull(let caFile, let serverName) = configuration.tls else { return nil }
         guard configuration.unixSocketPath == nil else {
             throw StorageError(.other, "TLS is for TCP connections; a Unix socket does not use it")
@@ -266,7 +272,7 @@ public final class PostgresKeyStore: KeyRepository {
             tls.trustRoots = .file(caFile)
         }
         do {
-            return (tls, try NIOSSLContext(configuration: tls), serverName)
+            return TLSSetup(configuration: tls, context: try NIOSSLContext(configuration: tls), serverName: serverName)
         } catch {
             throw StorageError(
                 .other, "TLS: cannot load the CA certificates \(caFile ?? "of the system") (PEM expected)")
@@ -275,7 +281,7 @@ public final class PostgresKeyStore: KeyRepository {
 
     private static func connect(
         _ configuration: PostgresKeyStoreConfiguration,
-        tls: (configuration: TLSConfiguration, context: NIOSSLContext, serverName: String?)?,
+        tls: TLSSetup?,
         logger: Logger
     ) async throws -> PostgresConnection {
         var connectionConfiguration =

@@ -198,9 +198,11 @@ struct ConfigurationTests {
         let systemRoots = try GatewayConfiguration.load(
             file: noStore, environment: with(["HSMGW_STORE_POSTGRES_TLS": "verify-full"])
         ).configuration
-        if case .postgres(let settings) = systemRoots.store {
-            #expect(settings.tls == .verifyFull(caFile: nil, serverName: nil))
+        guard case .postgres(let rootsSettings) = systemRoots.store else {
+            Issue.record("not a postgres store: \(systemRoots.store)")
+            return
         }
+        #expect(rootsSettings.tls == .verifyFull(caFile: nil, serverName: nil))
 
         let missingCA = loadError(
             file: noStore,

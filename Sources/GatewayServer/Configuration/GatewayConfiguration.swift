@@ -2,6 +2,7 @@ import Foundation
 import GatewayConfig
 import GatewayTransport
 import Logging
+import PostgresKeyStore
 import SQLiteKeyStore
 
 /// Everything the gateway needs to start, validated. Built by `load(file:environment:overrides:)`
@@ -211,14 +212,9 @@ public enum StoreSettings: Sendable, Hashable {
 
 /// Where and how to reach PostgreSQL.
 public struct PostgresSettings: Sendable, Hashable {
-    /// TLS to the server over TCP (`store.postgres.tls`), after libpq's `sslmode` values.
-    public enum TLS: Sendable, Hashable {
-        /// Plain TCP: for a database on the gateway's host or on a network already protected.
-        case disable
-        /// TLS required; the server's certificate must chain to `caFile` (`store.postgres.tls_ca_file`;
-        /// nil: the system's roots) and name `serverName` (`store.postgres.tls_server_name`; nil: the host).
-        case verifyFull(caFile: String?, serverName: String?)
-    }
+    /// TLS to the server over TCP (`store.postgres.tls`: `disable` or `verify-full`, with
+    /// `tls_ca_file` and `tls_server_name`), as the store takes it.
+    public typealias TLS = PostgresKeyStoreConfiguration.TLS
 
     /// Server host, for TCP.
     public var host: String
