@@ -52,18 +52,14 @@ final class TLSGatewayProcess: Sendable {
         atexit {
             TLSGatewayProcess.running.withLock { $0 }?.stop()
         }
-        // The "serving" log line names the bound address.
+        // The "serving" log line names the bound address; the admin token is written before it.
+        // (Synchronous: this runs in a static initialiser, not in a task.)
         let deadline = ContinuousClock.now + DevGatewayProcess.startTimeout
         var found: Int?
-        let pattern = try NSRegularExpression(pattern: #"listen=127\.0\.0\.1:(\d+)"#)
         while found == nil, ContinuousClock.now < deadline, process.poll() == nil {
-            let log = process.output()
-            if let match = pattern.firstMatch(in: log, range: NSRange(log.startIndex..., in: log)),
-                let range = Range(match.range(at: 1), in: log),
-                FileManager.default.fileExists(atPath: root + "/admin.token")
-            {
-                found = Int(log[range])
-            } else {
+            found = process.outputMatch(#"listen=127\.0\.0\.1:(\d+)"#).flatMap { Int($0) }
+            if found == nil || !FileManager.default.fileExists(atPath: root + "/admin.token") {
+                found = nil
                 usleep(100_000)
             }
         }

@@ -4,8 +4,7 @@ import Synchronization
 
 /// One `hsm-gateway --dev` per test process, on a free loopback port in a temporary directory
 /// (its data directory is `<root>/.hsm-dev`, as next to an operator's checkout), started on
-/// first use and stopped at process exit. The executables are copied first so that a rebuild
-/// by someone else during the run does not swap them underneath.
+/// first use and stopped at process exit. The built executables run in place.
 final class DevGatewayProcess: Sendable {
     /// The shared gateway; throws for every test that asks when it cannot start.
     static func shared() throws -> DevGatewayProcess { try sharedResult.get() }
@@ -15,13 +14,13 @@ final class DevGatewayProcess: Sendable {
     /// admin, on a machine shared with parallel builds.
     static let startTimeout: Duration = .seconds(120)
 
-    /// The temporary directory: `.hsm-dev/`, `home/`, the executables, `gateway.log`.
+    /// The temporary directory: `.hsm-dev/`, `home/`, `gateway.log`.
     let root: String
     /// The gateway's TCP port on 127.0.0.1.
     let port: Int
     /// The gateway's process.
     let pid: pid_t
-    /// The copied `hsm-admin`.
+    /// The built `hsm-admin`.
     let adminExecutable: String
 
     var dataDirectory: String { root + "/.hsm-dev" }

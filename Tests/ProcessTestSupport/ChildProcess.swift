@@ -260,19 +260,23 @@ public final class SpawnedProcess: Sendable {
         (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
     }
 
-    /// Waits until the output matches `pattern` (a regular expression) and returns the first
-    /// capture group; nil when the child exits or `timeout` passes first.
+    /// The first capture group (or the whole match) of `pattern`, a regular expression, in what
+    /// the child wrote so far; nil when nothing matches yet.
+    public func outputMatch(_ pattern: String) -> String? {
+        let text = output()
+        guard let regex = try? NSRegularExpression(pattern: pattern),
+            let match = regex.firstMatch(in: text, range: NSRange(text.startIndex..., in: text))
+        else { return nil }
+        let range = match.numberOfRanges > 1 ? match.range(at: 1) : match.range
+        return Range(range, in: text).map { String(text[$0]) }
+    }
+
+    /// Waits until the output matches `pattern` (see `outputMatch`) and returns the match; nil
+    /// when the child exits or `timeout` passes first.
     public func waitForOutput(_ pattern: String, timeout: Duration) async -> String? {
         let end = ContinuousClock.now + timeout
-        let regex = try? NSRegularExpression(pattern: pattern)
         while ContinuousClock.now < end {
-            let text = output()
-            if let regex,
-                let match = regex.firstMatch(in: text, range: NSRange(text.startIndex..., in: text))
-            {
-                let range = match.numberOfRanges > 1 ? match.range(at: 1) : match.range
-                return Range(range, in: text).map { String(text[$0]) }
-            }
+            if let found = outputMatch(pattern) { return found }
             if poll() != nil { return nil }
             try? await Task.sleep(for: .milliseconds(50))
         }
