@@ -113,6 +113,7 @@ public final class GatewayServerApp: Sendable {
             await opened.pool.shutdown()
             throw GatewayStartupError(.configuration, "key service: \(error)")
         }
+        await checkAuditAnchor(service, logger: logger)
         let token: String?
         do {
             token = try await bootstrap(launch, service: service, logger: logger)
@@ -133,6 +134,34 @@ public final class GatewayServerApp: Sendable {
             handleSignals: handleSignals,
             logger: logger
         )
+    }
+
+    /// Checks the audit log's anchor in the HSM at start (generating the audit key on a first
+    /// start). A log that fails the check does not stop the start: the gateway serves health,
+    /// status and `hsm-admin audit verify` so an operator can find the damage, and refuses every
+    /// call that writes an audit record until the log is restored.
+    static func checkAuditAnchor(_ service: KeyService, logger: Logger) async {
+        do {
+            switch try await service.checkAuditAnchor() {
+            case .empty:
+                logger.info("audit log is empty; its first record will be anchored in the HSM")
+            case .anchored(let through):
+                logger.info("audit log anchored in the HSM", metadata: ["through": "\(through)"])
+            case .adopted(let through):
+                logger.notice(
+                    "audit log predates anchoring: anchored in the HSM now (audit key generated)",
+                    metadata: ["through": "\(through)"]
+                )
+            }
+        } catch let error where error.code == .dataLoss {
+            logger.critical(
+                "audit log failed its integrity check; key operations are refused until it is restored",
+                metadata: ["detail": "\(error.underlying ?? error.message)"]
+            )
+        } catch {
+            // The HSM or the store is not answering: the first write checks again.
+            logger.error("audit anchor could not be checked at start", metadata: ["error": "\(error.logDescription)"])
+        }
     }
 
     /// Buckets of the audit-commit latency histogram: a durable commit takes about a millisecond

@@ -99,6 +99,55 @@ public struct AuditHead: Sendable, Hashable {
     public static let genesis = AuditHead(sequence: 0, hash: [UInt8](repeating: 0, count: 32))
 }
 
+/// A head of the chain authenticated by the HSM: HMAC-SHA-256, under the audit-anchor key in the
+/// token, of `message(sequence:hash:)`. Whoever can write the database but not use that key cannot
+/// make one, so rewriting the log's tail and head consistently no longer verifies (security
+/// invariant 5). The head row always carries the checkpoint of the head; every
+/// `checkpointInterval` records one is also kept in a history, so verification can say which
+/// checkpoint a forgery breaks.
+public struct AuditCheckpoint: Sendable, Hashable {
+    public var sequence: Int64
+    public var hash: [UInt8]
+    /// The `CKA_ID` of the key that made `mac`.
+    public var keyID: TokenKeyID
+    public var mac: [UInt8]
+    public var time: Timestamp
+
+    public init(sequence: Int64, hash: [UInt8], keyID: TokenKeyID, mac: [UInt8], time: Timestamp) {
+        self.sequence = sequence
+        self.hash = hash
+        self.keyID = keyID
+        self.mac = mac
+        self.time = time
+    }
+
+    /// What the MAC covers: a domain tag, the sequence and the record hash at it.
+    public static func message(sequence: Int64, hash: [UInt8]) -> [UInt8] {
+        var writer = CanonicalWriter()
+        writer.append("hsmgw-audit-anchor-v1")
+        writer.append(UInt64(bitPattern: sequence))
+        writer.append(bytes: hash)
+        return writer.bytes
+    }
+
+    /// Whether this checkpoint is of `head`.
+    public func covers(_ head: AuditHead) -> Bool {
+        sequence == head.sequence && hash == head.hash
+    }
+}
+
+/// The `audit_head` row: the head of the chain and the checkpoint that anchors it (nil before the
+/// first anchored commit).
+public struct AnchoredAuditHead: Sendable, Hashable {
+    public var head: AuditHead
+    public var anchor: AuditCheckpoint?
+
+    public init(head: AuditHead, anchor: AuditCheckpoint?) {
+        self.head = head
+        self.anchor = anchor
+    }
+}
+
 /// The hash chain: how records are linked and checked.
 public enum AuditChain {
     /// Links `events` after `head`; returns the records and the new head.
@@ -251,6 +300,13 @@ public struct AuditProblem: Sendable, Hashable, CustomStringConvertible {
         case inserted
         case outOfOrder = "out-of-order"
         case headMismatch = "head-mismatch"
+        /// The log has records but its head carries no checkpoint from the HSM.
+        case unanchored
+        /// A checkpoint does not match the record (or head) it names: the log was rewritten at or
+        /// before it.
+        case anchorMismatch = "anchor-mismatch"
+        /// A checkpoint's MAC does not verify with the audit key: it was not made by the gateway.
+        case anchorForged = "anchor-forged"
     }
 
     /// The first sequence number at which the chain does not hold.

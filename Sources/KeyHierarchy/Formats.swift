@@ -6,9 +6,13 @@
 /// 2   1  format version (1)
 /// 3   4  master-key version, big-endian
 /// 7  16  data key id
-/// 23 12  IV: 4-byte fixed field (1) ‖ 8-byte invocation counter, big-endian
+/// 23 12  IV: 96 bits from the token's RNG, drawn for this wrap (NIST SP 800-38D §8.2.2)
 /// 35 48  AES-256-GCM ciphertext of the 32-byte key ‖ 16-byte tag
 /// ```
+///
+/// Blobs written before IVs were random carry a deterministic IV (the fixed field `00000001`
+/// and an invocation counter) in the same 12 bytes; the layout, the format version and the AAD
+/// are unchanged, so they read and decrypt exactly as before.
 ///
 /// The AAD (`aad(tenant:context:)`) binds format version, tenant, data key id, master-key
 /// version and the context hash, so a blob moved to another row, tenant, version or context
@@ -20,11 +24,6 @@ public struct WrappedDataKey: Sendable, Hashable {
     public static let ivByteCount = 12
     public static let tagByteCount = 16
     public static let encodedByteCount = 3 + 4 + 16 + ivByteCount + keyByteCount + tagByteCount
-    /// The IV's fixed field (NIST SP 800-38D §8.2.1 deterministic construction): constant, since
-    /// the counter half is unique per version across every gateway instance (reserved in the
-    /// database before use).
-    public static let ivFixedField: [UInt8] = [0, 0, 0, 1]
-
     public var version: MasterKeyVersionNumber
     public var dataKeyID: DataKeyID
     public var iv: [UInt8]
@@ -35,14 +34,6 @@ public struct WrappedDataKey: Sendable, Hashable {
         self.dataKeyID = dataKeyID
         self.iv = iv
         self.ciphertextAndTag = ciphertextAndTag
-    }
-
-    /// The IV for invocation `counter` under one version.
-    public static func iv(counter: Int64) -> [UInt8] {
-        var writer = CanonicalWriter()
-        writer.bytes = ivFixedField
-        writer.append(UInt64(bitPattern: counter))
-        return writer.bytes
     }
 
     /// Parses a stored or returned blob; nil when it is not one.
@@ -171,5 +162,16 @@ public enum MasterKeyLabel {
 
     public static func labelPrefix(for tenant: TenantID) -> String {
         "\(prefix)\(tenant.rawValue):"
+    }
+
+    /// The tenant and version a label names, or nil when it is not a master-key label.
+    public static func parse(_ label: String) -> (tenant: TenantID, version: MasterKeyVersionNumber)? {
+        guard label.hasPrefix(prefix) else { return nil }
+        let rest = label.dropFirst(prefix.count)
+        guard let colon = rest.lastIndex(of: ":"), rest[rest.index(after: colon)...].hasPrefix("v"),
+            let version = Int(rest[rest.index(colon, offsetBy: 2)...]), version > 0,
+            let tenant = try? TenantID(String(rest[..<colon]))
+        else { return nil }
+        return (tenant, version)
     }
 }

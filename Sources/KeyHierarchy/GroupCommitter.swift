@@ -59,25 +59,29 @@ public final class GroupCommitter: Sendable {
     private let repository: any KeyRepository
     private let maximumBatch: Int
     private let observer: Observer?
+    /// Anchors each batch's new head in the HSM; nil appends unanchored (unit tests of the logic).
+    let anchoring: AuditAnchoring?
     private let state = Mutex(State())
 
     public init(
         repository: any KeyRepository,
         maximumBatch: Int = GroupCommitter.defaultMaximumBatch,
+        anchoring: AuditAnchoring? = nil,
         observer: Observer? = nil
     ) {
         precondition(maximumBatch >= 1, "a batch holds at least one unit")
         self.repository = repository
         self.maximumBatch = maximumBatch
+        self.anchoring = anchoring
         self.observer = observer
     }
 
     /// Runs `unit` in a shared transaction and returns once it is durable.
     ///
     /// An `isolated` unit gets a transaction of its own. Used for units that lock rows in
-    /// another order than the rest (IV reservations lock a version row before anything else):
-    /// sharing a transaction with units that lock the tenant row first could deadlock against
-    /// another gateway instance doing the same in the opposite order.
+    /// another order than the rest, or whose failure must not cost the others a rerun: sharing a
+    /// transaction with units that lock the tenant row first could deadlock against another
+    /// gateway instance doing the same in the opposite order.
     public func commit<Value: Sendable>(
         isolated: Bool = false,
         _ unit: @escaping @Sendable (any KeyRepositoryTransaction) async throws -> UnitOutcome<Value>
@@ -142,7 +146,7 @@ public final class GroupCommitter: Sendable {
             }
             do {
                 let results = try await repository.transaction { transaction in
-                    try await Self.execute(batch, in: transaction)
+                    try await Self.execute(batch, in: transaction, anchoring: self.anchoring)
                 }
                 observe(true)
                 for linked in results {
@@ -180,7 +184,8 @@ public final class GroupCommitter: Sendable {
 
     private static func execute(
         _ batch: [Pending],
-        in transaction: any KeyRepositoryTransaction
+        in transaction: any KeyRepositoryTransaction,
+        anchoring: AuditAnchoring?
     ) async throws -> [Linked] {
         var executed: [Executed] = []
         executed.reserveCapacity(batch.count)
@@ -199,9 +204,18 @@ public final class GroupCommitter: Sendable {
         let events = executed.flatMap(\.events)
         var records: [AuditRecord] = []
         if !events.isEmpty {
-            let head = try await transaction.lockAuditHead()
-            let linked = AuditChain.link(events, after: head)
-            try await transaction.appendAuditRecords(linked.records, head: linked.head)
+            let locked = try await transaction.lockAuditHead()
+            // The head appended to must be the one the HSM anchored; the new head is anchored in
+            // the same transaction, while the lock is held.
+            try await anchoring?.check(locked)
+            let linked = AuditChain.link(events, after: locked.head)
+            let anchor = try await anchoring?.sign(linked.head)
+            try await transaction.appendAuditRecords(
+                linked.records,
+                head: linked.head,
+                anchor: anchor,
+                keepCheckpoint: anchor != nil && anchoring?.keepsCheckpoint(from: locked, to: linked.head) == true
+            )
             records = linked.records
         }
         var offset = 0
@@ -226,5 +240,43 @@ public struct GroupCommitObservation: Sendable, Hashable {
         self.duration = duration
         self.units = units
         self.committed = committed
+    }
+}
+
+extension GroupCommitter {
+    /// What `checkAnchor` found.
+    public enum AnchorState: Sendable, Hashable {
+        /// The log is empty: the first append anchors it.
+        case empty
+        /// The head carries a checkpoint that verifies.
+        case anchored(through: Int64)
+        /// The log predates anchoring and this start generated the audit key: its head was anchored
+        /// now, with an audit record saying so.
+        case adopted(through: Int64)
+    }
+
+    /// Checks the audit head against the HSM under the head lock, generating the audit key on a
+    /// first start (and anchoring a log that predates anchoring). Throws `dataLoss` when the log
+    /// fails its integrity check. Run at start-up so a broken log is reported before any call.
+    public func checkAnchor(principal: Principal, requestID: String) async throws -> AnchorState {
+        guard let anchoring else { return .empty }
+        return try await repository.transaction { transaction in
+            let locked = try await transaction.lockAuditHead()
+            try await anchoring.check(locked)
+            if locked.anchor != nil { return .anchored(through: locked.head.sequence) }
+            if locked.head.sequence == 0 { return .empty }
+            let event = AuditEvent(
+                principal: principal,
+                tenant: nil,
+                operation: .anchorAuditLog,
+                requestID: requestID,
+                detail: "adopted-through=\(locked.head.sequence)"
+            )
+            let linked = AuditChain.link([event], after: locked.head)
+            let anchor = try await anchoring.sign(linked.head)
+            try await transaction.appendAuditRecords(
+                linked.records, head: linked.head, anchor: anchor, keepCheckpoint: true)
+            return .adopted(through: locked.head.sequence)
+        }
     }
 }

@@ -33,6 +33,33 @@ extension KeyService {
     /// instance) is tried again before the caller gets `aborted`.
     static let writeAttempts = 10
 
+    /// How a write unit that stores wraps under the primary ended.
+    enum WriteOutcome: Sendable {
+        case stored
+        /// The tenant's primary is another version now: wrap again under it.
+        case primaryMoved
+        /// The primary reached `invocationLimit`: rotate, then wrap again.
+        case invocationLimitReached
+    }
+
+    /// Inside a write transaction, after `checkPrimary` locked the tenant: adds `count` wraps to
+    /// the version's invocation count when that stays within `invocationLimit`; false when it
+    /// would not (nothing changes then).
+    ///
+    /// The count bounds how many times one key is used (NIST SP 800-38D §8.3); it does not make
+    /// IVs unique, which the token's RNG does. Counting in the unit that stores the keys, after the
+    /// tenant lock, adds one statement to a transaction that serialises on the tenant row anyway,
+    /// instead of a transaction of its own per caller.
+    func countInvocations(
+        _ transaction: any KeyRepositoryTransaction,
+        _ tenant: TenantID,
+        _ version: MasterKeyVersionNumber,
+        _ count: Int64
+    ) async throws -> Bool {
+        try await transaction.reserveInvocations(tenant, version, count: count, limit: configuration.invocationLimit)
+            != nil
+    }
+
     /// Whether `error` says a unique constraint refused a row (directly or mapped).
     static func isDuplicate(_ error: any Error) -> Bool {
         if let error = error as? StorageError { return error.kind == .uniqueViolation }
@@ -90,45 +117,35 @@ extension KeyService {
                 let replay = try await self.replay(scope: tenant.rawValue, key: key, .generateDataKey, fingerprint)
             {
                 return try await self.replayGenerated(
-                    tenant, replay, context: context, includePlaintext: includePlaintext)
+                    tenant, replay, context: context, includePlaintext: includePlaintext, request: request)
             }
             for _ in 0..<Self.writeAttempts {
                 do {
                     let primary = try await self.primaryVersion(tenant)
-                    let version = VersionRef(tenant: tenant, version: primary)
-                    let keyID = try await self.tokenKeyID(version)
-                    guard let counters = try await self.reserveCounters(version, count: Int64(count), request: request)
-                    else {
-                        // The version reached its invocation limit: rotate (once, whoever gets there
-                        // first) and generate under the new primary.
-                        _ = try await self.rotate(
-                            tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
-                        self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
-                        continue
-                    }
+                    let key = try await self.masterKey(VersionRef(tenant: tenant, version: primary))
+                    // Generated once per attempt: a retry after the primary moved wraps fresh keys
+                    // under the new primary; nothing of this attempt was stored or returned.
                     let ids = (0..<count).map { _ in DataKeyID.random() }
-                    let ivs = counters.map { WrappedDataKey.iv(counter: $0) }
-                    let operations = ids.enumerated().map { index, id in
+                    let operations = ids.map { id in
                         TokenOperation.generateAndWrap(
-                            key: keyID,
-                            iv: ivs[index],
+                            key: key,
                             aad: WrappedDataKey.aad(
                                 tenant: tenant, dataKeyID: id, version: primary, contextHash: contextHash)
                         )
                     }
-                    let results = try await self.token.perform(operations)
+                    let results = try await self.performChecked(operations, request: request)
                     var generated: [GeneratedDataKey] = []
                     var records: [DataKeyRecord] = []
                     let now = Timestamp.now()
                     for (index, result) in results.enumerated() {
-                        guard case .generated(let plaintext, let ciphertextAndTag) = result else {
+                        guard case .generated(let plaintext, let iv, let ciphertextAndTag) = result else {
                             if case .failed(let error) = result { throw error }
                             throw KeyServiceError(.internalError, "unexpected token result")
                         }
                         let wrapped = WrappedDataKey(
                             version: primary,
                             dataKeyID: ids[index],
-                            iv: ivs[index],
+                            iv: iv,
                             ciphertextAndTag: ciphertextAndTag
                         ).encoded
                         generated.append(
@@ -153,9 +170,12 @@ extension KeyService {
                         )
                     }
                     let recordsToInsert = records
-                    let stored = try await self.committer.commit { transaction -> UnitOutcome<Bool> in
+                    let stored = try await self.committer.commit { transaction -> UnitOutcome<WriteOutcome> in
                         guard try await self.checkPrimary(transaction, tenant, primary) else {
-                            return UnitOutcome(false, audit: [])
+                            return UnitOutcome(.primaryMoved, audit: [])
+                        }
+                        guard try await self.countInvocations(transaction, tenant, primary, Int64(count)) else {
+                            return UnitOutcome(.invocationLimitReached, audit: [])
                         }
                         try await transaction.insertDataKeys(recordsToInsert)
                         if let key = idempotencyKey {
@@ -169,7 +189,7 @@ extension KeyService {
                             )
                         }
                         return UnitOutcome(
-                            true,
+                            .stored,
                             audit: [
                                 AuditEvent(
                                     time: now,
@@ -184,8 +204,19 @@ extension KeyService {
                             ]
                         )
                     }.value
-                    if stored { return generated }
-                    // The primary changed while the keys were being wrapped: wrap again under the new one.
+                    switch stored {
+                    case .stored:
+                        return generated
+                    case .primaryMoved:
+                        // The primary changed while the keys were being wrapped: wrap again under the
+                        // new one.
+                        break
+                    case .invocationLimitReached:
+                        // The version reached its invocation limit: rotate (once, whoever gets there
+                        // first) and generate under the new primary.
+                        _ = try await self.rotate(
+                            tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                    }
                     self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
                 } catch let error as StorageError where error.kind == .conflict {
                     // Lost a lock race to another gateway instance: nothing was stored; go again.
@@ -200,7 +231,8 @@ extension KeyService {
                         tenant,
                         replay,
                         context: context,
-                        includePlaintext: includePlaintext
+                        includePlaintext: includePlaintext,
+                        request: request
                     )
                 }
             }
@@ -253,7 +285,8 @@ extension KeyService {
         _ tenant: TenantID,
         _ result: String,
         context: EncryptionContext,
-        includePlaintext: Bool
+        includePlaintext: Bool,
+        request: RequestContext
     ) async throws -> [GeneratedDataKey] {
         let ids = try result.split(separator: ",").map { try DataKeyID(String($0)) }
         let rows = try await repository.read { try await $0.dataKeys(tenant, ids: ids) }
@@ -268,7 +301,7 @@ extension KeyService {
             unwrap.append(DataKeyRequest(id: id, context: context))
         }
         guard includePlaintext else { return generated }
-        let plaintexts = try await unwrapForCaller(tenant, unwrap)
+        let plaintexts = try await unwrapForCaller(tenant, unwrap, request: request)
         for index in generated.indices {
             generated[index].plaintext = try plaintexts[index].get().plaintext
         }
@@ -300,7 +333,7 @@ extension KeyService {
             guard !requests.isEmpty, requests.count <= KeyServiceConfiguration.maximumBatchSize else {
                 throw KeyServiceError(.invalidArgument, "1 to \(KeyServiceConfiguration.maximumBatchSize) ids per call")
             }
-            let results = try await self.unwrapForCaller(tenant, requests)
+            let results = try await self.unwrapForCaller(tenant, requests, request: request)
             try await self.auditResults(.decryptDataKey, tenant, requests.map(\.id), results, request: request)
             return results
         }
@@ -310,7 +343,8 @@ extension KeyService {
     /// states, and unwraps in one token lease.
     func unwrapForCaller(
         _ tenant: TenantID,
-        _ requests: [DataKeyRequest]
+        _ requests: [DataKeyRequest],
+        request: RequestContext
     ) async throws -> [Result<DecryptedDataKey, KeyServiceError>] {
         let (found, tenantRecord, versions) = try await repository.read { transaction in
             (
@@ -340,7 +374,7 @@ extension KeyService {
                 }
                 operations.append(
                     .unwrap(
-                        key: version.tokenKeyID,
+                        key: TokenKeyReference(id: version.tokenKeyID, tenant: tenant, version: row.version),
                         iv: blob.iv,
                         aad: WrappedDataKey.aad(
                             tenant: tenant,
@@ -357,7 +391,7 @@ extension KeyService {
             }
         }
         if !operations.isEmpty {
-            let tokenResults = try await token.perform(operations)
+            let tokenResults = try await performChecked(operations, request: request)
             for (position, result) in zip(positions, tokenResults) {
                 let entry = requests[position]
                 switch result {
@@ -467,8 +501,14 @@ extension KeyService {
         }
     }
 
-    /// Moves `rows` to the primary version: reserves IVs, rewraps in one lease, updates the rows
-    /// that are still under their old version, audits. Used by ReWrap and by the rewrap job.
+    /// Moves `rows` to the primary version: rewraps in one lease, counts the wraps and updates the
+    /// rows that are still under their old version in one write unit, audits. Used by ReWrap (with
+    /// the context the caller proved) and by the rewrap job (with the stored context hashes).
+    ///
+    /// The new wrapping is bound to `contextHashes[i]`, the hash the unwrap just authenticated,
+    /// never to the stored `context_hash` alone: for ReWrap the caller's context is proven by the
+    /// unwrap, and the row's stored hash is rewritten from it (a changed stored hash is repaired
+    /// and logged, since the database is not trusted for key binding).
     func rewrap(
         _ tenant: TenantID,
         _ rows: [DataKeyRecord],
@@ -478,8 +518,7 @@ extension KeyService {
     ) async throws -> [Result<DataKeyRecord, KeyServiceError>] {
         for _ in 0..<Self.writeAttempts {
             let primary = try await primaryVersion(tenant)
-            let target = VersionRef(tenant: tenant, version: primary)
-            let targetKey = try await tokenKeyID(target)
+            let target = try await masterKey(VersionRef(tenant: tenant, version: primary))
             let versions = try await repository.read { try await $0.masterKeyVersions(tenant) }
             let versionByNumber = Dictionary(uniqueKeysWithValues: versions.map { ($0.version, $0) })
             var results: [Result<DataKeyRecord, KeyServiceError>?] = Array(repeating: nil, count: rows.count)
@@ -503,54 +542,43 @@ extension KeyService {
                 pending.append((index, blob))
             }
             if pending.isEmpty { return results.map { $0! } }
-            guard let counters = try await reserveCounters(target, count: Int64(pending.count), request: request) else {
-                _ = try await rotate(
-                    tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
-                primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
-                continue
-            }
             var operations: [TokenOperation] = []
-            for (offset, item) in pending.enumerated() {
+            for item in pending {
                 let row = rows[item.position]
+                let contextHash = contextHashes[item.position]
                 operations.append(
                     .rewrap(
-                        from: versionByNumber[row.version]!.tokenKeyID,
+                        from: TokenKeyReference(
+                            id: versionByNumber[row.version]!.tokenKeyID, tenant: tenant, version: row.version),
                         iv: item.blob.iv,
                         aad: WrappedDataKey.aad(
-                            tenant: tenant,
-                            dataKeyID: row.id,
-                            version: row.version,
-                            contextHash: contextHashes[item.position]
-                        ),
+                            tenant: tenant, dataKeyID: row.id, version: row.version, contextHash: contextHash),
                         ciphertextAndTag: item.blob.ciphertextAndTag,
-                        to: targetKey,
-                        newIV: WrappedDataKey.iv(counter: counters.lowerBound + Int64(offset)),
+                        to: target,
                         newAAD: WrappedDataKey.aad(
-                            tenant: tenant,
-                            dataKeyID: row.id,
-                            version: primary,
-                            contextHash: row.contextHash
-                        )
+                            tenant: tenant, dataKeyID: row.id, version: primary, contextHash: contextHash)
                     )
                 )
             }
-            let tokenResults = try await token.perform(operations)
+            let tokenResults = try await performChecked(operations, request: request)
             var updates: [(position: Int, row: DataKeyRecord)] = []
             let now = Timestamp.now()
-            for ((offset, item), result) in zip(pending.enumerated(), tokenResults) {
+            for (item, result) in zip(pending, tokenResults) {
                 switch result {
-                case .rewrapped(let ciphertextAndTag):
+                case .rewrapped(let iv, let ciphertextAndTag):
                     var row = rows[item.position]
-                    // The new AAD uses the stored context hash; for ReWrap the caller's context
-                    // has just been proven equal to it by the unwrap.
+                    let proven = contextHashes[item.position]
+                    if row.contextHash != proven {
+                        logger.warning(
+                            "the stored context hash of a data key differed from the one its unwrap proved; repaired",
+                            metadata: ["tenant": "\(tenant)", "data_key": "\(row.id)"]
+                        )
+                    }
                     row.wrapped =
-                        WrappedDataKey(
-                            version: primary,
-                            dataKeyID: row.id,
-                            iv: WrappedDataKey.iv(counter: counters.lowerBound + Int64(offset)),
-                            ciphertextAndTag: ciphertextAndTag
-                        ).encoded
+                        WrappedDataKey(version: primary, dataKeyID: row.id, iv: iv, ciphertextAndTag: ciphertextAndTag)
+                        .encoded
                     row.version = primary
+                    row.contextHash = proven
                     row.updatedAt = now
                     updates.append((item.position, row))
                 case .failed(let error):
@@ -563,12 +591,17 @@ extension KeyService {
             let originalRows = rows
             let priorResults = results
             let committed = try await committer.commit {
-                transaction -> UnitOutcome<[Result<DataKeyRecord, KeyServiceError>?]?> in
+                transaction -> UnitOutcome<(WriteOutcome, [Result<DataKeyRecord, KeyServiceError>?])> in
                 guard try await self.checkPrimary(transaction, tenant, primary, allowDisabledTenant: true) else {
-                    return UnitOutcome(nil, audit: [])
+                    return UnitOutcome((.primaryMoved, []), audit: [])
+                }
+                if !plannedUpdates.isEmpty {
+                    guard try await self.countInvocations(transaction, tenant, primary, Int64(plannedUpdates.count))
+                    else { return UnitOutcome((.invocationLimitReached, []), audit: []) }
                 }
                 var results = priorResults
                 var moved: [String] = []
+                var repaired = 0
                 for update in plannedUpdates {
                     let original = originalRows[update.position]
                     let changed = try await transaction.updateDataKeyWrapping(
@@ -577,11 +610,13 @@ extension KeyService {
                         fromVersion: original.version,
                         toVersion: primary,
                         wrapped: update.row.wrapped!,
+                        contextHash: update.row.contextHash,
                         at: now
                     )
                     if changed {
                         results[update.position] = .success(update.row)
                         moved.append(original.id.description)
+                        if original.contextHash != update.row.contextHash { repaired += 1 }
                     } else {
                         results[update.position] = .failure(
                             KeyServiceError(.aborted, "data key \(original.id) changed meanwhile")
@@ -599,6 +634,7 @@ extension KeyService {
                             keyIDs: moved,
                             requestID: request.requestID,
                             detail: "to-version=\(primary) moved=\(moved.count)"
+                                + (repaired > 0 ? " context-hash-repaired=\(repaired)" : "")
                         )
                     )
                 }
@@ -609,15 +645,72 @@ extension KeyService {
                     job.updatedAt = now
                     try await transaction.saveRewrapJob(job)
                 }
-                return UnitOutcome(results, audit: audit)
+                return UnitOutcome((.stored, results), audit: audit)
             }.value
-            guard let final = committed else {
-                primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
-                continue
+            switch committed.0 {
+            case .stored:
+                return committed.1.map { $0! }
+            case .primaryMoved:
+                break
+            case .invocationLimitReached:
+                _ = try await rotate(
+                    tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
             }
-            return final.map { $0! }
+            primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
         }
         throw KeyServiceError(.aborted, "the primary version kept changing; retry")
+    }
+
+    /// Runs `operations` in the token and handles binding violations: for every master key whose
+    /// token object turned out not to be the one its version names, the cached reference is
+    /// dropped, the error is logged and an audit record says a key binding was violated (in a
+    /// transaction of its own, so it stays even though the call fails). The operations concerned
+    /// come back as failures, which callers map to `dataLoss`.
+    func performChecked(_ operations: [TokenOperation], request: RequestContext) async throws -> [TokenResult] {
+        let results = try await token.perform(operations)
+        var violated: [TokenKeyID: (version: VersionRef?, detail: String)] = [:]
+        for (operation, result) in zip(operations, results) {
+            guard case .failed(let error) = result, error.kind == .bindingViolation, let key = error.key else {
+                continue
+            }
+            // The version whose row named this object: the label the operation expected says which.
+            let reference = operation.keyReferences.first { $0.id == key }
+            let version = reference.flatMap { MasterKeyLabel.parse($0.label) }.map {
+                VersionRef(tenant: $0.tenant, version: $0.version)
+            }
+            violated[key] = (version, error.detail)
+        }
+        guard !violated.isEmpty else { return results }
+        for (key, (version, detail)) in violated.sorted(by: { $0.key.description < $1.key.description }) {
+            if let version {
+                masterKeys.withLock { _ = $0.removeValue(forKey: version) }
+            }
+            logger.error(
+                "master key binding violated: the key store names a token object that is not this version's key",
+                metadata: [
+                    "tenant": "\(version?.tenant.rawValue ?? "?")", "version": "\(version?.version ?? 0)",
+                    "token_key_id": "\(key)", "detail": "\(detail)",
+                ]
+            )
+            let event = AuditEvent(
+                principal: request.principal,
+                tenant: version?.tenant,
+                operation: .keyBindingViolation,
+                keyIDs: version.map { ["v\($0.version)"] } ?? [],
+                outcome: .failure("binding-violation"),
+                requestID: request.requestID,
+                detail: "token-key-id=\(key)"
+            )
+            do {
+                _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+            } catch {
+                logger.error(
+                    "could not audit a key binding violation",
+                    metadata: ["error": "\(Self.map(error).logDescription)"]
+                )
+            }
+        }
+        return results
     }
 
     // MARK: State and listing

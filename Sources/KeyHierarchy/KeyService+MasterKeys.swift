@@ -140,7 +140,10 @@ extension KeyService {
                     _ = try? await token.destroyMasterKey(id: tokenKeyID)
                     continue
                 }
-                tokenKeyIDs.withLock { $0[VersionRef(tenant: tenant, version: number)] = tokenKeyID }
+                masterKeys.withLock {
+                    $0[VersionRef(tenant: tenant, version: number)] = TokenKeyReference(
+                        id: tokenKeyID, tenant: tenant, version: number)
+                }
                 if activate { primaryVersions.withLock { $0[tenant] = number } }
                 logger.info(
                     "master key rotated",
@@ -171,6 +174,14 @@ extension KeyService {
             guard version.state == .preActive else {
                 throw KeyServiceError(.failedPrecondition, "only a pre-active version can be activated")
             }
+            // A version that becomes the primary wraps new data keys; one that is due to be
+            // destroyed must never be that version.
+            guard version.destroyAfter == nil else {
+                throw KeyServiceError(
+                    .failedPrecondition,
+                    "version \(version.version) is scheduled for destruction; cancel the destruction first"
+                )
+            }
             version.state = .active
             tenantRecord.primaryVersion = version.version
             return "state=active primary=\(version.version)"
@@ -189,12 +200,18 @@ extension KeyService {
         try await changeVersion(tenant, version, operation: .changeMasterKeyState, request: request) {
             version,
             tenantRecord in
-            guard state != .destroyed, state != .preActive else {
+            guard state != .destroyed, state != .destroying, state != .preActive else {
                 throw KeyServiceError(
                     .failedPrecondition,
-                    state == .destroyed
-                        ? "destruction must be scheduled (scheduleMasterKeyDestruction)"
-                        : "a version cannot return to pre-active"
+                    state == .preActive
+                        ? "a version cannot return to pre-active"
+                        : "destruction must be scheduled (scheduleMasterKeyDestruction)"
+                )
+            }
+            if version.destroyAfter != nil, !state.canScheduleDestruction {
+                throw KeyServiceError(
+                    .failedPrecondition,
+                    "version \(version.version) is scheduled for destruction; cancel the destruction first"
                 )
             }
             guard version.state.canTransition(to: state) else {
@@ -272,6 +289,9 @@ extension KeyService {
         try await changeVersion(tenant, version, operation: .cancelMasterKeyDestruction, request: request) {
             version,
             _ in
+            guard version.state != .destroying else {
+                throw KeyServiceError(.failedPrecondition, "destruction has begun and cannot be cancelled")
+            }
             guard version.destroyAfter != nil, version.state != .destroyed else {
                 throw KeyServiceError(.failedPrecondition, "no destruction is scheduled")
             }
@@ -280,10 +300,18 @@ extension KeyService {
         }
     }
 
-    /// Carries out every scheduled destruction that is due at `now`: destroys the key object in
-    /// the token, then marks the version destroyed. A version that data keys reference again
-    /// (they cannot, but storage is shared) is skipped and stays scheduled. Returns the
-    /// versions destroyed.
+    /// Carries out every scheduled destruction that is due at `now`, in three steps:
+    ///
+    /// 1. In one transaction that locks the tenant row (which every write of a data key under the
+    ///    tenant also locks): the version is re-read and must still be due, in a state that may be
+    ///    destroyed, not the primary, and referenced by no data key that is not destroyed; then it
+    ///    becomes `destroying`, which nothing may use.
+    /// 2. The object is destroyed in the token.
+    /// 3. The version becomes `destroyed`.
+    ///
+    /// A run interrupted after step 1 leaves the version `destroying`; the next run finishes it
+    /// (step 2 finding no object is fine). A version that fails a check in step 1 is skipped and
+    /// stays scheduled. Returns the versions destroyed.
     public func destroyDueMasterKeys(
         now: Timestamp = .now(),
         request: RequestContext = .system()
@@ -292,48 +320,112 @@ extension KeyService {
             let due = try await self.repository.read { try await $0.versionsDueForDestruction(now: now, limit: 100) }
             var destroyed: [MasterKeyVersionRecord] = []
             for candidate in due {
-                let references = try await self.repository.read {
-                    try await $0.countLiveDataKeys(candidate.tenant, version: candidate.version)
+                if candidate.state != .destroying {
+                    guard try await self.beginDestruction(candidate, now: now, request: request) else { continue }
                 }
-                guard references == 0 else {
-                    self.logger.warning(
-                        "scheduled destruction skipped: data keys reference the version",
-                        metadata: ["tenant": "\(candidate.tenant)", "version": "\(candidate.version)"]
-                    )
-                    continue
+                self.masterKeys.withLock {
+                    _ = $0.removeValue(forKey: VersionRef(tenant: candidate.tenant, version: candidate.version))
                 }
-                _ = try await self.token.destroyMasterKey(id: candidate.tokenKeyID)
-                let record = try await self.committer.commit { transaction -> UnitOutcome<MasterKeyVersionRecord?> in
-                    guard var version = try await transaction.masterKeyVersion(candidate.tenant, candidate.version),
-                        version.state != .destroyed, version.destroyAfter != nil
-                    else { return UnitOutcome(nil, audit: []) }
-                    let time = Timestamp.now()
-                    version.state = .destroyed
-                    version.destroyedAt = time
-                    version.destroyAfter = nil
-                    version.updatedAt = time
-                    try await transaction.updateMasterKeyVersion(version)
-                    return UnitOutcome(
-                        version,
-                        audit: [
-                            AuditEvent(
-                                time: time,
-                                principal: request.principal,
-                                tenant: candidate.tenant,
-                                operation: .destroyMasterKey,
-                                keyIDs: ["v\(candidate.version)"],
-                                requestID: request.requestID
-                            )
-                        ]
-                    )
-                }.value
-                if let record {
-                    self.counters.forget(VersionRef(tenant: candidate.tenant, version: candidate.version))
+                if let record = try await self.finishDestruction(
+                    candidate.tenant, candidate.version, tokenKeyID: candidate.tokenKeyID, request: request)
+                {
                     destroyed.append(record)
                 }
             }
             return destroyed
         }
+    }
+
+    /// Step 1 of `destroyDueMasterKeys`: checks and marks the version `destroying` under the tenant
+    /// lock. False when the version must not be destroyed (now or at all): it is left as it is.
+    private func beginDestruction(
+        _ candidate: MasterKeyVersionRecord,
+        now: Timestamp,
+        request: RequestContext
+    ) async throws -> Bool {
+        let refusal = try await committer.commit { transaction -> UnitOutcome<String?> in
+            guard let tenant = try await transaction.tenant(candidate.tenant, forUpdate: true) else {
+                return UnitOutcome("the tenant is missing", audit: [])
+            }
+            guard var version = try await transaction.masterKeyVersion(candidate.tenant, candidate.version) else {
+                return UnitOutcome("the version is missing", audit: [])
+            }
+            guard let after = version.destroyAfter, after <= now, version.state.canScheduleDestruction else {
+                // Cancelled or changed since it was listed: not an error.
+                return UnitOutcome("no longer due", audit: [])
+            }
+            guard version.version != tenant.primaryVersion else {
+                return UnitOutcome("it is the tenant's primary version", audit: [])
+            }
+            let references = try await transaction.countLiveDataKeys(candidate.tenant, version: version.version)
+            guard references == 0 else {
+                return UnitOutcome("\(references) data keys are wrapped under it", audit: [])
+            }
+            let time = Timestamp.now()
+            let from = version.state
+            version.state = .destroying
+            version.updatedAt = time
+            try await transaction.updateMasterKeyVersion(version)
+            return UnitOutcome(
+                nil,
+                audit: [
+                    AuditEvent(
+                        time: time,
+                        principal: request.principal,
+                        tenant: candidate.tenant,
+                        operation: .destroyMasterKey,
+                        keyIDs: ["v\(candidate.version)"],
+                        requestID: request.requestID,
+                        detail: "phase=destroying from=\(from.rawValue)"
+                    )
+                ]
+            )
+        }.value
+        if let refusal, refusal != "no longer due" {
+            logger.error(
+                "scheduled master-key destruction refused",
+                metadata: [
+                    "tenant": "\(candidate.tenant)", "version": "\(candidate.version)", "reason": "\(refusal)",
+                ]
+            )
+        }
+        return refusal == nil
+    }
+
+    /// Steps 2 and 3: destroys the object in the token (absent is fine: an earlier run or a shred
+    /// got there first), then marks the `destroying` version destroyed. Nil when the version is not
+    /// `destroying` (another instance finished it).
+    func finishDestruction(
+        _ tenant: TenantID,
+        _ number: MasterKeyVersionNumber,
+        tokenKeyID: TokenKeyID,
+        request: RequestContext
+    ) async throws -> MasterKeyVersionRecord? {
+        let existed = try await token.destroyMasterKey(id: tokenKeyID)
+        return try await committer.commit { transaction -> UnitOutcome<MasterKeyVersionRecord?> in
+            guard var version = try await transaction.masterKeyVersion(tenant, number), version.state == .destroying
+            else { return UnitOutcome(nil, audit: []) }
+            let time = Timestamp.now()
+            version.state = .destroyed
+            version.destroyedAt = time
+            version.destroyAfter = nil
+            version.updatedAt = time
+            try await transaction.updateMasterKeyVersion(version)
+            return UnitOutcome(
+                version,
+                audit: [
+                    AuditEvent(
+                        time: time,
+                        principal: request.principal,
+                        tenant: tenant,
+                        operation: .destroyMasterKey,
+                        keyIDs: ["v\(number)"],
+                        requestID: request.requestID,
+                        detail: "phase=destroyed token-object=\(existed ? "destroyed" : "absent")"
+                    )
+                ]
+            )
+        }.value
     }
 
     /// Loads version and tenant for update, lets `change` edit them (returning an audit detail),
@@ -388,14 +480,16 @@ extension KeyService {
         }
     }
 
-    /// The `CKA_ID` of a version (cached; versions never change their key object).
-    func tokenKeyID(_ version: VersionRef) async throws -> TokenKeyID {
-        if let cached = tokenKeyIDs.withLock({ $0[version] }) { return cached }
+    /// The token object of a version: its stored `CKA_ID` and the label it must carry (cached;
+    /// versions never change their key object).
+    func masterKey(_ version: VersionRef) async throws -> TokenKeyReference {
+        if let cached = masterKeys.withLock({ $0[version] }) { return cached }
         guard let record = try await repository.read({ try await $0.masterKeyVersion(version.tenant, version.version) })
         else {
             throw KeyServiceError(.notFound, "version \(version.version) of tenant \(version.tenant) not found")
         }
-        tokenKeyIDs.withLock { $0[version] = record.tokenKeyID }
-        return record.tokenKeyID
+        let reference = TokenKeyReference(id: record.tokenKeyID, tenant: version.tenant, version: version.version)
+        masterKeys.withLock { $0[version] = reference }
+        return reference
     }
 }

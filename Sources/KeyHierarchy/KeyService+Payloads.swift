@@ -23,7 +23,7 @@ extension KeyService {
                     "plaintext is \(plaintext.count) bytes; at most \(PayloadCiphertext.maximumPlaintextByteCount) are accepted"
                 )
             }
-            let key = try await self.unwrapOne(tenant, id, context)
+            let key = try await self.unwrapOne(tenant, id, context, request: request)
             let contextHash = context.hash
             let count = try await self.committer.commit { transaction -> UnitOutcome<Int64?> in
                 let count = try await transaction.countEncryption(
@@ -90,13 +90,19 @@ extension KeyService {
             let opened: Data = try AES.GCM.open(box, using: symmetricKey, authenticating: aad)
             return Array(opened)
         } catch {
-            throw KeyServiceError(.decryptionFailed, "decryption failed")
+            throw KeyServiceError(.decryptionFailed, "decryption failed", underlying: "payload: \(error)")
         }
     }
 
     /// Decrypts a `PayloadCiphertext` made by `encrypt` for this tenant, with the exact context.
-    /// Any change to the ciphertext, the context or the tenant fails with `decryptionFailed`
-    /// and returns no plaintext.
+    ///
+    /// Whatever is wrong with the ciphertext (its magic, format version, data key id, nonce, body
+    /// or tag), with the context, or with the tenant it is presented to (another tenant's
+    /// ciphertext names a key this tenant does not have), the caller gets one and the same
+    /// `decryptionFailed` error, so the answer is no oracle for which byte was changed or whether
+    /// a key id exists. The cause stays in `underlying`, for the server log. Only a ciphertext over
+    /// the size limit (which no byte change produces) and the states of an intact tenant and key
+    /// (disabled, destroyed) are answered otherwise.
     public func decrypt(
         _ tenant: TenantID,
         ciphertext: [UInt8],
@@ -106,8 +112,25 @@ extension KeyService {
         let keyIDs = (try? PayloadCiphertext(encoded: ciphertext)).map { [$0.dataKeyID.description] } ?? []
         return try await audited(.decrypt, tenant: tenant, keyIDs: keyIDs, request: request) {
             () async throws -> [UInt8] in
-            let parsed = try PayloadCiphertext(encoded: ciphertext)
-            let key = try await self.unwrapOne(tenant, parsed.dataKeyID, context)
+            let parsed: PayloadCiphertext
+            do {
+                parsed = try PayloadCiphertext(encoded: ciphertext)
+            } catch let error where ciphertext.count <= PayloadCiphertext.maximumCiphertextByteCount {
+                throw Self.uniformDecryptionFailure(error)
+            }
+            let key: DecryptedDataKey
+            switch try await self.unwrapForCaller(
+                tenant, [DataKeyRequest(id: parsed.dataKeyID, context: context)], request: request)[0]
+            {
+            case .success(let unwrapped):
+                key = unwrapped
+            case .failure(let error) where error.code == .notFound || error.code == .decryptionFailed:
+                // No such key for this tenant (a changed id, another tenant's ciphertext), or its
+                // wrapping does not authenticate with this context.
+                throw Self.uniformDecryptionFailure(error)
+            case .failure(let error):
+                throw error
+            }
             let contextHash = context.hash
             let aad = PayloadCiphertext.aad(tenant: tenant, dataKeyID: parsed.dataKeyID, contextHash: contextHash)
             let plaintext = try Self.open(parsed, key: key.plaintext, aad: aad)
@@ -130,11 +153,26 @@ extension KeyService {
         }
     }
 
+    /// The one answer Decrypt gives for every tampered, foreign or unauthentic ciphertext; `cause`
+    /// goes to the server log only.
+    static func uniformDecryptionFailure(_ cause: any Error) -> KeyServiceError {
+        let detail: String
+        if let cause = cause as? KeyServiceError {
+            detail = cause.underlying.map { "\(cause.message): \($0)" } ?? cause.message
+        } else {
+            detail = String(describing: cause)
+        }
+        return KeyServiceError(.decryptionFailed, "decryption failed", underlying: detail)
+    }
+
     /// Unwraps one data key for the gateway's own use (Encrypt/Decrypt).
-    private func unwrapOne(_ tenant: TenantID, _ id: DataKeyID, _ context: EncryptionContext) async throws
-        -> DecryptedDataKey
-    {
-        let results = try await unwrapForCaller(tenant, [DataKeyRequest(id: id, context: context)])
+    private func unwrapOne(
+        _ tenant: TenantID,
+        _ id: DataKeyID,
+        _ context: EncryptionContext,
+        request: RequestContext
+    ) async throws -> DecryptedDataKey {
+        let results = try await unwrapForCaller(tenant, [DataKeyRequest(id: id, context: context)], request: request)
         return try results[0].get()
     }
 }

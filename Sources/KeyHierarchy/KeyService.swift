@@ -15,10 +15,12 @@ public final class KeyService: Sendable {
     let token: any MasterKeyToken
     let repository: any KeyRepository
     let committer: GroupCommitter
+    /// Anchors the audit chain in the HSM (every batch of the committer).
+    let anchoring: AuditAnchoring
     let logger: Logger
-    let counters: InvocationCounters
-    /// `CKA_ID` of each version: fixed once a version exists, so it is cached for good.
-    let tokenKeyIDs = Mutex<[VersionRef: TokenKeyID]>([:])
+    /// The token object of each version (`CKA_ID` and the label it must carry): fixed once a
+    /// version exists, so it is cached until a binding check fails or the tenant is shredded.
+    let masterKeys = Mutex<[VersionRef: TokenKeyReference]>([:])
     /// Each tenant's primary version as last seen; every write re-checks it in its transaction,
     /// so a stale entry costs one retry, never a key under a non-primary version.
     let primaryVersions = Mutex<[TenantID: MasterKeyVersionNumber]>([:])
@@ -40,12 +42,13 @@ public final class KeyService: Sendable {
         self.repository = repository
         self.configuration = configuration
         self.logger = logger
+        self.anchoring = AuditAnchoring(token: token, checkpointInterval: configuration.auditCheckpointInterval)
         self.committer = GroupCommitter(
             repository: repository,
             maximumBatch: configuration.groupCommitMaximumBatch,
+            anchoring: anchoring,
             observer: commitObserver
         )
-        self.counters = InvocationCounters(blockSize: configuration.invocationBlockSize)
     }
 
     // MARK: - Tenants
@@ -111,7 +114,9 @@ public final class KeyService: Sendable {
                         ]
                     )
                 }
-                tokenKeyIDs.withLock { $0[VersionRef(tenant: id, version: 1)] = tokenKeyID }
+                masterKeys.withLock {
+                    $0[VersionRef(tenant: id, version: 1)] = TokenKeyReference(id: tokenKeyID, tenant: id, version: 1)
+                }
                 primaryVersions.withLock { $0[id] = 1 }
                 return committed.value
             } catch {
@@ -194,93 +199,263 @@ public final class KeyService: Sendable {
         }
     }
 
-    /// Crypto-shreds a tenant: destroys every master-key object of the tenant in the token
-    /// (including any left by a crash), deletes its wrapped data keys, marks its versions
-    /// destroyed and the tenant shredded, and returns a receipt naming the audit record.
+    /// Crypto-shreds a tenant and returns a receipt naming the audit record:
     ///
-    /// The token goes first: once a caller asks to shred, the keys must go even if the database
-    /// then fails (a retry finishes the bookkeeping).
+    /// 1. In one transaction that locks the tenant row: the tenant becomes `shredded` (nothing can
+    ///    use its keys from then on, and no data key can be added), its data key rows are deleted
+    ///    and every version not yet destroyed becomes `destroying`.
+    /// 2. Every master-key object labelled for the tenant is destroyed in the token, including
+    ///    objects a crash or a database restore left behind.
+    /// 3. The `destroying` versions become `destroyed`.
+    ///
+    /// Once step 1 has committed the shred cannot be undone; if the call is interrupted after it,
+    /// calling it again (or the next scheduled-destruction run) finishes steps 2 and 3.
     public func shredTenant(_ id: TenantID, request: RequestContext) async throws(KeyServiceError) -> ShredReceipt {
         try await audited(.shredTenant, tenant: id, request: request) { () async throws -> ShredReceipt in
             guard let existing = try await self.repository.read({ try await $0.tenant(id, forUpdate: false) }) else {
                 throw KeyServiceError(.notFound, "tenant \(id) not found")
             }
             guard existing.state != .shredded else {
-                // Finish a shred whose token step was interrupted, then refuse.
-                _ = try await self.token.destroyMasterKeys(labelPrefix: MasterKeyLabel.labelPrefix(for: id))
+                // Finish a shred whose token or final step was interrupted, then refuse.
+                _ = try await self.finishShred(id, request: request)
                 throw KeyServiceError(.failedPrecondition, "tenant \(id) is already shredded")
             }
-            let destroyedObjects = try await self.token.destroyMasterKeys(
-                labelPrefix: MasterKeyLabel.labelPrefix(for: id)
-            )
-            let committed = try await self.committer.commit { transaction in
+            let started = try await self.committer.commit { transaction in
                 guard var tenant = try await transaction.tenant(id, forUpdate: true) else {
                     throw KeyServiceError(.notFound, "tenant \(id) not found")
                 }
+                guard tenant.state != .shredded else {
+                    throw KeyServiceError(.failedPrecondition, "tenant \(id) is already shredded")
+                }
                 let now = Timestamp.now()
-                var destroyedVersions: [MasterKeyVersionNumber] = []
+                var versions: [MasterKeyVersionNumber] = []
                 for var version in try await transaction.masterKeyVersions(id) where version.state != .destroyed {
-                    version.state = .destroyed
-                    version.destroyedAt = now
-                    version.destroyAfter = nil
+                    version.state = .destroying
+                    version.destroyAfter = now
                     version.updatedAt = now
                     try await transaction.updateMasterKeyVersion(version)
-                    destroyedVersions.append(version.version)
+                    versions.append(version.version)
                 }
                 let deleted = try await transaction.deleteDataKeys(id)
                 tenant.state = .shredded
                 tenant.updatedAt = now
                 try await transaction.updateTenant(tenant)
-                let receipt = ShredReceipt(
-                    tenant: id,
-                    destroyedVersions: destroyedVersions,
-                    dataKeysDeleted: deleted,
-                    tokenObjectsDestroyed: destroyedObjects,
-                    time: now,
-                    auditSequence: 0,
-                    auditHash: []
-                )
                 return UnitOutcome(
-                    receipt,
+                    (versions, deleted),
                     audit: [
                         AuditEvent(
                             time: now,
                             principal: request.principal,
                             tenant: id,
                             operation: .shredTenant,
-                            keyIDs: destroyedVersions.map { "v\($0)" },
+                            keyIDs: versions.map { "v\($0)" },
                             requestID: request.requestID,
-                            detail: "data-keys-deleted=\(deleted) token-objects-destroyed=\(destroyedObjects)"
+                            detail: "phase=started data-keys-deleted=\(deleted)"
                         )
                     ]
                 )
-            }
+            }.value
             self.forget(tenant: id)
-            var receipt = committed.value
-            receipt.auditSequence = committed.records[0].sequence
-            receipt.auditHash = committed.records[0].hash
-            return receipt
+            let finished = try await self.finishShred(id, request: request)
+            return ShredReceipt(
+                tenant: id,
+                destroyedVersions: started.0,
+                dataKeysDeleted: started.1,
+                tokenObjectsDestroyed: finished.objects,
+                time: finished.record.event.time,
+                auditSequence: finished.record.sequence,
+                auditHash: finished.record.hash
+            )
         }
+    }
+
+    /// Steps 2 and 3 of `shredTenant`: destroys the tenant's objects in the token, then marks its
+    /// `destroying` versions destroyed, audited.
+    private func finishShred(_ id: TenantID, request: RequestContext) async throws -> (
+        objects: Int, record: AuditRecord
+    ) {
+        let objects = try await token.destroyMasterKeys(labelPrefix: MasterKeyLabel.labelPrefix(for: id))
+        let committed = try await committer.commit { transaction in
+            let now = Timestamp.now()
+            var versions: [MasterKeyVersionNumber] = []
+            for var version in try await transaction.masterKeyVersions(id) where version.state == .destroying {
+                version.state = .destroyed
+                version.destroyedAt = now
+                version.destroyAfter = nil
+                version.updatedAt = now
+                try await transaction.updateMasterKeyVersion(version)
+                versions.append(version.version)
+            }
+            return UnitOutcome(
+                (),
+                audit: [
+                    AuditEvent(
+                        time: now,
+                        principal: request.principal,
+                        tenant: id,
+                        operation: .shredTenant,
+                        keyIDs: versions.map { "v\($0)" },
+                        requestID: request.requestID,
+                        detail: "phase=completed token-objects-destroyed=\(objects)"
+                    )
+                ]
+            )
+        }
+        return (objects, committed.records[0])
     }
 
     // MARK: - Audit
 
-    /// Verifies the whole audit log, a page at a time, against the stored head.
-    public func verifyAuditLog(pageSize: Int = 1000) async throws(KeyServiceError) -> AuditVerification {
+    /// Checks the audit log's head against the HSM, generating the audit key on a first start and
+    /// anchoring a log that predates anchoring (audited). Throws `dataLoss` when the log fails its
+    /// integrity check: until it is restored every call that writes an audit record fails.
+    public func checkAuditAnchor(request: RequestContext = .system("audit-anchor-check")) async throws(KeyServiceError)
+        -> GroupCommitter.AnchorState
+    {
         try await mapErrors {
-            let head = try await self.repository.read { try await $0.auditHead() }
+            try await self.committer.checkAnchor(principal: request.principal, requestID: request.requestID)
+        }
+    }
+
+    /// Why the audit log last failed its integrity check (for readiness and metrics), or nil.
+    public var auditIntegrityFailure: String? { anchoring.integrityFailure }
+
+    /// Verifies the whole audit log, a page at a time: the hash chain against the stored head,
+    /// every kept checkpoint against the record it names and against the audit key in the HSM,
+    /// and the head's own checkpoint. Reports the first place where it breaks: for a rewritten
+    /// log, the first checkpoint it breaks.
+    public func verifyAuditLog(pageSize: Int = 1000) async throws(KeyServiceError) -> AuditLogVerification {
+        try await mapErrors {
+            let anchored = try await self.repository.read { try await $0.auditHead() }
+            // The key that made the head's checkpoint (or, with none, the first kept one); the
+            // token checks it is the audit key, and a checkpoint made by any other does not verify.
+            let firstCheckpoint = try await self.repository.read { try await $0.auditCheckpoints(after: 0, limit: 1) }
+            let key = TokenKeyReference(
+                id: anchored.anchor?.keyID ?? firstCheckpoint.first?.keyID
+                    ?? TokenKeyID(bytes: [UInt8](repeating: 0, count: TokenKeyID.byteCount))!,
+                label: AuditAnchoring.keyLabel
+            )
             var verifier = AuditVerifier()
             var after: Int64 = 0
+            var checkpoints: [AuditCheckpoint] = []
+            var checkpointsAfter: Int64 = 0
+            var checkpointsChecked = 0
+            var lastGood: AuditCheckpoint?
+            func report(_ problem: AuditProblem) -> AuditLogVerification {
+                AuditLogVerification(
+                    result: .broken(problem), checkpointsChecked: checkpointsChecked, anchoredThrough: nil)
+            }
             while true {
                 let page = try await self.repository.read { try await $0.auditRecords(after: after, limit: pageSize) }
+                var due: [AuditCheckpoint] = []
                 for record in page {
-                    if case .broken(let problem) = verifier.check(record) { return .broken(problem) }
+                    if case .broken(let problem) = verifier.check(record) { return report(problem) }
+                    while true {
+                        if checkpoints.isEmpty {
+                            checkpoints = try await self.repository.read {
+                                try await $0.auditCheckpoints(after: checkpointsAfter, limit: pageSize)
+                            }
+                            checkpointsAfter = checkpoints.last?.sequence ?? checkpointsAfter
+                            if checkpoints.isEmpty { break }
+                        }
+                        guard let checkpoint = checkpoints.first, checkpoint.sequence <= record.sequence else { break }
+                        checkpoints.removeFirst()
+                        guard checkpoint.sequence == record.sequence, checkpoint.hash == record.hash else {
+                            return report(Self.brokenCheckpoint(checkpoint, lastGood: lastGood))
+                        }
+                        due.append(checkpoint)
+                        lastGood = checkpoint
+                    }
+                }
+                if !due.isEmpty {
+                    let valid = try await self.anchoring.macs(due, key: key)
+                    if let index = valid.firstIndex(of: false) {
+                        return report(Self.forgedCheckpoint(due[index]))
+                    }
+                    checkpointsChecked += due.count
                 }
                 guard let last = page.last, page.count == pageSize else { break }
                 after = last.sequence
             }
-            return verifier.finish(head: head)
+            let chain = verifier.finish(head: anchored.head)
+            guard case .verified = chain else { return report(Self.problem(of: chain)) }
+            if let beyond = checkpoints.first {
+                return report(
+                    AuditProblem(
+                        sequence: beyond.sequence,
+                        kind: .missing,
+                        explanation:
+                            "a checkpoint names record \(beyond.sequence), after the end of the log at record \(anchored.head.sequence): records were removed"
+                    )
+                )
+            }
+            guard let anchor = anchored.anchor else {
+                if anchored.head.sequence == 0 {
+                    return AuditLogVerification(
+                        result: chain, checkpointsChecked: checkpointsChecked, anchoredThrough: nil)
+                }
+                return report(
+                    AuditProblem(
+                        sequence: anchored.head.sequence,
+                        kind: .unanchored,
+                        explanation:
+                            "the head (record \(anchored.head.sequence)) carries no checkpoint from the HSM"
+                            + (lastGood.map { "; the last checkpoint that holds is at record \($0.sequence)" } ?? "")
+                    )
+                )
+            }
+            guard anchor.covers(anchored.head) else {
+                return report(
+                    AuditProblem(
+                        sequence: anchored.head.sequence,
+                        kind: .anchorMismatch,
+                        explanation:
+                            "the head (record \(anchored.head.sequence)) does not match its checkpoint (record \(anchor.sequence)): the log was rewritten after "
+                            + (lastGood.map { "the checkpoint at record \($0.sequence)" } ?? "its start")
+                    )
+                )
+            }
+            guard try await self.anchoring.macs([anchor], key: key)[0] else {
+                return report(
+                    AuditProblem(
+                        sequence: anchored.head.sequence,
+                        kind: .anchorMismatch,
+                        explanation:
+                            "the head (record \(anchored.head.sequence)) does not verify against its checkpoint from the HSM: the log was rewritten after "
+                            + (lastGood.map { "the checkpoint at record \($0.sequence)" } ?? "its start")
+                            + ", or the head's checkpoint forged"
+                    )
+                )
+            }
+            return AuditLogVerification(
+                result: chain, checkpointsChecked: checkpointsChecked + 1, anchoredThrough: anchor.sequence)
         }
+    }
+
+    private static func problem(of verification: AuditVerification) -> AuditProblem {
+        if case .broken(let problem) = verification { return problem }
+        return AuditProblem(sequence: 0, kind: .edited, explanation: "unknown")
+    }
+
+    private static func brokenCheckpoint(_ checkpoint: AuditCheckpoint, lastGood: AuditCheckpoint?) -> AuditProblem {
+        AuditProblem(
+            sequence: checkpoint.sequence,
+            kind: .anchorMismatch,
+            explanation:
+                "the checkpoint at record \(checkpoint.sequence) (made \(checkpoint.time)) does not match the record: "
+                + "the log was rewritten after "
+                + (lastGood.map { "the checkpoint at record \($0.sequence)" } ?? "its start")
+                + " and at or before record \(checkpoint.sequence)"
+        )
+    }
+
+    private static func forgedCheckpoint(_ checkpoint: AuditCheckpoint) -> AuditProblem {
+        AuditProblem(
+            sequence: checkpoint.sequence,
+            kind: .anchorForged,
+            explanation:
+                "the checkpoint at record \(checkpoint.sequence) does not verify with the audit key in the HSM: it was not made by this gateway"
+        )
     }
 
     /// Audit records after `after`, in order.
@@ -330,7 +505,11 @@ public final class KeyService: Sendable {
             return try await body()
         } catch {
             let mapped = Self.map(error)
-            if mapped.underlying != nil || mapped.code == .internalError || mapped.code == .dataLoss {
+            if mapped.code == .decryptionFailed {
+                // Routine for callers with the wrong context or a damaged ciphertext, and what an
+                // attacker probing ciphertexts produces: kept, but not as an error.
+                logger.info("decryption failed", metadata: ["error": "\(mapped.logDescription)"])
+            } else if mapped.underlying != nil || mapped.code == .internalError || mapped.code == .dataLoss {
                 logger.error("key service call failed", metadata: ["error": "\(mapped.logDescription)"])
             }
             throw mapped
@@ -371,6 +550,12 @@ public final class KeyService: Sendable {
                 )
             case .unavailable:
                 return KeyServiceError(.unavailable, "the HSM is unavailable", underlying: error.description)
+            case .bindingViolation:
+                return KeyServiceError(
+                    .dataLoss,
+                    "a master key failed its binding check; the key store refers to the wrong token object",
+                    underlying: error.description
+                )
             case .other:
                 return KeyServiceError(.internalError, "the HSM operation failed", underlying: error.description)
             }
@@ -391,8 +576,7 @@ public final class KeyService: Sendable {
 
     func forget(tenant: TenantID) {
         primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
-        tokenKeyIDs.withLock { ids in ids = ids.filter { $0.key.tenant != tenant } }
-        counters.forget(tenant: tenant)
+        masterKeys.withLock { keys in keys = keys.filter { $0.key.tenant != tenant } }
     }
 
     // MARK: Idempotency
@@ -466,6 +650,22 @@ public final class KeyService: Sendable {
             // Another instance's call with the same key committed first.
             throw KeyServiceError(.alreadyExists, "idempotency key is in use", underlying: error.description)
         }
+    }
+}
+
+/// What `KeyService.verifyAuditLog` found.
+public struct AuditLogVerification: Sendable, Hashable {
+    /// The chain and its anchors: verified, or the first place where they break.
+    public var result: AuditVerification
+    /// Checkpoints (kept ones and the head's) whose MAC verified in the HSM.
+    public var checkpointsChecked: Int
+    /// The record the head's checkpoint anchors, when the whole log verified and is anchored.
+    public var anchoredThrough: Int64?
+
+    public init(result: AuditVerification, checkpointsChecked: Int, anchoredThrough: Int64?) {
+        self.result = result
+        self.checkpointsChecked = checkpointsChecked
+        self.anchoredThrough = anchoredThrough
     }
 }
 

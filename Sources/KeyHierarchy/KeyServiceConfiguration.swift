@@ -1,13 +1,11 @@
 /// The key service's limits and policies. Each has a reason; `validate()` enforces the bounds.
 public struct KeyServiceConfiguration: Sendable, Hashable {
     /// Wraps allowed under one master-key version before the tenant rotates automatically.
-    /// NIST SP 800-38D bounds GCM to 2^32 invocations per key with random IVs; the gateway's
-    /// IVs are deterministic (never repeat by construction), and it still rotates far below
-    /// that: 2^30 by default. At most 2^32 - 1.
+    /// Wrapping IVs are 96 random bits from the token's RNG, for which NIST SP 800-38D §8.3 bounds
+    /// GCM to 2^32 invocations per key. The count is kept in the database, which can be rolled
+    /// back, so the gateway rotates far below that bound: 2^30 by default, leaving room for three
+    /// times as many wraps uncounted by restores before 2^32 is reached. At most 2^32 - 1.
     public var invocationLimit: Int64 = 1 << 30
-    /// IV counters reserved from the database at a time. A crash wastes at most one block;
-    /// larger blocks mean fewer database round trips.
-    public var invocationBlockSize: Int64 = 256
     /// Encryptions allowed under one data key through Encrypt (random 96-bit nonces: NIST's
     /// 2^32 bound applies; 2^30 leaves a wide margin). Beyond it Encrypt refuses the key.
     public var dataKeyEncryptionLimit: Int64 = 1 << 30
@@ -27,6 +25,10 @@ public struct KeyServiceConfiguration: Sendable, Hashable {
     public var groupCommitMaximumBatch = GroupCommitter.defaultMaximumBatch
     /// Data keys the rewrap job moves per transaction.
     public var rewrapBatchSize = 100
+    /// Records between two audit checkpoints kept in the history (every batch's head is anchored
+    /// in the head row anyway): how precisely `verifyAuditLog` can say where a forgery starts,
+    /// against one small row per interval. 1 to 1,000,000.
+    public var auditCheckpointInterval: Int64 = 1000
 
     public init() {}
 
@@ -34,9 +36,6 @@ public struct KeyServiceConfiguration: Sendable, Hashable {
     public func validate() throws(KeyServiceError) {
         guard invocationLimit >= 1, invocationLimit < (1 << 32) else {
             throw KeyServiceError(.invalidArgument, "invocation limit must be between 1 and 2^32 - 1")
-        }
-        guard invocationBlockSize >= 1, invocationBlockSize <= 1 << 20 else {
-            throw KeyServiceError(.invalidArgument, "invocation block size must be between 1 and 2^20")
         }
         guard dataKeyEncryptionLimit >= 1, dataKeyEncryptionLimit < (1 << 32) else {
             throw KeyServiceError(.invalidArgument, "data key encryption limit must be between 1 and 2^32 - 1")
@@ -56,6 +55,9 @@ public struct KeyServiceConfiguration: Sendable, Hashable {
         }
         guard groupCommitMaximumBatch >= 1, groupCommitMaximumBatch <= 1024 else {
             throw KeyServiceError(.invalidArgument, "group commit batch must be 1 to 1024 units")
+        }
+        guard auditCheckpointInterval >= 1, auditCheckpointInterval <= 1_000_000 else {
+            throw KeyServiceError(.invalidArgument, "audit checkpoint interval must be 1 to 1,000,000 records")
         }
         guard rewrapBatchSize >= 1, rewrapBatchSize <= Self.maximumBatchSize else {
             throw KeyServiceError(.invalidArgument, "rewrap batch size must be 1 to \(Self.maximumBatchSize)")

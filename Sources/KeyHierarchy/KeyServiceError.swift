@@ -118,6 +118,10 @@ public struct TokenError: Error, Hashable, Sendable, CustomStringConvertible {
         case policyViolation
         /// The token cannot be reached, or no session was free in time.
         case unavailable
+        /// The object found by `CKA_ID` is not the key it must be (its label names another tenant
+        /// or version, or it is not a gateway key at all): the database pointed a version at the
+        /// wrong object.
+        case bindingViolation
         /// Anything else.
         case other
     }
@@ -125,10 +129,13 @@ public struct TokenError: Error, Hashable, Sendable, CustomStringConvertible {
     public let kind: Kind
     /// For the server log; may hold `CK_RV` names, never key material or PINs.
     public let detail: String
+    /// The key the error concerns, when one does (a binding violation names the object's `CKA_ID`).
+    public let key: TokenKeyID?
 
-    public init(_ kind: Kind, _ detail: String) {
+    public init(_ kind: Kind, _ detail: String, key: TokenKeyID? = nil) {
         self.kind = kind
         self.detail = detail
+        self.key = key
     }
 
     public var description: String { "token error (\(kind)): \(detail)" }

@@ -9,6 +9,7 @@
 /// | suspended    | no                   | yes              | yes         |
 /// | deactivated  | no                   | yes              | yes         |
 /// | compromised  | no                   | only for rewrap  | yes         |
+/// | destroying   | no                   | no               | no          |
 /// | destroyed    | no                   | no               | no          |
 public enum MasterKeyState: String, Sendable, Hashable, CaseIterable, Codable {
     case preActive = "pre-active"
@@ -16,21 +17,27 @@ public enum MasterKeyState: String, Sendable, Hashable, CaseIterable, Codable {
     case suspended
     case deactivated
     case compromised
+    /// Due destruction has begun: checked (not the primary, no data key wrapped under it) and
+    /// recorded in one locked transaction, the token object not destroyed yet. Nothing may use the
+    /// version any more; the next destruction run finishes it if this one was interrupted.
+    case destroying
     case destroyed
 
     /// The transitions NIST allows, plus suspend/resume. Destruction happens only through
-    /// scheduled deletion, from deactivated or compromised (or pre-active, never used).
+    /// scheduled deletion, from pre-active, deactivated or compromised, by way of destroying.
     public func canTransition(to next: MasterKeyState) -> Bool {
         switch (self, next) {
-        case (.preActive, .active), (.preActive, .compromised), (.preActive, .destroyed):
+        case (.preActive, .active), (.preActive, .compromised):
             return true
         case (.active, .suspended), (.active, .deactivated), (.active, .compromised):
             return true
         case (.suspended, .active), (.suspended, .deactivated), (.suspended, .compromised):
             return true
-        case (.deactivated, .compromised), (.deactivated, .destroyed):
+        case (.deactivated, .compromised):
             return true
-        case (.compromised, .destroyed):
+        case (.preActive, .destroying), (.deactivated, .destroying), (.compromised, .destroying):
+            return true
+        case (.destroying, .destroyed):
             return true
         default:
             return false
@@ -59,7 +66,8 @@ public enum TenantState: String, Sendable, Hashable, CaseIterable, Codable {
     case enabled
     /// Every key use is refused; administration still works; reversible.
     case disabled
-    /// Crypto-shredded: master keys destroyed in the token, data keys deleted. Final.
+    /// Crypto-shredded: data keys deleted, master keys destroyed in the token (versions still
+    /// `destroying` are finished by the next destruction run or a repeated shred). Final.
     case shredded
 }
 
@@ -84,7 +92,15 @@ public enum AuditOperation: String, Sendable, Hashable, CaseIterable, Codable {
     case scheduleMasterKeyDestruction = "master-key.schedule-destruction"
     case cancelMasterKeyDestruction = "master-key.cancel-destruction"
     case destroyMasterKey = "master-key.destroy"
+    /// Records written before invocations were counted with the keys they wrap (IV counters
+    /// reserved in blocks); kept so old logs still decode. Not written any more.
     case reserveInvocations = "master-key.reserve-invocations"
+    /// The token object a version's row names is not that version's key (its label names another
+    /// tenant or version): the call was refused and the cached reference dropped.
+    case keyBindingViolation = "master-key.binding-violation"
+    /// A log that predates audit anchoring was anchored in the HSM at its head (first start
+    /// after an upgrade).
+    case anchorAuditLog = "audit.anchor"
     case generateDataKey = "data-key.generate"
     case decryptDataKey = "data-key.decrypt"
     case rewrapDataKey = "data-key.rewrap"

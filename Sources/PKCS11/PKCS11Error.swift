@@ -61,6 +61,8 @@ public enum PKCS11Function: String, Sendable, Hashable {
     case wrapKey = "C_WrapKey"
     case unwrapKey = "C_UnwrapKey"
     case generateRandom = "C_GenerateRandom"
+    case signInit = "C_SignInit"
+    case sign = "C_Sign"
 }
 
 /// Every failure of the PKCS#11 layer.

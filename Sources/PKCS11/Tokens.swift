@@ -127,6 +127,10 @@ public struct Mechanism: Hashable, Sendable, CustomStringConvertible {
     public static let aesKeyWrapPad = Mechanism(rawValue: 0x210A)
     /// `CKM_AES_KEY_WRAP_KWP` (0x210B): RFC 5649, AES key wrap with padding (PKCS#11 3.0).
     public static let aesKeyWrapKWP = Mechanism(rawValue: 0x210B)
+    /// `CKM_SHA256_HMAC` (0x0251): HMAC-SHA-256 with a 32-byte output.
+    public static let sha256HMAC = Mechanism(rawValue: 0x0251)
+    /// `CKM_GENERIC_SECRET_KEY_GEN` (0x0350): a generic secret of `CKA_VALUE_LEN` bytes.
+    public static let genericSecretKeyGen = Mechanism(rawValue: 0x0350)
 
     static let names: [UInt: String] = [
         0x1080: "CKM_AES_KEY_GEN", 0x1081: "CKM_AES_ECB", 0x1082: "CKM_AES_CBC", 0x1085: "CKM_AES_CBC_PAD",

@@ -4,14 +4,21 @@ import Synchronization
 
 /// The `MasterKeyToken` port on a PKCS#11 token, through a `SessionPool`.
 ///
-/// Key objects are found by `CKA_ID` (handles are never stored outside this process); the
-/// handle of each master key is cached after its attributes have been read back and checked
-/// against `MasterKeyPolicy` (security invariant 1: a weaker key is refused, at first use in
-/// each process). Every operation of one `perform` call runs in one session lease.
+/// Key objects are found by `CKA_ID` (handles are never stored outside this process). Before a
+/// handle is used, and cached, the object's label is checked against the reference the key
+/// service passed (the tenant and version it must belong to) and its attributes against the
+/// policy (security invariants 1 and 3: a weaker key or another tenant's key is refused). Every
+/// operation of one `perform` call runs in one session lease.
 public final class PKCS11KeyToken: MasterKeyToken {
     /// The pool the adapter leases sessions from (read-write: it creates and destroys objects).
     public let pool: SessionPool
-    private let handles = Mutex<[TokenKeyID: ObjectHandle]>([:])
+    private let handles = Mutex<[TokenKeyID: CachedKey]>([:])
+
+    /// A handle found and checked, with the label it was checked against.
+    fileprivate struct CachedKey: Sendable {
+        let handle: ObjectHandle
+        let label: String
+    }
 
     public init(pool: SessionPool) {
         self.pool = pool
@@ -28,7 +35,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
             }
             return handle
         }
-        handles.withLock { $0[id] = handle }
+        handles.withLock { $0[id] = CachedKey(handle: handle, label: label) }
     }
 
     public func destroyMasterKey(id: TokenKeyID) async throws(TokenError) -> Bool {
@@ -56,135 +63,268 @@ public final class PKCS11KeyToken: MasterKeyToken {
         try await lease { session in try session.findMasterKeys(labelPrefix: labelPrefix).map(\.label) }
     }
 
+    public func prepareAuditKey(label: String) async throws(TokenError) -> (id: TokenKeyID, created: Bool) {
+        let (id, handle, created) = try await lease { session -> (TokenKeyID, ObjectHandle, Bool) in
+            let found = try session.findSecretKeys(label: label)
+            guard found.count <= 1 else {
+                throw TokenError(.other, "\(found.count) objects are labelled \(label); expected one audit key")
+            }
+            if let existing = found.first {
+                guard let id = TokenKeyID(bytes: existing.id) else {
+                    throw TokenError(.other, "the audit key's CKA_ID is not \(TokenKeyID.byteCount) bytes")
+                }
+                try session.verifyAuditKey(existing.handle)
+                return (id, existing.handle, false)
+            }
+            let id = TokenKeyID.random()
+            let handle = try session.generateAuditKey(label: label, id: id.bytes)
+            do {
+                try session.verifyAuditKey(handle)
+            } catch {
+                try? session.destroyObject(handle)
+                throw error
+            }
+            return (id, handle, true)
+        }
+        handles.withLock { $0[id] = CachedKey(handle: handle, label: label) }
+        return (id, created)
+    }
+
     public func perform(_ operations: [TokenOperation]) async throws(TokenError) -> [TokenResult] {
+        let progress = PerformProgress(operations)
+        // Each lease runs the operations that have no result yet. The pool runs the body again
+        // on a new session when the session turns out unusable: the body resumes where the last
+        // attempt stopped, with the data keys it already drew, so nothing is done twice.
         let cached = handles.withLock { $0 }
-        let (results, found, stale) = try await lease { session in
-            try Self.run(operations, on: session, cached: cached)
+        do {
+            try await pool.withSession { session in
+                try Self.run(progress, on: session, cached: cached)
+            }
+        } catch {
+            throw Self.map(error, decrypting: false)
         }
+        let (found, stale) = progress.handleChanges()
         handles.withLock { cache in
-            for (id, handle) in found { cache[id] = handle }
             for id in stale { cache.removeValue(forKey: id) }
+            for (id, key) in found { cache[id] = key }
         }
-        return results
+        return progress.finishedResults()
     }
 
     // MARK: - Running operations in one lease
 
-    /// Runs every operation; returns results, handles found (and verified) on the way, and ids
-    /// whose cached handle turned out to be stale.
-    private static func run(
-        _ operations: [TokenOperation],
-        on session: borrowing Session,
-        cached: [TokenKeyID: ObjectHandle]
-    ) throws -> ([TokenResult], [TokenKeyID: ObjectHandle], Set<TokenKeyID>) {
-        var known = cached
-        var found: [TokenKeyID: ObjectHandle] = [:]
-        var stale: Set<TokenKeyID> = []
-        var results: [TokenResult] = []
-        results.reserveCapacity(operations.count)
-        for operation in operations {
-            do {
-                results.append(try runOne(operation, on: session, known: &known, found: &found, stale: &stale))
-            } catch let error as PKCS11Error where error.invalidatesSession {
-                // The whole lease is gone: let the pool replace the session and retry.
-                throw error
-            } catch {
-                results.append(.failed(map(error, decrypting: operation.decrypts)))
+    /// What one `perform` has done so far: shared by the attempts of one lease, which the pool
+    /// runs one after another on its threads, and read by the caller afterwards.
+    private final class PerformProgress: Sendable {
+        let operations: [TokenOperation]
+        private let state: Mutex<State>
+
+        struct State {
+            var results: [TokenResult?]
+            /// Data keys drawn for `generateAndWrap`, by position: drawn once, reused by a retry.
+            var dataKeys: [Int: SecretBytes] = [:]
+            var known: [TokenKeyID: CachedKey] = [:]
+            var found: [TokenKeyID: CachedKey] = [:]
+            var stale: Set<TokenKeyID> = []
+        }
+
+        init(_ operations: [TokenOperation]) {
+            self.operations = operations
+            self.state = Mutex(State(results: Array(repeating: nil, count: operations.count)))
+        }
+
+        func withState<T>(_ body: (inout State) throws -> T) rethrows -> T {
+            try state.withLock { try body(&$0) }
+        }
+
+        func handleChanges() -> ([TokenKeyID: CachedKey], Set<TokenKeyID>) {
+            state.withLock { ($0.found, $0.stale) }
+        }
+
+        func finishedResults() -> [TokenResult] {
+            state.withLock { state in
+                state.results.map { $0 ?? .failed(TokenError(.other, "the operation did not run")) }
             }
         }
-        return (results, found, stale)
+    }
+
+    /// Runs every operation without a result yet; a failure of one operation is its result, a
+    /// session-invalidating failure ends the lease (the pool replaces the session and calls again).
+    private static func run(
+        _ progress: PerformProgress,
+        on session: borrowing Session,
+        cached: [TokenKeyID: CachedKey]
+    ) throws {
+        var known = progress.withState { state in
+            state.known.isEmpty ? cached.filter { !state.stale.contains($0.key) } : state.known
+        }
+        for index in progress.operations.indices {
+            if progress.withState({ $0.results[index] != nil }) { continue }
+            let operation = progress.operations[index]
+            var lookup = KeyLookup(known: known)
+            let result: TokenResult
+            do {
+                result = try runOne(operation, at: index, progress: progress, on: session, lookup: &lookup)
+            } catch let error as PKCS11Error where error.invalidatesSession {
+                progress.withState { state in state.known = lookup.known }
+                throw error
+            } catch {
+                result = .failed(map(error, decrypting: operation.decrypts))
+            }
+            known = lookup.known
+            progress.withState { state in
+                state.results[index] = result
+                state.known = lookup.known
+                state.found.merge(lookup.found) { _, new in new }
+                state.stale.formUnion(lookup.stale)
+                if case .generated = result { state.dataKeys.removeValue(forKey: index) }
+            }
+        }
+    }
+
+    /// Handles known in this lease, and what changed about them.
+    private struct KeyLookup {
+        var known: [TokenKeyID: CachedKey]
+        var found: [TokenKeyID: CachedKey] = [:]
+        var stale: Set<TokenKeyID> = []
+    }
+
+    private enum KeyKind {
+        case master
+        case audit
     }
 
     private static func runOne(
         _ operation: TokenOperation,
+        at index: Int,
+        progress: PerformProgress,
         on session: borrowing Session,
-        known: inout [TokenKeyID: ObjectHandle],
-        found: inout [TokenKeyID: ObjectHandle],
-        stale: inout Set<TokenKeyID>
+        lookup: inout KeyLookup
     ) throws -> TokenResult {
         switch operation {
-        case .generateAndWrap(let key, let iv, let aad):
-            let handle = try resolve(key, on: session, known: &known, found: &found, stale: &stale)
-            let plaintext = try session.generateRandomSecret(count: 32)
-            let sealed = try withStaleRetry(key, on: session, handle, &known, &found, &stale) { session, handle in
-                try session.encryptAESGCM(key: handle, iv: iv, aad: aad, plaintext: plaintext)
+        case .generateAndWrap(let key, let aad):
+            // The data key is drawn once; if the session fails after this, the next attempt wraps
+            // the same key under a fresh IV.
+            let plaintext: SecretBytes
+            if let drawn = progress.withState({ $0.dataKeys[index] }) {
+                plaintext = drawn
+            } else {
+                plaintext = try session.generateRandomSecret(count: WrappedDataKey.keyByteCount)
+                progress.withState { $0.dataKeys[index] = plaintext }
             }
-            return .generated(plaintext: plaintext, ciphertextAndTag: sealed)
-        case .wrap(let key, let iv, let aad, let plaintext):
-            let handle = try resolve(key, on: session, known: &known, found: &found, stale: &stale)
-            let sealed = try withStaleRetry(key, on: session, handle, &known, &found, &stale) { session, handle in
-                try session.encryptAESGCM(key: handle, iv: iv, aad: aad, plaintext: plaintext)
+            let (iv, sealed) = try withKey(key, .master, on: session, &lookup) { session, handle in
+                try sealWithTokenIV(session, handle, aad: aad, plaintext: plaintext)
             }
-            return .wrapped(ciphertextAndTag: sealed)
+            return .generated(plaintext: plaintext, iv: iv, ciphertextAndTag: sealed)
+        case .wrap(let key, let aad, let plaintext):
+            let (iv, sealed) = try withKey(key, .master, on: session, &lookup) { session, handle in
+                try sealWithTokenIV(session, handle, aad: aad, plaintext: plaintext)
+            }
+            return .wrapped(iv: iv, ciphertextAndTag: sealed)
         case .unwrap(let key, let iv, let aad, let ciphertextAndTag):
-            let handle = try resolve(key, on: session, known: &known, found: &found, stale: &stale)
-            let plaintext = try withStaleRetry(key, on: session, handle, &known, &found, &stale) { session, handle in
+            let plaintext = try withKey(key, .master, on: session, &lookup) { session, handle in
                 try session.decryptAESGCM(key: handle, iv: iv, aad: aad, ciphertextAndTag: ciphertextAndTag)
             }
             return .unwrapped(plaintext: plaintext)
-        case .rewrap(let from, let iv, let aad, let ciphertextAndTag, let to, let newIV, let newAAD):
-            let source = try resolve(from, on: session, known: &known, found: &found, stale: &stale)
-            let plaintext = try withStaleRetry(from, on: session, source, &known, &found, &stale) { session, handle in
+        case .rewrap(let from, let iv, let aad, let ciphertextAndTag, let to, let newAAD):
+            let plaintext = try withKey(from, .master, on: session, &lookup) { session, handle in
                 try session.decryptAESGCM(key: handle, iv: iv, aad: aad, ciphertextAndTag: ciphertextAndTag)
             }
             // `plaintext` is zeroed when it goes out of scope at the end of this case.
-            let target = try resolve(to, on: session, known: &known, found: &found, stale: &stale)
             do {
-                let sealed = try withStaleRetry(to, on: session, target, &known, &found, &stale) { session, handle in
-                    try session.encryptAESGCM(key: handle, iv: newIV, aad: newAAD, plaintext: plaintext)
+                let (newIV, sealed) = try withKey(to, .master, on: session, &lookup) { session, handle in
+                    try sealWithTokenIV(session, handle, aad: newAAD, plaintext: plaintext)
                 }
-                return .rewrapped(ciphertextAndTag: sealed)
-            } catch let error as PKCS11Error where error.function == .decrypt || error.function == .decryptInit {
+                return .rewrapped(iv: newIV, ciphertextAndTag: sealed)
+            } catch let error as PKCS11Error where error.invalidatesSession {
+                throw error
+            } catch let error as TokenError {
                 throw error
             } catch {
                 // A failure of the wrap half is not an authentication failure of the input.
                 throw TokenError(.other, "\(error)")
             }
+        case .mac(let key, let message):
+            let mac = try withKey(key, .audit, on: session, &lookup) { session, handle in
+                try session.signHMACSHA256(key: handle, message: message)
+            }
+            return .mac(mac)
         }
     }
 
-    /// The handle of master key `id`: cached, or found by `CKA_ID` and checked against the
-    /// policy (a weaker key is refused and never cached).
-    private static func resolve(
-        _ id: TokenKeyID,
-        on session: borrowing Session,
-        known: inout [TokenKeyID: ObjectHandle],
-        found: inout [TokenKeyID: ObjectHandle],
-        stale: inout Set<TokenKeyID>
-    ) throws -> ObjectHandle {
-        if let handle = known[id] { return handle }
-        guard let handle = try session.findMasterKey(id: id.bytes) else {
-            throw TokenError(.keyNotFound, "no master key with CKA_ID \(id)")
-        }
-        try session.verifyMasterKey(handle)
-        known[id] = handle
-        found[id] = handle
-        return handle
-    }
-
-    /// Runs `body` with a cached handle; when the token says the handle is no longer valid
-    /// (the key was destroyed and maybe recreated, or the token re-initialised), finds the key
-    /// again once.
-    private static func withStaleRetry<T>(
-        _ id: TokenKeyID,
-        on session: borrowing Session,
+    /// AES-GCM encryption under a 96-bit IV drawn from the token's RNG for this very call
+    /// (NIST SP 800-38D §8.2.2): IV uniqueness rests on the HSM, never on the database.
+    private static func sealWithTokenIV(
+        _ session: borrowing Session,
         _ handle: ObjectHandle,
-        _ known: inout [TokenKeyID: ObjectHandle],
-        _ found: inout [TokenKeyID: ObjectHandle],
-        _ stale: inout Set<TokenKeyID>,
+        aad: [UInt8],
+        plaintext: SecretBytes
+    ) throws -> ([UInt8], [UInt8]) {
+        let iv = try session.generateRandom(count: WrappedDataKey.ivByteCount)
+        let sealed = try session.encryptAESGCM(key: handle, iv: iv, aad: aad, plaintext: plaintext)
+        return (iv, sealed)
+    }
+
+    /// Runs `body` with the checked handle of `key`; when the token says a cached handle is no
+    /// longer valid (the key was destroyed and maybe recreated, or the token re-initialised),
+    /// finds and checks the key again once.
+    private static func withKey<T>(
+        _ key: TokenKeyReference,
+        _ kind: KeyKind,
+        on session: borrowing Session,
+        _ lookup: inout KeyLookup,
         _ body: (borrowing Session, ObjectHandle) throws -> T
     ) throws -> T {
+        let handle = try resolve(key, kind, on: session, &lookup)
         do {
             return try body(session, handle)
         } catch let error as PKCS11Error
             where error.returnValue == .keyHandleInvalid || error.returnValue == .objectHandleInvalid
         {
-            known.removeValue(forKey: id)
-            found.removeValue(forKey: id)
-            stale.insert(id)
-            let fresh = try resolve(id, on: session, known: &known, found: &found, stale: &stale)
+            lookup.known.removeValue(forKey: key.id)
+            lookup.found.removeValue(forKey: key.id)
+            lookup.stale.insert(key.id)
+            let fresh = try resolve(key, kind, on: session, &lookup)
             return try body(session, fresh)
         }
+    }
+
+    /// The handle of `key`: cached when it was checked against the same label, or found by
+    /// `CKA_ID` and checked: its label must be `key.label` (else `bindingViolation`) and its
+    /// attributes must meet the policy of its kind (else `policyViolation`). A key failing either
+    /// check is never cached, and a cached handle of it is dropped.
+    private static func resolve(
+        _ key: TokenKeyReference,
+        _ kind: KeyKind,
+        on session: borrowing Session,
+        _ lookup: inout KeyLookup
+    ) throws -> ObjectHandle {
+        if let cached = lookup.known[key.id] {
+            if cached.label == key.label { return cached.handle }
+            lookup.known.removeValue(forKey: key.id)
+            lookup.found.removeValue(forKey: key.id)
+            lookup.stale.insert(key.id)
+        }
+        guard let handle = try session.findMasterKey(id: key.id.bytes) else {
+            throw TokenError(.keyNotFound, "no key with CKA_ID \(key.id) (expected \(key.label))", key: key.id)
+        }
+        let label = try session.attributes([.label], of: handle).string(.label)
+        guard label == key.label else {
+            throw TokenError(
+                .bindingViolation,
+                "the object with CKA_ID \(key.id) is labelled \(label.map { "'\($0)'" } ?? "nothing"), "
+                    + "expected '\(key.label)'",
+                key: key.id
+            )
+        }
+        switch kind {
+        case .master: try session.verifyMasterKey(handle)
+        case .audit: try session.verifyAuditKey(handle)
+        }
+        let checked = CachedKey(handle: handle, label: key.label)
+        lookup.known[key.id] = checked
+        lookup.found[key.id] = checked
+        return handle
     }
 
     // MARK: - Errors
@@ -240,7 +380,7 @@ extension TokenOperation {
     fileprivate var decrypts: Bool {
         switch self {
         case .unwrap, .rewrap: return true
-        case .generateAndWrap, .wrap: return false
+        case .generateAndWrap, .wrap, .mac: return false
         }
     }
 }

@@ -17,7 +17,7 @@ struct Migration: Sendable {
 /// the cluster's locale, the same order as SQLite's and as `TenantID`'s `<`.
 enum Migrations {
     /// Every migration, in order.
-    static let all: [Migration] = [initialSchema, accessControl]
+    static let all: [Migration] = [initialSchema, accessControl, destroyingAndAuditAnchor]
 
     /// The highest version this build knows.
     static var latestVersion: Int { all.last?.version ?? 0 }
@@ -191,6 +191,58 @@ enum Migrations {
             )
             """,
             "CREATE INDEX api_tokens_principal_id ON api_tokens (principal, id)",
+        ]
+    )
+
+    /// The `destroying` state of a master-key version (due destruction checked and begun, the
+    /// token object not destroyed yet), and the audit chain's anchor in the HSM: the head row
+    /// carries the checkpoint (HMAC) of the head, and kept checkpoints go to an append-only history.
+    static let destroyingAndAuditAnchor = Migration(
+        version: 3,
+        name: "destroying state and audit anchor",
+        statements: [
+            "ALTER TABLE master_key_versions DROP CONSTRAINT master_key_versions_state_check",
+            """
+            ALTER TABLE master_key_versions ADD CONSTRAINT master_key_versions_state_check CHECK (
+                state IN ('pre-active', 'active', 'suspended', 'deactivated', 'compromised', 'destroying', 'destroyed')
+            )
+            """,
+            """
+            ALTER TABLE audit_head ADD COLUMN anchor_key_id BYTEA NULL, ADD COLUMN anchor_mac BYTEA NULL,
+                ADD COLUMN anchor_time BIGINT NULL,
+                ADD CONSTRAINT audit_head_anchor_complete CHECK (
+                    (anchor_key_id IS NULL) = (anchor_mac IS NULL) AND (anchor_mac IS NULL) = (anchor_time IS NULL)
+                )
+            """,
+            """
+            CREATE TABLE audit_checkpoints (
+                seq BIGINT PRIMARY KEY,
+                hash BYTEA NOT NULL,
+                key_id BYTEA NOT NULL,
+                mac BYTEA NOT NULL,
+                time BIGINT NOT NULL
+            )
+            """,
+            """
+            CREATE FUNCTION audit_checkpoints_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'audit_checkpoints is append-only: % refused', TG_OP
+                    USING ERRCODE = 'insufficient_privilege';
+            END
+            $$
+            """,
+            """
+            CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+                FOR EACH ROW EXECUTE FUNCTION audit_checkpoints_refuse_change()
+            """,
+            """
+            CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+                FOR EACH ROW EXECUTE FUNCTION audit_checkpoints_refuse_change()
+            """,
+            """
+            CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
+                FOR EACH STATEMENT EXECUTE FUNCTION audit_checkpoints_refuse_change()
+            """,
         ]
     )
 }

@@ -399,13 +399,14 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         fromVersion: MasterKeyVersionNumber,
         toVersion: MasterKeyVersionNumber,
         wrapped: [UInt8],
+        contextHash: [UInt8],
         at time: Timestamp
     ) async throws -> Bool {
         try requireWritable("updateDataKeyWrapping")
         let result = try await run(
             """
             UPDATE data_keys SET version = \(toVersion), wrapped = \(ByteBuffer(bytes: wrapped)), \
-            updated_at = \(time.millisecondsSinceEpoch) \
+            context_hash = \(ByteBuffer(bytes: contextHash)), updated_at = \(time.millisecondsSinceEpoch) \
             WHERE tenant_id = \(tenant.rawValue) AND id = \(id.uuid) AND version = \(fromVersion) \
             AND state <> 'destroyed'
             """,
@@ -514,20 +515,29 @@ final class PostgresTransaction: KeyRepositoryTransaction {
 
     // MARK: Audit
 
-    func lockAuditHead() async throws -> AuditHead {
+    private static let auditHeadColumns = "seq, hash, anchor_key_id, anchor_mac, anchor_time"
+
+    func lockAuditHead() async throws -> AnchoredAuditHead {
         try requireWritable("lockAuditHead")
-        let result = try await run("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE", "lockAuditHead")
+        let result = try await run(
+            "SELECT \(unescaped: Self.auditHeadColumns) FROM audit_head WHERE id = 1 FOR UPDATE", "lockAuditHead")
         return try Rows.auditHead(result.first, operation: "lockAuditHead")
     }
 
-    func auditHead() async throws -> AuditHead {
-        let result = try await run("SELECT seq, hash FROM audit_head WHERE id = 1", "auditHead")
+    func auditHead() async throws -> AnchoredAuditHead {
+        let result = try await run(
+            "SELECT \(unescaped: Self.auditHeadColumns) FROM audit_head WHERE id = 1", "auditHead")
         return try Rows.auditHead(result.first, operation: "auditHead")
     }
 
     /// One `INSERT … SELECT FROM UNNEST(arrays)` for the records (NULL tenants flagged in a
-    /// parallel `bool[]`), then the head.
-    func appendAuditRecords(_ records: [AuditRecord], head: AuditHead) async throws {
+    /// parallel `bool[]`), then the head with its anchor, then the kept checkpoint.
+    func appendAuditRecords(
+        _ records: [AuditRecord],
+        head: AuditHead,
+        anchor: AuditCheckpoint?,
+        keepCheckpoint: Bool
+    ) async throws {
         try requireWritable("appendAuditRecords")
         var start = records.startIndex
         while start < records.endIndex {
@@ -536,12 +546,37 @@ final class PostgresTransaction: KeyRepositoryTransaction {
             start = end
         }
         let result = try await run(
-            "UPDATE audit_head SET seq = \(head.sequence), hash = \(ByteBuffer(bytes: head.hash)) WHERE id = 1",
+            """
+            UPDATE audit_head SET seq = \(head.sequence), hash = \(ByteBuffer(bytes: head.hash)), \
+            anchor_key_id = \(anchor.map { ByteBuffer(bytes: $0.keyID.bytes) }), \
+            anchor_mac = \(anchor.map { ByteBuffer(bytes: $0.mac) }), \
+            anchor_time = \(anchor?.time.millisecondsSinceEpoch) WHERE id = 1
+            """,
             "appendAuditRecords: head"
         )
         guard result.metadata.rows == 1 else {
             throw StorageError(.corrupt, "appendAuditRecords: the audit_head row is missing")
         }
+        if keepCheckpoint, let anchor {
+            try await run(
+                """
+                INSERT INTO audit_checkpoints (seq, hash, key_id, mac, time) VALUES (\(anchor.sequence), \
+                \(ByteBuffer(bytes: anchor.hash)), \(ByteBuffer(bytes: anchor.keyID.bytes)), \
+                \(ByteBuffer(bytes: anchor.mac)), \(anchor.time.millisecondsSinceEpoch))
+                """,
+                "appendAuditRecords: checkpoint"
+            )
+        }
+    }
+
+    func auditCheckpoints(after: Int64, limit: Int) async throws -> [AuditCheckpoint] {
+        try await run(
+            """
+            SELECT seq, hash, key_id, mac, time FROM audit_checkpoints WHERE seq > \(after) \
+            ORDER BY seq LIMIT \(Self.clamped(limit))
+            """,
+            "auditCheckpoints"
+        ).map(Rows.checkpoint)
     }
 
     private func insertAuditBatch(_ records: ArraySlice<AuditRecord>) async throws {

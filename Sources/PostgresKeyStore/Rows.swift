@@ -203,10 +203,43 @@ enum Rows {
         )
     }
 
-    static func auditHead(_ row: PostgresRow?, operation: String) throws -> AuditHead {
+    /// Reads `seq, hash, anchor_key_id, anchor_mac, anchor_time` of the `audit_head` row.
+    static func auditHead(_ row: PostgresRow?, operation: String) throws -> AnchoredAuditHead {
         guard let row else { throw StorageError(.corrupt, "\(operation): the audit_head row is missing") }
-        let (sequence, hash) = try decodeRow(row, as: (Int64, ByteBuffer).self, operation: operation)
-        return AuditHead(sequence: sequence, hash: Array(hash.readableBytesView))
+        let (sequence, hash, keyID, mac, time) = try decodeRow(
+            row, as: (Int64, ByteBuffer, ByteBuffer?, ByteBuffer?, Int64?).self, operation: operation)
+        let head = AuditHead(sequence: sequence, hash: Array(hash.readableBytesView))
+        guard let keyID, let mac, let time else { return AnchoredAuditHead(head: head, anchor: nil) }
+        return AnchoredAuditHead(
+            head: head,
+            anchor: try checkpoint(
+                sequence: sequence, hash: head.hash, keyID: keyID, mac: mac, time: time, operation: operation)
+        )
+    }
+
+    /// Reads `seq, hash, key_id, mac, time` of an `audit_checkpoints` row.
+    static func checkpoint(_ row: PostgresRow) throws -> AuditCheckpoint {
+        let (sequence, hash, keyID, mac, time) = try decodeRow(
+            row, as: (Int64, ByteBuffer, ByteBuffer, ByteBuffer, Int64).self, operation: "audit_checkpoints")
+        return try checkpoint(
+            sequence: sequence, hash: Array(hash.readableBytesView), keyID: keyID, mac: mac, time: time,
+            operation: "audit_checkpoints")
+    }
+
+    private static func checkpoint(
+        sequence: Int64,
+        hash: [UInt8],
+        keyID: ByteBuffer,
+        mac: ByteBuffer,
+        time: Int64,
+        operation: String
+    ) throws -> AuditCheckpoint {
+        guard let key = TokenKeyID(bytes: Array(keyID.readableBytesView)) else {
+            throw StorageError(.corrupt, "\(operation): an audit anchor key id is not \(TokenKeyID.byteCount) bytes")
+        }
+        return AuditCheckpoint(
+            sequence: sequence, hash: hash, keyID: key, mac: Array(mac.readableBytesView),
+            time: Timestamp(millisecondsSinceEpoch: time))
     }
 
     private static func parse<Value: RawRepresentable>(

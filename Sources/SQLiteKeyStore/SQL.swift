@@ -75,9 +75,9 @@ enum SQL {
         SELECT count(*) AS n FROM data_keys
         WHERE tenant_id = ? AND version = ? AND state IN ('enabled', 'disabled')
         """
-    /// Binds: toVersion, wrapped, updatedAt, tenant, id, fromVersion.
+    /// Binds: toVersion, wrapped, contextHash, updatedAt, tenant, id, fromVersion.
     static let updateDataKeyWrapping = """
-        UPDATE data_keys SET version = ?, wrapped = ?, updated_at = ?
+        UPDATE data_keys SET version = ?, wrapped = ?, context_hash = ?, updated_at = ?
         WHERE tenant_id = ? AND id = ? AND version = ? AND state <> 'destroyed'
         RETURNING 1 AS changed
         """
@@ -128,7 +128,7 @@ enum SQL {
 
     // MARK: Audit
 
-    static let auditHead = "SELECT seq, hash FROM audit_head WHERE id = 1"
+    static let auditHead = "SELECT seq, hash, anchor_key_id, anchor_mac, anchor_time FROM audit_head WHERE id = 1"
     static let auditColumns =
         "seq, time, principal, tenant_id, operation, key_ids, outcome, request_id, detail, prev_hash, hash"
     /// The placeholders of one audit row.
@@ -137,7 +137,16 @@ enum SQL {
         "INSERT INTO audit_log (\(auditColumns)) VALUES "
             + repeatElement(auditRow, count: rows).joined(separator: ", ")
     }
-    static let updateAuditHead = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 RETURNING 1 AS changed"
+    /// Binds: seq, hash, anchor key id, anchor MAC, anchor time.
+    static let updateAuditHead = """
+        UPDATE audit_head SET seq = ?, hash = ?, anchor_key_id = ?, anchor_mac = ?, anchor_time = ?
+        WHERE id = 1 RETURNING 1 AS changed
+        """
+    /// Binds: seq, hash, key id, MAC, time.
+    static let insertAuditCheckpoint =
+        "INSERT INTO audit_checkpoints (seq, hash, key_id, mac, time) VALUES (?, ?, ?, ?, ?)"
+    static let auditCheckpoints =
+        "SELECT seq, hash, key_id, mac, time FROM audit_checkpoints WHERE seq > ? ORDER BY seq LIMIT ?"
     static let auditRecords = "SELECT \(auditColumns) FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?"
 
     // MARK: Schema

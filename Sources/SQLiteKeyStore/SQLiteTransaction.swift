@@ -353,14 +353,15 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
         fromVersion: MasterKeyVersionNumber,
         toVersion: MasterKeyVersionNumber,
         wrapped: [UInt8],
+        contextHash: [UInt8],
         at time: Timestamp
     ) async throws -> Bool {
         let rows = try await write(
             "updateDataKeyWrapping",
             SQL.updateDataKeyWrapping,
             [
-                .int(toVersion), .bytes(wrapped), .time(time), .text(tenant.rawValue), .text(id.description),
-                .int(fromVersion),
+                .int(toVersion), .bytes(wrapped), .bytes(contextHash), .time(time), .text(tenant.rawValue),
+                .text(id.description), .int(fromVersion),
             ]
         )
         return !rows.isEmpty
@@ -425,20 +426,25 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
 
     // MARK: - Audit
 
-    func lockAuditHead() async throws -> AuditHead {
+    func lockAuditHead() async throws -> AnchoredAuditHead {
         // No lock to take: the writer connection is exclusive for the whole transaction, so appends
         // are already ordered.
         try await auditHead()
     }
 
-    func auditHead() async throws -> AuditHead {
+    func auditHead() async throws -> AnchoredAuditHead {
         guard let row = try await run("auditHead", SQL.auditHead).first else {
             throw StorageError(.corrupt, "audit_head: the row is missing")
         }
-        return try AuditHead(row: row)
+        return try AnchoredAuditHead(row: row)
     }
 
-    func appendAuditRecords(_ records: [AuditRecord], head: AuditHead) async throws {
+    func appendAuditRecords(
+        _ records: [AuditRecord],
+        head: AuditHead,
+        anchor: AuditCheckpoint?,
+        keepCheckpoint: Bool
+    ) async throws {
         for record in records
         where record.event.keyIDs.contains(where: { $0.isEmpty || $0.contains(AuditRecord.keyIDSeparator) }) {
             throw StorageError(
@@ -458,10 +464,33 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
             start = end
         }
         let moved = try await write(
-            "appendAuditRecords", SQL.updateAuditHead, [.int(head.sequence), .bytes(head.hash)])
+            "appendAuditRecords",
+            SQL.updateAuditHead,
+            [
+                .int(head.sequence), .bytes(head.hash), .bytes(anchor?.keyID.bytes), .bytes(anchor?.mac),
+                .time(anchor?.time),
+            ]
+        )
         guard !moved.isEmpty else {
             throw StorageError(.corrupt, "audit_head: the row is missing")
         }
+        if keepCheckpoint, let anchor {
+            try await write(
+                "appendAuditRecords",
+                SQL.insertAuditCheckpoint,
+                [
+                    .int(anchor.sequence), .bytes(anchor.hash), .bytes(anchor.keyID.bytes), .bytes(anchor.mac),
+                    .time(anchor.time),
+                ]
+            )
+        }
+    }
+
+    func auditCheckpoints(after: Int64, limit: Int) async throws -> [AuditCheckpoint] {
+        let limit = Self.clamped(limit)
+        guard limit > 0 else { return [] }
+        return try await run("auditCheckpoints", SQL.auditCheckpoints, [.int(after), .int(limit)])
+            .map(AuditCheckpoint.init(row:))
     }
 
     func auditRecords(after: Int64, limit: Int) async throws -> [AuditRecord] {

@@ -175,6 +175,77 @@ enum Schema {
                 "CREATE INDEX api_tokens_principal_id ON api_tokens (principal, id)",
             ]
         ),
+        // The `destroying` state of a master-key version, and the audit chain's anchor in the HSM
+        // (the head row carries the checkpoint of the head; kept checkpoints go to an append-only
+        // history). SQLite cannot change a CHECK in place, so `master_key_versions` is rebuilt:
+        // its rows are set aside, the table is dropped and created again, and the rows put back.
+        // Dropping it orphans `data_keys` rows for a moment; with deferred foreign keys that is
+        // checked at commit, when every row has its version again.
+        Migration(
+            version: 3,
+            name: "destroying state and audit anchor",
+            statements: [
+                "PRAGMA defer_foreign_keys = ON",
+                "CREATE TEMP TABLE master_key_versions_v2 AS SELECT * FROM master_key_versions",
+                "DROP TABLE master_key_versions",
+                """
+                CREATE TABLE master_key_versions (
+                    tenant_id TEXT NOT NULL REFERENCES tenants (id),
+                    version INTEGER NOT NULL CHECK (version > 0),
+                    state TEXT NOT NULL CHECK (
+                        state IN (
+                            'pre-active', 'active', 'suspended', 'deactivated', 'compromised', 'destroying', 'destroyed'
+                        )
+                    ),
+                    token_key_id BLOB NOT NULL UNIQUE,
+                    invocations_reserved INTEGER NOT NULL DEFAULT 0 CHECK (invocations_reserved >= 0),
+                    created_at INTEGER NOT NULL,
+                    updated_at INTEGER NOT NULL,
+                    destroy_after INTEGER NULL,
+                    destroyed_at INTEGER NULL,
+                    PRIMARY KEY (tenant_id, version)
+                ) STRICT
+                """,
+                """
+                INSERT INTO master_key_versions (
+                    tenant_id, version, state, token_key_id, invocations_reserved, created_at, updated_at,
+                    destroy_after, destroyed_at
+                )
+                SELECT tenant_id, version, state, token_key_id, invocations_reserved, created_at, updated_at,
+                    destroy_after, destroyed_at
+                FROM temp.master_key_versions_v2
+                """,
+                "DROP TABLE temp.master_key_versions_v2",
+                """
+                CREATE INDEX master_key_versions_destroy_after ON master_key_versions (destroy_after)
+                    WHERE destroy_after IS NOT NULL
+                """,
+                "ALTER TABLE audit_head ADD COLUMN anchor_key_id BLOB NULL",
+                "ALTER TABLE audit_head ADD COLUMN anchor_mac BLOB NULL",
+                "ALTER TABLE audit_head ADD COLUMN anchor_time INTEGER NULL",
+                """
+                CREATE TABLE audit_checkpoints (
+                    seq INTEGER PRIMARY KEY,
+                    hash BLOB NOT NULL,
+                    key_id BLOB NOT NULL,
+                    mac BLOB NOT NULL,
+                    time INTEGER NOT NULL
+                ) STRICT
+                """,
+                """
+                CREATE TRIGGER audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+                BEGIN
+                    SELECT RAISE(ABORT, 'audit_checkpoints is append-only');
+                END
+                """,
+                """
+                CREATE TRIGGER audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+                BEGIN
+                    SELECT RAISE(ABORT, 'audit_checkpoints is append-only');
+                END
+                """,
+            ]
+        ),
     ]
 
     /// The version a fully migrated database has.

@@ -287,10 +287,35 @@ extension RewrapJobRecord {
     }
 }
 
-extension AuditHead {
+extension AnchoredAuditHead {
     init(row: SQLiteRow) throws {
         let r = RowReader(row: row, table: "audit_head")
-        self.init(sequence: try r.int64("seq"), hash: try r.hash("hash"))
+        let head = AuditHead(sequence: try r.int64("seq"), hash: try r.hash("hash"))
+        guard let keyID = try r.optionalBytes("anchor_key_id"), let mac = try r.optionalBytes("anchor_mac"),
+            let time = try r.optionalTime("anchor_time")
+        else {
+            self.init(head: head, anchor: nil)
+            return
+        }
+        guard let key = TokenKeyID(bytes: keyID) else {
+            throw StorageError(.corrupt, "audit_head.anchor_key_id is not \(TokenKeyID.byteCount) bytes")
+        }
+        self.init(
+            head: head,
+            anchor: AuditCheckpoint(sequence: head.sequence, hash: head.hash, keyID: key, mac: mac, time: time)
+        )
+    }
+}
+
+extension AuditCheckpoint {
+    init(row: SQLiteRow) throws {
+        let r = RowReader(row: row, table: "audit_checkpoints")
+        guard let key = TokenKeyID(bytes: try r.bytes("key_id")) else {
+            throw StorageError(.corrupt, "audit_checkpoints.key_id is not \(TokenKeyID.byteCount) bytes")
+        }
+        self.init(
+            sequence: try r.int64("seq"), hash: try r.hash("hash"), keyID: key, mac: try r.bytes("mac"),
+            time: try r.time("time"))
     }
 }
 

@@ -87,7 +87,7 @@ struct KeysBenchmark: AsyncParsableCommand {
         }
         decrypt.report("DecryptDataKey")
         let verification = try await service.verifyAuditLog()
-        if case .verified(let records, _) = verification {
+        if case .verified(let records, _) = verification.result {
             print("audit log verified: \(records) records")
         } else {
             print("audit log: \(verification)")

@@ -10,11 +10,13 @@ struct FormatsTests {
         try! TenantID(raw)
     }
 
-    static func wrapped(version: MasterKeyVersionNumber = 7, counter: Int64 = 42) -> WrappedDataKey {
+    static let knownIV: [UInt8] = [0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7, 0xC8, 0xC9, 0xCA, 0xCB]
+
+    static func wrapped(version: MasterKeyVersionNumber = 7, iv: [UInt8] = knownIV) -> WrappedDataKey {
         WrappedDataKey(
             version: version,
             dataKeyID: knownID,
-            iv: WrappedDataKey.iv(counter: counter),
+            iv: iv,
             ciphertextAndTag: (0..<48).map { UInt8(0xA0 + $0 % 16) }
         )
     }
@@ -29,22 +31,27 @@ struct FormatsTests {
 
     @Test("WrappedDataKey layout: magic, format, version, id, IV, ciphertext and tag")
     func wrappedLayout() {
-        let key = Self.wrapped(version: 0x0102_0304, counter: 0x0506)
+        let key = Self.wrapped(version: 0x0102_0304)
         let bytes = key.encoded
         #expect(Array(bytes[0..<2]) == [0x68, 0x77])  // "hw"
         #expect(bytes[2] == 1)
         #expect(Array(bytes[3..<7]) == [0x01, 0x02, 0x03, 0x04])
         #expect(Array(bytes[7..<23]) == Array(0..<16))
-        #expect(Array(bytes[23..<35]) == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x05, 0x06])
+        #expect(Array(bytes[23..<35]) == Self.knownIV)
         #expect(Array(bytes[35...]) == key.ciphertextAndTag)
     }
 
     @Test(
         "WrappedDataKey round-trips",
-        arguments: [1, 2, 255, 256, 65_536, 0x7FFF_FFFF, Int(UInt32.max)], [0, 1, Int64.max]
+        arguments: [1, 2, 255, 256, 65_536, 0x7FFF_FFFF, Int(UInt32.max)],
+        [
+            knownIV, [UInt8](repeating: 0, count: 12), [UInt8](repeating: 0xFF, count: 12),
+            // A blob written before IVs were random: fixed field 00000001 and a counter.
+            [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x05, 0x06],
+        ]
     )
-    func wrappedRoundTrip(version: MasterKeyVersionNumber, counter: Int64) throws {
-        let key = Self.wrapped(version: version, counter: counter)
+    func wrappedRoundTrip(version: MasterKeyVersionNumber, iv: [UInt8]) throws {
+        let key = Self.wrapped(version: version, iv: iv)
         let parsed = try #require(WrappedDataKey(encoded: key.encoded))
         #expect(parsed == key)
         #expect(parsed.version == version)
@@ -58,28 +65,6 @@ struct FormatsTests {
             key.dataKeyID = .random()
             #expect(WrappedDataKey(encoded: key.encoded) == key)
         }
-    }
-
-    @Test(
-        "IV: fixed field 0,0,0,1 then the counter big-endian",
-        arguments: [
-            (Int64(0), [UInt8]([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])),
-            (Int64(1), [UInt8]([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1])),
-            (Int64(256), [UInt8]([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0])),
-            (Int64(0x0102_0304_0506_0708), [UInt8]([0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8])),
-            (Int64.max, [UInt8]([0, 0, 0, 1, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF])),
-        ] as [(Int64, [UInt8])]
-    )
-    func ivLayout(counter: Int64, expected: [UInt8]) {
-        #expect(WrappedDataKey.iv(counter: counter) == expected)
-        #expect(WrappedDataKey.iv(counter: counter).count == WrappedDataKey.ivByteCount)
-        #expect(Array(WrappedDataKey.iv(counter: counter).prefix(4)) == WrappedDataKey.ivFixedField)
-    }
-
-    @Test("distinct counters give distinct IVs")
-    func ivsDistinct() {
-        let ivs = (0..<1000).map { WrappedDataKey.iv(counter: Int64($0)) }
-        #expect(Set(ivs).count == 1000)
     }
 
     struct Corruption: Sendable, CustomTestStringConvertible {

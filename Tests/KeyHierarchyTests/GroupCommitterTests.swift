@@ -498,12 +498,17 @@ final class InMemoryTransaction: KeyRepositoryTransaction {
         }
     }
 
-    func lockAuditHead() async throws -> AuditHead {
+    func lockAuditHead() async throws -> AnchoredAuditHead {
         repository.noteHeadLock(attempt)
-        return state.withLock { $0.head }
+        return AnchoredAuditHead(head: state.withLock { $0.head }, anchor: nil)
     }
 
-    func appendAuditRecords(_ records: [AuditRecord], head: AuditHead) async throws {
+    func appendAuditRecords(
+        _ records: [AuditRecord],
+        head: AuditHead,
+        anchor: AuditCheckpoint?,
+        keepCheckpoint: Bool
+    ) async throws {
         if repository.appendFails(attempt) { throw StorageError(.unavailable, "disk full (test)") }
         try state.withLock { state throws(StorageError) in
             // The committer must link after the head it locked.
@@ -549,6 +554,7 @@ final class InMemoryTransaction: KeyRepositoryTransaction {
         fromVersion: MasterKeyVersionNumber,
         toVersion: MasterKeyVersionNumber,
         wrapped: [UInt8],
+        contextHash: [UInt8],
         at time: Timestamp
     ) async throws -> Bool { fatalError() }
     func setDataKeyState(
@@ -563,6 +569,7 @@ final class InMemoryTransaction: KeyRepositoryTransaction {
     func deleteIdempotencyRecords(before time: Timestamp) async throws -> Int64 { fatalError() }
     func rewrapJob(_ tenant: TenantID) async throws -> RewrapJobRecord? { fatalError() }
     func saveRewrapJob(_ job: RewrapJobRecord) async throws { fatalError() }
-    func auditHead() async throws -> AuditHead { fatalError() }
+    func auditHead() async throws -> AnchoredAuditHead { fatalError() }
+    func auditCheckpoints(after: Int64, limit: Int) async throws -> [AuditCheckpoint] { fatalError() }
     func auditRecords(after: Int64, limit: Int) async throws -> [AuditRecord] { fatalError() }
 }

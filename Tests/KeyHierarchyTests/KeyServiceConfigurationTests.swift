@@ -27,17 +27,19 @@ struct KeyServiceConfigurationTests {
         Bound(testDescription: "invocationLimit 2^32", setting: "invocation limit", valid: false) {
             $0.invocationLimit = 1 << 32
         },
-        Bound(testDescription: "invocationBlockSize 1", setting: "block size", valid: true) {
-            $0.invocationBlockSize = 1
+        Bound(testDescription: "auditCheckpointInterval 1", setting: "audit checkpoint interval", valid: true) {
+            $0.auditCheckpointInterval = 1
         },
-        Bound(testDescription: "invocationBlockSize 0", setting: "block size", valid: false) {
-            $0.invocationBlockSize = 0
+        Bound(testDescription: "auditCheckpointInterval 0", setting: "audit checkpoint interval", valid: false) {
+            $0.auditCheckpointInterval = 0
         },
-        Bound(testDescription: "invocationBlockSize 2^20", setting: "block size", valid: true) {
-            $0.invocationBlockSize = 1 << 20
+        Bound(testDescription: "auditCheckpointInterval 10^6", setting: "audit checkpoint interval", valid: true) {
+            $0.auditCheckpointInterval = 1_000_000
         },
-        Bound(testDescription: "invocationBlockSize 2^20 + 1", setting: "block size", valid: false) {
-            $0.invocationBlockSize = (1 << 20) + 1
+        Bound(
+            testDescription: "auditCheckpointInterval 10^6 + 1", setting: "audit checkpoint interval", valid: false
+        ) {
+            $0.auditCheckpointInterval = 1_000_001
         },
         Bound(testDescription: "dataKeyEncryptionLimit 1", setting: "encryption limit", valid: true) {
             $0.dataKeyEncryptionLimit = 1
@@ -102,7 +104,7 @@ struct KeyServiceConfigurationTests {
         let configuration = KeyServiceConfiguration()
         try configuration.validate()
         #expect(configuration.invocationLimit == 1 << 30)
-        #expect(configuration.invocationBlockSize == 256)
+        #expect(configuration.auditCheckpointInterval == 1000)
         #expect(configuration.dataKeyEncryptionLimit == 1 << 30)
         #expect(configuration.destructionWaitingPeriodDays == 30)
         #expect(configuration.idempotencyRetentionHours == 24)

@@ -6,11 +6,12 @@ struct KeyStatesTests {
     /// NIST SP 800-57 Part 1 Rev. 5 §7, plus suspend/resume: every allowed (from, to) pair, written
     /// out by hand. Anything not listed, including every self-transition, is refused.
     static let allowedTransitions: [MasterKeyState: Set<MasterKeyState>] = [
-        .preActive: [.active, .compromised, .destroyed],
+        .preActive: [.active, .compromised, .destroying],
         .active: [.suspended, .deactivated, .compromised],
         .suspended: [.active, .deactivated, .compromised],
-        .deactivated: [.compromised, .destroyed],
-        .compromised: [.destroyed],
+        .deactivated: [.compromised, .destroying],
+        .compromised: [.destroying],
+        .destroying: [.destroyed],
         .destroyed: [],
     ]
 
@@ -27,7 +28,7 @@ struct KeyStatesTests {
         #expect(from.canTransition(to: to) == allowed.contains(to))
     }
 
-    @Test("the table covers every state and allows exactly 12 transitions, none to itself")
+    @Test("the table covers every state and allows exactly 13 transitions, none to itself")
     func tableShape() {
         #expect(Set(Self.allowedTransitions.keys) == Set(MasterKeyState.allCases))
         var allowedCount = 0
@@ -35,14 +36,17 @@ struct KeyStatesTests {
             #expect(!from.canTransition(to: from), "\(from) → \(from)")
             for to in MasterKeyState.allCases where from.canTransition(to: to) { allowedCount += 1 }
         }
-        #expect(allowedCount == 12)
+        #expect(allowedCount == 13)
     }
 
-    @Test("destroyed is final and compromised leads only to destroyed")
+    @Test("destroyed is final, destroying leads only to destroyed, compromised only to destroying")
     func terminalStates() {
         for next in MasterKeyState.allCases {
             #expect(!MasterKeyState.destroyed.canTransition(to: next))
-            #expect(MasterKeyState.compromised.canTransition(to: next) == (next == .destroyed))
+            #expect(MasterKeyState.destroying.canTransition(to: next) == (next == .destroyed))
+            #expect(MasterKeyState.compromised.canTransition(to: next) == (next == .destroying))
+            // Only destroying reaches destroyed: destruction is always checked and recorded first.
+            #expect(next.canTransition(to: .destroyed) == (next == .destroying))
         }
     }
 
@@ -50,7 +54,7 @@ struct KeyStatesTests {
     func scheduleDestruction(state: MasterKeyState) {
         #expect(state.canScheduleDestruction == Self.schedulableForDestruction.contains(state))
         // Scheduling is only worth it when the transition it ends in is allowed.
-        #expect(state.canScheduleDestruction == state.canTransition(to: .destroyed))
+        #expect(state.canScheduleDestruction == state.canTransition(to: .destroying))
     }
 
     @Test("allowsDecrypt", arguments: MasterKeyState.allCases)
@@ -73,6 +77,7 @@ struct KeyStatesTests {
             .suspended: "suspended",
             .deactivated: "deactivated",
             .compromised: "compromised",
+            .destroying: "destroying",
             .destroyed: "destroyed",
         ]
         for state in MasterKeyState.allCases {

@@ -263,7 +263,7 @@ struct PostgresStoreTests {
         let store = try await open(database)
         defer { Task { await store.close() } }
         try await store.transaction { transaction in
-            let head = try await transaction.lockAuditHead()
+            let head = try await transaction.lockAuditHead().head
             let linked = AuditChain.link(
                 [AuditEvent(principal: .system, tenant: nil, operation: .createTenant, requestID: "r")],
                 after: head
@@ -293,7 +293,7 @@ struct PostgresStoreTests {
         try await store.executeUnsafeSQL("ALTER TABLE audit_log DISABLE TRIGGER USER")
         try await store.executeUnsafeSQL("UPDATE audit_log SET detail = 'forged'")
         let records = try await store.read { try await $0.auditRecords(after: 0, limit: 10) }
-        let head = try await store.read { try await $0.auditHead() }
+        let head = try await store.read { try await $0.auditHead().head }
         #expect(records.first?.event.detail == "forged")
         guard case .broken(let problem) = AuditChain.verify(records, head: head) else {
             Issue.record("an edited record verified")

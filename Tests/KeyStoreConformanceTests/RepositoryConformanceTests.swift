@@ -310,7 +310,8 @@ struct RepositoryConformanceTests {
             #expect(
                 try await store.transaction {
                     try await $0.updateDataKeyWrapping(
-                        b, keyOfA.id, fromVersion: 1, toVersion: 1, wrapped: wrapped, at: later)
+                        b, keyOfA.id, fromVersion: 1, toVersion: 1, wrapped: wrapped, contextHash: randomBytes(32),
+                        at: later)
                 } == false
             )
             #expect(
@@ -424,33 +425,35 @@ struct RepositoryConformanceTests {
             let gone = dataKey(tenant, version: 1, state: .destroyed)
             try await store.transaction { try await $0.insertDataKeys([key, gone]) }
             let rewrapped = randomBytes(60)
+            let rebound = randomBytes(32)
 
             let fromWrongVersion = try await store.transaction {
                 try await $0.updateDataKeyWrapping(
-                    tenant, key.id, fromVersion: 2, toVersion: 2, wrapped: rewrapped, at: later)
+                    tenant, key.id, fromVersion: 2, toVersion: 2, wrapped: rewrapped, contextHash: rebound, at: later)
             }
             #expect(fromWrongVersion == false)
             #expect(try await store.read { try await $0.dataKey(tenant, key.id) } == key)
 
             let moved = try await store.transaction {
                 try await $0.updateDataKeyWrapping(
-                    tenant, key.id, fromVersion: 1, toVersion: 2, wrapped: rewrapped, at: later)
+                    tenant, key.id, fromVersion: 1, toVersion: 2, wrapped: rewrapped, contextHash: rebound, at: later)
             }
             #expect(moved)
             var expected = key
             expected.version = 2
             expected.wrapped = rewrapped
+            expected.contextHash = rebound
             expected.updatedAt = later
             #expect(try await store.read { try await $0.dataKey(tenant, key.id) } == expected)
 
             let again = try await store.transaction {
                 try await $0.updateDataKeyWrapping(
-                    tenant, key.id, fromVersion: 1, toVersion: 2, wrapped: rewrapped, at: later)
+                    tenant, key.id, fromVersion: 1, toVersion: 2, wrapped: rewrapped, contextHash: rebound, at: later)
             }
             #expect(again == false)
             let destroyedKey = try await store.transaction {
                 try await $0.updateDataKeyWrapping(
-                    tenant, gone.id, fromVersion: 1, toVersion: 2, wrapped: rewrapped, at: later)
+                    tenant, gone.id, fromVersion: 1, toVersion: 2, wrapped: rewrapped, contextHash: rebound, at: later)
             }
             #expect(destroyedKey == false)
             #expect(try await store.read { try await $0.dataKey(tenant, gone.id) } == gone)
@@ -622,7 +625,7 @@ struct RepositoryConformanceTests {
     @Test(arguments: StoreKind.allCases)
     func auditHeadLockAppendAndReadBack(kind: StoreKind) async throws {
         try await withStore(kind, "audit") { store in
-            #expect(try await store.read { try await $0.auditHead() } == .genesis)
+            #expect(try await store.read { try await $0.auditHead().head } == .genesis)
             let tenant = TenantID(trusted: "acme")
             let events = [
                 AuditEvent(
@@ -653,13 +656,13 @@ struct RepositoryConformanceTests {
                 ),
             ]
             let (records, head) = try await store.transaction { transaction in
-                let current = try await transaction.lockAuditHead()
+                let current = try await transaction.lockAuditHead().head
                 #expect(current == .genesis)
                 let linked = AuditChain.link(events, after: current)
                 try await transaction.appendAuditRecords(linked.records, head: linked.head)
                 return linked
             }
-            #expect(try await store.read { try await $0.auditHead() } == head)
+            #expect(try await store.read { try await $0.auditHead().head } == head)
             #expect(head.sequence == 3)
             let stored = try await store.read { try await $0.auditRecords(after: 0, limit: 100) }
             #expect(stored == records)
@@ -668,7 +671,7 @@ struct RepositoryConformanceTests {
             #expect(AuditChain.verify(stored, head: head) == .verified(records: 3, head: head))
 
             let more = try await store.transaction { transaction in
-                let current = try await transaction.lockAuditHead()
+                let current = try await transaction.lockAuditHead().head
                 #expect(current == head)
                 let linked = AuditChain.link(
                     [AuditEvent(principal: .system, tenant: tenant, operation: .rewrapJob, requestID: "r-4")],
@@ -693,7 +696,7 @@ struct RepositoryConformanceTests {
                     group.addTask {
                         for index in 0..<appendsPerWriter {
                             try await store.transaction { transaction in
-                                let current = try await transaction.lockAuditHead()
+                                let current = try await transaction.lockAuditHead().head
                                 let linked = AuditChain.link(
                                     [
                                         AuditEvent(
@@ -712,7 +715,7 @@ struct RepositoryConformanceTests {
                 }
                 try await group.waitForAll()
             }
-            let head = try await store.read { try await $0.auditHead() }
+            let head = try await store.read { try await $0.auditHead().head }
             let all = try await store.read { try await $0.auditRecords(after: 0, limit: 1000) }
             #expect(head.sequence == Int64(writers * appendsPerWriter))
             #expect(AuditChain.verify(all, head: head) == .verified(records: head.sequence, head: head))
@@ -766,7 +769,7 @@ struct RepositoryConformanceTests {
                     try await transaction.insertTenant(tenantRecord("ghost"))
                     try await transaction.insertDataKeys([key])
                     _ = try await transaction.reserveInvocations(tenant, 1, count: 5, limit: 100)
-                    let current = try await transaction.lockAuditHead()
+                    let current = try await transaction.lockAuditHead().head
                     let linked = AuditChain.link(
                         [AuditEvent(principal: .system, tenant: tenant, operation: .encrypt, requestID: "x")],
                         after: current
@@ -778,7 +781,7 @@ struct RepositoryConformanceTests {
             #expect(try await store.read { try await $0.tenant(TenantID(trusted: "ghost"), forUpdate: false) } == nil)
             #expect(try await store.read { try await $0.dataKey(tenant, key.id) } == nil)
             #expect(try await store.read { try await $0.masterKeyVersion(tenant, 1) }?.invocationsReserved == 0)
-            #expect(try await store.read { try await $0.auditHead() } == .genesis)
+            #expect(try await store.read { try await $0.auditHead().head } == .genesis)
             #expect(try await store.read { try await $0.auditRecords(after: 0, limit: 10) } == [])
             // The store is still usable afterwards.
             try await store.transaction { try await $0.insertTenant(tenantRecord("after")) }

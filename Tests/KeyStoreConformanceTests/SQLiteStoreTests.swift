@@ -72,7 +72,7 @@ struct SQLiteStoreTests {
                 #expect(rows.map { $0["version"] } == Schema.migrations.map { String($0.version) })
                 #expect(rows.map { $0["name"] } == Schema.migrations.map(\.name))
                 let head = try await store.read { try await $0.auditHead() }
-                #expect(head == .genesis)
+                #expect(head == AnchoredAuditHead(head: .genesis, anchor: nil))
                 await store.close()
             }
         }
@@ -116,7 +116,7 @@ struct SQLiteStoreTests {
                 try await tx.insertTenant(tenant)
                 try await tx.insertMasterKeyVersion(version)
                 try await tx.insertDataKeys(keys)
-                let linked = AuditChain.link(events, after: try await tx.lockAuditHead())
+                let linked = AuditChain.link(events, after: try await tx.lockAuditHead().head)
                 try await tx.appendAuditRecords(linked.records, head: linked.head)
             }
             await store.close()
@@ -129,7 +129,7 @@ struct SQLiteStoreTests {
                     try await tx.countLiveDataKeys(tenant.id, version: nil),
                     try await tx.dataKey(tenant.id, keys[1234].id),
                     try await tx.auditRecords(after: 0, limit: 10),
-                    try await tx.auditHead()
+                    try await tx.auditHead().head
                 )
             }
             await reopened.close()
@@ -151,7 +151,8 @@ struct SQLiteStoreTests {
                     try await tx.insertTenant(SQLiteFixture.tenant("gone"))
                     try await tx.insertMasterKeyVersion(SQLiteFixture.version("gone", 1))
                     try await tx.insertDataKeys([SQLiteFixture.dataKey("gone", 1)])
-                    let linked = AuditChain.link([SQLiteFixture.event("gone")], after: try await tx.lockAuditHead())
+                    let linked = AuditChain.link(
+                        [SQLiteFixture.event("gone")], after: try await tx.lockAuditHead().head)
                     try await tx.appendAuditRecords(linked.records, head: linked.head)
                     throw Boom()
                 }
@@ -161,7 +162,7 @@ struct SQLiteStoreTests {
                     try await tx.tenant(TenantID(trusted: "gone"), forUpdate: false),
                     try await tx.masterKeyVersions(TenantID(trusted: "gone")),
                     try await tx.countLiveDataKeys(TenantID(trusted: "gone"), version: nil),
-                    try await tx.auditHead()
+                    try await tx.auditHead().head
                 )
             }
             #expect(tenant == nil)
@@ -285,7 +286,7 @@ struct SQLiteStoreTests {
         try await withSQLiteStore { store, _ in
             try await store.transaction { tx in
                 let linked = AuditChain.link(
-                    [SQLiteFixture.event("a"), SQLiteFixture.event("b")], after: try await tx.lockAuditHead())
+                    [SQLiteFixture.event("a"), SQLiteFixture.event("b")], after: try await tx.lockAuditHead().head)
                 try await tx.appendAuditRecords(linked.records, head: linked.head)
             }
             for sql in ["UPDATE audit_log SET detail = 'forged' WHERE seq = 1", "DELETE FROM audit_log WHERE seq = 2"] {
@@ -293,7 +294,7 @@ struct SQLiteStoreTests {
                 #expect(error?.detail.contains("audit_log is append-only") == true, "\(sql)")
             }
             let (records, head) = try await store.read { tx in
-                (try await tx.auditRecords(after: 0, limit: 10), try await tx.auditHead())
+                (try await tx.auditRecords(after: 0, limit: 10), try await tx.auditHead().head)
             }
             #expect(AuditChain.verify(records, head: head) == .verified(records: 2, head: head))
 
@@ -549,13 +550,16 @@ struct SQLiteStoreTests {
                 #expect(try await tx.dataKeysNotUnderVersion(tenant, 2, after: nil, limit: 100).count == 9)
                 #expect(
                     try await tx.updateDataKeyWrapping(
-                        tenant, keys[2].id, fromVersion: 1, toVersion: 2, wrapped: [1, 2, 3], at: t))
+                        tenant, keys[2].id, fromVersion: 1, toVersion: 2, wrapped: [1, 2, 3],
+                        contextHash: Array(repeating: 7, count: 32), at: t))
                 #expect(
                     try await !tx.updateDataKeyWrapping(
-                        tenant, keys[2].id, fromVersion: 1, toVersion: 2, wrapped: [4], at: t))
+                        tenant, keys[2].id, fromVersion: 1, toVersion: 2, wrapped: [4],
+                        contextHash: Array(repeating: 7, count: 32), at: t))
                 #expect(
                     try await !tx.updateDataKeyWrapping(
-                        tenant, keys[1].id, fromVersion: 1, toVersion: 2, wrapped: [4], at: t))
+                        tenant, keys[1].id, fromVersion: 1, toVersion: 2, wrapped: [4],
+                        contextHash: Array(repeating: 7, count: 32), at: t))
                 #expect(try await tx.dataKey(tenant, keys[2].id)?.wrapped == [1, 2, 3])
                 let remaining = try await tx.dataKeysNotUnderVersion(tenant, 2, after: keys[2].id, limit: 100)
                 #expect(remaining.map(\.id) == keys[3...].map(\.id))
@@ -612,12 +616,12 @@ struct SQLiteStoreTests {
                 ),
             ]
             let head = try await store.transaction { tx in
-                let linked = AuditChain.link(events, after: try await tx.lockAuditHead())
+                let linked = AuditChain.link(events, after: try await tx.lockAuditHead().head)
                 try await tx.appendAuditRecords(linked.records, head: linked.head)
                 return linked.head
             }
             let (records, stored) = try await store.read { tx in
-                (try await tx.auditRecords(after: 0, limit: 10), try await tx.auditHead())
+                (try await tx.auditRecords(after: 0, limit: 10), try await tx.auditHead().head)
             }
             #expect(stored == head)
             #expect(records.map(\.event) == events)

@@ -64,7 +64,8 @@ struct StoreKindError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// One temporary directory per test process for the SQLite stores' files, removed at exit.
+/// One temporary directory per test process for the SQLite stores' files and backups, removed at
+/// exit.
 private enum SQLiteFiles {
     static let shared: Result<URL, any Error> = Result {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent(
@@ -81,5 +82,80 @@ private enum SQLiteFiles {
             }
         }
         return root
+    }
+}
+
+/// A store found again by its location, so a test can close it, back it up while it is in use,
+/// restore the backup and open it again, as an operator does.
+struct StoreLocation: Sendable {
+    let kind: StoreKind
+    /// PostgreSQL: the database name in the process's throwaway cluster; SQLite: the file path.
+    let name: String
+
+    static func make(_ kind: StoreKind, _ prefix: String) throws -> StoreLocation {
+        switch kind {
+        case .postgres:
+            return StoreLocation(kind: kind, name: try PostgresTestCluster.shared().createDatabase(prefix))
+        case .sqlite:
+            let directory = try SQLiteFiles.shared.get().appendingPathComponent(
+                "\(prefix)-\(UInt32.random(in: 0...UInt32.max))")
+            try FileManager.default.createDirectory(
+                at: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            return StoreLocation(kind: kind, name: directory.appendingPathComponent("store.sqlite").path)
+        }
+    }
+
+    func open() async throws -> any KeyRepository {
+        switch kind {
+        case .postgres:
+            let cluster = try PostgresTestCluster.shared()
+            return try await PostgresKeyStore.open(
+                PostgresKeyStoreConfiguration(
+                    port: cluster.port, username: cluster.username, password: cluster.password, database: name)
+            )
+        case .sqlite:
+            return try await SQLiteKeyStore.open(path: name)
+        }
+    }
+
+    /// A backup of `store` taken while it is open and in use; returns where it is.
+    ///
+    /// PostgreSQL: `pg_dump` (a consistent snapshot). SQLite: a copy of the database file and its
+    /// write-ahead log made while a write transaction holds the writer, so no commit lands
+    /// half-way through the copy: what a file-system snapshot of a running gateway captures.
+    func backup(_ store: any KeyRepository) async throws -> String {
+        switch kind {
+        case .postgres:
+            let backup = try SQLiteFiles.shared.get().appendingPathComponent(
+                "\(name)-backup-\(UInt32.random(in: 0...UInt32.max)).dump"
+            ).path
+            try PostgresTestCluster.shared().dump(name, to: backup)
+            return backup
+        case .sqlite:
+            let backup = "\(name)-backup-\(UInt32.random(in: 0...UInt32.max))"
+            try FileManager.default.createDirectory(
+                atPath: backup, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
+            try await store.transaction { _ in
+                for suffix in ["", "-wal"] where FileManager.default.fileExists(atPath: name + suffix) {
+                    try FileManager.default.copyItem(atPath: name + suffix, toPath: "\(backup)/store.sqlite\(suffix)")
+                }
+            }
+            return backup
+        }
+    }
+
+    /// Replaces the database with `backup`; every store on it must be closed.
+    func restore(from backup: String) throws {
+        switch kind {
+        case .postgres:
+            try PostgresTestCluster.shared().restore(name, from: backup)
+        case .sqlite:
+            for suffix in ["", "-wal", "-shm"] where FileManager.default.fileExists(atPath: name + suffix) {
+                try FileManager.default.removeItem(atPath: name + suffix)
+            }
+            for suffix in ["", "-wal"] where FileManager.default.fileExists(atPath: "\(backup)/store.sqlite\(suffix)") {
+                try FileManager.default.copyItem(atPath: "\(backup)/store.sqlite\(suffix)", toPath: name + suffix)
+            }
+        }
     }
 }

@@ -130,6 +130,30 @@ public final class PostgresTestCluster: Sendable {
         return result.output
     }
 
+    /// `pg_dump` of `database` in the custom format to `file`: a consistent snapshot, taken while
+    /// the database is in use, as an operator's backup is.
+    public func dump(_ database: String, to file: String) throws {
+        let result = try ChildProcess.run(
+            "\(binDirectory)/pg_dump",
+            ["-h", "127.0.0.1", "-p", "\(port)", "-U", username, "-Fc", "-f", file, database],
+            environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
+        )
+        guard result.status == 0 else { throw PostgresTestClusterError("pg_dump failed: \(result)") }
+    }
+
+    /// Replaces `database` with the contents of a `dump(_:to:)` file: drops it (closing whatever
+    /// is still connected), creates it again and runs `pg_restore`, as restoring a backup does.
+    public func restore(_ database: String, from file: String) throws {
+        _ = try psql("postgres", "DROP DATABASE \"\(database)\" WITH (FORCE)")
+        _ = try psql("postgres", "CREATE DATABASE \"\(database)\"")
+        let result = try ChildProcess.run(
+            "\(binDirectory)/pg_restore",
+            ["-h", "127.0.0.1", "-p", "\(port)", "-U", username, "--exit-on-error", "-d", database, file],
+            environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
+        )
+        guard result.status == 0 else { throw PostgresTestClusterError("pg_restore failed: \(result)") }
+    }
+
     /// `scripts/throwaway-postgres.sh`, found by walking up from this file to the package root.
     private static func scriptPath(file: String = #filePath) throws -> String {
         var directory = URL(fileURLWithPath: file).deletingLastPathComponent()

@@ -113,17 +113,21 @@ extension GatewayHandler {
         _ = try decode(Hsmgw_V1_VerifyAuditLogRequest.self, call)
         try await authorize(.readAudit, tenant: nil, call)
         var response = Hsmgw_V1_VerifyAuditLogResponse()
-        switch try await service.verifyAuditLog() {
+        let verification = try await service.verifyAuditLog()
+        response.checkpointsChecked = Int64(verification.checkpointsChecked)
+        switch verification.result {
         case .verified(let records, let head):
             response.intact = true
             response.recordsChecked = records
             response.headSequence = head.sequence
             response.headHash = Data(head.hash)
+            response.anchoredThrough = verification.anchoredThrough ?? 0
         case .broken(let problem):
             response.intact = false
             response.recordsChecked = max(0, problem.sequence - 1)
             response.problemSequence = problem.sequence
             response.problem = "\(problem.kind.rawValue): \(problem.explanation)"
+            response.problemKind = problem.kind.rawValue
         }
         return WireMapping.ok(response)
     }

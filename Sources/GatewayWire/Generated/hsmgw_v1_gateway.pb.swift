@@ -1270,7 +1270,8 @@ public nonisolated struct Hsmgw_V1_ListAuditRecordsResponse: Sendable {
   public init() {}
 }
 
-/// Method 71. Replays the hash chain from the first record against the stored head.
+/// Method 71. Replays the hash chain from the first record against the stored head, and checks
+/// every kept checkpoint and the head's checkpoint with the audit-anchor key in the HSM.
 public nonisolated struct Hsmgw_V1_VerifyAuditLogRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1286,6 +1287,7 @@ public nonisolated struct Hsmgw_V1_VerifyAuditLogResponse: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// True when the chain and every checkpoint hold, and the head is anchored (or the log is empty).
   public var intact: Bool = false
 
   public var recordsChecked: Int64 = 0
@@ -1294,10 +1296,20 @@ public nonisolated struct Hsmgw_V1_VerifyAuditLogResponse: Sendable {
 
   public var headHash: Data = Data()
 
-  /// When not intact: the first record that fails, and how.
+  /// When not intact: the first record (or checkpoint) that fails, and how: "<kind>: <explanation>".
   public var problemSequence: Int64 = 0
 
   public var problem: String = String()
+
+  /// Checkpoints whose HMAC verified in the HSM (the kept ones and the head's).
+  public var checkpointsChecked: Int64 = 0
+
+  /// When intact: the record the head's checkpoint anchors (0 for an empty log).
+  public var anchoredThrough: Int64 = 0
+
+  /// When not intact: the kind alone: "edited", "missing", "inserted", "out-of-order",
+  /// "head-mismatch", "unanchored", "anchor-mismatch" or "anchor-forged".
+  public var problemKind: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -3930,7 +3942,7 @@ nonisolated extension Hsmgw_V1_VerifyAuditLogRequest: SwiftProtobuf.Message, Swi
 
 nonisolated extension Hsmgw_V1_VerifyAuditLogResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VerifyAuditLogResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}intact\0\u{3}records_checked\0\u{3}head_sequence\0\u{3}head_hash\0\u{3}problem_sequence\0\u{1}problem\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}intact\0\u{3}records_checked\0\u{3}head_sequence\0\u{3}head_hash\0\u{3}problem_sequence\0\u{1}problem\0\u{3}checkpoints_checked\0\u{3}anchored_through\0\u{3}problem_kind\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3944,6 +3956,9 @@ nonisolated extension Hsmgw_V1_VerifyAuditLogResponse: SwiftProtobuf.Message, Sw
       case 4: try { try decoder.decodeSingularBytesField(value: &self.headHash) }()
       case 5: try { try decoder.decodeSingularInt64Field(value: &self.problemSequence) }()
       case 6: try { try decoder.decodeSingularStringField(value: &self.problem) }()
+      case 7: try { try decoder.decodeSingularInt64Field(value: &self.checkpointsChecked) }()
+      case 8: try { try decoder.decodeSingularInt64Field(value: &self.anchoredThrough) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.problemKind) }()
       default: break
       }
     }
@@ -3968,6 +3983,15 @@ nonisolated extension Hsmgw_V1_VerifyAuditLogResponse: SwiftProtobuf.Message, Sw
     if !self.problem.isEmpty {
       try visitor.visitSingularStringField(value: self.problem, fieldNumber: 6)
     }
+    if self.checkpointsChecked != 0 {
+      try visitor.visitSingularInt64Field(value: self.checkpointsChecked, fieldNumber: 7)
+    }
+    if self.anchoredThrough != 0 {
+      try visitor.visitSingularInt64Field(value: self.anchoredThrough, fieldNumber: 8)
+    }
+    if !self.problemKind.isEmpty {
+      try visitor.visitSingularStringField(value: self.problemKind, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3978,6 +4002,9 @@ nonisolated extension Hsmgw_V1_VerifyAuditLogResponse: SwiftProtobuf.Message, Sw
     if lhs.headHash != rhs.headHash {return false}
     if lhs.problemSequence != rhs.problemSequence {return false}
     if lhs.problem != rhs.problem {return false}
+    if lhs.checkpointsChecked != rhs.checkpointsChecked {return false}
+    if lhs.anchoredThrough != rhs.anchoredThrough {return false}
+    if lhs.problemKind != rhs.problemKind {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -524,7 +524,12 @@ struct AuditVerificationView: Codable, Sendable, Hashable {
     var recordsChecked: Int64
     var headSequence: Int64
     var headHash: String
+    /// Checkpoints whose HMAC verified in the HSM.
+    var checkpointsChecked: Int64
+    /// The record the head's checkpoint anchors, when intact.
+    var anchoredThrough: Int64?
     var problemSequence: Int64?
+    var problemKind: String?
     var problem: String?
 
     init(_ message: Hsmgw_V1_VerifyAuditLogResponse) {
@@ -532,7 +537,10 @@ struct AuditVerificationView: Codable, Sendable, Hashable {
         recordsChecked = message.recordsChecked
         headSequence = message.headSequence
         headHash = message.headHash.lowercaseHex
+        checkpointsChecked = message.checkpointsChecked
+        anchoredThrough = message.intact ? message.anchoredThrough : nil
         problemSequence = message.intact ? nil : message.problemSequence
+        problemKind = message.intact || message.problemKind.isEmpty ? nil : message.problemKind
         problem = message.intact ? nil : message.problem
     }
 
@@ -541,6 +549,10 @@ struct AuditVerificationView: Codable, Sendable, Hashable {
         list.append("audit chain", intact ? "intact" : "BROKEN")
         list.append("records checked", "\(recordsChecked)")
         list.append("head", "#\(headSequence) \(headHash.isEmpty ? "-" : headHash)")
+        list.append("checkpoints verified in the HSM", "\(checkpointsChecked)")
+        if let anchoredThrough {
+            list.append("anchored through", anchoredThrough == 0 ? "- (empty log)" : "#\(anchoredThrough)")
+        }
         if let problemSequence { list.append("first bad record", "#\(problemSequence)") }
         if let problem { list.append("problem", problem) }
         return list
