@@ -1,3 +1,4 @@
+import GatewayWire
 import NIOSSL
 
 /// An API token, held so that it does not print: `description`, `debugDescription` and the
@@ -97,7 +98,7 @@ public struct GatewayClientConfiguration: Sendable, CustomStringConvertible {
     /// The longest wait past a call's deadline before the client gives up on its own.
     public static let maximumLocalDeadlineGrace: Duration = .seconds(10)
     /// The longest client name, as the protocol allows (`HelloRequest.client_name`).
-    public static let maximumClientNameByteCount = 128
+    public static let maximumClientNameByteCount = ClientNameRule.maximumByteCount
     /// The longest API token accepted: gateway tokens are 49 bytes; this only bounds input.
     public static let maximumAPITokenByteCount = 512
     /// The longest Unix socket path that fits `sockaddr_un` on both Linux (108) and macOS (104),
@@ -114,7 +115,8 @@ public struct GatewayClientConfiguration: Sendable, CustomStringConvertible {
     public var transportSecurity: TransportSecurity
     /// The API token sent in the Hello handshake; nil when mutual TLS alone authenticates.
     public var apiToken: APIToken?
-    /// A name for the gateway's logs, e.g. "billing-service/1.2" (at most 128 bytes).
+    /// A name for the gateway's logs, e.g. "billing-service/1.2": at most 128 bytes, with no
+    /// control, format, line or paragraph separator characters (``ClientNameRule``).
     public var clientName: String
     /// How many connections the client may open (1 to `maximumPoolSize`; default 2). They are
     /// opened lazily: a second only when the first is at its in-flight limit.
@@ -214,14 +216,9 @@ public struct GatewayClientConfiguration: Sendable, CustomStringConvertible {
                 )
             }
         }
-        guard clientName.utf8.count <= Self.maximumClientNameByteCount,
-            !clientName.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
-        else {
-            throw .init(
-                .invalidValue,
-                field: "clientName",
-                "must be at most \(Self.maximumClientNameByteCount) bytes without control characters"
-            )
+        // The server's rule, which it enforces on Hello (INVALID_ARGUMENT `INVALID_CLIENT_NAME`).
+        guard ClientNameRule.isValid(clientName) else {
+            throw .init(.invalidValue, field: "clientName", "must be \(ClientNameRule.summary)")
         }
         guard (1...Self.maximumPoolSize).contains(poolSize) else {
             throw .init(.outOfRange, field: "poolSize", "must be 1 to \(Self.maximumPoolSize), is \(poolSize)")

@@ -152,6 +152,20 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if let refusal = error as? ClientCertificateRefusal {
+            // The TLS handshake failed on our own check of a certificate the CA verified.
+            metrics.frameRefused(reason: ClientCertificateRefusal.metricsReason)
+            logger.notice(
+                "client certificate refused",
+                metadata: [
+                    "cause": "\(refusal.cause.rawValue)",
+                    "client_cn": "\(refusal.commonName ?? "-")",
+                    "extended_key_usage": "\(refusal.purposes.isEmpty ? "-" : refusal.purposes.joined(separator: ","))",
+                ]
+            )
+            stopAndClose(context: context)
+            return
+        }
         // TLS failures (no or bad client certificate, protocol errors) and socket errors: this
         // connection alone is closed.
         logger.info("connection error; closing", metadata: ["error": "\(String(describing: error).prefix(200))"])

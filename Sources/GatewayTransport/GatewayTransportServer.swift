@@ -195,7 +195,24 @@ public final class GatewayTransportServer: Service, Sendable {
         }
 
         let pipeline = channel.pipeline.syncOperations
-        if let tlsContext { try pipeline.addHandler(NIOSSLServerHandler(context: tlsContext)) }
+        let asksForClientCertificate =
+            tlsContext != nil
+            && configuration.tls?.clientCertificates != ServerConfiguration.TLS.ClientCertificates.none
+        if let tlsContext {
+            if asksForClientCertificate {
+                // Runs once BoringSSL has verified the chain (and only when the client presented a
+                // certificate), before the handshake is reported complete or any data is read: a
+                // refusal fails the handshake and closes the connection.
+                try pipeline.addHandler(
+                    NIOSSLServerHandler._makeSSLServerHandler(
+                        context: tlsContext,
+                        additionalPeerCertificateVerificationCallback: Self.checkClientCertificate
+                    )
+                )
+            } else {
+                try pipeline.addHandler(NIOSSLServerHandler(context: tlsContext))
+            }
+        }
         try pipeline.addHandler(MessageToByteHandler(FrameEncoder(limits: limits.frameLimits)))
         switch admission {
         case .admitted(let id):
@@ -212,8 +229,7 @@ public final class GatewayTransportServer: Service, Sendable {
                     connection: info,
                     limits: limits,
                     requestHandler: handler,
-                    asksForClientCertificate: tlsContext != nil
-                        && configuration.tls?.clientCertificates != ServerConfiguration.TLS.ClientCertificates.none,
+                    asksForClientCertificate: asksForClientCertificate,
                     metrics: metrics,
                     logger: logger
                 )
@@ -230,6 +246,19 @@ public final class GatewayTransportServer: Service, Sendable {
             try pipeline.addHandler(
                 RefusedConnectionHandler(goaway: status, closeAfter: TimeAmount(limits.handshakeTimeout)))
         }
+    }
+
+    /// Refuses a verified client certificate without the `clientAuth` extended key usage
+    /// (``ClientCertificateRefusal``). NIOSSL fires the error down the pipeline, where
+    /// ``GatewayConnectionHandler`` logs and counts it, and closes the connection.
+    private static func checkClientCertificate(_ certificate: NIOSSLCertificate, channel: any Channel)
+        -> EventLoopFuture<Void>
+    {
+        let der = (try? certificate.toDERBytes()) ?? []
+        if let refusal = ClientCertificateRefusal.check(certificateDER: der) {
+            return channel.eventLoop.makeFailedFuture(refusal)
+        }
+        return channel.eventLoop.makeSucceededVoidFuture()
     }
 
     // MARK: Shutdown

@@ -37,14 +37,16 @@ public struct ServerConfiguration: Sendable, Hashable {
 
     /// TLS for the TCP listeners: the server's certificate and key, and client certificates.
     public struct TLS: Sendable, Hashable {
-        /// Whether the server asks clients for a certificate (mTLS).
+        /// Whether the server asks clients for a certificate (mTLS). A client certificate is
+        /// accepted only when it verifies against the client CA and its extendedKeyUsage
+        /// extension lists `clientAuth`; any other presented certificate fails the TLS handshake.
         public enum ClientCertificates: Sendable, Hashable {
             /// Not asked for; clients authenticate with an API token in Hello.
             case none
-            /// Asked for; a certificate that is presented must verify against the client CA, but
-            /// a client may present none (and use a token).
+            /// Asked for; a certificate that is presented must be acceptable (above), but a
+            /// client may present none (and use a token).
             case optional
-            /// Required: the TLS handshake fails without a certificate the client CA verifies.
+            /// Required: the TLS handshake fails without an acceptable certificate.
             case required
         }
 

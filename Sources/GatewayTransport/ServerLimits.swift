@@ -86,8 +86,8 @@ public struct ServerLimits: Sendable, Hashable {
     public static let maxEncryptionContextBytes = 8 * 1024
     /// Idempotency key: at most 128 bytes (stored and indexed).
     public static let maxIdempotencyKeyBytes = 128
-    /// Client name in Hello: at most 128 bytes (logged).
-    public static let maxClientNameBytes = 128
+    /// Client name in Hello: at most 128 bytes (logged); ``ClientNameRule`` has the whole rule.
+    public static let maxClientNameBytes = ClientNameRule.maximumByteCount
     /// Principal name: at most 128 bytes.
     public static let maxPrincipalNameBytes = 128
     /// API token description: at most 256 bytes.

@@ -16,7 +16,9 @@ final class TransportMetrics: Sendable {
         static let openConnections = "hsmgw_connections_open"
         /// Meter (gauge): handler tasks running now.
         static let requestsInFlight = "hsmgw_requests_in_flight"
-        /// Counter: frames or connections the transport refused, by `reason`.
+        /// Counter: frames or connections the transport refused, by `reason`: a status reason,
+        /// or `CLIENT_CERTIFICATE_USAGE` for a client certificate without `clientAuth` (the TLS
+        /// handshake fails, no frame is sent).
         static let framesRefused = "hsmgw_frames_refused_total"
     }
 

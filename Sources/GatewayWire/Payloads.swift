@@ -50,6 +50,9 @@ public enum StatusReason {
     public static let requestIDInUse = "REQUEST_ID_IN_USE"
     /// `INVALID_ARGUMENT`: the payload is not a valid message for the method.
     public static let malformedPayload = "MALFORMED_PAYLOAD"
+    /// `INVALID_ARGUMENT` on Hello: `client_name` breaks ``ClientNameRule`` (too long, or a
+    /// control, format, line or paragraph separator character).
+    public static let invalidClientName = "INVALID_CLIENT_NAME"
     /// `UNAVAILABLE` (goaway): the server is shutting down.
     public static let shuttingDown = "SHUTTING_DOWN"
     /// `UNAUTHENTICATED`: a request other than Hello before the handshake.

@@ -68,7 +68,14 @@ struct ConfigurationTests {
             field: "clientName",
             code: .invalidValue
         )
-        Self.expectInvalid({ $0.clientName = "bad\nname" }, field: "clientName", code: .invalidValue)
+        // The server's rule (GatewayWire.ClientNameRule): control, format, line and paragraph
+        // separator characters are refused before connecting.
+        for name in ["bad\nname", "bell\u{7}", "zero\u{200B}width", "\u{202E}reversed", "line\u{2028}separator"] {
+            Self.expectInvalid({ $0.clientName = name }, field: "clientName", code: .invalidValue)
+        }
+        var nonASCII = Self.valid()
+        nonASCII.clientName = "caf\u{E9}-\u{8A08}\u{7B97} 2.0"
+        #expect(throws: Never.self) { try nonASCII.validate() }
         Self.expectInvalid({ $0.poolSize = 0 }, field: "poolSize", code: .outOfRange)
         Self.expectInvalid({ $0.poolSize = 65 }, field: "poolSize", code: .outOfRange)
         Self.expectInvalid({ $0.connectTimeout = .zero }, field: "connectTimeout", code: .outOfRange)

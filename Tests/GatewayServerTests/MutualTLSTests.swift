@@ -1,5 +1,6 @@
 import Foundation
 import GatewayClient
+import GatewayTransport
 import GatewayWire
 import KeyHierarchy
 import ProcessTestSupport
@@ -90,6 +91,43 @@ struct MutualTLSTests {
             #expect(key.wrapped.count == 83)
             #expect(try await ops.listPrincipals().map(\.name).sorted() == ["admin", "ops"])
             await ops.shutdown()
+        }
+    }
+
+    /// A certificate the CA verified but without the clientAuth extended key usage never gets to
+    /// Hello: the TLS handshake fails, in required and optional mode alike (a token next to it
+    /// does not make the server ignore it), and the gateway keeps serving everyone else.
+    @Test(arguments: [ServerConfiguration.TLS.ClientCertificates.required, .optional])
+    func certificatesWithoutClientAuthAreRefused(_ mode: ServerConfiguration.TLS.ClientCertificates) async throws {
+        try await withGateway(.sqlite, "mtls-eku-\(mode)", security: .mutualTLS(mode)) { gateway in
+            let pki = try TestCertificates.shared()
+            _ = try await gateway.app.service.createPrincipal(
+                PrincipalName("ops"),
+                certificateCommonName: CertificateCommonName("ops-cli"),
+                roles: [KeyHierarchy.RoleBinding(scope: .all, role: .admin)],
+                request: RequestContext(principal: .system, requestID: "test")
+            )
+            let ops = try gateway.client(token: nil, certificate: try pki.client(commonName: "ops-cli"))
+            defer { Task { await ops.shutdown() } }
+            #expect(try await ops.hello().principal == "ops")
+
+            for usage: String? in [nil, "serverAuth", "anyExtendedKeyUsage"] {
+                let certificate = try pki.client(commonName: "ops-cli", extendedKeyUsage: usage)
+                let refused = try gateway.client(token: gateway.adminToken, certificate: certificate)
+                let error = await gatewayError { try await refused.serverInfo() }
+                #expect(error?.code == .unavailable, "\(usage ?? "no extendedKeyUsage"): \(String(describing: error))")
+                #expect(error?.requestProvablyNotProcessed == true)
+                await refused.shutdown()
+            }
+
+            // The connection opened before is still served, and so is a new one.
+            #expect(try await ops.listPrincipals().map(\.name).sorted() == ["admin", "ops"])
+            let again = try gateway.client(token: nil, certificate: try pki.client(commonName: "ops-cli"))
+            #expect(try await again.hello().principal == "ops")
+            await again.shutdown()
+            // Refused before any Hello: no authentication was attempted, so none was audited.
+            let attempts = try await ops.listAuditRecords(limit: 1000).filter { $0.operation == "access.authenticate" }
+            #expect(attempts.isEmpty, "\(attempts)")
         }
     }
 }

@@ -1,10 +1,12 @@
 import Foundation
-import GatewayClient
 import GatewayServer
 import GatewayWire
 import NIOCore
+import NIOPosix
 import ProcessTestSupport
 import Testing
+
+@testable import GatewayClient
 
 /// The handler's answers to what the protocol rules single out: malformed payloads, unknown
 /// methods, deadlines, cancellation.
@@ -105,6 +107,50 @@ struct ProtocolTests {
             #expect(outcomes.count - refused.count >= 3)
             // The tenant is served again once the flood is over.
             _ = try await client.generateDataKey(tenant: "acme")
+        }
+    }
+
+    /// `client_name` is logged as it is: a Hello whose name holds a control, format, line or
+    /// paragraph separator character (or is over 128 bytes) is refused INVALID_ARGUMENT
+    /// `INVALID_CLIENT_NAME`; names in any script are fine; nobody else is affected.
+    @Test func helloRefusesClientNamesThatCouldForgeLogLines() async throws {
+        try await withGateway(.sqlite, "client-name", security: .plaintext) { gateway in
+            let established = try await gateway.connection(token: gateway.adminToken)
+            defer { Task { await established.close() } }
+            /// Connects and says Hello with `name`, past the client library's own check of it.
+            func hello(clientName name: String) async throws -> GatewayConnection {
+                var configuration = try gateway.clientConfiguration(token: gateway.adminToken)
+                configuration.clientName = name
+                return try await GatewayConnection.connect(
+                    configuration: configuration, sslContext: nil,
+                    eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: quietLogger)
+            }
+            let refusedNames = [
+                "bell\u{7}", "line\nfeed", "carriage\rreturn", "del\u{7F}", "nel\u{85}", "zero\u{200B}width",
+                "\u{202E}override", "bom\u{FEFF}", "line\u{2028}separator", "paragraph\u{2029}separator",
+                String(repeating: "n", count: 129),
+            ]
+            for name in refusedNames {
+                let error = await gatewayError { try await hello(clientName: name) }
+                #expect(error?.code == .invalidArgument, "\(name.debugDescription): \(String(describing: error))")
+                #expect(error?.reason == StatusReason.invalidClientName)
+                #expect(error?.origin == .server)
+            }
+            // Names in other scripts, with combining marks, and exactly 128 bytes, are accepted.
+            let acceptedNames = [
+                "caf\u{E9}-service/2.1", "cafe\u{301}", "\u{8A08}\u{7B97}\u{30B5}\u{30FC}\u{30D3}\u{30B9}",
+                "snow \u{2603}", String(repeating: "\u{E9}", count: 64),
+            ]
+            for name in acceptedNames {
+                let connection = try await hello(clientName: name)
+                #expect(connection.helloResponse?.principal == "admin")
+                await connection.close()
+            }
+            // Refusing them did not throttle this address, and the connection opened first still serves.
+            let info: Hsmgw_V1_ServerInfoResponse = try await established.call(
+                method: .serverInfo, request: Hsmgw_V1_ServerInfoRequest(),
+                responseType: Hsmgw_V1_ServerInfoResponse.self, deadline: nil)
+            #expect(!info.serverVersion.isEmpty)
         }
     }
 

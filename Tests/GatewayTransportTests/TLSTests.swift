@@ -1,6 +1,9 @@
 import GatewayWire
+import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import NIOSSL
+import Prometheus
 import Testing
 
 @testable import GatewayTransport
@@ -160,6 +163,185 @@ struct TLSTests {
             await anonymous.close()
             await withCertificate.close()
         }
+    }
+}
+
+@Suite("Client certificates must carry the clientAuth extended key usage")
+struct ClientAuthUsageTests {
+    private static func tls(
+        _ certificates: TestCertificates,
+        clientCertificates: ServerConfiguration.TLS.ClientCertificates
+    ) -> ServerConfiguration.TLS {
+        ServerConfiguration.TLS(
+            certificateChainPath: certificates.serverCertificatePath,
+            privateKeyPath: certificates.serverKeyPath,
+            clientCAPath: certificates.caPath,
+            clientCertificates: clientCertificates
+        )
+    }
+
+    /// The text of `registry`'s metrics.
+    private static func metricsText(_ registry: PrometheusCollectorRegistry) -> String {
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        return String(decoding: buffer, as: UTF8.self)
+    }
+
+    /// Why the gateway checks the usage itself: BoringSSL's own verification of a client
+    /// certificate (purpose `ssl_client`, run by NIOSSL with the gateway's TLS context) refuses an
+    /// extendedKeyUsage without clientAuth, but accepts a certificate with no such extension.
+    /// If a NIOSSL update changes this, docs/protocol.md §7.3 must say so.
+    @Test(
+        "NIOSSL alone: no extendedKeyUsage is accepted; serverAuth or anyExtendedKeyUsage alone is refused",
+        arguments: [
+            (nil, true), ("clientAuth", true), ("serverAuth", false), ("anyExtendedKeyUsage", false),
+            ("codeSigning", false),
+        ] as [(String?, Bool)]
+    )
+    func nioSSLAlone(extendedKeyUsage: String?, accepted: Bool) async throws {
+        let certificates = try TestCertificates.load()
+        let configuration = ServerConfiguration(
+            listeners: [.tcp(host: "127.0.0.1", port: 0)],
+            tls: Self.tls(certificates, clientCertificates: .required)
+        )
+        let serverContext = try #require(try configuration.makeTLSContext())
+        let outcome = NIOLockedValueBox<Bool?>(nil)
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverContext))
+                    try channel.pipeline.syncOperations.addHandler(HandshakeOutcomeRecorder(outcome: outcome))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0)
+            .get()
+        let files = try certificates.client(extendedKeyUsage: extendedKeyUsage)
+        let clientContext = try certificates.clientContext(certificate: files.certificate, key: files.key)
+        let client = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        NIOSSLClientHandler(context: clientContext, serverHostname: "localhost"))
+                }
+            }
+            .connect(to: try #require(server.localAddress))
+            .get()
+        // Sent once the client's side of the handshake is done (TLS 1.3: before the server has
+        // judged the certificate).
+        try? await client.writeAndFlush(ByteBuffer(string: "x"))
+        let clock = ContinuousClock()
+        let end = clock.now + .seconds(10)
+        while outcome.withLockedValue({ $0 }) == nil, clock.now < end { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(outcome.withLockedValue { $0 } == accepted)
+        try? await client.close()
+        try? await server.close()
+    }
+
+    @Test(
+        "a client certificate without clientAuth fails the TLS handshake (mTLS required or optional, TLS 1.2 or 1.3); others are served",
+        arguments: [ServerConfiguration.TLS.ClientCertificates.required, .optional],
+        [
+            (nil, TLSVersion.tlsv13), (nil, .tlsv12), ("serverAuth", .tlsv13), ("serverAuth", .tlsv12),
+            ("anyExtendedKeyUsage", .tlsv13), ("codeSigning,emailProtection", .tlsv13),
+        ] as [(String?, TLSVersion)]
+    )
+    func refused(
+        mode: ServerConfiguration.TLS.ClientCertificates,
+        usage: (String?, TLSVersion)
+    ) async throws {
+        let (extendedKeyUsage, version) = usage
+        let certificates = try TestCertificates.load()
+        let registry = PrometheusCollectorRegistry()
+        try await withTestServer(tls: Self.tls(certificates, clientCertificates: mode), metrics: registry) {
+            address, handler in
+            // A client served before the refusal keeps being served after it.
+            let good = try await TestFrameClient.connect(
+                to: address,
+                tls: try certificates.clientContext(
+                    certificate: certificates.clientCertificatePath, key: certificates.clientKeyPath),
+                serverHostname: "localhost"
+            )
+            #expect(try await good.hello(token: "").statusCode == .ok)
+
+            let files = try certificates.client(extendedKeyUsage: extendedKeyUsage)
+            let context = try certificates.clientContext(
+                certificate: files.certificate, key: files.key, maximumTLSVersion: version)
+            let refused = try await TestFrameClient.connect(to: address, tls: context, serverHostname: "localhost")
+            // A good token does not help: a presented certificate must be acceptable.
+            try? await refused.request(1, .hello, payload: helloPayload(token: TestGatewayHandler.goodToken))
+            let frames = (try? await refused.framesUntilClosed()) ?? []
+            #expect(frames.isEmpty)
+            #expect(refused.isClosed)
+            #expect(handler.log.withLockedValue { $0.helloConnections.count } == 1)
+
+            try await good.request(2, .listTenants, payload: ByteBuffer(string: "still here"))
+            #expect(String(buffer: try await good.nextFrame().payload) == "still here")
+            let again = try await TestFrameClient.connect(
+                to: address,
+                tls: try certificates.clientContext(
+                    certificate: certificates.clientCertificatePath, key: certificates.clientKeyPath),
+                serverHostname: "localhost"
+            )
+            #expect(try await again.hello(token: "").statusCode == .ok)
+            if mode == .optional {
+                let anonymous = try await TestFrameClient.connect(
+                    to: address, tls: try certificates.clientContext(), serverHostname: "localhost")
+                #expect(try await anonymous.hello().statusCode == .ok)
+                await anonymous.close()
+            }
+            // Only a certificate BoringSSL accepted reaches the gateway's own check, which counts it.
+            let counted = Self.metricsText(registry).contains(
+                #"hsmgw_frames_refused_total{reason="CLIENT_CERTIFICATE_USAGE"} 1"#)
+            #expect(counted == (extendedKeyUsage == nil))
+            await good.close()
+            await again.close()
+        }
+    }
+
+    @Test(
+        "a client certificate listing clientAuth among other purposes is accepted",
+        arguments: ["clientAuth,serverAuth", "anyExtendedKeyUsage,clientAuth", "emailProtection,clientAuth"]
+    )
+    func acceptedAmongOthers(extendedKeyUsage: String) async throws {
+        let certificates = try TestCertificates.load()
+        try await withTestServer(tls: Self.tls(certificates, clientCertificates: .required)) { address, handler in
+            let files = try certificates.client(extendedKeyUsage: extendedKeyUsage)
+            let client = try await TestFrameClient.connect(
+                to: address,
+                tls: try certificates.clientContext(certificate: files.certificate, key: files.key),
+                serverHostname: "localhost"
+            )
+            #expect(try await client.hello(token: "").statusCode == .ok)
+            #expect(
+                handler.log.withLockedValue { $0.helloConnections.first?.clientCertificateCommonName }
+                    == "billing-service")
+            await client.close()
+        }
+    }
+}
+
+/// A Hello payload with `token`.
+private func helloPayload(token: String) -> ByteBuffer {
+    var hello = Hsmgw_V1_HelloRequest()
+    hello.apiToken = token
+    return hello.wirePayload()
+}
+
+/// Records whether a bare NIOSSL server accepted the client: its first bytes arrived, which
+/// NIOSSL delivers only after a successful handshake (true), or the handshake failed (false).
+private final class HandshakeOutcomeRecorder: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let outcome: NIOLockedValueBox<Bool?>
+
+    init(outcome: NIOLockedValueBox<Bool?>) { self.outcome = outcome }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        outcome.withLockedValue { $0 = $0 ?? true }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        outcome.withLockedValue { $0 = $0 ?? false }
+        context.close(promise: nil)
     }
 }
 

@@ -3,8 +3,9 @@ import Synchronization
 
 /// A throwaway PKI made with the `openssl` CLI, one per test process: a CA, a server
 /// certificate for `localhost` and 127.0.0.1, and on demand a server certificate naming only
-/// `localhost`, client certificates with chosen subjects, a client certificate from a CA the
-/// server does not trust, and a second CA that signed nothing. All P-256, valid two days.
+/// `localhost`, client certificates with chosen subjects (and `clientAuth`, or a chosen extended
+/// key usage, or none), a client certificate from a CA the server does not trust, and a second CA
+/// that signed nothing. All P-256, valid two days.
 public struct TestCertificates: Sendable {
     /// Where the files are (mode 0700).
     public let directory: String
@@ -41,13 +42,28 @@ public struct TestCertificates: Sendable {
         }
     }
 
-    /// A client certificate and key signed by the CA, with subject CN `commonName`.
+    /// A client certificate and key signed by the CA, with subject CN `commonName` and the
+    /// `clientAuth` extended key usage (which the gateway requires of client certificates).
     public func client(commonName: String) throws -> (certificate: String, key: String) {
         try client(subject: "/CN=\(commonName)", name: "client-" + Self.fileName(commonName))
     }
 
+    /// A client certificate and key signed by the CA, with subject CN `commonName` and the
+    /// extended key usage `extendedKeyUsage` as openssl writes it (`serverAuth`,
+    /// `anyExtendedKeyUsage`, `clientAuth,serverAuth`, a dotted OID...), or no extendedKeyUsage
+    /// extension at all when it is nil.
+    public func client(commonName: String, extendedKeyUsage: String?) throws -> (certificate: String, key: String) {
+        let usage = extendedKeyUsage.map { "eku-" + Self.fileName($0) } ?? "no-eku"
+        return try onDemand("client-" + Self.fileName(commonName) + "-" + usage) { name in
+            try issue(
+                name: name, subject: "/CN=\(commonName)",
+                extensions: (extendedKeyUsage.map { "extendedKeyUsage=\($0)\n" } ?? "") + "basicConstraints=CA:FALSE\n")
+        }
+    }
+
     /// A client certificate and key signed by the CA with `subject` as openssl writes it
-    /// (`/CN=first/CN=second`; UTF-8 allowed), in files called `name`.
+    /// (`/CN=first/CN=second`; UTF-8 allowed) and the `clientAuth` extended key usage, in files
+    /// called `name`.
     public func client(subject: String, name: String) throws -> (certificate: String, key: String) {
         try onDemand(name) { name in
             try issue(
@@ -56,13 +72,13 @@ public struct TestCertificates: Sendable {
     }
 
     /// A self-signed client certificate with subject CN `commonName`: from a CA the server does
-    /// not trust.
+    /// not trust. It carries `clientAuth`, so the untrusted issuer is its only fault.
     public func untrustedClient(commonName: String) throws -> (certificate: String, key: String) {
         try onDemand("untrusted-" + Self.fileName(commonName)) { name in
             try openssl([
                 "req", "-x509", "-utf8", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                 "-keyout", "\(directory)/\(name).key", "-out", "\(directory)/\(name).crt", "-days", "2",
-                "-subj", "/CN=\(commonName)",
+                "-subj", "/CN=\(commonName)", "-addext", "extendedKeyUsage=clientAuth",
             ])
         }
     }

@@ -4,9 +4,6 @@ import KeyHierarchy
 import Logging
 
 extension GatewayHandler {
-    /// The longest client name accepted in Hello (logged only).
-    static let maximumClientNameBytes = ServerLimits.maxClientNameBytes
-
     /// What a refused Hello says, whatever the reason: a caller cannot tell an unknown token from
     /// a revoked one, or a token from a certificate problem.
     static let authenticationFailed = RequestFailure(.unauthenticated, AuthenticationFailure.clientMessage)
@@ -74,9 +71,11 @@ extension GatewayHandler {
         } catch {
             throw RequestFailure.malformedPayload
         }
-        guard hello.clientName.utf8.count <= Self.maximumClientNameBytes else {
+        // The name is logged as it is: nothing that could break or forge a log line.
+        guard ClientNameRule.isValid(hello.clientName) else {
             throw RequestFailure(
-                .invalidArgument, "client_name must be at most \(Self.maximumClientNameBytes) bytes")
+                .invalidArgument, "client_name must be \(ClientNameRule.summary)",
+                reason: StatusReason.invalidClientName)
         }
         let commonName = request.connection.clientCertificateCommonName
         var byToken: AuthenticatedCaller?

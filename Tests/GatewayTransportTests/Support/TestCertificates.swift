@@ -36,9 +36,21 @@ struct TestCertificates: Sendable {
         )
     }
 
+    /// A client certificate and key signed by the CA, with subject CN `billing-service` and
+    /// `extendedKeyUsage` as openssl writes it (nil: no extendedKeyUsage extension).
+    func client(extendedKeyUsage: String?) throws -> (certificate: String, key: String) {
+        try ProcessTestSupport.TestCertificates.shared().client(
+            commonName: "billing-service", extendedKeyUsage: extendedKeyUsage)
+    }
+
     /// A client TLS context trusting the test CA, optionally presenting a certificate.
-    func clientContext(certificate: String? = nil, key: String? = nil) throws -> NIOSSLContext {
+    func clientContext(
+        certificate: String? = nil,
+        key: String? = nil,
+        maximumTLSVersion: TLSVersion? = nil
+    ) throws -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.maximumTLSVersion = maximumTLSVersion
         configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caPath))
         if let certificate, let key {
             configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certificate).map { .certificate($0) }

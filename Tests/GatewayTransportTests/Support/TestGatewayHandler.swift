@@ -4,6 +4,7 @@ import GatewayWire
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import Prometheus
 
 /// A test double for the gateway's logic. Hello accepts `goodToken` (or, with no token, a
 /// verified client certificate, whose CN becomes the principal) and refuses anything else.
@@ -94,13 +95,14 @@ let testLogger: Logger = {
 }()
 
 /// Runs a transport server (by default plaintext on loopback port 0) for the duration of `body`,
-/// then cancels it.
+/// then cancels it. Its metrics go to `metrics` when given.
 func withTestServer(
     limits: ServerLimits = ServerLimits(),
     listeners: [ServerConfiguration.Listener] = [.tcp(host: "127.0.0.1", port: 0)],
     tls: ServerConfiguration.TLS? = nil,
     allowPlaintext: Bool = false,
     handler: TestGatewayHandler = TestGatewayHandler(),
+    metrics: PrometheusCollectorRegistry? = nil,
     _ body: (SocketAddress, TestGatewayHandler) async throws -> Void
 ) async throws {
     let configuration = ServerConfiguration(
@@ -109,7 +111,14 @@ func withTestServer(
         allowPlaintext: allowPlaintext,
         limits: limits
     )
-    let server = GatewayTransportServer(configuration: configuration, handler: handler, logger: testLogger)
+    let server =
+        if let metrics {
+            GatewayTransportServer(
+                configuration: configuration, handler: handler,
+                metricsFactory: PrometheusMetricsFactory(registry: metrics), logger: testLogger)
+        } else {
+            GatewayTransportServer(configuration: configuration, handler: handler, logger: testLogger)
+        }
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask { try await server.run() }
         let address = try await server.listeningAddresses()[0]
