@@ -102,6 +102,7 @@ public struct Preflight: Sendable {
                 checkRandom(session, into: &report)
                 checkKeyWrap(session, mechanisms: mechanisms, into: &report)
                 checkMasterKeys(session, into: &report)
+                checkAuditKey(session, into: &report)
                 measureRoundTrip(session, into: &report)
                 try? session.logout()
             }
@@ -114,7 +115,11 @@ public struct Preflight: Sendable {
     // MARK: Checks
 
     private func checkMechanisms(_ mechanisms: [MechanismInfo], into report: inout PreflightReport) {
-        let required: [(Mechanism, MechanismFlags)] = [(.aesKeyGen, [.generate]), (.aesGCM, [.encrypt, .decrypt])]
+        // AES for master keys and wrapping; HMAC-SHA-256 and a generic secret for the audit anchor.
+        let required: [(Mechanism, MechanismFlags)] = [
+            (.aesKeyGen, [.generate]), (.aesGCM, [.encrypt, .decrypt]), (.genericSecretKeyGen, [.generate]),
+            (.sha256HMAC, [.sign]),
+        ]
         for (mechanism, flags) in required {
             guard let info = mechanisms.first(where: { $0.mechanism == mechanism }) else {
                 report.fail("mechanism \(mechanism)", "not listed by the token")
@@ -125,7 +130,8 @@ public struct Preflight: Sendable {
                     "mechanism \(mechanism)", "lacks \(flags.subtracting(info.flags).names.joined(separator: ", "))")
                 continue
             }
-            // AES key sizes are in bytes (PKCS#11 2.40 section 2.8); some modules report bits.
+            // Key sizes are in bytes for AES and generic secrets (PKCS#11 2.40 section 2.8); some
+            // modules report bits, which only makes the number larger.
             let supports256 = info.maximumKeySize >= MasterKeyPolicy.keyByteCount
             guard supports256 else {
                 report.fail("mechanism \(mechanism)", "maximum key size \(info.maximumKeySize) is below AES-256")
@@ -207,6 +213,24 @@ public struct Preflight: Sendable {
         if weak == 0 {
             report.pass(
                 "master keys", "\(keys.count) with label prefix \"\(options.labelPrefix)\", all meet the policy")
+        }
+    }
+
+    /// The audit-anchor key, when the gateway has made it: exactly one, meeting its policy.
+    private func checkAuditKey(_ session: borrowing Session, into report: inout PreflightReport) {
+        do {
+            let keys = try session.findSecretKeys(label: AuditKeyPolicy.label)
+            switch keys.count {
+            case 0:
+                report.pass("audit key", "none yet; the gateway makes \"\(AuditKeyPolicy.label)\" on its first start")
+            case 1:
+                try session.verifyAuditKey(keys[0].handle)
+                report.pass("audit key", "\"\(AuditKeyPolicy.label)\" meets the policy (HMAC-SHA-256 only)")
+            default:
+                report.fail("audit key", "\(keys.count) objects are labelled \"\(AuditKeyPolicy.label)\"; expected one")
+            }
+        } catch {
+            report.fail("audit key", "\(error)")
         }
     }
 

@@ -9,6 +9,8 @@ internal import CPKCS11Shim
 /// sign+verify, never encrypt, decrypt, wrap, unwrap or derive (so it can be used for nothing but
 /// MACs, and no WRAP∧DECRYPT or UNWRAP∧ENCRYPT pair can exist).
 public enum AuditKeyPolicy {
+    /// The audit key's label (the key service names the same label, `AuditAnchoring.keyLabel`).
+    public static let label = "hsmgw:audit:v1"
     /// A 256-bit generic secret, the size of the HMAC-SHA-256 block's security level.
     public static let keyByteCount = 32
     /// HMAC-SHA-256 output length.

@@ -93,6 +93,8 @@ struct AuditAnchorTests {
         }
         #expect(count == 1)
         #expect(violations.isEmpty)
+        // Preflight (which does not link the key service) looks for the same label.
+        #expect(AuditKeyPolicy.label == AuditAnchoring.keyLabel)
         guard case .failure(let error as PKCS11Error) = valueRead else {
             Issue.record("the audit key's value could be read")
             return
