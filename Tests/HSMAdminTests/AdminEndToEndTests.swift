@@ -277,10 +277,14 @@ struct AdminEndToEndTests {
         let verified = try admin(["audit", "verify"])
         #expect(verified.status == 0, "\(verified)")
         #expect(verified.output.contains("audit chain      intact"), "\(verified.output)")
+        #expect(verified.output.contains("HSM checkpoints  "), "\(verified.output)")
         let verification = try json(try admin(["audit", "verify", "--json"]))
         #expect(verification["intact"] as? Bool == true)
         let checked = try #require(verification["recordsChecked"] as? Int)
         #expect(checked > 0)
+        // The head is anchored in the HSM: its checkpoint, at least, verified there.
+        #expect(verification["anchoredThrough"] as? Int == verification["headSequence"] as? Int)
+        #expect((verification["checkpointsChecked"] as? Int ?? 0) >= 1)
 
         let exportPath = gateway.home + "/audit.jsonl"
         let exported = try admin(["audit", "export", "--output", exportPath])

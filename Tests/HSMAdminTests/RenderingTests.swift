@@ -55,6 +55,38 @@ struct RenderingTests {
         #expect(FieldList().render() == "")
     }
 
+    @Test("audit verify: an anchored log, and a rewritten one naming the checkpoint it breaks")
+    func auditVerification() {
+        var intact = Hsmgw_V1_VerifyAuditLogResponse()
+        intact.intact = true
+        intact.recordsChecked = 31
+        intact.headSequence = 31
+        intact.headHash = Data([0xAB, 0xCD])
+        intact.checkpointsChecked = 8
+        intact.anchoredThrough = 31
+        #expect(
+            AuditVerificationView(intact).fields.render() == """
+                audit chain      intact
+                records checked  31
+                head             #31 abcd
+                HSM checkpoints  8 verified
+                anchored up to   #31
+
+                """
+        )
+        var broken = Hsmgw_V1_VerifyAuditLogResponse()
+        broken.recordsChecked = 14
+        broken.headSequence = 31
+        broken.checkpointsChecked = 3
+        broken.problemSequence = 15
+        broken.problemKind = "anchor-mismatch"
+        broken.problem = "anchor-mismatch: the checkpoint at record 15 does not match the record"
+        let view = AuditVerificationView(broken)
+        #expect(view.anchoredThrough == nil)
+        #expect(view.problemKind == "anchor-mismatch")
+        #expect(view.fields.render().contains("first bad record  #15\n"))
+    }
+
     @Test("times are UTC ISO 8601; 0 is unset")
     func timestamps() {
         #expect(Timestamp.iso8601(milliseconds: 0) == nil)

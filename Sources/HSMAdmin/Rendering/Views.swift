@@ -549,9 +549,9 @@ struct AuditVerificationView: Codable, Sendable, Hashable {
         list.append("audit chain", intact ? "intact" : "BROKEN")
         list.append("records checked", "\(recordsChecked)")
         list.append("head", "#\(headSequence) \(headHash.isEmpty ? "-" : headHash)")
-        list.append("checkpoints verified in the HSM", "\(checkpointsChecked)")
+        list.append("HSM checkpoints", "\(checkpointsChecked) verified")
         if let anchoredThrough {
-            list.append("anchored through", anchoredThrough == 0 ? "- (empty log)" : "#\(anchoredThrough)")
+            list.append("anchored up to", anchoredThrough == 0 ? "- (empty log)" : "#\(anchoredThrough)")
         }
         if let problemSequence { list.append("first bad record", "#\(problemSequence)") }
         if let problem { list.append("problem", problem) }
