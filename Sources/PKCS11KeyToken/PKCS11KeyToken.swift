@@ -212,7 +212,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 return TokenError(.policyViolation, error.description)
             }
             if error.code == .sessionAcquireTimeout || error.code == .sessionPoolQueueFull
-                || error.code == .sessionPoolShutDown || error.invalidatesSession
+                || error.code == .sessionPoolShutDown || error.code == .loginRefused || error.invalidatesSession
                 || error.returnValue == .deviceError || error.returnValue == .deviceMemory
             {
                 return TokenError(.unavailable, error.description)
