@@ -227,8 +227,7 @@ public final class GatewayServerApp: Sendable {
                 let result = await readiness.check()
                 var checks = [
                     HealthAndMetricsServer.ReadinessCheck(
-                        name: "hsm", isReady: result.tokenReachable,
-                        detail: result.tokenReachable ? nil : "the token does not answer"),
+                        name: "hsm", isReady: result.tokenReady, detail: result.tokenDetail),
                     HealthAndMetricsServer.ReadinessCheck(
                         name: "store", isReady: result.storeReachable,
                         detail: result.storeReachable ? nil : "the key store does not answer"),

@@ -35,6 +35,7 @@ final class MaintenanceService: Service, Sendable {
         let sessionsDiscarded: Gauge
         let sessionOpenFailures: Gauge
         let tokenReachable: Gauge
+        let loginRefused: Gauge
         let storeReachable: Gauge
         let ready: Gauge
         let rewrapJobsRunning: Gauge
@@ -51,6 +52,9 @@ final class MaintenanceService: Service, Sendable {
             sessionOpenFailures = registry.gauge(
                 "hsmgw_hsm_session_open_failures", "Failed PKCS#11 session opens or logins, since start.")
             tokenReachable = registry.gauge("hsmgw_hsm_token_reachable", "1 when the HSM token answers, else 0.")
+            loginRefused = registry.gauge(
+                "hsmgw_hsm_login_refused",
+                "1 when the HSM refused the user PIN and no login is attempted until an operator acts, else 0.")
             storeReachable = registry.gauge("hsmgw_store_reachable", "1 when the key store answers, else 0.")
             ready = registry.gauge("hsmgw_ready", "1 when the gateway is ready to serve, else 0.")
             rewrapJobsRunning = registry.gauge("hsmgw_rewrap_jobs_running", "Rewrap jobs this instance runs now.")
@@ -109,6 +113,7 @@ final class MaintenanceService: Service, Sendable {
         gauges.sessionWaiters.set(Int64(statistics.waiting))
         gauges.sessionsDiscarded.set(Int64(statistics.discarded))
         gauges.sessionOpenFailures.set(Int64(statistics.openFailures))
+        gauges.loginRefused.set(Int64(statistics.loginRefused ? 1 : 0))
         let result = await readiness.check()
         gauges.tokenReachable.set(Int64(result.tokenReachable ? 1 : 0))
         gauges.storeReachable.set(Int64(result.storeReachable ? 1 : 0))
