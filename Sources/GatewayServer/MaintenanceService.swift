@@ -150,6 +150,7 @@ public struct GatewayStartupError: Error, Sendable, CustomStringConvertible {
         private enum Value: String, Sendable {
             case configuration
             case token
+            case login
             case store
             case bootstrap
             case transport
@@ -161,6 +162,10 @@ public struct GatewayStartupError: Error, Sendable, CustomStringConvertible {
         public static let configuration = Code(.configuration)
         /// The PKCS#11 module or token cannot be used (EX_UNAVAILABLE, 69).
         public static let token = Code(.token)
+        /// The token refused the user PIN (EX_NOPERM, 77). One login was attempted; starting again
+        /// with the same PIN only spends the token's failed-login allowance, so a supervisor should
+        /// not restart on this code (systemd: `RestartPreventExitStatus=77`).
+        public static let login = Code(.login)
         /// The key store cannot be opened (EX_UNAVAILABLE, 69).
         public static let store = Code(.store)
         /// The first admin could not be created or its token not written (EX_SOFTWARE, 70).
@@ -188,6 +193,7 @@ public struct GatewayStartupError: Error, Sendable, CustomStringConvertible {
         switch code {
         case .configuration: return 78
         case .bootstrap: return 70
+        case .login: return 77
         default: return 69
         }
     }

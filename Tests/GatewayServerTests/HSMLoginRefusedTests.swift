@@ -2,6 +2,7 @@ import Foundation
 import GatewayClient
 import GatewayWire
 import PKCS11
+import ProcessTestSupport
 import SoftHSMTestSupport
 import Testing
 
@@ -70,6 +71,32 @@ struct HSMLoginRefusedTests {
             #expect(recovered.status == 200, "\(recovered.body)")
             #expect(try await metric(metricsPort, "hsmgw_hsm_login_refused", expecting: 0) == 0)
         }
+    }
+
+    @Test("hsm-gateway started with a wrong PIN: exactly one C_Login, exit 77, no PIN in the output")
+    func wrongPINAtStartExits77() throws {
+        let fixture = try SoftHSMFixture.shared()
+        let fault = try FaultInjectingModule.shared()
+        let token = try fixture.makeToken("login-start")
+        let directory = try makeTemporaryDirectory("login-start")
+        let trace = directory + "/trace"
+        let wrong = "wrong-pin-\(UInt32.random(in: 0...UInt32.max))"
+        let result = try ChildProcess.run(
+            PackagePaths.gatewayBinary,
+            [
+                "--hsm-module", fault.libraryPath, "--token-label", token.label, "--pin-env", "HSMGW_TEST_PIN",
+                "--sqlite-path", directory + "/keys.db", "--listen", "127.0.0.1:0", "--metrics-listen", "off",
+            ],
+            // SOFTHSM2_CONF is inherited: the child sees this process's tokens.
+            environment: fault.environment(control: directory + "/control", trace: trace).merging(
+                ["HSMGW_TEST_PIN": wrong], uniquingKeysWith: { $1 })
+        )
+        #expect(result.status == 77, "\(result)")
+        #expect(result.error.contains("refused the user PIN"), "\(result)")
+        #expect(!result.output.contains(wrong) && !result.error.contains(wrong))
+        #expect(
+            FaultInjectingModule.calls(of: "C_Login", tracePath: trace)
+                == [.init(returnValue: .pinIncorrect, injected: false)])
     }
 
     /// The value of an unlabelled gauge on `/metrics`; polls until it is `expected` (the sampler
