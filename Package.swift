@@ -192,10 +192,14 @@ let package = Package(
         ),
         // One SoftHSM2 fixture per test process (C_Initialize and SOFTHSM2_CONF are process-wide),
         // shared by every test target.
-        .target(name: "SoftHSMTestSupport", dependencies: ["PKCS11"], path: "Tests/SoftHSMTestSupport"),
+        // It also builds and loads the tests' fault-injecting module (Tests/FaultInjection), which
+        // forwards to SoftHSM2; the C file is compiled at run time, not by SwiftPM.
+        .target(
+            name: "SoftHSMTestSupport", dependencies: ["PKCS11", "ProcessTestSupport"], path: "Tests/SoftHSMTestSupport"
+        ),
         .testTarget(
             name: "PKCS11Tests",
-            dependencies: ["PKCS11", "SoftHSMTestSupport"],
+            dependencies: ["PKCS11", "SoftHSMTestSupport", "ProcessTestSupport"],
             resources: [.process("Resources")]
         ),
         // A throwaway PostgreSQL cluster per test process: initdb into a temporary directory,

@@ -89,6 +89,13 @@ extension GatewayServerApp {
                 configuration: poolConfiguration,
                 logger: logger.with(label: "hsm-gateway.pkcs11.pool")
             )
+        } catch let error as PKCS11Error where error.code == .loginRefused {
+            throw GatewayStartupError(
+                .login,
+                "hsm.pin: the token \(settings.tokenLabel) refused the user PIN "
+                    + "(\(error.returnValue.map(\.name) ?? "C_Login failed")); one login was attempted and no "
+                    + "other will be: correct the PIN and start again"
+            )
         } catch {
             throw GatewayStartupError(
                 .token, "hsm.token_label \(settings.tokenLabel): cannot open a logged-in session: \(error)")

@@ -193,7 +193,7 @@ public final class GatewayServerApp: Sendable {
         self.bootstrapAdminToken = bootstrapAdminToken
         self.logger = logger
         self.metricsRegistry = registry
-        let readiness = ReadinessProbe(pool: pool, repository: store)
+        let readiness = ReadinessProbe(pool: pool, repository: store, service: service)
         self.readiness = readiness
         let rewrapJobs = RewrapJobRunner(
             service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))
@@ -256,12 +256,20 @@ public final class GatewayServerApp: Sendable {
                 let result = await readiness.check()
                 var checks = [
                     HealthAndMetricsServer.ReadinessCheck(
-                        name: "hsm", isReady: result.tokenReachable,
-                        detail: result.tokenReachable ? nil : "the token does not answer"),
+                        name: "hsm", isReady: result.tokenReady, detail: result.tokenDetail),
                     HealthAndMetricsServer.ReadinessCheck(
                         name: "store", isReady: result.storeReachable,
                         detail: result.storeReachable ? nil : "the key store does not answer"),
                 ]
+                if result.auditIntegrityFailure != nil {
+                    // The detail stays in the log: /readyz says what is wrong and what to run.
+                    checks.append(
+                        .init(
+                            name: "audit", isReady: false,
+                            detail:
+                                "the audit log failed its integrity check against the HSM; run hsm-admin audit verify"
+                        ))
+                }
                 if maintenance.isDraining {
                     checks.append(.init(name: "shutdown", isReady: false, detail: "draining"))
                 }

@@ -35,7 +35,9 @@ final class MaintenanceService: Service, Sendable {
         let sessionsDiscarded: Gauge
         let sessionOpenFailures: Gauge
         let tokenReachable: Gauge
+        let loginRefused: Gauge
         let storeReachable: Gauge
+        let auditIntegrity: Gauge
         let ready: Gauge
         let rewrapJobsRunning: Gauge
 
@@ -51,7 +53,13 @@ final class MaintenanceService: Service, Sendable {
             sessionOpenFailures = registry.gauge(
                 "hsmgw_hsm_session_open_failures", "Failed PKCS#11 session opens or logins, since start.")
             tokenReachable = registry.gauge("hsmgw_hsm_token_reachable", "1 when the HSM token answers, else 0.")
+            loginRefused = registry.gauge(
+                "hsmgw_hsm_login_refused",
+                "1 when the HSM refused the user PIN and no login is attempted until an operator acts, else 0.")
             storeReachable = registry.gauge("hsmgw_store_reachable", "1 when the key store answers, else 0.")
+            auditIntegrity = registry.gauge(
+                "hsmgw_audit_integrity_ok",
+                "1 while the audit log's head verifies against its checkpoint in the HSM, 0 once it failed.")
             ready = registry.gauge("hsmgw_ready", "1 when the gateway is ready to serve, else 0.")
             rewrapJobsRunning = registry.gauge("hsmgw_rewrap_jobs_running", "Rewrap jobs this instance runs now.")
         }
@@ -109,9 +117,11 @@ final class MaintenanceService: Service, Sendable {
         gauges.sessionWaiters.set(Int64(statistics.waiting))
         gauges.sessionsDiscarded.set(Int64(statistics.discarded))
         gauges.sessionOpenFailures.set(Int64(statistics.openFailures))
+        gauges.loginRefused.set(Int64(statistics.loginRefused ? 1 : 0))
         let result = await readiness.check()
         gauges.tokenReachable.set(Int64(result.tokenReachable ? 1 : 0))
         gauges.storeReachable.set(Int64(result.storeReachable ? 1 : 0))
+        gauges.auditIntegrity.set(Int64(result.auditIntegrityFailure == nil ? 1 : 0))
         gauges.ready.set(Int64(result.ready && !isDraining ? 1 : 0))
         gauges.rewrapJobsRunning.set(Int64(rewrapJobs.runningCount))
     }
@@ -145,6 +155,7 @@ public struct GatewayStartupError: Error, Sendable, CustomStringConvertible {
         private enum Value: String, Sendable {
             case configuration
             case token
+            case login
             case store
             case bootstrap
             case transport
@@ -156,6 +167,10 @@ public struct GatewayStartupError: Error, Sendable, CustomStringConvertible {
         public static let configuration = Code(.configuration)
         /// The PKCS#11 module or token cannot be used (EX_UNAVAILABLE, 69).
         public static let token = Code(.token)
+        /// The token refused the user PIN (EX_NOPERM, 77). One login was attempted; starting again
+        /// with the same PIN only spends the token's failed-login allowance, so a supervisor should
+        /// not restart on this code (systemd: `RestartPreventExitStatus=77`).
+        public static let login = Code(.login)
         /// The key store cannot be opened (EX_UNAVAILABLE, 69).
         public static let store = Code(.store)
         /// The first admin could not be created or its token not written (EX_SOFTWARE, 70).
@@ -183,6 +198,7 @@ public struct GatewayStartupError: Error, Sendable, CustomStringConvertible {
         switch code {
         case .configuration: return 78
         case .bootstrap: return 70
+        case .login: return 77
         default: return 69
         }
     }

@@ -15,12 +15,30 @@ final class ReadinessProbe: Sendable {
     struct Result: Sendable, Hashable {
         var tokenReachable: Bool
         var storeReachable: Bool
-        var ready: Bool { tokenReachable && storeReachable }
+        /// The token refused the user PIN and the pool makes no login attempt until an operator
+        /// acts (`SessionPool.resumeLogin(pin:)` or a restart with the right PIN).
+        var tokenLoginRefused = false
+        /// Why the audit log failed its integrity check against the HSM (every key operation is
+        /// refused until it is restored), or nil while it holds.
+        var auditIntegrityFailure: String? = nil
+        /// The token can serve requests.
+        var tokenReady: Bool { tokenReachable && !tokenLoginRefused }
+        var ready: Bool { tokenReady && storeReachable && auditIntegrityFailure == nil }
+        /// Why the token is not ready, for `/readyz` (no secret, no CK_RV); nil when it is.
+        var tokenDetail: String? {
+            if tokenLoginRefused {
+                return "the HSM refused the login PIN; no login is attempted until the PIN is corrected (hsm.pin) "
+                    + "and the gateway restarted"
+            }
+            return tokenReachable ? nil : "the token does not answer"
+        }
     }
 
     private let checkToken: @Sendable () async throws -> Void
     private let tokenBusy: @Sendable () -> Bool
+    private let loginRefused: @Sendable () -> Bool
     private let checkStore: @Sendable () async throws -> Void
+    private let auditIntegrityFailure: @Sendable () -> String?
     private struct Cached {
         var checkedAt: ContinuousClock.Instant
         var task: Task<Result, Never>
@@ -30,32 +48,49 @@ final class ReadinessProbe: Sendable {
     /// A probe over two checks, each reachable when it returns within `checkTimeout` without
     /// throwing. When the token's check does not, `tokenBusy` decides: a token whose sessions are
     /// all at work is reachable, and a probe must not queue behind real requests to learn it.
+    /// `loginRefused` says the token refused the PIN (not ready, whatever the checks say).
     init(
         checkToken: @escaping @Sendable () async throws -> Void,
         tokenBusy: @escaping @Sendable () -> Bool = { false },
-        checkStore: @escaping @Sendable () async throws -> Void
+        loginRefused: @escaping @Sendable () -> Bool = { false },
+        checkStore: @escaping @Sendable () async throws -> Void,
+        auditIntegrityFailure: @escaping @Sendable () -> String? = { nil }
     ) {
         self.checkToken = checkToken
         self.tokenBusy = tokenBusy
+        self.loginRefused = loginRefused
         self.checkStore = checkStore
+        self.auditIntegrityFailure = auditIntegrityFailure
     }
 
     /// The probe for a session pool: `C_GetSessionInfo` on a pooled session, or every session
-    /// leased (busy, so working); and `checkStore`.
-    convenience init(pool: SessionPool, checkStore: @escaping @Sendable () async throws -> Void) {
+    /// leased (busy, so working); the pool's login-refused state; and `checkStore`. A refusing
+    /// pool answers the token check at once without calling the token.
+    convenience init(
+        pool: SessionPool,
+        checkStore: @escaping @Sendable () async throws -> Void,
+        auditIntegrityFailure: @escaping @Sendable () -> String? = { nil }
+    ) {
         self.init(
             checkToken: { _ = try await pool.withSession { session in try session.state() } },
             tokenBusy: {
                 let statistics = pool.statistics
                 return statistics.leased > 0 && statistics.leased + statistics.opening >= statistics.maximumSessions
             },
-            checkStore: checkStore
+            loginRefused: { pool.statistics.loginRefused },
+            checkStore: checkStore,
+            auditIntegrityFailure: auditIntegrityFailure
         )
     }
 
-    /// The probe for a session pool and a repository, which reads its audit head.
-    convenience init(pool: SessionPool, repository: any KeyRepository) {
-        self.init(pool: pool, checkStore: { _ = try await repository.read { try await $0.auditHead() } })
+    /// The probe for a session pool and a repository, which reads its audit head, and for the
+    /// audit log's integrity as the key service last found it.
+    convenience init(pool: SessionPool, repository: any KeyRepository, service: KeyService? = nil) {
+        self.init(
+            pool: pool,
+            checkStore: { _ = try await repository.read { try await $0.auditHead() } },
+            auditIntegrityFailure: { service?.auditIntegrityFailure }
+        )
     }
 
     /// The current result (at most `cacheLifetime` old).
@@ -63,11 +98,14 @@ final class ReadinessProbe: Sendable {
         let now = ContinuousClock.now
         let task = cached.withLock { cached -> Task<Result, Never> in
             if let cached, now - cached.checkedAt < Self.cacheLifetime { return cached.task }
-            let task = Task { [checkToken, tokenBusy, checkStore] in
+            let task = Task { [checkToken, tokenBusy, loginRefused, checkStore, auditIntegrityFailure] in
                 async let token = Self.withTimeout(checkToken)
                 async let store = Self.withTimeout(checkStore)
                 let tokenAnswered = await token
-                return Result(tokenReachable: tokenAnswered || tokenBusy(), storeReachable: await store)
+                let refused = loginRefused()
+                return Result(
+                    tokenReachable: (tokenAnswered || tokenBusy()) && !refused, storeReachable: await store,
+                    tokenLoginRefused: refused, auditIntegrityFailure: auditIntegrityFailure())
             }
             cached = Cached(checkedAt: now, task: task)
             return task

@@ -26,14 +26,26 @@ extension Session {
         let outputCount = plaintext.count + Session.gcmTagByteCount
         return try withGCMMechanism(iv: iv, aad: aad) { mechanism in
             // The parameters stay alive from C_EncryptInit through C_Encrypt.
-            try module.call(.encryptInit, \.C_EncryptInit) { $0(handle, mechanism, key.rawValue) }
+            try call(.encryptInit, \.C_EncryptInit) { $0(handle, mechanism, key.rawValue) }
             let input = UnsafeMutablePointer(mutating: plaintext.baseAddress?.assumingMemoryBound(to: CK_BYTE.self))
-            return try [UInt8](unsafeUninitializedCapacity: outputCount) { output, initialized in
-                var written = CK_ULONG(outputCount)
-                try module.call(.encrypt, \.C_Encrypt) {
-                    $0(handle, input, CK_ULONG(plaintext.count), output.baseAddress, &written)
+            // From here on an operation is active. Only success ends it for sure: any failure
+            // (CKR_BUFFER_TOO_SMALL keeps it active by definition) leaves the session unusable.
+            do {
+                return try [UInt8](unsafeUninitializedCapacity: outputCount) { output, initialized in
+                    var written = CK_ULONG(outputCount)
+                    try call(.encrypt, \.C_Encrypt) {
+                        $0(handle, input, CK_ULONG(plaintext.count), output.baseAddress, &written)
+                    }
+                    let count = try checkReported(.encrypt, written, capacity: outputCount)
+                    // GCM output is exactly plaintext plus tag: less would be a truncated ciphertext
+                    // that never decrypts again.
+                    guard count == outputCount else {
+                        throw misbehaved(.encrypt, "reported \(count) bytes of GCM output, expected \(outputCount)")
+                    }
+                    initialized = count
                 }
-                initialized = Int(min(written, CK_ULONG(outputCount)))
+            } catch let error as PKCS11Error {
+                throw unusable(error)
             }
         }
     }
@@ -65,19 +77,30 @@ extension Session {
             inputCount: ciphertextAndTag.count - Session.gcmTagByteCount
         )
         return try withGCMMechanism(iv: iv, aad: aad) { mechanism in
-            try module.call(.decryptInit, \.C_DecryptInit) { $0(handle, mechanism, key.rawValue) }
-            return try ciphertextAndTag.withUnsafeBufferPointer { input in
-                // C_Decrypt's input pointer is not const in the C API but is only read.
-                let inputPointer = UnsafeMutablePointer(mutating: input.baseAddress)
-                // Some modules want room for the whole input before they know the tag checks out.
-                return try SecretBytes(capacity: input.count) { buffer in
-                    var written = CK_ULONG(buffer.count)
-                    let output = buffer.baseAddress!.assumingMemoryBound(to: CK_BYTE.self)
-                    try module.call(.decrypt, \.C_Decrypt) {
-                        $0(handle, inputPointer, CK_ULONG(input.count), output, &written)
+            try call(.decryptInit, \.C_DecryptInit) { $0(handle, mechanism, key.rawValue) }
+            let expected = ciphertextAndTag.count - Session.gcmTagByteCount
+            // From here on an operation is active. A ciphertext that does not authenticate ends
+            // it (those codes say so); any other failure leaves the session unusable.
+            do {
+                return try ciphertextAndTag.withUnsafeBufferPointer { input in
+                    // C_Decrypt's input pointer is not const in the C API but is only read.
+                    let inputPointer = UnsafeMutablePointer(mutating: input.baseAddress)
+                    // Some modules want room for the whole input before they know the tag checks out.
+                    return try SecretBytes(capacity: input.count) { buffer in
+                        var written = CK_ULONG(buffer.count)
+                        let output = buffer.baseAddress!.assumingMemoryBound(to: CK_BYTE.self)
+                        try call(.decrypt, \.C_Decrypt) {
+                            $0(handle, inputPointer, CK_ULONG(input.count), output, &written)
+                        }
+                        let count = try checkReported(.decrypt, written, capacity: buffer.count)
+                        guard count == expected else {
+                            throw misbehaved(.decrypt, "reported \(count) bytes of GCM plaintext, expected \(expected)")
+                        }
+                        return count
                     }
-                    return Int(written)
                 }
+            } catch let error as PKCS11Error where !error.isDecryptAuthenticationFailure {
+                throw unusable(error)
             }
         }
     }

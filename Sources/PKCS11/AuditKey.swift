@@ -150,20 +150,23 @@ extension Session {
             )
         }
         var mechanism = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(CKM_SHA256_HMAC), pParameter: nil, ulParameterLen: 0)
-        try module.call(.signInit, \.C_SignInit) { $0(handle, &mechanism, key.rawValue) }
-        return try message.withUnsafeBufferPointer { input in
-            let inputPointer = UnsafeMutablePointer(mutating: input.baseAddress)
-            var mac = [UInt8](repeating: 0, count: AuditKeyPolicy.macByteCount)
-            var written = CK_ULONG(mac.count)
-            try module.call(.sign, \.C_Sign) { $0(handle, inputPointer, CK_ULONG(input.count), &mac, &written) }
-            guard written == CK_ULONG(AuditKeyPolicy.macByteCount) else {
-                throw PKCS11Error(
-                    code: .invalidArgument,
-                    function: .sign,
-                    detail: "HMAC-SHA-256 reported \(written) bytes, expected \(AuditKeyPolicy.macByteCount)"
-                )
+        try call(.signInit, \.C_SignInit) { $0(handle, &mechanism, key.rawValue) }
+        // From here on an operation is active: only success ends it for sure, so any failure
+        // leaves the session unusable (CKR_BUFFER_TOO_SMALL keeps it active by definition).
+        do {
+            return try message.withUnsafeBufferPointer { input in
+                let inputPointer = UnsafeMutablePointer(mutating: input.baseAddress)
+                var mac = [UInt8](repeating: 0, count: AuditKeyPolicy.macByteCount)
+                var written = CK_ULONG(mac.count)
+                try call(.sign, \.C_Sign) { $0(handle, inputPointer, CK_ULONG(input.count), &mac, &written) }
+                let count = try checkReported(.sign, written, capacity: mac.count)
+                guard count == AuditKeyPolicy.macByteCount else {
+                    throw misbehaved(.sign, "reported \(count) bytes of HMAC-SHA-256, expected \(mac.count)")
+                }
+                return mac
             }
-            return mac
+        } catch let error as PKCS11Error {
+            throw unusable(error)
         }
     }
 }

@@ -46,6 +46,7 @@ public enum PKCS11Function: String, Sendable, Hashable {
     case getSessionInfo = "C_GetSessionInfo"
     case login = "C_Login"
     case logout = "C_Logout"
+    case setPIN = "C_SetPIN"
     case createObject = "C_CreateObject"
     case copyObject = "C_CopyObject"
     case destroyObject = "C_DestroyObject"
@@ -92,6 +93,8 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
             case sessionPoolShutDown
             case masterKeyPolicyViolation
             case pinSource
+            case loginRefused
+            case moduleMisbehaved
         }
         private let base: Base
         private init(_ base: Base) { self.base = base }
@@ -130,6 +133,16 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
         public static let masterKeyPolicyViolation = Code(.masterKeyPolicyViolation)
         /// A PIN could not be read from its source (missing file, loose permissions, empty).
         public static let pinSource = Code(.pinSource)
+        /// The token refused the user PIN (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, `CKR_PIN_EXPIRED`,
+        /// `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE` from `C_Login`), so the session pool makes no
+        /// further login attempt until an operator supplies the right PIN (a restart, or
+        /// `SessionPool.resumeLogin(pin:)`); `returnValue` holds the token's answer. Retrying
+        /// would burn the token's failed-login counter and could lock the user PIN.
+        public static let loginRefused = Code(.loginRefused)
+        /// The module broke the PKCS#11 contract, e.g. reported more output than the buffer it was
+        /// given holds, or a length no call could produce; `function` names the call and `detail`
+        /// the numbers. Nothing it returned is used.
+        public static let moduleMisbehaved = Code(.moduleMisbehaved)
 
         public var description: String { base.rawValue }
     }
@@ -144,23 +157,95 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
     public let detail: String?
     /// The policy violations, for `masterKeyPolicyViolation`.
     public let violations: [MasterKeyPolicy.Violation]
+    /// True when the session the call ran on may still hold an active operation (or the module
+    /// misbehaved on it), so it must not be used again as is: `SessionPool` closes that session
+    /// (only that one) and opens a replacement on demand. Set when, after a successful
+    /// `C_EncryptInit`/`C_DecryptInit`, the `C_Encrypt`/`C_Decrypt` failed with
+    /// `CKR_BUFFER_TOO_SMALL` or any code other than the ones that say a ciphertext does not
+    /// authenticate (which end the operation), or reported more output than the buffer holds;
+    /// for every `moduleMisbehaved`; and for `CKR_OPERATION_ACTIVE` from an `*Init` call.
+    public let leavesSessionUnusable: Bool
 
     init(
         code: Code,
         function: PKCS11Function? = nil,
         returnValue: PKCS11ReturnValue? = nil,
         detail: String? = nil,
-        violations: [MasterKeyPolicy.Violation] = []
+        violations: [MasterKeyPolicy.Violation] = [],
+        leavesSessionUnusable: Bool = false
     ) {
         self.code = code
         self.function = function
         self.returnValue = returnValue
         self.detail = detail
         self.violations = violations
+        self.leavesSessionUnusable = leavesSessionUnusable || code == .moduleMisbehaved
     }
 
     static func failed(_ function: PKCS11Function, _ rv: UInt) -> PKCS11Error {
-        PKCS11Error(code: .functionFailed, function: function, returnValue: PKCS11ReturnValue(rawValue: rv))
+        let returnValue = PKCS11ReturnValue(rawValue: rv)
+        return PKCS11Error(
+            code: .functionFailed,
+            function: function,
+            returnValue: returnValue,
+            // The session was not clean when the call began: an earlier operation is still active.
+            leavesSessionUnusable: returnValue == .operationActive && function.startsOperation
+        )
+    }
+
+    /// A module that reported `reported` bytes (or items) of output for a buffer of `capacity`.
+    static func overreported(_ function: PKCS11Function, reported: UInt, capacity: Int) -> PKCS11Error {
+        PKCS11Error(
+            code: .moduleMisbehaved,
+            function: function,
+            detail: "reported \(reported) bytes for a buffer of \(capacity)"
+        )
+    }
+
+    /// The same error, marked as leaving its session unusable.
+    func leavingSessionUnusable() -> PKCS11Error {
+        PKCS11Error(
+            code: code,
+            function: function,
+            returnValue: returnValue,
+            detail: detail,
+            violations: violations,
+            leavesSessionUnusable: true
+        )
+    }
+
+    /// The `C_Login` answers that no retry with the same PIN can change: the PIN is wrong, locked,
+    /// expired or malformed. Each retry of `CKR_PIN_INCORRECT` may count against the token's
+    /// failed-login limit.
+    static let finalLoginReturnValues: Set<PKCS11ReturnValue> = [
+        .pinIncorrect, .pinLocked, .pinExpired, .pinInvalid, .pinLenRange,
+    ]
+
+    /// True for a `C_Login` failure that must stop every further login attempt with this PIN.
+    public var isFinalLoginFailure: Bool {
+        guard function == .login, let returnValue else { return false }
+        return code == .loginRefused || Self.finalLoginReturnValues.contains(returnValue)
+    }
+
+    /// `C_Decrypt` answers that mean "this ciphertext does not authenticate" (a bad tag, wrong
+    /// AAD, a truncated input). The specification says they end the operation, so the session
+    /// stays usable. SoftHSM2 reports a bad GCM tag as `CKR_GENERAL_ERROR`.
+    static let decryptAuthenticationFailureReturnValues: Set<PKCS11ReturnValue> = [
+        .encryptedDataInvalid, .encryptedDataLenRange, .aeadDecryptFailed, .generalError,
+    ]
+
+    /// True when `C_Decrypt` said the ciphertext does not authenticate.
+    public var isDecryptAuthenticationFailure: Bool {
+        guard code == .functionFailed, function == .decrypt, let returnValue else { return false }
+        return Self.decryptAuthenticationFailureReturnValues.contains(returnValue)
+    }
+
+    /// True for `CKR_OPERATION_ACTIVE` from an `*Init` call: a session left dirty by an earlier
+    /// operation (a module that did not end it when the specification says it must, or a caller
+    /// that ignored an error). Nothing ran, so `SessionPool` retries the body once on another
+    /// session.
+    public var foundSessionDirty: Bool {
+        code == .functionFailed && returnValue == .operationActive && function?.startsOperation == true
     }
 
     /// True when the session the call ran on can no longer be used and must be replaced:
@@ -186,5 +271,15 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
             text += " (\(detail))"
         }
         return text
+    }
+}
+
+extension PKCS11Function {
+    /// The `*Init` calls that start a multi-call operation on a session.
+    var startsOperation: Bool {
+        switch self {
+        case .encryptInit, .decryptInit, .signInit, .findObjectsInit: true
+        default: false
+        }
     }
 }

@@ -1,4 +1,5 @@
 internal import CPKCS11Shim
+import Synchronization
 
 /// An object on a token, valid in this process while the object exists.
 ///
@@ -64,22 +65,90 @@ public struct Session: ~Copyable {
     let handle: CK_SESSION_HANDLE
     /// The slot the session is open on.
     public let slot: SlotID
+    /// Set when a call left the session unusable; read by the pool when the lease ends.
+    let condition: SessionCondition
 
     init(module: PKCS11Module, handle: CK_SESSION_HANDLE, slot: SlotID) {
         self.module = module
         self.handle = handle
         self.slot = slot
+        self.condition = SessionCondition()
     }
 
     /// A number that identifies the session while it is open (for tests and logs).
     public var identifier: UInt { handle }
+
+    /// True once a call on this session failed in a way that may leave an operation active on
+    /// it, or the module misbehaved on it (`PKCS11Error.leavesSessionUnusable`). It stays set even
+    /// when the caller catches the error: `SessionPool` then closes this session when the lease
+    /// ends instead of handing it to the next task.
+    public var isMarkedUnusable: Bool { condition.isUnusable }
+
+    // MARK: The funnel for calls on this session
+
+    /// `PKCS11Module.callReturningCode`, noting an error that leaves the session unusable.
+    @inline(__always)
+    func callReturningCode<F>(
+        _ function: PKCS11Function,
+        _ keyPath: KeyPath<CK_FUNCTION_LIST, F?>,
+        _ invoke: (F) throws -> CK_RV
+    ) throws -> CK_RV {
+        do {
+            return try module.callReturningCode(function, keyPath, invoke)
+        } catch let error as PKCS11Error where error.leavesSessionUnusable {
+            throw unusable(error)
+        }
+    }
+
+    /// `PKCS11Module.call`, noting an error that leaves the session unusable.
+    @inline(__always)
+    func call<F>(
+        _ function: PKCS11Function,
+        _ keyPath: KeyPath<CK_FUNCTION_LIST, F?>,
+        _ invoke: (F) throws -> CK_RV
+    ) throws {
+        do {
+            try module.call(function, keyPath, invoke)
+        } catch let error as PKCS11Error where error.leavesSessionUnusable {
+            throw unusable(error)
+        }
+    }
+
+    /// Marks the session unusable and returns `error`, marked the same way, to throw.
+    func unusable(_ error: PKCS11Error) -> PKCS11Error {
+        condition.markUnusable()
+        return error.leavesSessionUnusable ? error : error.leavingSessionUnusable()
+    }
+
+    /// A `moduleMisbehaved` error for `function`, after marking the session unusable.
+    func misbehaved(_ function: PKCS11Function, _ detail: String) -> PKCS11Error {
+        unusable(PKCS11Error(code: .moduleMisbehaved, function: function, detail: detail))
+    }
+
+    /// Checks a length the module reported against the buffer it was given.
+    func checkReported(_ function: PKCS11Function, _ reported: CK_ULONG, capacity: Int, unit: String = "bytes")
+        throws -> Int
+    {
+        guard reported <= CK_ULONG(capacity) else {
+            throw misbehaved(function, "reported \(reported) \(unit) for a buffer of \(capacity)")
+        }
+        return Int(reported)
+    }
+
+    /// Checks a length the module announced (a size query) against the most the caller accepts.
+    func checkAnnounced(_ function: PKCS11Function, _ announced: CK_ULONG, limit: Int, what: String) throws -> Int {
+        guard announced <= CK_ULONG(limit) else {
+            throw misbehaved(function, "announced \(announced) bytes of \(what), over the limit of \(limit)")
+        }
+        return Int(announced)
+    }
 
     // MARK: Login
 
     /// `C_GetSessionInfo`: the session's login state.
     public func state() throws -> SessionState {
         var info = CK_SESSION_INFO()
-        try module.call(.getSessionInfo, \.C_GetSessionInfo) { $0(handle, &info) }
+        try call(.getSessionInfo, \.C_GetSessionInfo) { $0(handle, &info) }
         return SessionState(info.state)
     }
 
@@ -87,22 +156,33 @@ public struct Session: ~Copyable {
     /// success. The PIN is copied into a scratch buffer for the call and that copy is zeroed.
     public func login(_ userType: UserType, pin: SecretBytes) throws {
         let rv = try withMutableCopy(of: pin) { pointer, length in
-            try module.callReturningCode(.login, \.C_Login) { $0(handle, userType.rawValue, pointer, length) }
+            try callReturningCode(.login, \.C_Login) { $0(handle, userType.rawValue, pointer, length) }
         }
         guard rv == CKR_OK || rv == CK_RV(CKR_USER_ALREADY_LOGGED_IN) else {
             throw PKCS11Error.failed(.login, rv)
         }
     }
 
+    /// `C_SetPIN`: changes the PIN of the user logged in on this session (or of the user when
+    /// none is, for tokens that allow it). Both PINs are copied into scratch buffers for the call
+    /// and those copies are zeroed.
+    public func setPIN(old oldPIN: SecretBytes, new newPIN: SecretBytes) throws {
+        try withMutableCopy(of: oldPIN) { oldPointer, oldLength in
+            try withMutableCopy(of: newPIN) { newPointer, newLength in
+                try call(.setPIN, \.C_SetPIN) { $0(handle, oldPointer, oldLength, newPointer, newLength) }
+            }
+        }
+    }
+
     /// `C_Logout`.
     public func logout() throws {
-        try module.call(.logout, \.C_Logout) { $0(handle) }
+        try call(.logout, \.C_Logout) { $0(handle) }
     }
 
     /// `C_InitPIN`: sets the user PIN (the session must be logged in as security officer).
     public func initPIN(_ pin: SecretBytes) throws {
         try withMutableCopy(of: pin) { pointer, length in
-            try module.call(.initPIN, \.C_InitPIN) { $0(handle, pointer, length) }
+            try call(.initPIN, \.C_InitPIN) { $0(handle, pointer, length) }
         }
     }
 
@@ -113,7 +193,7 @@ public struct Session: ~Copyable {
     public func createObject(_ template: [Attribute]) throws -> ObjectHandle {
         var object = CK_OBJECT_HANDLE(0)
         try withAttributeTemplate(template) { attributes, count in
-            try module.call(.createObject, \.C_CreateObject) { $0(handle, attributes, count, &object) }
+            try call(.createObject, \.C_CreateObject) { $0(handle, attributes, count, &object) }
         }
         return ObjectHandle(object)
     }
@@ -123,14 +203,14 @@ public struct Session: ~Copyable {
     public func copyObject(_ object: ObjectHandle, template: [Attribute]) throws -> ObjectHandle {
         var copy = CK_OBJECT_HANDLE(0)
         try withAttributeTemplate(template) { attributes, count in
-            try module.call(.copyObject, \.C_CopyObject) { $0(handle, object.rawValue, attributes, count, &copy) }
+            try call(.copyObject, \.C_CopyObject) { $0(handle, object.rawValue, attributes, count, &copy) }
         }
         return ObjectHandle(copy)
     }
 
     /// `C_DestroyObject`.
     public func destroyObject(_ object: ObjectHandle) throws {
-        try module.call(.destroyObject, \.C_DestroyObject) { $0(handle, object.rawValue) }
+        try call(.destroyObject, \.C_DestroyObject) { $0(handle, object.rawValue) }
     }
 
     /// The most handles `findObjects` returns unless told otherwise: a search is a linear scan on
@@ -141,7 +221,7 @@ public struct Session: ~Copyable {
     /// matching every attribute of `template`, at most `limit` of them.
     public func findObjects(_ template: [Attribute], limit: Int = Session.defaultFindLimit) throws -> [ObjectHandle] {
         try withAttributeTemplate(template) { attributes, count in
-            try module.call(.findObjectsInit, \.C_FindObjectsInit) { $0(handle, attributes, count) }
+            try call(.findObjectsInit, \.C_FindObjectsInit) { $0(handle, attributes, count) }
         }
         var found: [ObjectHandle] = []
         var failure: (any Error)?
@@ -151,15 +231,16 @@ public struct Session: ~Copyable {
             while found.count < limit {
                 var returned = CK_ULONG(0)
                 let wanted = CK_ULONG(min(batchSize, limit - found.count))
-                try module.call(.findObjects, \.C_FindObjects) { $0(handle, &batch, wanted, &returned) }
-                if returned == 0 { break }
-                found += batch.prefix(Int(returned)).map(ObjectHandle.init)
+                try call(.findObjects, \.C_FindObjects) { $0(handle, &batch, wanted, &returned) }
+                let count = try checkReported(.findObjects, returned, capacity: Int(wanted), unit: "handles")
+                if count == 0 { break }
+                found += batch.prefix(count).map(ObjectHandle.init)
             }
         } catch {
             failure = error
         }
         // Always end the search, or the session refuses the next one (CKR_OPERATION_ACTIVE).
-        let rv = try module.callReturningCode(.findObjectsFinal, \.C_FindObjectsFinal) { $0(handle) }
+        let rv = try callReturningCode(.findObjectsFinal, \.C_FindObjectsFinal) { $0(handle) }
         if let failure { throw failure }
         guard rv == CKR_OK else { throw PKCS11Error.failed(.findObjectsFinal, rv) }
         return found
@@ -178,7 +259,7 @@ public struct Session: ~Copyable {
             )
         }
         var template = types.map { CK_ATTRIBUTE(type: $0.rawValue, pValue: nil, ulValueLen: 0) }
-        let sizeRV = try module.callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
+        let sizeRV = try callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
             $0(handle, object.rawValue, &template, CK_ULONG(template.count))
         }
         guard
@@ -194,7 +275,9 @@ public struct Session: ~Copyable {
             if length == hsmgw_ck_unavailable_information {
                 values[type] = try unavailableReason(type, of: object)
             } else {
-                available.append((type, Int(length)))
+                let checked = try checkAnnounced(
+                    .getAttributeValue, length, limit: Session.maximumAttributeByteCount, what: "\(type)")
+                available.append((type, checked))
             }
         }
         guard !available.isEmpty else { return AttributeValues(values: values) }
@@ -202,7 +285,7 @@ public struct Session: ~Copyable {
         // One buffer for all values; each attribute points at its own range of it.
         let offsets = available.reduce(into: [0]) { $0.append($0.last! + $1.length) }
         var storage = [UInt8](repeating: 0, count: max(offsets.last!, 1))
-        let rv = try storage.withUnsafeMutableBytes { storage in
+        let (rv, written) = try storage.withUnsafeMutableBytes { storage in
             var valueTemplate = available.enumerated().map { index, entry in
                 CK_ATTRIBUTE(
                     type: entry.type.rawValue,
@@ -210,13 +293,16 @@ public struct Session: ~Copyable {
                     ulValueLen: CK_ULONG(entry.length)
                 )
             }
-            return try module.callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
+            let rv = try callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
                 $0(handle, object.rawValue, &valueTemplate, CK_ULONG(valueTemplate.count))
             }
+            return (rv, valueTemplate.map(\.ulValueLen))
         }
         guard rv == CKR_OK else { throw PKCS11Error.failed(.getAttributeValue, rv) }
         for (index, entry) in available.enumerated() {
-            values[entry.type] = .bytes(Array(storage[offsets[index]..<offsets[index + 1]]))
+            // The module writes each value's real length back; it can only be what fits.
+            let length = try checkReported(.getAttributeValue, written[index], capacity: entry.length)
+            values[entry.type] = .bytes(Array(storage[offsets[index]..<(offsets[index] + length)]))
         }
         return AttributeValues(values: values)
     }
@@ -224,7 +310,7 @@ public struct Session: ~Copyable {
     /// Asks for one unavailable attribute alone to learn why the token withheld it.
     private func unavailableReason(_ type: AttributeType, of object: ObjectHandle) throws -> AttributeValue {
         var single = CK_ATTRIBUTE(type: type.rawValue, pValue: nil, ulValueLen: 0)
-        let rv = try module.callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
+        let rv = try callReturningCode(.getAttributeValue, \.C_GetAttributeValue) {
             $0(handle, object.rawValue, &single, 1)
         }
         switch rv {
@@ -238,13 +324,21 @@ public struct Session: ~Copyable {
     /// sensitive key fails with `CKR_ATTRIBUTE_SENSITIVE` from `C_GetAttributeValue`.
     public func secretValue(of object: ObjectHandle) throws -> SecretBytes {
         var attribute = CK_ATTRIBUTE(type: CK_ATTRIBUTE_TYPE(CKA_VALUE), pValue: nil, ulValueLen: 0)
-        try module.call(.getAttributeValue, \.C_GetAttributeValue) { $0(handle, object.rawValue, &attribute, 1) }
-        let length = Int(attribute.ulValueLen)
-        return try SecretBytes(count: length) { buffer in
+        try call(.getAttributeValue, \.C_GetAttributeValue) { $0(handle, object.rawValue, &attribute, 1) }
+        let length = try checkAnnounced(
+            .getAttributeValue, attribute.ulValueLen, limit: Session.maximumAttributeByteCount, what: "CKA_VALUE")
+        return try SecretBytes(capacity: length) { buffer in
             attribute.pValue = buffer.baseAddress
-            try module.call(.getAttributeValue, \.C_GetAttributeValue) { $0(handle, object.rawValue, &attribute, 1) }
+            attribute.ulValueLen = CK_ULONG(length)
+            try call(.getAttributeValue, \.C_GetAttributeValue) { $0(handle, object.rawValue, &attribute, 1) }
+            return try checkReported(.getAttributeValue, attribute.ulValueLen, capacity: length)
         }
     }
+
+    /// The largest attribute value `attributes(_:of:)` and `secretValue(of:)` read. Labels, ids,
+    /// flags and symmetric keys are at most a few hundred bytes, a certificate a few KiB; a module
+    /// announcing more is broken, and allocating whatever it says would let it exhaust memory.
+    public static let maximumAttributeByteCount = 64 * 1024
 
     // MARK: Keys
 
@@ -253,7 +347,7 @@ public struct Session: ~Copyable {
         var ckMechanism = CK_MECHANISM(mechanism: mechanism.rawValue, pParameter: nil, ulParameterLen: 0)
         var key = CK_OBJECT_HANDLE(0)
         try withAttributeTemplate(template) { attributes, count in
-            try module.call(.generateKey, \.C_GenerateKey) { $0(handle, &ckMechanism, attributes, count, &key) }
+            try call(.generateKey, \.C_GenerateKey) { $0(handle, &ckMechanism, attributes, count, &key) }
         }
         return ObjectHandle(key)
     }
@@ -262,15 +356,22 @@ public struct Session: ~Copyable {
     public func wrapKey(_ key: ObjectHandle, with wrappingKey: ObjectHandle, mechanism: Mechanism) throws -> [UInt8] {
         var ckMechanism = CK_MECHANISM(mechanism: mechanism.rawValue, pParameter: nil, ulParameterLen: 0)
         var length = CK_ULONG(0)
-        try module.call(.wrapKey, \.C_WrapKey) {
+        try call(.wrapKey, \.C_WrapKey) {
             $0(handle, &ckMechanism, wrappingKey.rawValue, key.rawValue, nil, &length)
         }
-        var wrapped = [UInt8](repeating: 0, count: Int(length))
-        try module.call(.wrapKey, \.C_WrapKey) {
+        let capacity = try checkAnnounced(
+            .wrapKey, length, limit: Session.maximumWrappedKeyByteCount, what: "wrapped key")
+        var wrapped = [UInt8](repeating: 0, count: capacity)
+        length = CK_ULONG(capacity)
+        try call(.wrapKey, \.C_WrapKey) {
             $0(handle, &ckMechanism, wrappingKey.rawValue, key.rawValue, &wrapped, &length)
         }
-        return Array(wrapped.prefix(Int(length)))
+        return Array(wrapped.prefix(try checkReported(.wrapKey, length, capacity: capacity)))
     }
+
+    /// The largest wrapped key `wrapKey` accepts: an AES-256 key wraps to 40 bytes, an RSA-8192
+    /// private key to about 5 KiB; a module announcing more is broken.
+    public static let maximumWrappedKeyByteCount = 64 * 1024
 
     /// `C_UnwrapKey`: a new key object from `wrapped`, with `template`.
     public func unwrapKey(
@@ -283,7 +384,7 @@ public struct Session: ~Copyable {
         var wrappedCopy = wrapped
         var key = CK_OBJECT_HANDLE(0)
         try withAttributeTemplate(template) { attributes, count in
-            try module.call(.unwrapKey, \.C_UnwrapKey) {
+            try call(.unwrapKey, \.C_UnwrapKey) {
                 $0(
                     handle, &ckMechanism, unwrappingKey.rawValue, &wrappedCopy, CK_ULONG(wrappedCopy.count), attributes,
                     count, &key)
@@ -308,7 +409,7 @@ public struct Session: ~Copyable {
             )
         }
         guard let base = buffer.baseAddress, buffer.count > 0 else { return }
-        try module.call(.generateRandom, \.C_GenerateRandom) {
+        try call(.generateRandom, \.C_GenerateRandom) {
             $0(handle, base.assumingMemoryBound(to: CK_BYTE.self), CK_ULONG(buffer.count))
         }
     }
@@ -324,4 +425,14 @@ public struct Session: ~Copyable {
     public func generateRandomSecret(count: Int) throws -> SecretBytes {
         try SecretBytes(count: count) { try generateRandom(into: $0) }
     }
+}
+
+/// Whether a session may be used again once its lease ends. A reference, so that methods of the
+/// borrowed, non-copyable `Session` can record it and the pool can read it afterwards.
+final class SessionCondition: Sendable {
+    private let unusable = Atomic<Bool>(false)
+
+    func markUnusable() { unusable.store(true, ordering: .relaxed) }
+
+    var isUnusable: Bool { unusable.load(ordering: .relaxed) }
 }

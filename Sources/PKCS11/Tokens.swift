@@ -213,6 +213,21 @@ extension PKCS11Module {
         )
     }
 
+    /// The most slots `slotIDs` accepts from a module: HSMs offer a few dozen partitions at most;
+    /// a count beyond it is a broken module, not a reason to allocate.
+    public static let maximumSlotCount = 65_536
+    /// The most mechanisms `mechanisms` accepts from a module: tokens list a few hundred.
+    public static let maximumMechanismCount = 65_536
+
+    /// A count the module reported, checked against what the call can hold.
+    private func checkCount(_ function: PKCS11Function, _ count: CK_ULONG, limit: Int, of what: String) throws -> Int {
+        guard count <= CK_ULONG(limit) else {
+            throw PKCS11Error(
+                code: .moduleMisbehaved, function: function, detail: "reported \(count) \(what), room for \(limit)")
+        }
+        return Int(count)
+    }
+
     /// `C_GetSlotList`: the slots, optionally only those with a token present.
     public func slotIDs(tokenPresent: Bool = true) throws -> [SlotID] {
         // The list can grow between the two calls (a token inserted): retry a few times.
@@ -220,11 +235,15 @@ extension PKCS11Module {
             var count = CK_ULONG(0)
             let present = CK_BBOOL(tokenPresent ? CK_TRUE : CK_FALSE)
             try call(.getSlotList, \.C_GetSlotList) { $0(present, nil, &count) }
-            var slots = [CK_SLOT_ID](repeating: 0, count: Int(count))
+            let capacity = try checkCount(.getSlotList, count, limit: Self.maximumSlotCount, of: "slots")
+            var slots = [CK_SLOT_ID](repeating: 0, count: capacity)
+            count = CK_ULONG(capacity)
             let rv = try callReturningCode(.getSlotList, \.C_GetSlotList) { $0(present, &slots, &count) }
             if rv == CK_RV(CKR_BUFFER_TOO_SMALL) { continue }
             guard rv == CKR_OK else { throw PKCS11Error.failed(.getSlotList, rv) }
-            return slots.prefix(Int(count)).map { SlotID(rawValue: $0) }
+            return slots.prefix(try checkCount(.getSlotList, count, limit: capacity, of: "slots")).map {
+                SlotID(rawValue: $0)
+            }
         }
         throw PKCS11Error.failed(.getSlotList, CK_RV(CKR_BUFFER_TOO_SMALL))
     }
@@ -305,9 +324,12 @@ extension PKCS11Module {
     public func mechanisms(_ slot: SlotID) throws -> [MechanismInfo] {
         var count = CK_ULONG(0)
         try call(.getMechanismList, \.C_GetMechanismList) { $0(slot.rawValue, nil, &count) }
-        var types = [CK_MECHANISM_TYPE](repeating: 0, count: Int(count))
+        let capacity = try checkCount(.getMechanismList, count, limit: Self.maximumMechanismCount, of: "mechanisms")
+        var types = [CK_MECHANISM_TYPE](repeating: 0, count: capacity)
+        count = CK_ULONG(capacity)
         try call(.getMechanismList, \.C_GetMechanismList) { $0(slot.rawValue, &types, &count) }
-        return try types.prefix(Int(count)).map { type in
+        let listed = try checkCount(.getMechanismList, count, limit: capacity, of: "mechanisms")
+        return try types.prefix(listed).map { type in
             var info = CK_MECHANISM_INFO()
             try call(.getMechanismInfo, \.C_GetMechanismInfo) { $0(slot.rawValue, type, &info) }
             return MechanismInfo(

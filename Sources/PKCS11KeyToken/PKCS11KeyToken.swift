@@ -95,13 +95,24 @@ public final class PKCS11KeyToken: MasterKeyToken {
         // Each lease runs the operations that have no result yet. The pool runs the body again
         // on a new session when the session turns out unusable: the body resumes where the last
         // attempt stopped, with the data keys it already drew, so nothing is done twice.
+        // An operation that leaves its session unusable (an operation may still be active on it)
+        // ends the lease: the pool closes that session, and the rest run in a new lease.
         let cached = handles.withLock { $0 }
-        do {
-            try await pool.withSession { session in
-                try Self.run(progress, on: session, cached: cached)
+        var leases = 0
+        while true {
+            leases += 1
+            do {
+                try await pool.withSession { session in
+                    try Self.run(progress, on: session, cached: cached)
+                }
+                break
+            } catch is SessionLeftUnusable where leases <= operations.count {
+                continue
+            } catch is SessionLeftUnusable {
+                break
+            } catch {
+                throw Self.map(error, decrypting: false)
             }
-        } catch {
-            throw Self.map(error, decrypting: false)
         }
         let (found, stale) = progress.handleChanges()
         handles.withLock { cache in
@@ -148,8 +159,14 @@ public final class PKCS11KeyToken: MasterKeyToken {
         }
     }
 
-    /// Runs every operation without a result yet; a failure of one operation is its result, a
-    /// session-invalidating failure ends the lease (the pool replaces the session and calls again).
+    /// Ends a lease whose session an operation left unusable (its result is recorded).
+    private struct SessionLeftUnusable: Error {}
+
+    /// Runs every operation without a result yet; a failure of one operation is its result. A
+    /// session-invalidating failure, or a session found with an operation still active, ends the
+    /// lease before the operation's result is recorded (the pool replaces the session and calls
+    /// again); one that leaves the session unusable ends it after (the pool closes the session and
+    /// `perform` leases another for the rest).
     private static func run(
         _ progress: PerformProgress,
         on session: borrowing Session,
@@ -165,7 +182,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
             let result: TokenResult
             do {
                 result = try runOne(operation, at: index, progress: progress, on: session, lookup: &lookup)
-            } catch let error as PKCS11Error where error.invalidatesSession {
+            } catch let error as PKCS11Error where error.invalidatesSession || error.foundSessionDirty {
                 progress.withState { state in state.known = lookup.known }
                 throw error
             } catch {
@@ -179,6 +196,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 state.stale.formUnion(lookup.stale)
                 if case .generated = result { state.dataKeys.removeValue(forKey: index) }
             }
+            if session.isMarkedUnusable { throw SessionLeftUnusable() }
         }
     }
 
@@ -236,7 +254,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
                     try sealWithTokenIV(session, handle, aad: newAAD, plaintext: plaintext)
                 }
                 return .rewrapped(iv: newIV, ciphertextAndTag: sealed)
-            } catch let error as PKCS11Error where error.invalidatesSession {
+            } catch let error as PKCS11Error where error.invalidatesSession || error.foundSessionDirty {
                 throw error
             } catch let error as TokenError {
                 throw error
@@ -352,7 +370,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 return TokenError(.policyViolation, error.description)
             }
             if error.code == .sessionAcquireTimeout || error.code == .sessionPoolQueueFull
-                || error.code == .sessionPoolShutDown || error.invalidatesSession
+                || error.code == .sessionPoolShutDown || error.code == .loginRefused || error.invalidatesSession
                 || error.returnValue == .deviceError || error.returnValue == .deviceMemory
             {
                 return TokenError(.unavailable, error.description)

@@ -26,10 +26,17 @@ public final class SecretBytes: Sendable, CustomStringConvertible {
 
     /// Allocates `capacity` bytes and lets `initializer` fill a prefix of them, returning its
     /// length (for outputs whose length is known only afterwards, such as a decryption).
-    public init(capacity: Int, initializingWith initializer: (UnsafeMutableRawBufferPointer) throws -> Int) rethrows {
+    ///
+    /// The length often comes from outside the process (a PKCS#11 module, a file read), so a
+    /// length outside `0...capacity` is an error, not a crash: it throws `SecretBytesLengthError`
+    /// (and the buffer is zeroed and freed). Callers that know better check first and throw their
+    /// own, more precise error.
+    public init(capacity: Int, initializingWith initializer: (UnsafeMutableRawBufferPointer) throws -> Int) throws {
         let storage = SecretStorage(capacity: capacity)
         let used = try initializer(storage.mutableBuffer)
-        precondition(used >= 0 && used <= capacity, "initializer reported \(used) of \(capacity) bytes")
+        guard used >= 0 && used <= capacity else {
+            throw SecretBytesLengthError(reported: used, capacity: capacity)
+        }
         self.storage = storage
         self.count = used
     }
@@ -71,6 +78,18 @@ public final class SecretBytes: Sendable, CustomStringConvertible {
     }
 
     public var description: String { "SecretBytes(\(count) bytes, redacted)" }
+}
+
+/// An initializer of `SecretBytes(capacity:initializingWith:)` reported a length outside its buffer.
+public struct SecretBytesLengthError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The length the initializer returned.
+    public let reported: Int
+    /// The buffer's size.
+    public let capacity: Int
+
+    public var description: String {
+        "secret buffer initializer reported \(reported) bytes for a buffer of \(capacity)"
+    }
 }
 
 /// Owns the memory of a `SecretBytes`.

@@ -20,7 +20,8 @@ struct HSMGateway: AsyncParsableCommand {
             (flags win); see docs/configuration.md. The HSM PIN is never taken from a flag.
 
             Exit codes: 0 stopped cleanly (SIGTERM/SIGINT); 64 bad usage; 69 the token or the \
-            store could not be opened; 70 an internal error; 78 an invalid configuration.
+            store could not be opened; 70 an internal error; 77 the token refused the PIN (do not \
+            restart with the same PIN); 78 an invalid configuration.
             """,
         version: HSMGatewayVersion.current
     )

@@ -48,6 +48,22 @@ struct ReadinessProbeTests {
         #expect(!result.ready)
     }
 
+    @Test("a pool whose login the token refused is not ready, whatever the checks say, and the detail says why")
+    func loginRefused() async throws {
+        let token = FakeCheck()
+        let store = FakeCheck()
+        let probe = ReadinessProbe(
+            checkToken: token.check, tokenBusy: { true }, loginRefused: { true }, checkStore: store.check)
+        let result = await probe.check()
+        #expect(result.tokenLoginRefused)
+        #expect(!result.tokenReachable)
+        #expect(!result.tokenReady)
+        #expect(!result.ready)
+        #expect(result.tokenDetail?.contains("refused the login PIN") == true)
+        let healthy = await ReadinessProbe(checkToken: token.check, checkStore: store.check).check()
+        #expect(healthy.ready && healthy.tokenDetail == nil)
+    }
+
     @Test("a token that hangs counts as unreachable after the probe's check timeout, not after the hang")
     func hungToken() async throws {
         let token = FakeCheck()

@@ -82,8 +82,9 @@ struct StartupTests {
             atPath: pinFile, contents: Data("00000000".utf8), attributes: [.posixPermissions: 0o600])
         wrongPIN.hsm.pin = .file(pinFile)
         let pinError = await Self.startupError(wrongPIN)
-        #expect(pinError?.code == .token)
-        #expect(pinError?.exitCode == 69)
+        #expect(pinError?.code == .login)
+        #expect(pinError?.exitCode == 77)
+        #expect(pinError?.message.contains("refused the user PIN") == true)
         #expect(pinError?.description.contains("00000000") == false)
 
         var (noToken, _) = try GatewayHarness.makeConfiguration(.sqlite, "notoken")

@@ -33,6 +33,17 @@ public struct SessionPoolConfiguration: Sendable {
 /// `CKR_TOKEN_NOT_PRESENT` or `CKR_USER_NOT_LOGGED_IN` is closed and replaced by a new session
 /// (logged in again when the token forgot the login), and the operation is tried again on it.
 ///
+/// A session on which an operation may still be active (`PKCS11Error.leavesSessionUnusable`, or
+/// `Session.isMarkedUnusable` even when the closure caught the error) is closed alone and replaced
+/// on demand; the error goes to the caller. `CKR_OPERATION_ACTIVE` from an `*Init` call (a session
+/// some module left dirty) closes that session and runs the closure once more on another.
+///
+/// Logins happen one at a time. When `C_Login` answers that the PIN is wrong, locked, expired or
+/// malformed, the pool stops logging in altogether ("login refused"): every request fails at once
+/// with `PKCS11Error.Code.loginRefused`, with no PKCS#11 call, until `resumeLogin(pin:)` supplies
+/// a PIN (or the process restarts), so ordinary traffic can never burn the token's failed-login
+/// counter.
+///
 /// The decisions are made by `SessionPoolStateMachine`; this class performs its actions.
 public final class SessionPool: Sendable {
     /// The pool's module.
@@ -44,7 +55,9 @@ public final class SessionPool: Sendable {
     /// The configuration the pool was created with.
     public let configuration: SessionPoolConfiguration
 
-    private let pin: SecretBytes?
+    /// The PIN, behind the lock that makes logins one at a time (held across `C_Login`, on the
+    /// pool's threads only): a burst of session opens costs one login attempt, not one each.
+    private let login: Mutex<SecretBytes?>
     private let threadPool: NIOThreadPool
     private let logger: Logger
     private let state: Mutex<RunnerState>
@@ -64,6 +77,8 @@ public final class SessionPool: Sendable {
         var timers: [SessionPoolStateMachine.WaiterID: Task<Void, Never>] = [:]
         /// Why the last session open failed, for the waiters failed because of it.
         var lastOpenError: (any Error)?
+        /// Why the pool refuses to log in (set with the machine's `loginRefused()`).
+        var loginRefusal: PKCS11Error?
         var shutdownWaiters: [CheckedContinuation<Void, Never>] = []
         var shutdownCompleted = false
     }
@@ -105,7 +120,7 @@ public final class SessionPool: Sendable {
         self.tokenLabel = tokenLabel
         self.maximumSessions = maximum
         self.configuration = configuration
-        self.pin = pin
+        self.login = Mutex(pin)
         self.logger = logger
         self.threadPool = NIOThreadPool(numberOfThreads: maximum)
         self.state = Mutex(
@@ -136,6 +151,8 @@ public final class SessionPool: Sendable {
         public let discarded: Int
         /// Failed attempts to open (or log in) a session.
         public let openFailures: Int
+        /// True while the pool refuses every request because the token refused the PIN.
+        public let loginRefused: Bool
     }
 
     /// The pool's current counts.
@@ -149,18 +166,26 @@ public final class SessionPool: Sendable {
             closing: s.closing,
             waiting: s.waiting,
             discarded: s.discarded,
-            openFailures: s.openFailures
+            openFailures: s.openFailures,
+            loginRefused: s.loginRefused
         )
     }
 
+    /// The error every request fails with while the token refuses the PIN, else nil.
+    public var loginRefusal: PKCS11Error? { state.withLock { $0.loginRefusal } }
+
     /// Leases a session, runs `body` with it on the pool's threads and returns the session.
     ///
-    /// When the session proves unusable (`PKCS11Error.invalidatesSession`), it is discarded and
-    /// `body` runs again on another session, up to `maximumAttempts` times in all; `body` must
-    /// therefore be safe to repeat (PKCS#11 calls that failed this way had no effect).
+    /// When the session proves unusable (`PKCS11Error.invalidatesSession`), it is discarded with
+    /// the idle ones and `body` runs again on another session, up to `maximumAttempts` times in
+    /// all; likewise, once, when an `*Init` call finds the session dirty (`foundSessionDirty`).
+    /// `body` must therefore be safe to repeat (PKCS#11 calls that failed this way had no effect).
+    /// When `body` leaves its session unusable (`leavesSessionUnusable`, or
+    /// `Session.isMarkedUnusable`), that session alone is closed and the outcome goes to the
+    /// caller as it is.
     ///
-    /// - Throws: `sessionAcquireTimeout`, `sessionPoolQueueFull`, `sessionPoolShutDown`, the error
-    ///   that stopped a session from opening, or what `body` throws.
+    /// - Throws: `sessionAcquireTimeout`, `sessionPoolQueueFull`, `sessionPoolShutDown`,
+    ///   `loginRefused`, the error that stopped a session from opening, or what `body` throws.
     public func withSession<T: Sendable>(_ body: @escaping @Sendable (borrowing Session) throws -> T) async throws -> T
     {
         var attempt = 1
@@ -168,10 +193,12 @@ public final class SessionPool: Sendable {
             let lease = try await acquire()
             let module = self.module
             let outcome: Result<T, any Error>
+            let leftUnusable: Bool
             do {
-                outcome = try await threadPool.runIfActive {
+                (outcome, leftUnusable) = try await threadPool.runIfActive {
                     let session = Session(module: module, handle: lease.handle, slot: lease.slot)
-                    return Result { try body(session) }
+                    let outcome = Result { try body(session) }
+                    return (outcome, session.isMarkedUnusable)
                 }
             } catch {
                 // The thread pool refused the work (shutdown or cancellation): nothing ran.
@@ -180,7 +207,12 @@ public final class SessionPool: Sendable {
             }
             switch outcome {
             case .success(let value):
-                release(lease, reusable: true)
+                if leftUnusable {
+                    // `body` caught the error itself; the session still must not be reused.
+                    discard(lease, error: nil)
+                } else {
+                    release(lease, reusable: true)
+                }
                 return value
             case .failure(let error as PKCS11Error) where error.invalidatesSession:
                 release(lease, reusable: false)
@@ -190,11 +222,42 @@ public final class SessionPool: Sendable {
                 )
                 guard attempt < configuration.maximumAttempts else { throw error }
                 attempt += 1
+            case .failure(let error as PKCS11Error) where error.foundSessionDirty:
+                discard(lease, error: error)
+                guard attempt < configuration.maximumAttempts else { throw error }
+                attempt += 1
             case .failure(let error):
-                release(lease, reusable: true)
+                if leftUnusable || (error as? PKCS11Error)?.leavesSessionUnusable == true {
+                    discard(lease, error: error)
+                } else {
+                    release(lease, reusable: true)
+                }
                 throw error
             }
         }
+    }
+
+    /// Leaves the login-refused state with `pin` (the PIN the token now expects), and logs in at
+    /// once with it to confirm: one `C_Login` attempt. When the pool is not refusing, `pin`
+    /// replaces the PIN for the next login (the token may still hold the current one).
+    ///
+    /// - Throws: `loginRefused` when the token refuses `pin` too (the pool refuses again),
+    ///   `sessionPoolShutDown`, or why no session could be opened.
+    public func resumeLogin(pin: SecretBytes) async throws {
+        // The login lock may be held across a slow C_Login: take it on the pool's threads, never
+        // on Swift's cooperative pool.
+        try await threadPool.runIfActive { [self] in
+            login.withLock { current in
+                current = pin
+                let effects = state.withLock { state -> Effects in
+                    state.loginRefusal = nil
+                    return apply(state.machine.loginResumed(), to: &state)
+                }
+                perform(effects)
+            }
+        }
+        logger.notice("PKCS#11 login resumed with a new PIN")
+        try await withSession { _ in }
     }
 
     /// Stops leasing, fails waiting tasks with `sessionPoolShutDown`, waits for leased sessions to
@@ -244,6 +307,16 @@ public final class SessionPool: Sendable {
         perform(effects)
     }
 
+    /// Closes this session only (an operation may still be active on it); the others stay.
+    private func discard(_ lease: Lease, error: (any Error)?) {
+        logger.warning(
+            "closing a PKCS#11 session left unusable by a failed operation",
+            metadata: ["error": "\(error.map { "\($0)" } ?? "caught by the caller")"]
+        )
+        let effects = state.withLock { apply($0.machine.sessionDiscarded(lease.id), to: &$0) }
+        perform(effects)
+    }
+
     // MARK: - Performing actions
 
     /// What to do outside the lock once the machine has decided.
@@ -275,8 +348,7 @@ public final class SessionPool: Sendable {
         case .fail(let waiters, let failure):
             for waiter in waiters {
                 if let continuation = state.continuations.removeValue(forKey: waiter) {
-                    effects.resume.append(
-                        (continuation, .failure(error(for: failure, lastOpenError: state.lastOpenError))))
+                    effects.resume.append((continuation, .failure(error(for: failure, state: state))))
                 }
                 if let timer = state.timers.removeValue(forKey: waiter) {
                     effects.cancelTimers.append(timer)
@@ -310,7 +382,7 @@ public final class SessionPool: Sendable {
         return effects
     }
 
-    private func error(for failure: SessionPoolStateMachine.Failure, lastOpenError: (any Error)?) -> any Error {
+    private func error(for failure: SessionPoolStateMachine.Failure, state: borrowing RunnerState) -> any Error {
         switch failure {
         case .timeout:
             PKCS11Error(
@@ -327,7 +399,9 @@ public final class SessionPool: Sendable {
         case .cancelled:
             CancellationError()
         case .openFailed:
-            lastOpenError ?? PKCS11Error(code: .sessionPoolShutDown, detail: "no session could be opened")
+            state.lastOpenError ?? PKCS11Error(code: .sessionPoolShutDown, detail: "no session could be opened")
+        case .loginRefused:
+            state.loginRefusal ?? PKCS11Error(code: .loginRefused, function: .login)
         }
     }
 
@@ -384,7 +458,8 @@ public final class SessionPool: Sendable {
                 return apply(state.machine.sessionOpenFailed(session), to: &state)
             }
         }
-        if case .failure(let error) = result {
+        // A refused login has logged its own line, once.
+        if case .failure(let error) = result, (error as? PKCS11Error)?.code != .loginRefused {
             logger.error("opening a PKCS#11 session failed", metadata: ["error": "\(error)"])
         }
         perform(effects)
@@ -412,16 +487,50 @@ public final class SessionPool: Sendable {
     private func openLoggedInSession(onSlot slot: SlotID) throws -> CK_SESSION_HANDLE {
         let handle = try module.openSessionHandle(slot: slot, readWrite: configuration.readWrite)
         do {
-            if let pin {
-                let session = Session(module: module, handle: handle, slot: slot)
-                if try !session.state().isUserLoggedIn {
-                    try session.login(.user, pin: pin)
-                }
-            }
+            try logInIfNeeded(Session(module: module, handle: handle, slot: slot))
             return handle
         } catch {
             try? module.closeSessionHandle(handle, slot: slot)
             throw error
+        }
+    }
+
+    /// Logs the user in on `session` unless the token still holds the login (it is shared by every
+    /// session of the process), one login at a time. A final refusal (`isFinalLoginFailure`)
+    /// puts the pool in the login-refused state before the lock is released, so no other open
+    /// tries the same PIN again.
+    private func logInIfNeeded(_ session: borrowing Session) throws {
+        try login.withLock { pin in
+            guard let pin else { return }
+            if let refusal = state.withLock({ $0.loginRefusal }) { throw refusal }
+            if try session.state().isUserLoggedIn { return }
+            do {
+                try session.login(.user, pin: pin)
+            } catch let error as PKCS11Error where error.isFinalLoginFailure {
+                let refusal = PKCS11Error(
+                    code: .loginRefused,
+                    function: .login,
+                    returnValue: error.returnValue,
+                    detail: "the token refused the user PIN; no further login is attempted until an operator "
+                        + "supplies the right one"
+                )
+                logger.error(
+                    """
+                    the HSM refused the user PIN: no further login is attempted and every request that needs \
+                    the HSM fails at once; set the correct PIN (hsm.pin) and restart the gateway
+                    """,
+                    metadata: [
+                        "token": "\(tokenLabel ?? "slot \(session.slot)")",
+                        "error": "\(error.returnValue.map(\.name) ?? "unknown")",
+                    ]
+                )
+                let effects = state.withLock { state -> Effects in
+                    state.loginRefusal = refusal
+                    return apply(state.machine.loginRefused(), to: &state)
+                }
+                perform(effects)
+                throw refusal
+            }
         }
     }
 }

@@ -9,7 +9,9 @@ import DequeModule
 /// - a session is leased to at most one waiter at a time;
 /// - waiters are served first come, first served; at most `maximumWaiters` wait;
 /// - a session is opened only for a waiter that no session being opened already covers;
-/// - after `shutdown()`, nothing is leased and every session is closed once it comes back.
+/// - after `shutdown()`, nothing is leased and every session is closed once it comes back;
+/// - after `loginRefused()`, nothing is leased and nothing is opened (so no `C_Login` is tried)
+///   until `loginResumed()`; sessions are closed as they come back.
 struct SessionPoolStateMachine: Sendable {
     typealias SessionID = Int
     typealias WaiterID = Int
@@ -33,6 +35,18 @@ struct SessionPoolStateMachine: Sendable {
         case openFailed
         /// The waiting task was cancelled.
         case cancelled
+        /// The token refused the PIN: no session can be logged in until an operator acts.
+        case loginRefused
+    }
+
+    /// What the pool does with lease requests.
+    enum Mode: Hashable, Sendable {
+        /// Leasing, opening and logging in as needed.
+        case serving
+        /// The token refused the PIN: every request fails at once, no session is opened.
+        case loginRefused
+        /// Shutting down: every request fails, sessions close as they come back.
+        case shuttingDown
     }
 
     struct Action: Hashable, Sendable {
@@ -73,6 +87,8 @@ struct SessionPoolStateMachine: Sendable {
         var discarded = 0
         /// Failed attempts to open a session.
         var openFailures = 0
+        /// The pool refuses every request because the token refused the PIN.
+        var loginRefused = false
     }
 
     let maximumSessions: Int
@@ -83,7 +99,7 @@ struct SessionPoolStateMachine: Sendable {
     private var idle: [SessionID] = []
     private var waiters: Deque<WaiterID> = []
     private var nextSessionID: SessionID = 0
-    private(set) var isShuttingDown = false
+    private(set) var mode = Mode.serving
     private var discarded = 0
     private var openFailures = 0
 
@@ -95,7 +111,9 @@ struct SessionPoolStateMachine: Sendable {
     }
 
     var statistics: Statistics {
-        var statistics = Statistics(waiting: waiters.count, discarded: discarded, openFailures: openFailures)
+        var statistics = Statistics(
+            waiting: waiters.count, discarded: discarded, openFailures: openFailures,
+            loginRefused: mode == .loginRefused)
         for state in sessions.values {
             switch state {
             case .opening: statistics.opening += 1
@@ -110,9 +128,13 @@ struct SessionPoolStateMachine: Sendable {
     // MARK: Events
 
     /// A task asks for a session.
+    var isShuttingDown: Bool { mode == .shuttingDown }
+
     mutating func leaseRequested(_ waiter: WaiterID) -> Action {
-        if isShuttingDown {
-            return Action(waiter: .fail([waiter], .shutDown))
+        switch mode {
+        case .shuttingDown: return Action(waiter: .fail([waiter], .shutDown))
+        case .loginRefused: return Action(waiter: .fail([waiter], .loginRefused))
+        case .serving: break
         }
         if let session = idle.popLast() {
             sessions[session] = .leased
@@ -128,7 +150,7 @@ struct SessionPoolStateMachine: Sendable {
     /// A session asked for with `.open` is open and logged in.
     mutating func sessionOpened(_ session: SessionID) -> Action {
         precondition(sessions[session] == .opening, "session \(session) was not being opened")
-        if isShuttingDown {
+        if mode != .serving {
             sessions[session] = .closing
             return Action(session: .close([session]))
         }
@@ -140,8 +162,10 @@ struct SessionPoolStateMachine: Sendable {
         precondition(sessions[session] == .opening, "session \(session) was not being opened")
         sessions[session] = nil
         openFailures += 1
-        if isShuttingDown {
-            return Action(shutdownCompleted: sessions.isEmpty)
+        switch mode {
+        case .shuttingDown: return Action(shutdownCompleted: sessions.isEmpty)
+        case .loginRefused: return .none
+        case .serving: break
         }
         // Only a session that exists or is on its way can serve the waiters; with none, they
         // would wait for nothing, so they fail now with the opening error.
@@ -160,7 +184,7 @@ struct SessionPoolStateMachine: Sendable {
     /// caller to fail on.
     mutating func sessionReleased(_ session: SessionID, reusable: Bool) -> Action {
         precondition(sessions[session] == .leased, "session \(session) was not leased")
-        if isShuttingDown {
+        if mode != .serving {
             if !reusable {
                 discarded += 1
             }
@@ -179,14 +203,54 @@ struct SessionPoolStateMachine: Sendable {
         return handOver(session)
     }
 
+    /// A leased session comes back unusable on its own account: an operation may still be active
+    /// on it, or the module misbehaved on it. Only that session is closed (the others share no
+    /// such state) and counted as discarded; a replacement is opened once the close completes if
+    /// anyone is waiting.
+    mutating func sessionDiscarded(_ session: SessionID) -> Action {
+        precondition(sessions[session] == .leased, "session \(session) was not leased")
+        discarded += 1
+        sessions[session] = .closing
+        return Action(session: .close([session]))
+    }
+
     /// A session asked for with `.close` is closed (successfully or not: its handle is gone).
     mutating func sessionClosed(_ session: SessionID) -> Action {
         precondition(sessions[session] == .closing, "session \(session) was not being closed")
         sessions[session] = nil
-        if isShuttingDown {
-            return Action(shutdownCompleted: sessions.isEmpty)
+        switch mode {
+        case .shuttingDown: return Action(shutdownCompleted: sessions.isEmpty)
+        case .loginRefused: return .none
+        case .serving: return Action(session: openIfNeeded())
         }
-        return Action(session: openIfNeeded())
+    }
+
+    /// The token refused the PIN while a session was being logged in (report that session's
+    /// `sessionOpenFailed` as well). Stop asking it: every waiter fails with `.loginRefused`,
+    /// idle sessions close, leased ones close as they come back, and until `loginResumed()` every
+    /// request fails at once and nothing is opened, so no further `C_Login` is tried.
+    mutating func loginRefused() -> Action {
+        guard mode == .serving else { return .none }
+        mode = .loginRefused
+        let failed = Array(waiters)
+        waiters.removeAll()
+        let closing = idle
+        idle.removeAll()
+        for session in closing {
+            sessions[session] = .closing
+        }
+        return Action(
+            waiter: failed.isEmpty ? .none : .fail(failed, .loginRefused),
+            session: closing.isEmpty ? .none : .close(closing)
+        )
+    }
+
+    /// An operator supplied a PIN again: serve requests as before (the next one opens a session
+    /// and logs in with the new PIN).
+    mutating func loginResumed() -> Action {
+        guard mode == .loginRefused else { return .none }
+        mode = .serving
+        return .none
     }
 
     /// The acquire timer of `waiter` fired.
@@ -201,8 +265,8 @@ struct SessionPoolStateMachine: Sendable {
 
     /// Stop leasing: fail every waiter, close idle sessions now and the others as they come back.
     mutating func shutdown() -> Action {
-        guard !isShuttingDown else { return .none }
-        isShuttingDown = true
+        guard mode != .shuttingDown else { return .none }
+        mode = .shuttingDown
         let failed = Array(waiters)
         waiters.removeAll()
         let closing = idle

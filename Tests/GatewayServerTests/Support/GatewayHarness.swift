@@ -5,6 +5,7 @@ import GatewayTransport
 import GatewayWire
 import Logging
 import NIOCore
+import PKCS11
 import ProcessTestSupport
 import SoftHSMTestSupport
 
@@ -69,6 +70,7 @@ final class GatewayHarness: Sendable {
         _ kind: StoreKind,
         _ name: String,
         security: Security = .tls,
+        module: PKCS11Module? = nil,
         configure: (inout GatewayConfiguration) -> Void = { _ in }
     ) async throws -> GatewayHarness {
         let fixture = try SoftHSMFixture.shared()
@@ -78,7 +80,7 @@ final class GatewayHarness: Sendable {
         logger.logLevel = ProcessInfo.processInfo.environment["HSMGW_TEST_LOG"] == nil ? .critical : .debug
         let app = try await GatewayServerApp.open(
             GatewayLaunch(configuration: configuration, serverVersion: "test"),
-            module: fixture.module,
+            module: module ?? fixture.module,
             handleSignals: false,
             logger: logger
         )
@@ -195,10 +197,12 @@ func withGateway<T>(
     _ kind: StoreKind,
     _ name: String,
     security: GatewayHarness.Security = .tls,
+    module: PKCS11Module? = nil,
     configure: (inout GatewayConfiguration) -> Void = { _ in },
     _ body: (GatewayHarness) async throws -> T
 ) async throws -> T {
-    let harness = try await GatewayHarness.start(kind, name, security: security, configure: configure)
+    let harness = try await GatewayHarness.start(
+        kind, name, security: security, module: module, configure: configure)
     do {
         let result = try await body(harness)
         await harness.stop()

@@ -235,6 +235,102 @@ struct SessionPoolStateMachineTests {
         #expect(machine.sessionClosed(0) == Machine.Action(shutdownCompleted: true))
     }
 
+    @Test("a session discarded on its own account is closed alone; idle sessions stay and are reused")
+    func discardOneSession() {
+        var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        _ = machine.sessionOpened(0)
+        _ = machine.sessionOpened(1)
+        _ = machine.sessionReleased(1, reusable: true)
+        #expect(machine.sessionDiscarded(0) == Machine.Action(session: .close([0])))
+        #expect(machine.statistics.discarded == 1)
+        #expect(machine.statistics.idle == 1)
+        // The idle session serves the next request at once; no purge, no open.
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .lease(1, to: 3)))
+        // A waiter beyond it gets a replacement once the discarded session is closed.
+        #expect(machine.leaseRequested(4) == Machine.Action(waiter: .enqueued(4)))
+        #expect(machine.sessionClosed(0) == Machine.Action(session: .open(2)))
+        #expect(machine.sessionOpened(2) == Machine.Action(waiter: .lease(2, to: 4)))
+    }
+
+    @Test("a session discarded during shutdown is closed and completes the shutdown")
+    func discardDuringShutdown() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        #expect(machine.shutdown() == Machine.Action(shutdownCompleted: false))
+        #expect(machine.sessionDiscarded(0) == Machine.Action(session: .close([0])))
+        #expect(machine.statistics.discarded == 1)
+        #expect(machine.sessionClosed(0) == Machine.Action(shutdownCompleted: true))
+    }
+
+    @Test("a refused login fails every waiter, closes idle sessions, and refuses later requests at once")
+    func loginRefusedStopsEverything() {
+        var machine = Machine(maximumSessions: 3, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        _ = machine.sessionOpened(0)  // leased to 1
+        _ = machine.sessionOpened(1)  // leased to 2
+        _ = machine.sessionReleased(1, reusable: true)  // idle
+        _ = machine.leaseRequested(3)  // takes idle session 1
+        _ = machine.leaseRequested(4)  // waits, opens session 2
+        _ = machine.leaseRequested(5)  // waits, nothing more to open
+        // Session 2's login is refused.
+        #expect(
+            machine.loginRefused()
+                == Machine.Action(waiter: .fail([4, 5], .loginRefused))
+        )
+        #expect(machine.statistics.loginRefused)
+        #expect(machine.loginRefused() == .none)
+        #expect(machine.sessionOpenFailed(2) == .none)
+        // Every later request fails at once, with no session opened (so no login tried).
+        for waiter in 6..<106 {
+            #expect(machine.leaseRequested(waiter) == Machine.Action(waiter: .fail([waiter], .loginRefused)))
+        }
+        // Leased sessions close as they come back, whatever their state, and nothing reopens.
+        #expect(machine.sessionReleased(0, reusable: true) == Machine.Action(session: .close([0])))
+        #expect(machine.sessionDiscarded(1) == Machine.Action(session: .close([1])))
+        #expect(machine.sessionClosed(0) == .none)
+        #expect(machine.sessionClosed(1) == .none)
+        #expect(machine.sessions.isEmpty)
+        // The operator supplies a PIN: the next request opens a session (and logs in) again.
+        #expect(machine.loginResumed() == .none)
+        #expect(!machine.statistics.loginRefused)
+        #expect(machine.loginResumed() == .none)
+        #expect(machine.leaseRequested(200) == Machine.Action(waiter: .enqueued(200), session: .open(3)))
+        #expect(machine.sessionOpened(3) == Machine.Action(waiter: .lease(3, to: 200)))
+    }
+
+    @Test("a refused login closes idle sessions; a session that opens meanwhile is closed too")
+    func loginRefusedClosesIdleAndLateOpens() {
+        var machine = Machine(maximumSessions: 3, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.leaseRequested(2)
+        _ = machine.sessionOpened(0)  // leased to 1
+        _ = machine.waiterCancelled(2)  // session 1 goes on opening for nobody
+        _ = machine.sessionReleased(0, reusable: true)  // idle
+        #expect(machine.statistics.opening == 1)
+        #expect(machine.statistics.idle == 1)
+        #expect(machine.loginRefused() == Machine.Action(session: .close([0])))
+        // Session 1 had logged in before the refusal was known: it is closed, not leased.
+        #expect(machine.sessionOpened(1) == Machine.Action(session: .close([1])))
+    }
+
+    @Test("shutdown while refusing completes once the last session closes; resuming after it does nothing")
+    func shutdownWhileRefused() {
+        var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
+        _ = machine.leaseRequested(1)
+        _ = machine.sessionOpened(0)
+        _ = machine.loginRefused()
+        #expect(machine.shutdown() == Machine.Action(shutdownCompleted: false))
+        #expect(machine.leaseRequested(2) == Machine.Action(waiter: .fail([2], .shutDown)))
+        #expect(machine.sessionReleased(0, reusable: true) == Machine.Action(session: .close([0])))
+        #expect(machine.sessionClosed(0) == Machine.Action(shutdownCompleted: true))
+        #expect(machine.loginResumed() == .none)
+        #expect(machine.leaseRequested(3) == Machine.Action(waiter: .fail([3], .shutDown)))
+    }
+
     @Test("a long random schedule never exceeds capacity nor leases one session twice")
     func randomScheduleKeepsInvariants() {
         var generator = SplitMix64(seed: 0x5eed)
@@ -264,7 +360,7 @@ struct SessionPoolStateMachineTests {
         }
 
         for _ in 0..<20_000 {
-            switch generator.next() % 6 {
+            switch generator.next() % 9 {
             case 0:
                 nextWaiter += 1
                 apply(machine.leaseRequested(nextWaiter - 1))
@@ -289,12 +385,30 @@ struct SessionPoolStateMachineTests {
                 if let waiter = waiting.randomElement(using: &generator) {
                     apply(machine.waiterTimedOut(waiter))
                 }
+            case 5:
+                if let session = leased.keys.randomElement(using: &generator) {
+                    leased[session] = nil
+                    apply(machine.sessionDiscarded(session))
+                }
+            case 6:
+                // Refusals are rare and an operator resumes soon after.
+                if generator.next() % 50 == 0 {
+                    apply(machine.loginRefused())
+                    #expect(waiting.isEmpty, "a refused login leaves nobody waiting")
+                }
+            case 7:
+                if generator.next() % 5 == 0 {
+                    apply(machine.loginResumed())
+                }
             default:
                 if let waiter = waiting.randomElement(using: &generator) {
                     apply(machine.waiterCancelled(waiter))
                 }
             }
             #expect(machine.sessions.count <= 3)
+            if machine.statistics.loginRefused {
+                #expect(machine.statistics.idle == 0 && machine.statistics.waiting == 0)
+            }
             #expect(machine.statistics.leased == leased.count)
             #expect(machine.statistics.waiting == waiting.count)
             #expect(waiting.count <= 5)
