@@ -185,42 +185,56 @@ struct ProtocolTests {
 /// A minimal HTTP/1.1 GET over a plain socket, for the health endpoint.
 enum HTTPProbe {
     static func get(_ host: String, _ port: Int, _ path: String) async throws -> (status: Int, body: String) {
-        try await Task.detached {
-            let socket = Foundation.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            guard socket >= 0 else { throw TestSetupError("socket: errno \(errno)") }
-            defer { close(socket) }
-            var address = sockaddr_in()
-            address.sin_family = sa_family_t(AF_INET)
-            address.sin_port = in_port_t(UInt16(port).bigEndian)
-            inet_pton(AF_INET, host, &address.sin_addr)
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    connect(socket, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
+        // The blocking socket calls run on a thread of their own. On Swift's cooperative pool (two
+        // threads on a two-core machine) two probes waiting in recv() starved the very server that
+        // had to answer them, and the test process hung.
+        try await withCheckedThrowingContinuation { continuation in
+            Thread.detachNewThread {
+                continuation.resume(with: Result { try blockingGet(host, port, path) })
             }
-            guard connected == 0 else { throw TestSetupError("connect: errno \(errno)") }
-            let request = "GET \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\n\r\n"
-            _ = request.withCString { send(socket, $0, strlen($0), 0) }
-            var data = [UInt8]()
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            // Reads until the body announced by Content-Length is complete (or the peer closes).
-            while true {
-                let count = recv(socket, &buffer, buffer.count, 0)
-                if count <= 0 { break }
-                data += buffer[0..<count]
-                let text = String(decoding: data, as: UTF8.self)
-                guard let end = text.range(of: "\r\n\r\n") else { continue }
-                let headers = text[..<end.lowerBound].lowercased()
-                guard let line = headers.split(separator: "\r\n").first(where: { $0.hasPrefix("content-length:") }),
-                    let length = Int(line.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces))
-                else { continue }
-                if text[end.upperBound...].utf8.count >= length { break }
+        }
+    }
+
+    /// The longest a probe waits for the server to answer.
+    static let receiveTimeout = timeval(tv_sec: 30, tv_usec: 0)
+
+    private static func blockingGet(_ host: String, _ port: Int, _ path: String) throws -> (status: Int, body: String) {
+        let socket = Foundation.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard socket >= 0 else { throw TestSetupError("socket: errno \(errno)") }
+        defer { close(socket) }
+        var timeout = receiveTimeout
+        _ = setsockopt(socket, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        inet_pton(AF_INET, host, &address.sin_addr)
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(socket, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
             }
+        }
+        guard connected == 0 else { throw TestSetupError("connect: errno \(errno)") }
+        let request = "GET \(path) HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\n\r\n"
+        _ = request.withCString { send(socket, $0, strlen($0), 0) }
+        var data = [UInt8]()
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        // Reads until the body announced by Content-Length is complete (or the peer closes).
+        while true {
+            let count = recv(socket, &buffer, buffer.count, 0)
+            if count <= 0 { break }
+            data += buffer[0..<count]
             let text = String(decoding: data, as: UTF8.self)
-            let statusLine = text.split(separator: "\r\n").first ?? ""
-            let status = Int(statusLine.split(separator: " ").dropFirst().first ?? "") ?? 0
-            let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
-            return (status, body)
-        }.value
+            guard let end = text.range(of: "\r\n\r\n") else { continue }
+            let headers = text[..<end.lowerBound].lowercased()
+            guard let line = headers.split(separator: "\r\n").first(where: { $0.hasPrefix("content-length:") }),
+                let length = Int(line.dropFirst("content-length:".count).trimmingCharacters(in: .whitespaces))
+            else { continue }
+            if text[end.upperBound...].utf8.count >= length { break }
+        }
+        let text = String(decoding: data, as: UTF8.self)
+        let statusLine = text.split(separator: "\r\n").first ?? ""
+        let status = Int(statusLine.split(separator: " ").dropFirst().first ?? "") ?? 0
+        let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
+        return (status, body)
     }
 }
