@@ -62,10 +62,20 @@ final class RefusedHelloAudit: Sendable {
         }
 
         /// `method=Hello reason=audit-queue-full dropped=<total> <reason>=<count> ...`, reasons sorted.
-        var detail: String {
-            (["method=Hello reason=audit-queue-full dropped=\(total)"]
-                + byReason.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" })
-                .joined(separator: " ")
+        var detail: String { event.detail }
+
+        /// The record that reports these drops: a refused authentication like the ones it stands
+        /// for, with the counts as its reason.
+        var event: AuditEvent {
+            let counts = ["dropped=\(total)"] + byReason.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+            return KeyService.accessFailureEvent(
+                .authentication,
+                principal: .unauthenticated,
+                tenant: nil,
+                operation: "Hello",
+                reason: "audit-queue-full " + counts.joined(separator: " "),
+                request: RequestContext(principal: .unauthenticated, requestID: "refused-hello-audit")
+            )
         }
     }
 
@@ -154,15 +164,7 @@ final class RefusedHelloAudit: Sendable {
                 state.queue.removeFirst(batch.count)
                 guard !state.unreported.isEmpty, batch.count < Self.maximumBatch else { return (batch, Drops()) }
                 let reported = state.unreported
-                batch.append(
-                    AuditEvent(
-                        principal: .unauthenticated,
-                        tenant: nil,
-                        operation: .authenticate,
-                        outcome: .failure("unauthenticated"),
-                        requestID: "refused-hello-audit",
-                        detail: reported.detail
-                    ))
+                batch.append(reported.event)
                 state.unreported = Drops()
                 return (batch, reported)
             }
