@@ -225,6 +225,8 @@ public final class GatewayServerApp: Sendable {
             ),
             rewrapJobs: rewrapJobs,
             admission: { tenant, work in await GatewayHandler.admit(tenant, work, scheduler: scheduler) },
+            refusedHelloAudit: RefusedHelloAudit(
+                service: service, registry: registry, logger: logger.with(label: "hsm-gateway.requests")),
             status: { [maintenance] in
                 let result = await readiness.check()
                 return ServerStatus(
@@ -310,6 +312,7 @@ public final class GatewayServerApp: Sendable {
     public func close() async {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         await rewrapJobs.shutdown()
+        await handler.flushRefusedHelloAudit()
         await store.close()
         await pool.shutdown()
         if ownsModule { try? module.finalize() }

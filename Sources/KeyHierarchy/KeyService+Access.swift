@@ -322,14 +322,17 @@ extension KeyService {
     /// its SHA-256 against storage, its revocation and expiry at `now`, and its principal's
     /// state. A refusal is audited (`access.authenticate`, naming the token id when the token
     /// is known, never the token) and returned with its reason; only storage failures throw.
+    /// `refusalAudit` says where the refusal's record goes (``RefusalAudit``).
     public func authenticate(
         apiToken presented: String,
         now: Timestamp = .now(),
-        requestID: String
+        requestID: String,
+        refusalAudit: RefusalAudit = .committed
     ) async throws(KeyServiceError) -> AuthenticationResult {
         try await mapErrors { () async throws -> AuthenticationResult in
             guard let hash = APIToken.lookupHash(of: presented) else {
-                return try await self.refuse(.malformedToken, principal: .unauthenticated, requestID: requestID)
+                return try await self.refuse(
+                    .malformedToken, principal: .unauthenticated, requestID: requestID, audit: refusalAudit)
             }
             let (token, principal) = try await self.repository.read { transaction in
                 guard let token = try await transaction.apiToken(hash: hash) else {
@@ -338,18 +341,21 @@ extension KeyService {
                 return (token, try await transaction.principal(token.principal))
             }
             guard let token else {
-                return try await self.refuse(.unknownToken, principal: .unauthenticated, requestID: requestID)
+                return try await self.refuse(
+                    .unknownToken, principal: .unauthenticated, requestID: requestID, audit: refusalAudit)
             }
             if let failure = token.failure(at: now) {
                 return try await self.refuse(
-                    failure, principal: token.principal.principal, token: token.id, requestID: requestID)
+                    failure, principal: token.principal.principal, token: token.id, requestID: requestID,
+                    audit: refusalAudit)
             }
             guard let principal else {
                 throw KeyServiceError(.dataLoss, "an API token's principal is missing")
             }
             guard !principal.disabled else {
                 return try await self.refuse(
-                    .principalDisabled, principal: principal.name.principal, token: token.id, requestID: requestID)
+                    .principalDisabled, principal: principal.name.principal, token: token.id, requestID: requestID,
+                    audit: refusalAudit)
             }
             return .authenticated(AuthenticatedCaller(principal: principal, token: token))
         }
@@ -357,13 +363,16 @@ extension KeyService {
 
     /// Maps a TLS client certificate's subject common name to its principal. Unknown (or not a
     /// valid common name) and disabled are refused, audited, and returned with their reason.
+    /// `refusalAudit` says where the refusal's record goes (``RefusalAudit``).
     public func authenticate(
         certificateCommonName: String,
-        requestID: String
+        requestID: String,
+        refusalAudit: RefusalAudit = .committed
     ) async throws(KeyServiceError) -> AuthenticationResult {
         try await mapErrors { () async throws -> AuthenticationResult in
             guard let commonName = try? CertificateCommonName(certificateCommonName) else {
-                return try await self.refuse(.unknownCertificate, principal: .unauthenticated, requestID: requestID)
+                return try await self.refuse(
+                    .unknownCertificate, principal: .unauthenticated, requestID: requestID, audit: refusalAudit)
             }
             guard
                 let principal = try await self.repository.read({
@@ -374,12 +383,14 @@ extension KeyService {
                     .unknownCertificate,
                     principal: .unauthenticated,
                     requestID: requestID,
-                    detail: "certificate-cn=\(commonName)"
+                    detail: "certificate-cn=\(commonName)",
+                    audit: refusalAudit
                 )
             }
             guard !principal.disabled else {
                 return try await self.refuse(
-                    .principalDisabled, principal: principal.name.principal, requestID: requestID)
+                    .principalDisabled, principal: principal.name.principal, requestID: requestID,
+                    audit: refusalAudit)
             }
             return .authenticated(AuthenticatedCaller(principal: principal, token: nil))
         }
@@ -397,14 +408,8 @@ extension KeyService {
         reason: String,
         request: RequestContext
     ) async throws(KeyServiceError) {
-        let event = AuditEvent(
-            principal: principal,
-            tenant: tenant,
-            operation: kind == .authentication ? .authenticate : .authorize,
-            outcome: .failure(kind == .authentication ? Self.unauthenticatedOutcome : Self.permissionDeniedOutcome),
-            requestID: request.requestID,
-            detail: "method=\(operation) reason=\(reason)"
-        )
+        let event = Self.accessFailureEvent(
+            kind, principal: principal, tenant: tenant, operation: operation, reason: reason, request: request)
         try await mapErrors {
             _ = try await self.committer.commit { _ in UnitOutcome((), audit: [event]) }
         }
@@ -553,7 +558,8 @@ extension KeyService {
         principal: Principal,
         token: APITokenID? = nil,
         requestID: String,
-        detail: String = ""
+        detail: String = "",
+        audit: RefusalAudit
     ) async throws -> AuthenticationResult {
         let event = AuditEvent(
             principal: principal,
@@ -564,7 +570,12 @@ extension KeyService {
             requestID: RequestContext(principal: principal, requestID: requestID).requestID,
             detail: "reason=\(failure.name)" + (detail.isEmpty ? "" : " \(detail)")
         )
-        _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+        switch audit {
+        case .committed:
+            _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+        case .handedOff(let take):
+            take(event)
+        }
         return .refused(failure)
     }
 }

@@ -113,6 +113,7 @@ struct MalformedFrameTests {
             let frames = try await client.framesUntilClosed(timeout: .seconds(2))
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .resourceExhausted)
+            #expect(frames.first?.statusMessage?.reason == "FRAME_TOO_LARGE_BEFORE_HELLO")
         }
     }
 
