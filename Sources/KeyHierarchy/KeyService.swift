@@ -24,6 +24,8 @@ public final class KeyService: Sendable {
     /// Each tenant's primary version as last seen; every write re-checks it in its transaction,
     /// so a stale entry costs one retry, never a key under a non-primary version.
     let primaryVersions = Mutex<[TenantID: MasterKeyVersionNumber]>([:])
+    /// Automatic rotations running, by the version that reached its limit: callers share one.
+    let automaticRotations = Mutex<[VersionRef: Task<Void, any Error>]>([:])
 
     struct VersionRef: Hashable, Sendable {
         let tenant: TenantID
