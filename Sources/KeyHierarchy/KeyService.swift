@@ -491,7 +491,10 @@ public final class KeyService: Sendable {
                 requestID: request.requestID
             )
             do {
-                _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+                // In a task of its own: a call cancelled by its caller (a deadline) is still
+                // audited, and the group committer does not withdraw this unit with it.
+                let committer = self.committer
+                _ = try await Task { try await committer.commit { _ in UnitOutcome((), audit: [event]) } }.value
             } catch {
                 logger.error(
                     "could not audit a failed call",
