@@ -43,6 +43,8 @@ public final class GroupCommitter: Sendable {
     private struct Pending: Sendable {
         let id: Int
         let isolated: Bool
+        /// The fairness lane (a tenant): batches take units round-robin over lanes.
+        let lane: String
         let execute: @Sendable (any KeyRepositoryTransaction) async throws -> Executed
         let fail: @Sendable (any Error) -> Void
     }
@@ -84,8 +86,14 @@ public final class GroupCommitter: Sendable {
     /// another order than the rest, or whose failure must not cost the others a rerun: sharing a
     /// transaction with units that lock the tenant row first could deadlock against another
     /// gateway instance doing the same in the opposite order.
+    ///
+    /// `lane` (the tenant, for key operations) makes batching fair: a batch takes units
+    /// round-robin over the lanes that wait, oldest first within each, so one tenant's flood of
+    /// units cannot push another tenant's unit behind a queue of its own; a unit waits at most for
+    /// the batch in flight.
     public func commit<Value: Sendable>(
         isolated: Bool = false,
+        lane: String = "",
         _ unit: @escaping @Sendable (any KeyRepositoryTransaction) async throws -> UnitOutcome<Value>
     ) async throws -> Committed<Value> {
         let id = state.withLock { state in
@@ -102,6 +110,7 @@ public final class GroupCommitter: Sendable {
                 let pending = Pending(
                     id: id,
                     isolated: isolated,
+                    lane: lane,
                     execute: { transaction in
                         let outcome = try await unit(transaction)
                         return Executed(events: outcome.audit) { records in
@@ -139,20 +148,44 @@ public final class GroupCommitter: Sendable {
     private func drain() async {
         while true {
             let batch: [Pending] = state.withLock { state in
-                var count = 0
-                if state.queue.first?.isolated == true {
-                    count = 1
-                } else {
-                    while count < min(state.queue.count, maximumBatch), !state.queue[count].isolated { count += 1 }
-                }
-                let batch = Array(state.queue.prefix(count))
-                state.queue.removeFirst(count)
+                let chosen = Self.selectBatch(
+                    lanes: state.queue.map(\.lane), isolated: state.queue.map(\.isolated), maximum: maximumBatch)
+                let batch = chosen.map { state.queue[$0] }
+                for index in chosen.sorted(by: >) { state.queue.remove(at: index) }
                 if batch.isEmpty { state.leading = false }
                 return batch
             }
             if batch.isEmpty { return }
             await run(batch)
         }
+    }
+
+    /// The queue positions of the next batch: the first unit alone when it is isolated; otherwise
+    /// up to `maximum` non-isolated units taken round-robin over their lanes (lanes in the order
+    /// their oldest unit arrived, oldest first within a lane).
+    static func selectBatch(lanes: [String], isolated: [Bool], maximum: Int) -> [Int] {
+        guard let first = isolated.first else { return [] }
+        if first { return [0] }
+        var byLane: [String: [Int]] = [:]
+        var order: [String] = []
+        for (index, lane) in lanes.enumerated() where !isolated[index] {
+            if byLane[lane] == nil { order.append(lane) }
+            byLane[lane, default: []].append(index)
+        }
+        var chosen: [Int] = []
+        var round = 0
+        while chosen.count < maximum {
+            var took = false
+            for lane in order where chosen.count < maximum {
+                if let positions = byLane[lane], round < positions.count {
+                    chosen.append(positions[round])
+                    took = true
+                }
+            }
+            if !took { break }
+            round += 1
+        }
+        return chosen
     }
 
     private func run(_ batch: [Pending]) async {

@@ -170,7 +170,8 @@ extension KeyService {
                         )
                     }
                     let recordsToInsert = records
-                    let stored = try await self.committer.commit { transaction -> UnitOutcome<WriteOutcome> in
+                    let stored = try await self.committer.commit(lane: tenant.rawValue) {
+                        transaction -> UnitOutcome<WriteOutcome> in
                         guard try await self.checkPrimary(transaction, tenant, primary) else {
                             return UnitOutcome(.primaryMoved, audit: [])
                         }
@@ -473,7 +474,7 @@ extension KeyService {
             )
         }
         let recorded = events
-        _ = try await committer.commit { _ in UnitOutcome((), audit: recorded) }
+        _ = try await committer.commit(lane: tenant.rawValue) { _ in UnitOutcome((), audit: recorded) }
     }
 
     // MARK: ReWrap

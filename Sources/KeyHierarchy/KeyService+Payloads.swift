@@ -25,7 +25,7 @@ extension KeyService {
             }
             let key = try await self.unwrapOne(tenant, id, context, request: request)
             let contextHash = context.hash
-            let count = try await self.committer.commit { transaction -> UnitOutcome<Int64?> in
+            let count = try await self.committer.commit(lane: tenant.rawValue) { transaction -> UnitOutcome<Int64?> in
                 let count = try await transaction.countEncryption(
                     tenant,
                     id,
@@ -134,7 +134,7 @@ extension KeyService {
             let contextHash = context.hash
             let aad = PayloadCiphertext.aad(tenant: tenant, dataKeyID: parsed.dataKeyID, contextHash: contextHash)
             let plaintext = try Self.open(parsed, key: key.plaintext, aad: aad)
-            _ = try await self.committer.commit { _ in
+            _ = try await self.committer.commit(lane: tenant.rawValue) { _ in
                 UnitOutcome(
                     (),
                     audit: [

@@ -1,6 +1,7 @@
-import KeyHierarchy
 import Synchronization
 import Testing
+
+@testable import KeyHierarchy
 
 @Suite("Group commit: batching, isolation of failures, audit chaining")
 struct GroupCommitterTests {
@@ -160,6 +161,40 @@ struct GroupCommitterTests {
         #expect(!snapshot.unitIDsPerAttempt.joined().contains(Self.tenantID(1)))
         #expect(
             AuditChain.verify(snapshot.audit, head: snapshot.head) == .verified(records: 1 + 3, head: snapshot.head))
+    }
+
+    @Test("a batch takes units round-robin over lanes: a lane's unit queued behind another lane's flood goes next")
+    func lanesAreServedRoundRobin() async throws {
+        let gate = Gate()
+        let repository = InMemoryRepository(beforeBody: { attempt in if attempt == 1 { await gate.wait() } })
+        let committer = GroupCommitter(repository: repository, maximumBatch: 4)
+        async let first = Self.commitConcurrently(committer, [0])
+        await repository.waitForAttempt(1)
+        // Lane "flood" queues 20 units, then lane "quiet" one.
+        let flood = (1...20).map { index in Task { try await committer.commit(lane: "flood", Self.unit(index)) } }
+        try await Task.sleep(for: .milliseconds(50))
+        let quiet = Task { try await committer.commit(lane: "quiet", Self.unit(99)) }
+        try await Task.sleep(for: .milliseconds(50))
+        gate.open()
+        #expect(try await quiet.value.value == 99)
+        for task in flood { _ = try await task.value }
+        _ = await first
+        // The quiet unit went in the very next batch, not after five batches of the flood.
+        let attempts = repository.snapshot.unitIDsPerAttempt
+        #expect(attempts.count >= 2)
+        #expect(attempts[1].contains(Self.tenantID(99)), "\(attempts)")
+    }
+
+    @Test("batch selection: an isolated unit at the head goes alone; otherwise round-robin over lanes, oldest first")
+    func batchSelection() {
+        #expect(GroupCommitter.selectBatch(lanes: [], isolated: [], maximum: 4) == [])
+        #expect(GroupCommitter.selectBatch(lanes: ["a", "a"], isolated: [true, false], maximum: 4) == [0])
+        #expect(
+            GroupCommitter.selectBatch(
+                lanes: ["a", "a", "a", "b", "a", "c"], isolated: [false, false, false, false, false, false], maximum: 4)
+                == [0, 3, 5, 1])
+        #expect(
+            GroupCommitter.selectBatch(lanes: ["a", "b", "a"], isolated: [false, true, false], maximum: 8) == [0, 2])
     }
 
     @Test("the observer sees every transaction: committed ones with their units, rolled-back ones as such")
