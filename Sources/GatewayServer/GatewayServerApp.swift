@@ -200,19 +200,21 @@ public final class GatewayServerApp: Sendable {
         let rewrapJobs = RewrapJobRunner(
             service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))
         self.rewrapJobs = rewrapJobs
+        let scheduler = TenantFairScheduler(
+            configuration: TenantFairScheduler.Configuration(
+                limits: configuration.limits, concurrency: configuration.fairQueue.maximumConcurrent,
+                minimumConcurrency: configuration.fairQueue.minimumConcurrent)
+        )
         let maintenance = MaintenanceService(
             service: service,
             pool: pool,
             readiness: readiness,
             rewrapJobs: rewrapJobs,
+            admissionLimit: { scheduler.currentLimit },
             registry: registry,
             logger: logger.with(label: "hsm-gateway.maintenance")
         )
         self.maintenance = maintenance
-        let scheduler = TenantFairScheduler(
-            configuration: TenantFairScheduler.Configuration(
-                limits: configuration.limits, concurrency: configuration.fairQueue.maximumConcurrent)
-        )
         let transportBox = TransportReference()
         let handler = GatewayHandler(
             service: service,

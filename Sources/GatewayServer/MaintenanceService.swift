@@ -21,6 +21,7 @@ final class MaintenanceService: Service, Sendable {
     let pool: SessionPool
     let readiness: ReadinessProbe
     let rewrapJobs: RewrapJobRunner
+    let admissionLimit: @Sendable () -> Int
     let logger: Logger
     let draining: Atomic<Bool>
     private let gauges: Gauges
@@ -40,6 +41,7 @@ final class MaintenanceService: Service, Sendable {
         let auditIntegrity: Gauge
         let ready: Gauge
         let rewrapJobsRunning: Gauge
+        let admissionLimit: Gauge
 
         init(registry: PrometheusCollectorRegistry) {
             sessionsMaximum = registry.gauge("hsmgw_hsm_sessions_max", "Size of the PKCS#11 session pool.")
@@ -62,6 +64,8 @@ final class MaintenanceService: Service, Sendable {
                 "1 while the audit log's head verifies against its checkpoint in the HSM, 0 once it failed.")
             ready = registry.gauge("hsmgw_ready", "1 when the gateway is ready to serve, else 0.")
             rewrapJobsRunning = registry.gauge("hsmgw_rewrap_jobs_running", "Rewrap jobs this instance runs now.")
+            admissionLimit = registry.gauge(
+                "hsmgw_admission_limit", "Tenant-scoped requests the fair queue lets run at once now (learnt).")
         }
     }
 
@@ -70,9 +74,11 @@ final class MaintenanceService: Service, Sendable {
         pool: SessionPool,
         readiness: ReadinessProbe,
         rewrapJobs: RewrapJobRunner,
+        admissionLimit: @escaping @Sendable () -> Int = { 0 },
         registry: PrometheusCollectorRegistry,
         logger: Logger
     ) {
+        self.admissionLimit = admissionLimit
         self.service = service
         self.pool = pool
         self.readiness = readiness
@@ -124,6 +130,7 @@ final class MaintenanceService: Service, Sendable {
         gauges.auditIntegrity.set(Int64(result.auditIntegrityFailure == nil ? 1 : 0))
         gauges.ready.set(Int64(result.ready && !isDraining ? 1 : 0))
         gauges.rewrapJobsRunning.set(Int64(rewrapJobs.runningCount))
+        gauges.admissionLimit.set(Int64(admissionLimit()))
     }
 
     func destroyDueMasterKeys() async {

@@ -45,6 +45,8 @@ final class ReadinessProbe: Sendable {
         var task: Task<Result, Never>
     }
     private let cached = Mutex<Cached?>(nil)
+    /// The time the cache rule reads (the continuous clock; tests pass a clock they move).
+    private let now: @Sendable () -> ContinuousClock.Instant
 
     /// A probe over two checks, each reachable when it returns within `checkTimeout` without
     /// throwing. When the token's check does not, `tokenBusy` decides: a token whose sessions are
@@ -55,8 +57,10 @@ final class ReadinessProbe: Sendable {
         tokenBusy: @escaping @Sendable () -> Bool = { false },
         loginRefused: @escaping @Sendable () -> Bool = { false },
         checkStore: @escaping @Sendable () async throws -> Void,
-        auditIntegrityFailure: @escaping @Sendable () -> String? = { nil }
+        auditIntegrityFailure: @escaping @Sendable () -> String? = { nil },
+        now: @escaping @Sendable () -> ContinuousClock.Instant = { ContinuousClock.now }
     ) {
+        self.now = now
         self.checkToken = checkToken
         self.tokenBusy = tokenBusy
         self.loginRefused = loginRefused
@@ -112,7 +116,7 @@ final class ReadinessProbe: Sendable {
 
     /// The current result (at most `cacheLifetime` old).
     func check() async -> Result {
-        let now = ContinuousClock.now
+        let now = self.now()
         let task = cached.withLock { cached -> Task<Result, Never> in
             if let cached, now - cached.checkedAt < Self.cacheLifetime { return cached.task }
             let task = Task { [checkToken, tokenBusy, loginRefused, checkStore, auditIntegrityFailure] in

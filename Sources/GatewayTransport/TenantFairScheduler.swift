@@ -48,34 +48,50 @@ public struct TenantAdmissionError: Error, Sendable, Hashable, CustomStringConve
     public var description: String { "\(code): \(message)" }
 }
 
-/// An admission gate for tenant-scoped work: at most `concurrency` bodies run at once; others wait
-/// in one queue per tenant, and free slots go round-robin over the tenants that wait, so one
-/// tenant's flood queues behind itself and cannot starve another. A waiter is refused at once
-/// when its tenant's queue is full, and after `maxWait` if still not admitted; a cancelled waiter
-/// leaves its queue.
+/// An admission gate for tenant-scoped work: at most a limit of bodies run at once, learnt from
+/// their latency (``AdaptiveConcurrencyLimit``: it grows while bodies finish about as fast as on
+/// an idle gateway and shrinks when they slow down, between `minimumConcurrency` and
+/// `concurrency`); others wait in one queue per tenant, and free slots go round-robin over the
+/// tenants that wait, so one tenant's flood queues behind itself and cannot starve another. A
+/// waiter is refused at once when its tenant's queue is full (`maxQueuedPerTenant`) or when the
+/// wait it can expect (its place in its tenant's queue, times the tenants that wait, times the
+/// recent latency, over the limit) is longer than `maxWait`, so a flood is shed at once instead
+/// of waiting out its deadline. A waiter still queued after `maxWait` is refused; a cancelled
+/// waiter leaves its queue.
 public final class TenantFairScheduler: Sendable {
     /// The gate's bounds.
     public struct Configuration: Sendable, Hashable {
-        /// Bodies running at once over all tenants: the capacity of what the bodies contend for
-        /// (HSM sessions, database connections). 64 by default.
+        /// The most bodies running at once over all tenants: the capacity of what the bodies
+        /// contend for (HSM sessions, database connections). 64 by default.
         public var concurrency: Int
+        /// The least the adaptive limit falls to (4 by default); equal to `concurrency`, the limit
+        /// is fixed.
+        public var minimumConcurrency: Int
         /// Waiting requests per tenant (`ServerLimits.maxQueuedRequestsPerTenant`, 256).
         public var maxQueuedPerTenant: Int
         /// How long a request may wait for admission (`ServerLimits.maxTenantQueueWait`, 5 s).
         public var maxWait: Duration
 
-        /// Explicit bounds; `concurrency` and `maxQueuedPerTenant` must be at least 1.
-        public init(concurrency: Int = 64, maxQueuedPerTenant: Int = 256, maxWait: Duration = .seconds(5)) {
+        /// Explicit bounds; `concurrency` and `maxQueuedPerTenant` must be at least 1 and
+        /// `minimumConcurrency` from 1 to `concurrency` (nil: 4, or `concurrency` when smaller).
+        public init(
+            concurrency: Int = 64, minimumConcurrency: Int? = nil, maxQueuedPerTenant: Int = 256,
+            maxWait: Duration = .seconds(5)
+        ) {
             precondition(concurrency >= 1 && maxQueuedPerTenant >= 1, "the scheduler needs at least one slot")
+            let minimum = minimumConcurrency ?? min(4, concurrency)
+            precondition((1...concurrency).contains(minimum), "the minimum must be from 1 to the maximum")
             self.concurrency = concurrency
+            self.minimumConcurrency = minimum
             self.maxQueuedPerTenant = maxQueuedPerTenant
             self.maxWait = maxWait
         }
 
-        /// The queue bounds of `limits` with `concurrency` slots.
-        public init(limits: ServerLimits, concurrency: Int = 64) {
+        /// The queue bounds of `limits` with these concurrency bounds.
+        public init(limits: ServerLimits, concurrency: Int = 64, minimumConcurrency: Int? = nil) {
             self.init(
                 concurrency: concurrency,
+                minimumConcurrency: minimumConcurrency,
                 maxQueuedPerTenant: limits.maxQueuedRequestsPerTenant,
                 maxWait: limits.maxTenantQueueWait
             )
@@ -89,43 +105,56 @@ public final class TenantFairScheduler: Sendable {
     }
 
     private struct Waiter {
-        var continuation: CheckedContinuation<Void, any Error>
+        var continuation: CheckedContinuation<TenantAdmissionStateMachine.Admission, any Error>
         var timeout: Task<Void, Never>?
     }
 
     /// The bounds this gate enforces.
     public let configuration: Configuration
     private let state: Mutex<State>
+    private let clock = ContinuousClock()
+    private let epoch: ContinuousClock.Instant
 
     /// A gate with these bounds.
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
+        self.epoch = clock.now
         self.state = Mutex(
             State(
                 machine: TenantAdmissionStateMachine(
-                    concurrency: configuration.concurrency,
-                    maxQueuedPerTenant: configuration.maxQueuedPerTenant
+                    limit: AdaptiveConcurrencyLimit.Settings(
+                        minimum: configuration.minimumConcurrency, maximum: configuration.concurrency),
+                    maxQueuedPerTenant: configuration.maxQueuedPerTenant,
+                    maxWait: configuration.maxWait
                 )
             )
         )
     }
 
+    /// The number of bodies that may run at once now.
+    public var currentLimit: Int { state.withLock { $0.machine.limit } }
+
+    /// Requests of `tenant` waiting for admission now.
+    func waiting(_ tenant: String) -> Int { state.withLock { $0.machine.waiting(tenant) } }
+
     /// Runs `body` once admitted for `tenant`. Throws ``TenantAdmissionError`` when the tenant's
     /// queue is full or the wait bound passes, `CancellationError` when the caller is cancelled
     /// while waiting, and whatever `body` throws.
     public func run<T: Sendable>(tenant: String, _ body: @Sendable () async throws -> T) async throws -> T {
-        try await admit(tenant: tenant)
-        defer { release() }
+        let admission = try await admit(tenant: tenant)
+        let started = clock.now
+        defer { release(admission, latency: clock.now - started) }
         return try await body()
     }
 
-    private func admit(tenant: String) async throws {
+    private func admit(tenant: String) async throws -> TenantAdmissionStateMachine.Admission {
         let id = state.withLock { state in
             defer { state.nextWaiterID += 1 }
             return state.nextWaiterID
         }
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation {
+                (continuation: CheckedContinuation<TenantAdmissionStateMachine.Admission, any Error>) in
                 let arrival = state.withLock { state -> TenantAdmissionStateMachine.Arrival? in
                     // Checked under the lock: a cancellation after this finds the waiter.
                     guard !Task.isCancelled else { return nil }
@@ -136,11 +165,17 @@ public final class TenantFairScheduler: Sendable {
                 switch arrival {
                 case nil:
                     continuation.resume(throwing: CancellationError())
-                case .admitted:
-                    continuation.resume()
+                case .admitted(let admission):
+                    continuation.resume(returning: admission)
                 case .queueFull:
                     continuation.resume(
-                        throwing: TenantAdmissionError(.queueFull, "too many requests are waiting for this tenant")
+                        throwing: TenantAdmissionError(
+                            .queueFull, "too many requests are waiting for this tenant; retry with backoff")
+                    )
+                case .wouldWaitTooLong:
+                    continuation.resume(
+                        throwing: TenantAdmissionError(
+                            .waitExceeded, "the gateway is at its limit for this tenant; retry with backoff")
                     )
                 case .queued:
                     let maxWait = configuration.maxWait
@@ -176,73 +211,112 @@ public final class TenantFairScheduler: Sendable {
         waiter?.continuation.resume(throwing: error)
     }
 
-    private func release() {
-        let next = state.withLock { state -> Waiter? in
-            guard let id = state.machine.finished() else { return nil }
-            return state.waiters.removeValue(forKey: id)
+    private func release(_ admission: TenantAdmissionStateMachine.Admission, latency: Duration) {
+        let now = clock.now - epoch
+        let next = state.withLock { state -> [(Waiter, TenantAdmissionStateMachine.Admission)] in
+            state.machine.finished(admission, latency: latency, now: now).compactMap { admitted in
+                state.waiters.removeValue(forKey: admitted.id).map { ($0, admitted) }
+            }
         }
-        next?.timeout?.cancel()
-        next?.continuation.resume()
+        for (waiter, admitted) in next {
+            waiter.timeout?.cancel()
+            waiter.continuation.resume(returning: admitted)
+        }
     }
 }
 
-/// The scheduler's bookkeeping without tasks or clocks: who runs, who waits, who is next.
+/// The scheduler's bookkeeping without tasks or clocks: who runs, who waits, who is next, and
+/// the limit learnt from the latencies it is told.
 struct TenantAdmissionStateMachine {
     typealias WaiterID = UInt64
 
+    /// A body admitted to run: what its completion reports back.
+    struct Admission: Equatable, Sendable {
+        var id: WaiterID
+        /// Bodies running when it was admitted, itself included.
+        var inFlight: Int
+    }
+
     enum Arrival: Equatable {
         /// Runs now: a slot was free and nobody waited.
-        case admitted
+        case admitted(Admission)
         /// Waits in its tenant's queue.
         case queued
         /// Refused: the tenant's queue is full.
         case queueFull
+        /// Refused: the expected wait is longer than the longest wait.
+        case wouldWaitTooLong
     }
 
-    let concurrency: Int
     let maxQueuedPerTenant: Int
+    /// The longest wait in seconds, for shedding at arrival (nil: never shed by expected wait).
+    let maxWait: Double?
+    private(set) var limiter: AdaptiveConcurrencyLimit
     private(set) var running = 0
     private var queues: [String: Deque<WaiterID>] = [:]
     /// Tenants with waiters, in the order they get the next slots.
     private var rotation: Deque<String> = []
     private var tenantOf: [WaiterID: String] = [:]
 
-    init(concurrency: Int, maxQueuedPerTenant: Int) {
-        self.concurrency = concurrency
+    init(limit: AdaptiveConcurrencyLimit.Settings, maxQueuedPerTenant: Int, maxWait: Duration? = nil) {
+        self.limiter = AdaptiveConcurrencyLimit(settings: limit)
         self.maxQueuedPerTenant = maxQueuedPerTenant
+        self.maxWait = maxWait.map { Double($0.components.seconds) + Double($0.components.attoseconds) * 1e-18 }
     }
+
+    /// A fixed limit of `concurrency` (for tests of the queueing alone).
+    init(concurrency: Int, maxQueuedPerTenant: Int, maxWait: Duration? = nil) {
+        self.init(
+            limit: AdaptiveConcurrencyLimit.Settings(minimum: concurrency, maximum: concurrency),
+            maxQueuedPerTenant: maxQueuedPerTenant, maxWait: maxWait)
+    }
+
+    /// Bodies that may run at once now.
+    var limit: Int { limiter.current }
 
     /// Waiters in `tenant`'s queue.
     func waiting(_ tenant: String) -> Int { queues[tenant]?.count ?? 0 }
 
     mutating func arrive(_ id: WaiterID, tenant: String) -> Arrival {
-        if running < concurrency, rotation.isEmpty {
+        if running < limit, rotation.isEmpty {
             running += 1
-            return .admitted
+            return .admitted(Admission(id: id, inFlight: running))
         }
         let queued = queues[tenant]?.count ?? 0
         guard queued < maxQueuedPerTenant else { return .queueFull }
+        // Slots come free at about limit / latency a second and go round-robin over the tenants
+        // that wait, this one's next after the others ahead of it.
+        if let maxWait, let latency = limiter.recentLatency {
+            let tenantsWaiting = rotation.count + (queued == 0 ? 1 : 0)
+            let expected = Double(queued + 1) * Double(tenantsWaiting) * latency / Double(limit)
+            if expected > maxWait { return .wouldWaitTooLong }
+        }
         if queued == 0 { rotation.append(tenant) }
         queues[tenant, default: []].append(id)
         tenantOf[id] = tenant
         return .queued
     }
 
-    /// A body finished: its slot goes to the next waiter in the rotation, if any (returned; it now
-    /// counts as running).
-    mutating func finished() -> WaiterID? {
+    /// A body finished after `latency` (at `now` on the caller's clock): the limit learns from
+    /// it, and the free slots go to the next waiters in the rotation (returned; they now count
+    /// as running). None when the limit shrank below the bodies still running.
+    mutating func finished(_ admission: Admission, latency: Duration, now: Duration) -> [Admission] {
         precondition(running > 0, "finished without a running body")
         running -= 1
-        guard let tenant = rotation.popFirst() else { return nil }
-        let id = queues[tenant]!.removeFirst()
-        tenantOf[id] = nil
-        if queues[tenant]!.isEmpty {
-            queues[tenant] = nil
-        } else {
-            rotation.append(tenant)
+        limiter.record(latency: latency, inFlight: admission.inFlight, running: running, now: now)
+        var admitted: [Admission] = []
+        while running < limit, let tenant = rotation.popFirst() {
+            let id = queues[tenant]!.removeFirst()
+            tenantOf[id] = nil
+            if queues[tenant]!.isEmpty {
+                queues[tenant] = nil
+            } else {
+                rotation.append(tenant)
+            }
+            running += 1
+            admitted.append(Admission(id: id, inFlight: running))
         }
-        running += 1
-        return id
+        return admitted
     }
 
     /// A waiter gave up (timeout or cancellation).

@@ -67,6 +67,9 @@ public final class GroupCommitter: Sendable {
     let anchoring: AuditAnchoring?
     private let state = Mutex(State())
 
+    /// Units waiting for a batch now (for tests that wait until callers have queued).
+    var queuedUnits: Int { state.withLock { $0.queue.count } }
+
     public init(
         repository: any KeyRepository,
         maximumBatch: Int = GroupCommitter.defaultMaximumBatch,

@@ -30,14 +30,17 @@ struct LoadMeasurement {
         return LoadMeasurement(elapsed: ContinuousClock.now - started, latencies: latencies)
     }
 
+    /// The latency at quantile `p` (0.5 for the median), in milliseconds with two decimals.
+    func percentile(_ p: Double) -> String {
+        let sorted = latencies.sorted()
+        guard !sorted.isEmpty else { return "-" }
+        let value = sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+        return String(format: "%.2f ms", GCMBenchmark.seconds(value) * 1000)
+    }
+
     /// Prints ops/s, p50 and p99 on one line.
     func report(_ name: String, concurrency: Int? = nil) {
-        let sorted = latencies.sorted()
-        func percentile(_ p: Double) -> String {
-            guard !sorted.isEmpty else { return "-" }
-            let value = sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-            return String(format: "%.2f ms", GCMBenchmark.seconds(value) * 1000)
-        }
+        let sorted = latencies
         let rate = Double(sorted.count) / GCMBenchmark.seconds(elapsed)
         let label = name.padding(toLength: 16, withPad: " ", startingAt: 0) + (concurrency.map { " x\($0)\t" } ?? " ")
         print("\(label)\(GCMBenchmark.format(rate)) ops/s   p50 \(percentile(0.5))   p99 \(percentile(0.99))")

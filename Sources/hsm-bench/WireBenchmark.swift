@@ -52,72 +52,11 @@ struct WireBenchmark: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var logger = Logger(label: "hsm-bench")
-        logger.logLevel = .error
-        let throwaway = try ThrowawayToken(module: module, label: "hsm-bench-wire")
-        defer { throwaway.remove() }
-        let directory = throwaway.directory.path
-        let pinFile = directory + "/user.pin"
-        try "bench-user-pin".write(toFile: pinFile, atomically: true, encoding: .utf8)
-        chmod(pinFile, 0o600)
-
-        let storeSettings: StoreSettings
-        var stopCluster: () -> Void = {}
-        switch store {
-        case .sqlite:
-            storeSettings = .sqlite(path: directory + "/keys.sqlite")
-        case .postgres:
-            let cluster = directory + "/pg"
-            let output = try KeysBenchmark.shell([postgresScript, "start", cluster, "--watch-pid", "\(getpid())"])
-            guard
-                let port = output.split(separator: "\n").first(where: { $0.hasPrefix("port=") }).flatMap({
-                    Int($0.dropFirst("port=".count))
-                })
-            else { throw ValidationError("the cluster script printed no port: \(output)") }
-            storeSettings = .postgres(
-                PostgresSettings(
-                    port: port, user: "hsmgw", database: "postgres", passwordFile: cluster + "/password",
-                    maximumConnections: 8
-                )
-            )
-            let script = postgresScript
-            stopCluster = { _ = try? KeysBenchmark.shell([script, "stop", cluster]) }
-        }
-        defer { stopCluster() }
-
-        var hsm = HSMSettings(modulePath: module, tokenLabel: throwaway.label, pin: .file(pinFile))
-        hsm.maximumSessions = sessions
-        var configuration = GatewayConfiguration(hsm: hsm, store: storeSettings)
-        configuration.listen = [.tcp(host: "127.0.0.1", port: 0)]
-        configuration.metricsListen = nil
-        configuration.auth.bootstrapTokenFile = directory + "/admin.token"
-        var trust: GatewayClientConfiguration.TransportSecurity = .plaintext
-        if !plaintext {
-            let pki = try BenchCertificates(directory: directory + "/pki")
-            configuration.tls = .init(certificateChainPath: pki.serverCertificate, privateKeyPath: pki.serverKey)
-            trust = .tls(.init(trustRoots: .pemFile(path: pki.caCertificate), serverHostnameOverride: "localhost"))
-        }
-        let app = try await GatewayServerApp.open(
-            GatewayLaunch(configuration: configuration, serverVersion: "bench"),
-            module: throwaway.module,
-            handleSignals: false,
-            logger: logger
-        )
-        guard let adminToken = app.bootstrapAdminToken else { throw ValidationError("no admin token was made") }
-        let server = Task { try await app.run() }
-        defer { server.cancel() }
-        let port = try await app.listeningAddresses().first?.port ?? 0
-
-        let client = try GatewayClient(
-            configuration: GatewayClientConfiguration(
-                target: .host("127.0.0.1", port: port),
-                transportSecurity: trust,
-                apiToken: APIToken(adminToken),
-                clientName: "hsm-bench",
-                poolSize: connections,
-                defaultDeadline: .seconds(60)
-            )
-        )
+        let gateway = try await BenchGateway.start(
+            module: module, store: store, sessions: sessions, plaintext: plaintext, postgresScript: postgresScript,
+            label: "hsm-bench-wire")
+        defer { gateway.stop() }
+        let client = try gateway.client(connections: connections)
         _ = try await client.createTenant("bench")
         let context = ["service": "bench"]
         print(
@@ -140,8 +79,7 @@ struct WireBenchmark: AsyncParsableCommand {
             decrypt.report("DecryptDataKey", concurrency: level)
         }
         await client.shutdown()
-        await app.shutdown()
-        _ = try? await server.value
+        await gateway.shutdown()
     }
 }
 

@@ -3,39 +3,87 @@ import Testing
 
 @testable import GatewayTransport
 
+/// Drives the state machine as the scheduler does: admissions remembered, each finishing after
+/// `latency` on a clock that advances by it.
+private struct Driver {
+    var machine: TenantAdmissionStateMachine
+    var running: [UInt64: TenantAdmissionStateMachine.Admission] = [:]
+    var now: Duration = .zero
+
+    init(concurrency: Int, maxQueuedPerTenant: Int) {
+        machine = TenantAdmissionStateMachine(concurrency: concurrency, maxQueuedPerTenant: maxQueuedPerTenant)
+    }
+
+    init(_ machine: TenantAdmissionStateMachine) { self.machine = machine }
+
+    /// "admitted", "queued", "full" or "shed".
+    mutating func arrive(_ id: UInt64, tenant: String) -> String {
+        switch machine.arrive(id, tenant: tenant) {
+        case .admitted(let admission):
+            running[id] = admission
+            return "admitted"
+        case .queued: return "queued"
+        case .queueFull: return "full"
+        case .wouldWaitTooLong: return "shed"
+        }
+    }
+
+    /// Finishes `id` after `latency`; returns the ids admitted in its place.
+    @discardableResult
+    mutating func finish(_ id: UInt64, latency: Duration = .milliseconds(1)) -> [UInt64] {
+        now += latency
+        let admitted = machine.finished(running.removeValue(forKey: id)!, latency: latency, now: now)
+        for admission in admitted { running[admission.id] = admission }
+        return admitted.map(\.id)
+    }
+
+    /// Finishes the oldest-admitted running body one at a time until none runs; returns the
+    /// order in which queued ones were admitted.
+    mutating func drain(after first: UInt64) -> [UInt64] {
+        var order: [UInt64] = []
+        var next: [UInt64] = [first]
+        while let id = next.first {
+            next.removeFirst()
+            let admitted = finish(id)
+            order += admitted
+            next += admitted
+        }
+        return order
+    }
+}
+
 @Suite("Tenant fair scheduler: admission state machine")
 struct TenantAdmissionStateMachineTests {
     @Test("free slots admit at once; then requests queue per tenant")
     func admitThenQueue() {
-        var machine = TenantAdmissionStateMachine(concurrency: 2, maxQueuedPerTenant: 10)
-        #expect(machine.arrive(1, tenant: "a") == .admitted)
-        #expect(machine.arrive(2, tenant: "a") == .admitted)
-        #expect(machine.arrive(3, tenant: "a") == .queued)
-        #expect(machine.running == 2)
-        #expect(machine.finished() == 3)
-        #expect(machine.running == 2)
-        #expect(machine.finished() == nil)
-        #expect(machine.running == 1)
+        var driver = Driver(concurrency: 2, maxQueuedPerTenant: 10)
+        #expect(driver.arrive(1, tenant: "a") == "admitted")
+        #expect(driver.arrive(2, tenant: "a") == "admitted")
+        #expect(driver.arrive(3, tenant: "a") == "queued")
+        #expect(driver.machine.running == 2)
+        #expect(driver.finish(1) == [3])
+        #expect(driver.machine.running == 2)
+        #expect(driver.finish(2) == [])
+        #expect(driver.machine.running == 1)
     }
 
     @Test("a full tenant queue refuses that tenant only")
     func queueFull() {
-        var machine = TenantAdmissionStateMachine(concurrency: 1, maxQueuedPerTenant: 2)
-        #expect(machine.arrive(1, tenant: "a") == .admitted)
-        #expect(machine.arrive(2, tenant: "a") == .queued)
-        #expect(machine.arrive(3, tenant: "a") == .queued)
-        #expect(machine.arrive(4, tenant: "a") == .queueFull)
-        #expect(machine.arrive(5, tenant: "b") == .queued)
+        var driver = Driver(concurrency: 1, maxQueuedPerTenant: 2)
+        #expect(driver.arrive(1, tenant: "a") == "admitted")
+        #expect(driver.arrive(2, tenant: "a") == "queued")
+        #expect(driver.arrive(3, tenant: "a") == "queued")
+        #expect(driver.arrive(4, tenant: "a") == "full")
+        #expect(driver.arrive(5, tenant: "b") == "queued")
     }
 
     @Test("fairness: tenant B's 5 requests behind tenant A's 200 are admitted within the first 10 slots")
     func fairness() {
-        var machine = TenantAdmissionStateMachine(concurrency: 1, maxQueuedPerTenant: 256)
-        #expect(machine.arrive(0, tenant: "a") == .admitted)
-        for id in UInt64(1)...200 { #expect(machine.arrive(id, tenant: "a") == .queued) }
-        for id in UInt64(1001)...1005 { #expect(machine.arrive(id, tenant: "b") == .queued) }
-        var order: [UInt64] = []
-        while let next = machine.finished() { order.append(next) }
+        var driver = Driver(concurrency: 1, maxQueuedPerTenant: 256)
+        #expect(driver.arrive(0, tenant: "a") == "admitted")
+        for id in UInt64(1)...200 { #expect(driver.arrive(id, tenant: "a") == "queued") }
+        for id in UInt64(1001)...1005 { #expect(driver.arrive(id, tenant: "b") == "queued") }
+        let order = driver.drain(after: 0)
         #expect(order.count == 205)
         let positionsOfB = order.indices.filter { order[$0] > 1000 }
         #expect(positionsOfB == [1, 3, 5, 7, 9])
@@ -45,27 +93,142 @@ struct TenantAdmissionStateMachineTests {
 
     @Test("round-robin over three tenants")
     func roundRobin() {
-        var machine = TenantAdmissionStateMachine(concurrency: 1, maxQueuedPerTenant: 10)
-        _ = machine.arrive(0, tenant: "a")
+        var driver = Driver(concurrency: 1, maxQueuedPerTenant: 10)
+        _ = driver.arrive(0, tenant: "a")
         for (id, tenant) in [(1, "a"), (2, "a"), (3, "b"), (4, "c"), (5, "c")] as [(UInt64, String)] {
-            _ = machine.arrive(id, tenant: tenant)
+            _ = driver.arrive(id, tenant: tenant)
         }
-        var order: [UInt64] = []
-        while let next = machine.finished() { order.append(next) }
-        #expect(order == [1, 3, 4, 2, 5])
+        #expect(driver.drain(after: 0) == [1, 3, 4, 2, 5])
     }
 
     @Test("a waiter that leaves frees its place; an empty tenant leaves the rotation")
     func leave() {
-        var machine = TenantAdmissionStateMachine(concurrency: 1, maxQueuedPerTenant: 1)
-        _ = machine.arrive(0, tenant: "a")
-        #expect(machine.arrive(1, tenant: "b") == .queued)
-        #expect(machine.arrive(2, tenant: "b") == .queueFull)
-        machine.leave(1)
-        #expect(machine.waiting("b") == 0)
-        #expect(machine.arrive(3, tenant: "c") == .queued)
-        #expect(machine.finished() == 3)
-        #expect(machine.finished() == nil)
+        var driver = Driver(concurrency: 1, maxQueuedPerTenant: 1)
+        _ = driver.arrive(0, tenant: "a")
+        #expect(driver.arrive(1, tenant: "b") == "queued")
+        #expect(driver.arrive(2, tenant: "b") == "full")
+        driver.machine.leave(1)
+        #expect(driver.machine.waiting("b") == 0)
+        #expect(driver.arrive(3, tenant: "c") == "queued")
+        #expect(driver.finish(0) == [3])
+        #expect(driver.finish(3) == [])
+    }
+
+    @Test("a request that would wait longer than the longest wait is shed at once")
+    func shedByExpectedWait() {
+        // A fixed limit of 2, requests taking 100 ms, a 1 s longest wait: slots free at 20 a
+        // second, so a tenant alone can queue 20 and the 21st is shed; with two tenants waiting,
+        // each queue holds 10.
+        var driver = Driver(
+            TenantAdmissionStateMachine(concurrency: 2, maxQueuedPerTenant: 256, maxWait: .seconds(1)))
+        #expect(driver.arrive(1, tenant: "a") == "admitted")
+        driver.finish(1, latency: .milliseconds(100))
+        #expect(driver.arrive(2, tenant: "a") == "admitted")
+        #expect(driver.arrive(3, tenant: "a") == "admitted")
+        var outcomes: [String] = []
+        for id in UInt64(10)..<40 { outcomes.append(driver.arrive(id, tenant: "a")) }
+        #expect(outcomes.filter { $0 == "queued" }.count == 20)
+        #expect(outcomes.filter { $0 == "shed" }.count == 10)
+        // Tenant b arrives behind a's 20: it waits two turns at most, so it is queued.
+        #expect(driver.arrive(100, tenant: "b") == "queued")
+        #expect(driver.finish(2, latency: .milliseconds(100)) == [10])
+        #expect(driver.finish(3, latency: .milliseconds(100)) == [100])
+    }
+}
+
+@Suite("Adaptive concurrency limit")
+struct AdaptiveConcurrencyLimitTests {
+    /// Feeds `count` completions of `latency` with `inFlight` admitted and `running` still
+    /// running, 1 ms apart.
+    private static func feed(
+        _ limit: inout AdaptiveConcurrencyLimit, _ count: Int, latency: Duration, inFlight: Int,
+        running: Int? = nil, clock: inout Duration
+    ) {
+        for _ in 0..<count {
+            clock += .milliseconds(1)
+            limit.record(latency: latency, inFlight: inFlight, running: running ?? inFlight - 1, now: clock)
+        }
+    }
+
+    @Test("grows to the maximum while busy requests finish as fast as idle ones")
+    func grows() {
+        var limit = AdaptiveConcurrencyLimit(settings: .init(minimum: 4, maximum: 64))
+        var clock = Duration.zero
+        #expect(limit.current == 16)
+        Self.feed(&limit, 5, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        Self.feed(&limit, 500, latency: .milliseconds(2), inFlight: 60, clock: &clock)
+        #expect(limit.current == 64)
+    }
+
+    @Test("an unused limit does not grow")
+    func idleDoesNotGrow() {
+        var limit = AdaptiveConcurrencyLimit(settings: .init(minimum: 4, maximum: 64))
+        var clock = Duration.zero
+        Self.feed(&limit, 1000, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        #expect(limit.current == 16)
+    }
+
+    @Test("shrinks to the minimum when requests take far longer than idle ones, and recovers")
+    func shrinksAndRecovers() {
+        var limit = AdaptiveConcurrencyLimit(settings: .init(minimum: 4, maximum: 64))
+        var clock = Duration.zero
+        Self.feed(&limit, 5, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        Self.feed(&limit, 200, latency: .milliseconds(20), inFlight: 16, clock: &clock)
+        #expect(limit.current == 4)
+        for _ in 0..<500 {
+            Self.feed(&limit, 1, latency: .milliseconds(2), inFlight: limit.current, clock: &clock)
+        }
+        #expect(limit.current == 64)
+    }
+
+    @Test("settles where latency is about the tolerance over the idle latency")
+    func settles() {
+        // A store whose latency grows with the requests in flight (a group commit): 2 ms alone,
+        // plus 0.5 ms per request. At the tolerance of 1.5 that is 3 ms, about 2 in flight; the
+        // minimum of 4 holds it there.
+        var limit = AdaptiveConcurrencyLimit(settings: .init(minimum: 4, maximum: 64))
+        var clock = Duration.zero
+        Self.feed(&limit, 5, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        for _ in 0..<2000 {
+            let inFlight = limit.current
+            let latency = Duration.microseconds(2000 + 500 * inFlight)
+            Self.feed(&limit, 1, latency: latency, inFlight: inFlight, clock: &clock)
+        }
+        #expect(limit.current == 4)
+        // 0.05 ms per request: 1.5 x 2 ms is reached near 20 in flight.
+        var other = AdaptiveConcurrencyLimit(settings: .init(minimum: 4, maximum: 64))
+        Self.feed(&other, 5, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        for _ in 0..<4000 {
+            let inFlight = other.current
+            Self.feed(&other, 1, latency: .microseconds(2000 + 50 * inFlight), inFlight: inFlight, clock: &clock)
+        }
+        #expect((12...28).contains(other.current), "settled at \(other.current)")
+    }
+
+    @Test("busy for the probe interval without an idle measurement: the limit is one until one comes")
+    func probes() {
+        var limit = AdaptiveConcurrencyLimit(settings: .init(minimum: 4, maximum: 64))
+        var clock = Duration.zero
+        Self.feed(&limit, 5, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        Self.feed(&limit, 9_000, latency: .milliseconds(2), inFlight: 30, clock: &clock)
+        #expect(!limit.probing)
+        Self.feed(&limit, 1_100, latency: .milliseconds(2), inFlight: 30, clock: &clock)
+        #expect(limit.probing)
+        #expect(limit.current == 1)
+        let before = limit.estimate
+        Self.feed(&limit, 1, latency: .milliseconds(3), inFlight: 1, clock: &clock)
+        #expect(!limit.probing)
+        #expect(limit.current == Int(before))
+        #expect(limit.idleLatency! > 0.002)
+    }
+
+    @Test("a fixed limit (minimum = maximum) never moves")
+    func fixed() {
+        var limit = AdaptiveConcurrencyLimit(settings: .init(minimum: 8, maximum: 8))
+        var clock = Duration.zero
+        Self.feed(&limit, 5, latency: .milliseconds(2), inFlight: 1, clock: &clock)
+        Self.feed(&limit, 500, latency: .milliseconds(50), inFlight: 8, clock: &clock)
+        #expect(limit.current == 8)
     }
 }
 
@@ -134,23 +297,20 @@ struct TenantFairSchedulerTests {
         let scheduler = TenantFairScheduler(
             configuration: .init(concurrency: 1, maxQueuedPerTenant: 256, maxWait: Self.patientWait))
         let gate = Gate()
-        let enqueued = NIOLockedValueBox(0)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await scheduler.run(tenant: "a") { await gate.enter("first") } }
             try await Self.waitUntil { gate.admitted == ["first"] }
             for index in 0..<200 {
                 group.addTask {
-                    enqueued.withLockedValue { $0 += 1 }
                     try await scheduler.run(tenant: "a") { await gate.enter("a\(index)") }
                 }
             }
-            // Let A's flood queue up before B arrives.
-            try await Self.waitUntil { enqueued.withLockedValue { $0 } == 200 }
-            try await Task.sleep(for: .milliseconds(100))
+            // A's flood is queued before B arrives.
+            try await Self.waitUntil { scheduler.waiting("a") == 200 }
             for index in 0..<5 {
                 group.addTask { try await scheduler.run(tenant: "b") { await gate.enter("b\(index)") } }
             }
-            try await Task.sleep(for: .milliseconds(100))
+            try await Self.waitUntil { scheduler.waiting("b") == 5 }
             gate.open()
             try await group.waitForAll()
         }
@@ -170,14 +330,14 @@ struct TenantFairSchedulerTests {
             for index in 0..<2 {
                 group.addTask { try await scheduler.run(tenant: "a") { await gate.enter("a\(index)") } }
             }
-            try await Task.sleep(for: .milliseconds(50))
+            try await Self.waitUntil { scheduler.waiting("a") == 2 }
             let error = await #expect(throws: TenantAdmissionError.self) {
                 try await scheduler.run(tenant: "a") { 1 }
             }
             #expect(error?.code == .queueFull)
             #expect(error?.statusReason == "OVERLOADED")
             group.addTask { try await scheduler.run(tenant: "b") { await gate.enter("b") } }
-            try await Task.sleep(for: .milliseconds(50))
+            try await Self.waitUntil { scheduler.waiting("b") == 1 }
             gate.open()
             try await group.waitForAll()
         }
@@ -202,7 +362,7 @@ struct TenantFairSchedulerTests {
             #expect(clock.now - start >= .milliseconds(100))
             // The queue has room again.
             group.addTask { try await scheduler.run(tenant: "a") { await gate.enter("second") } }
-            try await Task.sleep(for: .milliseconds(20))
+            try await Self.waitUntil { scheduler.waiting("a") == 1 }
             gate.open()
             try await group.waitForAll()
         }
@@ -217,12 +377,12 @@ struct TenantFairSchedulerTests {
             group.addTask { try await scheduler.run(tenant: "a") { await gate.enter("first") } }
             try await Self.waitUntil { gate.admitted.count == 1 }
             let waiter = Task { try await scheduler.run(tenant: "a") { await gate.enter("cancelled") } }
-            try await Task.sleep(for: .milliseconds(50))
+            try await Self.waitUntil { scheduler.waiting("a") == 1 }
             waiter.cancel()
             await #expect(throws: CancellationError.self) { try await waiter.value }
             // Its place in the one-deep queue is free again.
             group.addTask { try await scheduler.run(tenant: "a") { await gate.enter("second") } }
-            try await Task.sleep(for: .milliseconds(20))
+            try await Self.waitUntil { scheduler.waiting("a") == 1 }
             gate.open()
             try await group.waitForAll()
         }

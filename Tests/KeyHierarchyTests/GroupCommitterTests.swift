@@ -5,6 +5,12 @@ import Testing
 
 @Suite("Group commit: batching, isolation of failures, audit chaining")
 struct GroupCommitterTests {
+    /// Returns once `count` units wait for a batch (their callers have queued; no sleeping on
+    /// the wall clock to let them).
+    static func waitUntilQueued(_ committer: GroupCommitter, _ count: Int) async {
+        while committer.queuedUnits < count { try? await Task.sleep(for: .milliseconds(1)) }
+    }
+
     struct UnitFailure: Error, Equatable {
         var index: Int
     }
@@ -112,7 +118,7 @@ struct GroupCommitterTests {
         async let first = Self.commitConcurrently(committer, [0])
         await repository.waitForAttempt(1)
         async let rest = Self.commitConcurrently(committer, 1..<20, failing: failing)
-        try await Task.sleep(for: .milliseconds(100))
+        await Self.waitUntilQueued(committer, 19)
         gate.open()
         let results = (await first).merging(await rest) { lhs, _ in lhs }
         let snapshot = repository.snapshot
@@ -150,7 +156,7 @@ struct GroupCommitterTests {
         await repository.waitForAttempt(1)
         let cancelled = Task { try await committer.commit(Self.unit(1)) }
         let kept = Task { try await committer.commit(Self.unit(2)) }
-        try await Task.sleep(for: .milliseconds(50))
+        await Self.waitUntilQueued(committer, 2)
         cancelled.cancel()
         await #expect(throws: CancellationError.self) { try await cancelled.value }
         gate.open()
@@ -172,9 +178,9 @@ struct GroupCommitterTests {
         await repository.waitForAttempt(1)
         // Lane "flood" queues 20 units, then lane "quiet" one.
         let flood = (1...20).map { index in Task { try await committer.commit(lane: "flood", Self.unit(index)) } }
-        try await Task.sleep(for: .milliseconds(50))
+        await Self.waitUntilQueued(committer, 20)
         let quiet = Task { try await committer.commit(lane: "quiet", Self.unit(99)) }
-        try await Task.sleep(for: .milliseconds(50))
+        await Self.waitUntilQueued(committer, 21)
         gate.open()
         #expect(try await quiet.value.value == 99)
         for task in flood { _ = try await task.value }
@@ -208,7 +214,7 @@ struct GroupCommitterTests {
         async let first = Self.commitConcurrently(committer, [0])
         await repository.waitForAttempt(1)
         async let rest = Self.commitConcurrently(committer, 1..<20, failing: [5])
-        try await Task.sleep(for: .milliseconds(100))
+        await Self.waitUntilQueued(committer, 19)
         gate.open()
         _ = (await first, await rest)
         let seen = observations.withLock { $0 }
@@ -247,7 +253,7 @@ struct GroupCommitterTests {
         async let first = Self.commitConcurrently(committer, [0])
         await repository.waitForAttempt(1)
         async let batch = Self.commitConcurrently(committer, 1..<11)
-        try await Task.sleep(for: .milliseconds(100))
+        await Self.waitUntilQueued(committer, 10)
         gate.open()
         let firstResult = try #require((await first)[0])
         let batchResults = await batch
@@ -317,7 +323,7 @@ struct GroupCommitterTests {
         async let first = Self.commitConcurrently(committer, [0])
         await repository.waitForAttempt(1)
         async let rest = Self.commitConcurrently(committer, 1..<9)
-        try await Task.sleep(for: .milliseconds(100))
+        await Self.waitUntilQueued(committer, 8)
         gate.open()
         let results = (await first).merging(await rest) { lhs, _ in lhs }
         let snapshot = repository.snapshot

@@ -384,6 +384,9 @@ struct SettingsReader {
         var settings = FairQueueSettings()
         settings.maximumConcurrent = try integer(
             "fair_queue.max_concurrent", in: 1...100_000, default: settings.maximumConcurrent)
+        settings.minimumConcurrent = try integer(
+            "fair_queue.min_concurrent", in: 1...settings.maximumConcurrent,
+            default: min(settings.minimumConcurrent, settings.maximumConcurrent))
         return settings
     }
 

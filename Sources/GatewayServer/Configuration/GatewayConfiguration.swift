@@ -257,9 +257,13 @@ public struct PostgresSettings: Sendable, Hashable {
 
 /// Per-tenant fair admission of tenant-scoped work, beyond the queue bounds in `ServerLimits`.
 public struct FairQueueSettings: Sendable, Hashable {
-    /// Tenant-scoped requests running at once across all tenants (64): enough to keep the token's
-    /// sessions and the store's connections busy, few enough that one tenant cannot hold them all.
+    /// The most tenant-scoped requests running at once across all tenants (64): the ceiling of
+    /// the adaptive limit (``TenantFairScheduler``), enough to keep the token's sessions and the
+    /// store's connections busy.
     public var maximumConcurrent = 64
+    /// The least the adaptive limit falls to (4; at most `maximumConcurrent`). Set it equal to
+    /// `maximumConcurrent` for a fixed limit.
+    public var minimumConcurrent = 4
 
     /// The defaults.
     public init() {}

@@ -69,6 +69,7 @@ enum SettingKeys {
         SettingDefinition("fair_queue.max_waiting_per_tenant"),
         SettingDefinition("fair_queue.max_wait_ms"),
         SettingDefinition("fair_queue.max_concurrent"),
+        SettingDefinition("fair_queue.min_concurrent"),
         SettingDefinition("auth.bootstrap_token_file"),
         SettingDefinition("auth.access_cache_ttl_ms"),
         SettingDefinition("auth.failure_burst"),

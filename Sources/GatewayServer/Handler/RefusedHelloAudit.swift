@@ -111,10 +111,15 @@ final class RefusedHelloAudit: Sendable {
         self.write = write
         self.logger = logger
         self.dropped = registry?.makeCounter(
-            name: "hsmgw_auth_audit_dropped_total",
-            help: "Audit records of refused Hellos dropped because their bounded queue was full or the store failed.")
+            descriptor: MetricNameDescriptor(
+                metricName: "hsmgw_auth_audit_dropped_total", unitName: "",
+                helpText:
+                    "Audit records of refused Hellos dropped because their bounded queue was full or the store failed.")
+        )
         self.queued = registry?.makeGauge(
-            name: "hsmgw_auth_audit_queued", help: "Audit records of refused Hellos waiting to be written.")
+            descriptor: MetricNameDescriptor(
+                metricName: "hsmgw_auth_audit_queued", unitName: "",
+                helpText: "Audit records of refused Hellos waiting to be written."))
     }
 
     /// Queues `event` without waiting; drops it (and counts it) when the queue is full.

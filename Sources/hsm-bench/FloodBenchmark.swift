@@ -1,0 +1,180 @@
+import ArgumentParser
+import Foundation
+import GatewayClient
+import GatewayServer
+import Synchronization
+
+/// One tenant floods, another works one call at a time: the quiet tenant's DecryptDataKey
+/// latency alone (the baseline) and under the flood, and its errors, through the wire protocol
+/// to a gateway in this process (issue 12: fairness must hold at any flood rate).
+struct FloodBenchmark: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "flood",
+        abstract: "A quiet tenant's latency and errors, alone and while another tenant floods the gateway."
+    )
+
+    @Option(help: "PKCS#11 module.")
+    var module = "/usr/lib/softhsm/libsofthsm2.so"
+
+    @Option(help: "Store: sqlite or postgres.")
+    var store: KeysBenchmark.Store = .sqlite
+
+    @Option(help: "Seconds per measurement (1 to 600).")
+    var seconds: Double = 10
+
+    @Option(help: "The flooding tenant's concurrent GenerateDataKey loops (1 to 4096).")
+    var floodTasks = 960
+
+    @Option(help: "The flooding tenant's client connections (1 to 16).")
+    var floodConnections = 8
+
+    @Option(help: "Milliseconds a flooding loop waits after a refusal before sending again (0 to 10000).")
+    var retryDelay = 10
+
+    @Option(help: "A fixed admission limit (fair_queue.min_concurrent = max_concurrent), instead of the learnt one.")
+    var fixedLimit: Int?
+
+    @Option(help: "HSM sessions in the pool (1 to 64).")
+    var sessions = 4
+
+    @Option(help: "The throwaway-cluster script (for --store postgres).")
+    var postgresScript = "scripts/throwaway-postgres.sh"
+
+    @Flag(help: "Plaintext on loopback instead of TLS.")
+    var plaintext = false
+
+    func validate() throws {
+        guard (1...600).contains(seconds) else { throw ValidationError("--seconds must be from 1 to 600") }
+        guard (1...4096).contains(floodTasks) else { throw ValidationError("--flood-tasks must be from 1 to 4096") }
+        guard (1...16).contains(floodConnections) else {
+            throw ValidationError("--flood-connections must be from 1 to 16")
+        }
+        guard (0...10_000).contains(retryDelay) else { throw ValidationError("--retry-delay must be from 0 to 10000") }
+        if let fixedLimit, !(1...100_000).contains(fixedLimit) {
+            throw ValidationError("--fixed-limit must be from 1 to 100000")
+        }
+        guard (1...64).contains(sessions) else { throw ValidationError("--sessions must be from 1 to 64") }
+    }
+
+    /// What the flooding loops share: when to stop, and what they got.
+    final class FloodState: Sendable {
+        let stop = Atomic(false)
+        let counts = Mutex<(ok: Int, refused: [String: Int])>((0, [:]))
+    }
+
+    /// What the quiet tenant saw.
+    struct QuietRun {
+        var latencies: [Duration] = []
+        var errors: [String: Int] = [:]
+    }
+
+    func run() async throws {
+        let fixedLimit = self.fixedLimit
+        let gateway = try await BenchGateway.start(
+            module: module, store: store, sessions: sessions, plaintext: plaintext, postgresScript: postgresScript,
+            label: "hsm-bench-flood"
+        ) { configuration in
+            if let fixedLimit {
+                configuration.fairQueue.maximumConcurrent = fixedLimit
+                configuration.fairQueue.minimumConcurrent = fixedLimit
+            }
+        }
+        defer { gateway.stop() }
+        // Neither client retries: every refusal is counted, none hidden in a latency.
+        let quietClient = try gateway.client(connections: 1, retryPolicy: .none, name: "quiet")
+        let floodClient = try gateway.client(connections: floodConnections, retryPolicy: .none, name: "flood")
+        _ = try await quietClient.createTenant("quiet")
+        _ = try await quietClient.createTenant("flood")
+        let context = ["service": "bench"]
+        var keys: [String] = []
+        for _ in 0..<100 {
+            keys.append(
+                try await quietClient.generateDataKey(tenant: "quiet", context: context, includePlaintext: false).id)
+        }
+        let duration = Duration.milliseconds(Int(seconds * 1000))
+        let limitText = fixedLimit.map { "fixed limit \($0)" } ?? "learnt limit"
+        print(
+            "store: \(store.rawValue)   \(plaintext ? "plaintext" : "TLS")   \(limitText)   HSM sessions: \(sessions)"
+                + "   flood: \(floodTasks) GenerateDataKey loops on \(floodConnections) connections,"
+                + " \(retryDelay) ms after a refusal   \(seconds) s per figure"
+        )
+        let quietKeys = keys
+        func quietRun() async -> QuietRun {
+            var run = QuietRun()
+            let end = ContinuousClock.now + duration
+            var index = 0
+            while ContinuousClock.now < end {
+                let begin = ContinuousClock.now
+                do {
+                    _ = try await quietClient.decryptDataKey(
+                        tenant: "quiet", id: quietKeys[index % quietKeys.count], context: context)
+                    run.latencies.append(ContinuousClock.now - begin)
+                } catch {
+                    run.errors[Self.describe(error), default: 0] += 1
+                }
+                index += 1
+            }
+            return run
+        }
+        // Warm-up, then the baseline.
+        _ = await quietRun()
+        let baseline = await quietRun()
+        Self.report("quiet DecryptDataKey, alone", baseline)
+
+        let state = FloodState()
+        let delay = Duration.milliseconds(retryDelay)
+        let flood = Task {
+            await withTaskGroup(of: Void.self) { group in
+                for _ in 0..<floodTasks {
+                    group.addTask {
+                        while !state.stop.load(ordering: .relaxed) {
+                            do {
+                                _ = try await floodClient.generateDataKey(
+                                    tenant: "flood", context: context, includePlaintext: false)
+                                state.counts.withLock { $0.ok += 1 }
+                            } catch {
+                                state.counts.withLock { $0.refused[Self.describe(error), default: 0] += 1 }
+                                try? await Task.sleep(for: delay)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .seconds(2))
+        state.counts.withLock { $0 = (0, [:]) }
+        let started = ContinuousClock.now
+        let flooded = await quietRun()
+        let (ok, refused) = state.counts.withLock { ($0.ok, $0.refused) }
+        let elapsed = GCMBenchmark.seconds(ContinuousClock.now - started)
+        state.stop.store(true, ordering: .relaxed)
+        await flood.value
+        Self.report("quiet DecryptDataKey, flooded", flooded)
+        let refusals = refused.sorted { $0.key < $1.key }.map {
+            "\($0.key): \(GCMBenchmark.format(Double($0.value) / elapsed))/s"
+        }
+        print(
+            "flood GenerateDataKey: \(GCMBenchmark.format(Double(ok) / elapsed)) ok/s   refused: "
+                + (refusals.isEmpty ? "none" : refusals.joined(separator: ", "))
+        )
+        await quietClient.shutdown()
+        await floodClient.shutdown()
+        await gateway.shutdown()
+    }
+
+    /// The code and reason of a gateway error (the type of any other).
+    static func describe(_ error: any Error) -> String {
+        guard let error = error as? GatewayError else { return "\(type(of: error))" }
+        return "\(error.code) \(error.reason)"
+    }
+
+    static func report(_ name: String, _ run: QuietRun) {
+        let measurement = LoadMeasurement(elapsed: .seconds(1), latencies: run.latencies)
+        let errors = run.errors.isEmpty ? "0" : run.errors.map { "\($0.key) x\($0.value)" }.joined(separator: ", ")
+        print(
+            name.padding(toLength: 32, withPad: " ", startingAt: 0)
+                + "\(run.latencies.count) calls   p50 \(measurement.percentile(0.5))   p99 \(measurement.percentile(0.99))"
+                + "   errors: \(errors)"
+        )
+    }
+}
