@@ -32,6 +32,8 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
 
     private var context: ChannelHandlerContext?
     private var tasks: [ConnectionStateMachine.TaskID: Task<Void, Never>] = [:]
+    /// Requests in flight on one connection below which its tasks run at high priority.
+    static let promptInFlight = 4
     private var requestDeadlines: [ConnectionStateMachine.TaskID: Scheduled<Void>] = [:]
     private var timers: [ConnectionTimer: Scheduled<Void>] = [:]
     private var lastWrite: EventLoopFuture<Void>?
@@ -39,6 +41,14 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
     private var isReading = false
     private var needsFlush = false
     private var readPending = false
+    /// How much of the recent answers were RESOURCE_EXHAUSTED: +1 per refusal, decaying by 10%
+    /// per answer (see `noteAnswer`).
+    private var refusalScore = 0.0
+    /// Pauses in a row, each begun within `refusalPauseMaximum` of the last one's end.
+    private var pausesInARow = 0
+    private var lastPauseEnded: NIODeadline?
+    /// Reading is paused because the peer keeps sending what is refused (see `noteAnswer`).
+    private var pausedForRefusals = false
     private var closing = false
     /// The channel has closed: no new task may start (nothing would cancel it).
     private var inactive = false
@@ -181,15 +191,53 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
     // MARK: Backpressure: stop reading while the peer does not take our writes.
 
     func read(context: ChannelHandlerContext) {
-        if context.channel.isWritable || closing {
+        if closing || (context.channel.isWritable && !pausedForRefusals) {
             context.read()
         } else {
             readPending = true
         }
     }
 
+    /// A connection whose answers are mostly RESOURCE_EXHAUSTED (a caller re-sending into an
+    /// overloaded gateway without backing off) is not read for a moment: its next requests wait
+    /// in its socket, costing nothing, instead of being read, decrypted, decoded and refused
+    /// again while other callers' requests wait for the same threads. A score adds one per
+    /// refusal and decays by a tenth per answer; past `refusalScoreForPause` (about six refusals
+    /// in the last ten answers) reading stops for `refusalPause`, doubled for each pause that
+    /// follows the last within `refusalPauseMaximum`, up to that maximum. A connection with a
+    /// refusal now and then never pauses.
+    static let refusalScoreForPause = 6.0
+    /// See `refusalScoreForPause`.
+    static let refusalPause: TimeAmount = .milliseconds(50)
+    /// See `refusalScoreForPause`.
+    static let refusalPauseMaximum: TimeAmount = .milliseconds(800)
+
+    private func noteAnswer(refused: Bool, context: ChannelHandlerContext) {
+        refusalScore = refusalScore * 0.9 + (refused ? 1 : 0)
+        guard refusalScore >= Self.refusalScoreForPause, !pausedForRefusals, !closing else { return }
+        let now = NIODeadline.now()
+        if let ended = lastPauseEnded, now - ended < Self.refusalPauseMaximum {
+            pausesInARow += 1
+        } else {
+            pausesInARow = 0
+        }
+        let pause = min(Self.refusalPause * Int64(1 << min(pausesInARow, 10)), Self.refusalPauseMaximum)
+        refusalScore = 0
+        pausedForRefusals = true
+        metrics.readPausedForRefusals()
+        let this = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.assumeIsolated().scheduleTask(in: pause) {
+            let handler = this.value
+            handler.pausedForRefusals = false
+            handler.lastPauseEnded = .now()
+            guard let context = handler.context, handler.readPending, context.channel.isWritable else { return }
+            handler.readPending = false
+            context.read()
+        }
+    }
+
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, readPending {
+        if context.channel.isWritable, readPending, !pausedForRefusals {
             readPending = false
             context.read()
         }
@@ -205,6 +253,7 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
                 write(response.frame, context: context)
                 let duration = response.receivedAt.map { Duration(NIODeadline.now() - $0) }
                 metrics.requestAnswered(method: response.method, status: response.status, duration: duration)
+                noteAnswer(refused: response.status == .resourceExhausted, context: context)
                 if logger.logLevel <= .debug {
                     var metadata: Logger.Metadata = [
                         "request_id": "\(response.frame.requestID)",
@@ -379,9 +428,14 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
         let eventLoop = context.eventLoop
         let this = NIOLoopBound(self, eventLoop: eventLoop)
         metrics.taskStarted()
+        // A connection with few requests in flight (a caller waiting on each answer) runs its
+        // tasks ahead of one that keeps many going (a flood, shed or not): tasks of every
+        // connection share the few threads of Swift concurrency, and in one queue a caller's
+        // request waited behind thousands of a flood's refusals.
+        let priority: TaskPriority = tasks.count < Self.promptInFlight ? .high : .low
         // The task's completion hops to the loop after this method returns, so `tasks[taskID]`
         // is always set before it is removed.
-        tasks[taskID] = Task {
+        tasks[taskID] = Task(priority: priority) {
             let event = await body()
             eventLoop.execute {
                 let handler = this.value

@@ -20,6 +20,9 @@ final class TransportMetrics: Sendable {
         /// or `CLIENT_CERTIFICATE_USAGE` for a client certificate without `clientAuth` (the TLS
         /// handshake fails, no frame is sent).
         static let framesRefused = "hsmgw_frames_refused_total"
+        /// Counter: times a connection was not read for a moment because its requests kept being
+        /// refused RESOURCE_EXHAUSTED (a caller re-sending into an overloaded gateway).
+        static let readPauses = "hsmgw_connection_read_pauses_total"
     }
 
     private let factory: any MetricsFactory
@@ -51,6 +54,10 @@ final class TransportMetrics: Sendable {
             Timer(label: Name.requestDuration, dimensions: [("method", methodName)], factory: factory)
                 .recordNanoseconds(nanoseconds)
         }
+    }
+
+    func readPausedForRefusals() {
+        Counter(label: Name.readPauses, factory: factory).increment()
     }
 
     func frameRefused(reason: String) {

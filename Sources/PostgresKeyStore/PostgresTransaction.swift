@@ -83,15 +83,17 @@ final class PostgresTransaction: KeyRepositoryTransaction {
     }
 
     /// The longest one statement of a transaction or read may take. The gateway's statements take
-    /// milliseconds; one that has not answered after this is on a connection that will not answer,
-    /// so the connection is closed and the statement fails with `.unavailable`, instead of holding
-    /// its caller, and the group commit behind it, for ever. (A connection the server closes is
-    /// caught at once, below; this is the backstop.)
-    static let statementTimeout: Duration = .seconds(10)
+    /// milliseconds (a lock wait behind another instance's batch, a long listing: seconds at most);
+    /// one that has not answered after this is on a connection that will not answer, so the
+    /// connection is closed and the statement fails with `.unavailable`, instead of holding its
+    /// caller, and the group commit behind it, for ever. (A connection the server closes is
+    /// caught at once, below; this is the backstop for one that vanished without a word. At 10 s
+    /// it failed a test's lock wait on a machine whose every thread was busy.)
+    static let statementTimeout: Duration = .seconds(30)
 
     /// Runs one statement. It fails with `.unavailable` as soon as its connection closes, even if
     /// postgres-nio never completes it (1.33 was seen to leave statements on a backend terminated
-    /// by `pg_terminate_backend` waiting for good), and after `statementTimeout` at the latest
+    /// by `pg_terminate_backend` waiting for good), and after `statementTimeout` (30 s) at the latest
     /// (closing the connection).
     static func execute(
         _ query: PostgresQuery,

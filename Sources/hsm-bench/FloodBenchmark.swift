@@ -43,6 +43,9 @@ struct FloodBenchmark: AsyncParsableCommand {
     @Flag(help: "Plaintext on loopback instead of TLS.")
     var plaintext = false
 
+    @Flag(help: "Run the flooding client's tasks at low priority (it shares this process's threads).")
+    var lowPriorityFlood = false
+
     func validate() throws {
         guard (1...600).contains(seconds) else { throw ValidationError("--seconds must be from 1 to 600") }
         guard (1...4096).contains(floodTasks) else { throw ValidationError("--flood-tasks must be from 1 to 4096") }
@@ -123,10 +126,13 @@ struct FloodBenchmark: AsyncParsableCommand {
 
         let state = FloodState()
         let delay = Duration.milliseconds(retryDelay)
+        // The flooding client's own work at low priority when asked: in production it runs on
+        // other machines, here it shares the gateway's two cores and threads.
+        let floodPriority: TaskPriority = lowPriorityFlood ? .low : .medium
         let flood = Task {
             await withTaskGroup(of: Void.self) { group in
                 for _ in 0..<floodTasks {
-                    group.addTask {
+                    group.addTask(priority: floodPriority) {
                         while !state.stop.load(ordering: .relaxed) {
                             do {
                                 _ = try await floodClient.generateDataKey(

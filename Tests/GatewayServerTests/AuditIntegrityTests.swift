@@ -14,7 +14,7 @@ struct AuditIntegrityTests {
     @Test
     func tamperedHeadStopsKeyOperationsUntilRestored() async throws {
         let cluster = try PostgresTestCluster.shared()
-        let database = try cluster.createDatabase("auditintegrity")
+        let database = try await cluster.createDatabase("auditintegrity")
         let useDatabase: (inout GatewayConfiguration) -> Void = { configuration in
             if case .postgres(var settings) = configuration.store {
                 settings.database = database
@@ -31,9 +31,9 @@ struct AuditIntegrityTests {
             #expect(clean.intact && clean.anchoredThrough == clean.headSequence && clean.checkpointsChecked >= 1)
 
             // Someone with write access moves the head (as a rewrite of the tail would).
-            let genuine = try cluster.psql(database, "SELECT encode(hash, 'hex') FROM audit_head")
+            let genuine = try await cluster.psql(database, "SELECT encode(hash, 'hex') FROM audit_head")
                 .trimmingCharacters(in: .whitespacesAndNewlines)
-            _ = try cluster.psql(database, "UPDATE audit_head SET hash = decode(repeat('ab', 32), 'hex')")
+            _ = try await cluster.psql(database, "UPDATE audit_head SET hash = decode(repeat('ab', 32), 'hex')")
 
             await expectStatus(.dataLoss) { try await admin.generateDataKey(tenant: "acme") }
             await expectStatus(.dataLoss) { try await admin.decryptDataKey(tenant: "acme", id: key.id) }
@@ -55,7 +55,7 @@ struct AuditIntegrityTests {
             #expect(metrics.contains("hsmgw_audit_integrity_ok 0"))
 
             // Restored: the next write checks the head again and passes; no restart needed.
-            _ = try cluster.psql(database, "UPDATE audit_head SET hash = decode('\(genuine)', 'hex')")
+            _ = try await cluster.psql(database, "UPDATE audit_head SET hash = decode('\(genuine)', 'hex')")
             #expect(try #require(try await admin.decryptDataKey(tenant: "acme", id: key.id).plaintext).count == 32)
             _ = try await admin.generateDataKey(tenant: "acme")
             for _ in 0..<40 where ready.status != 200 {

@@ -107,8 +107,8 @@ struct PostgresFaultTests {
         cluster: PostgresTestCluster,
         deadline: Duration,
         duration: Duration,
-        fault: @escaping () throws -> Void,
-        heal: @escaping () throws -> Void
+        fault: @escaping () async throws -> Void,
+        heal: @escaping () async throws -> Void
     ) async throws -> Outcome {
         let own: (inout GatewayConfiguration) -> Void = {
             $0.store = .postgres(
@@ -127,10 +127,10 @@ struct PostgresFaultTests {
             }
             try await Task.sleep(for: .seconds(2))
             let faultAt = ContinuousClock.now
-            try fault()
+            try await fault()
             try await Task.sleep(for: duration)
             let healAt = ContinuousClock.now
-            try heal()
+            try await heal()
             // Until the load has succeeded again for a while (or gave up after 60 s).
             var recoveredAt: ContinuousClock.Instant?
             while ContinuousClock.now - healAt < .seconds(60) {
@@ -172,7 +172,7 @@ struct PostgresFaultTests {
         defer { cluster.stop() }
         let outcome = try await Self.run(
             "pg-stopped", cluster: cluster, deadline: .seconds(8), duration: .seconds(10),
-            fault: { try cluster.halt(mode: "immediate") }, heal: { try cluster.resume() })
+            fault: { try await cluster.halt(mode: "immediate") }, heal: { try await cluster.resume() })
         print("PostgreSQL stopped for 10 s: \(outcome)")
         #expect(outcome.lost == 0)
         #expect(outcome.acknowledged > 0)
@@ -187,12 +187,12 @@ struct PostgresFaultTests {
     func frozen() async throws {
         let cluster = try PostgresTestCluster.startOwn()
         defer {
-            try? cluster.thaw()
+            cluster.thawSynchronously()
             cluster.stop()
         }
         let outcome = try await Self.run(
             "pg-frozen", cluster: cluster, deadline: .seconds(2), duration: .seconds(6),
-            fault: { try cluster.freeze() }, heal: { try cluster.thaw() })
+            fault: { try await cluster.freeze() }, heal: { try await cluster.thaw() })
         print("PostgreSQL frozen for 6 s: \(outcome)")
         #expect(outcome.lost == 0)
         #expect(outcome.errorCodesDuringFault.keys.contains("\(StatusCode.deadlineExceeded)"), "\(outcome)")
@@ -211,7 +211,7 @@ struct PostgresFaultTests {
                 killing.set()
                 Task.detached {
                     while killing.isSet {
-                        _ = try? cluster.terminateBackends("postgres")
+                        _ = try? await cluster.terminateBackends("postgres")
                         try? await Task.sleep(for: .milliseconds(300))
                     }
                 }
@@ -231,8 +231,8 @@ struct PostgresFaultTests {
         let outcome = try await Self.run(
             "pg-restarted", cluster: cluster, deadline: .seconds(8), duration: .zero,
             fault: {
-                try cluster.halt(mode: "fast")
-                try cluster.resume()
+                try await cluster.halt(mode: "fast")
+                try await cluster.resume()
             }, heal: {})
         print("PostgreSQL restarted: \(outcome)")
         #expect(outcome.lost == 0)

@@ -33,7 +33,7 @@ struct PostgresTLSGatewayTests {
         }
 
         // By IP address, which the certificate does not name: the gateway refuses to start.
-        var (wrongName, _) = try GatewayHarness.makeConfiguration(.sqlite, "pg-tls-name")
+        var (wrongName, _) = try await GatewayHarness.makeConfiguration(.sqlite, "pg-tls-name")
         wrongName.store = .postgres(try settings(cluster, host: "127.0.0.1", serverName: nil))
         let error = await StartupTests.startupError(wrongName)
         #expect(error?.code == .store)

@@ -40,7 +40,7 @@ struct StartupTests {
 
     @Test(arguments: StoreKind.allCases)
     func bootstrapWritesTheFirstAdminTokenOnce(_ kind: StoreKind) async throws {
-        var (configuration, directory) = try GatewayHarness.makeConfiguration(kind, "bootstrap-\(kind)")
+        var (configuration, directory) = try await GatewayHarness.makeConfiguration(kind, "bootstrap-\(kind)")
         let file = try #require(configuration.auth.bootstrapTokenFile)
         let first = try await Self.open(configuration)
         let token = try #require(first.bootstrapAdminToken)
@@ -56,14 +56,14 @@ struct StartupTests {
         #expect(try String(contentsOfFile: file, encoding: .utf8) == token)
 
         // Without the setting, an empty database gets no principal (and the start still works).
-        var (empty, _) = try GatewayHarness.makeConfiguration(kind, "nobootstrap-\(kind)")
+        var (empty, _) = try await GatewayHarness.makeConfiguration(kind, "nobootstrap-\(kind)")
         empty.auth.bootstrapTokenFile = nil
         let third = try await Self.open(empty)
         #expect(third.bootstrapAdminToken == nil)
         await third.close()
 
         // A token file that exists while the database is empty belongs to another database.
-        var (stale, staleDirectory) = try GatewayHarness.makeConfiguration(kind, "stale-\(kind)")
+        var (stale, staleDirectory) = try await GatewayHarness.makeConfiguration(kind, "stale-\(kind)")
         let staleFile = staleDirectory + "/bootstrap.token"
         try "old".write(toFile: staleFile, atomically: true, encoding: .utf8)
         stale.auth.bootstrapTokenFile = staleFile
@@ -76,7 +76,7 @@ struct StartupTests {
     }
 
     @Test func startupFailuresNameTheCause() async throws {
-        var (wrongPIN, directory) = try GatewayHarness.makeConfiguration(.sqlite, "wrongpin")
+        var (wrongPIN, directory) = try await GatewayHarness.makeConfiguration(.sqlite, "wrongpin")
         let pinFile = directory + "/wrong.pin"
         _ = FileManager.default.createFile(
             atPath: pinFile, contents: Data("00000000".utf8), attributes: [.posixPermissions: 0o600])
@@ -87,11 +87,11 @@ struct StartupTests {
         #expect(pinError?.message.contains("refused the user PIN") == true)
         #expect(pinError?.description.contains("00000000") == false)
 
-        var (noToken, _) = try GatewayHarness.makeConfiguration(.sqlite, "notoken")
+        var (noToken, _) = try await GatewayHarness.makeConfiguration(.sqlite, "notoken")
         noToken.hsm.tokenLabel = "no-such-token"
         #expect(await Self.startupError(noToken)?.message.contains("hsm.token_label no-such-token") == true)
 
-        var (badStore, _) = try GatewayHarness.makeConfiguration(.sqlite, "badstore")
+        var (badStore, _) = try await GatewayHarness.makeConfiguration(.sqlite, "badstore")
         badStore.store = .sqlite(path: "/nonexistent-dir/gateway.sqlite")
         #expect(await Self.startupError(badStore)?.code == .store)
     }

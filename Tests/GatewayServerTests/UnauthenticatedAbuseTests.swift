@@ -69,25 +69,19 @@ struct UnauthenticatedAbuseTests {
             throw TestSetupError("a PostgreSQL gateway is needed")
         }
         let cluster = try PostgresTestCluster.shared()
+        // psql blocks while it holds the lock; `psql` runs it on a thread of its own.
         let held = Task {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                // psql blocks while it holds the lock: on a thread of its own, not the cooperative pool.
-                Thread.detachNewThread {
-                    continuation.resume(
-                        with: Result {
-                            _ = try cluster.psql(
-                                settings.database,
-                                "BEGIN; LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(\(seconds)); COMMIT;"
-                            )
-                        })
-                }
-            }
+            _ = try await cluster.psql(
+                settings.database,
+                "BEGIN; LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(\(seconds)); COMMIT;"
+            )
         }
         let granted = """
             SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
             WHERE c.relname = 'api_tokens' AND l.mode = 'AccessExclusiveLock' AND l.granted
             """
-        while try cluster.psql(settings.database, granted).trimmingCharacters(in: .whitespacesAndNewlines) != "1" {
+        while try await cluster.psql(settings.database, granted).trimmingCharacters(in: .whitespacesAndNewlines) != "1"
+        {
             try await Task.sleep(for: .milliseconds(10))
         }
         return held
@@ -114,7 +108,7 @@ struct UnauthenticatedAbuseTests {
             #expect(throttle.waiting(loopback) == 0)
             // At most those three queries wait on the store (the pool would have let eight in).
             guard case .postgres(let settings) = gateway.app.configuration.store else { return }
-            let blocked = try PostgresTestCluster.shared().psql(
+            let blocked = try await PostgresTestCluster.shared().psql(
                 settings.database,
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
             ).trimmingCharacters(in: .whitespacesAndNewlines)

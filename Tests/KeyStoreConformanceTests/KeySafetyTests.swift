@@ -67,7 +67,7 @@ struct KeySafetyTests {
         let token = PKCS11KeyToken(pool: pool)
         var configuration = KeyServiceConfiguration()
         configuration.invocationLimit = 500
-        let location = try StoreLocation.make(kind, "restore")
+        let location = try await StoreLocation.make(kind, "restore")
         var store = try await location.open()
         var service = try KeyService(token: token, repository: store, configuration: configuration)
         let tenant = tenantID("restored")
@@ -83,7 +83,7 @@ struct KeySafetyTests {
         #expect(Set(afterBackup.map(\.key.version)).contains(2), "the tenant rotated after the backup")
 
         await store.close()
-        try location.restore(from: backup)
+        try await location.restore(from: backup)
         store = try await location.open()
         service = try KeyService(token: token, repository: store, configuration: configuration)
         #expect(try await service.checkAuditAnchor() != .empty)

@@ -32,7 +32,7 @@ struct PostgresStoreTests {
     // MARK: Migrations
 
     @Test func migrationsAreAppliedAndRecordedOnce() async throws {
-        let database = try cluster.createDatabase("migrations_once")
+        let database = try await cluster.createDatabase("migrations_once")
         let first = try await open(database)
         #expect(try await first.schemaVersion() == Migrations.latestVersion)
         await first.close()
@@ -40,15 +40,15 @@ struct PostgresStoreTests {
         #expect(try await second.schemaVersion() == Migrations.latestVersion)
         await second.close()
 
-        let recorded = try cluster.psql(database, "SELECT version, name FROM schema_migrations ORDER BY version")
+        let recorded = try await cluster.psql(database, "SELECT version, name FROM schema_migrations ORDER BY version")
         let expected = Migrations.all.map { "\($0.version)|\($0.name)" }.joined(separator: "\n")
         #expect(recorded.trimmingCharacters(in: .whitespacesAndNewlines) == expected)
-        let heads = try cluster.psql(database, "SELECT count(*) FROM audit_head")
+        let heads = try await cluster.psql(database, "SELECT count(*) FROM audit_head")
         #expect(heads.trimmingCharacters(in: .whitespacesAndNewlines) == "1")
     }
 
     @Test func concurrentOpensApplyMigrationsOnce() async throws {
-        let database = try cluster.createDatabase("migrations_concurrent")
+        let database = try await cluster.createDatabase("migrations_concurrent")
         let config = configuration(database)
         let versions = try await withThrowingTaskGroup(of: Int.self) { group in
             for _ in 0..<4 {
@@ -64,12 +64,12 @@ struct PostgresStoreTests {
             return versions
         }
         #expect(versions == Array(repeating: Migrations.latestVersion, count: 4))
-        let count = try cluster.psql(database, "SELECT count(*) FROM schema_migrations")
+        let count = try await cluster.psql(database, "SELECT count(*) FROM schema_migrations")
         #expect(count.trimmingCharacters(in: .whitespacesAndNewlines) == "\(Migrations.all.count)")
     }
 
     @Test func aDatabaseFromANewerGatewayIsRefused() async throws {
-        let database = try cluster.createDatabase("migrations_newer")
+        let database = try await cluster.createDatabase("migrations_newer")
         let store = try await open(database)
         try await store.executeUnsafeSQL(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (9999, 'future', 0)"
@@ -79,11 +79,11 @@ struct PostgresStoreTests {
     }
 
     @Test func aServerThatCanLoseCommitsIsRefused() async throws {
-        let database = try cluster.createDatabase("durability")
-        _ = try cluster.psql(database, "ALTER DATABASE \(database) SET synchronous_commit = off")
+        let database = try await cluster.createDatabase("durability")
+        _ = try await cluster.psql(database, "ALTER DATABASE \(database) SET synchronous_commit = off")
         let error = await #expect(throws: StorageError.self) { try await open(database) }
         #expect(error?.detail.contains("synchronous_commit=off") == true)
-        _ = try cluster.psql(database, "ALTER DATABASE \(database) SET synchronous_commit = local")
+        _ = try await cluster.psql(database, "ALTER DATABASE \(database) SET synchronous_commit = local")
         let store = try await open(database)
         await store.close()
     }
@@ -91,7 +91,7 @@ struct PostgresStoreTests {
     // MARK: Indexes
 
     @Test func everyDataKeyLookupUsesAnIndex() async throws {
-        let database = try cluster.createDatabase("explain")
+        let database = try await cluster.createDatabase("explain")
         let store = try await open(database)
         defer { Task { await store.close() } }
         let tenants = (0..<4).map { TenantID(trusted: "tenant-\($0)") }
@@ -133,8 +133,8 @@ struct PostgresStoreTests {
             sampleID = keys[500].id
             try await store.transaction { try await $0.insertDataKeys(keys) }
         }
-        _ = try cluster.psql(database, "ANALYZE data_keys")
-        #expect(try cluster.psql(database, "SELECT count(*) FROM data_keys").hasPrefix("20000"))
+        _ = try await cluster.psql(database, "ANALYZE data_keys")
+        #expect(try await cluster.psql(database, "SELECT count(*) FROM data_keys").hasPrefix("20000"))
 
         let tenant = tenants[1].rawValue
         let after = UUID(uuidString: "80000000-0000-4000-8000-000000000000")!
@@ -163,7 +163,7 @@ struct PostgresStoreTests {
         ]
         for statement in statements {
             // The generic plan is the one a prepared statement with these binds can get.
-            let plan = try cluster.psql(
+            let plan = try await cluster.psql(
                 database,
                 """
                 SET plan_cache_mode = force_generic_plan;
@@ -179,7 +179,7 @@ struct PostgresStoreTests {
     // MARK: Errors
 
     @Test func constraintViolationsMapToTheirKindsWithoutValues() async throws {
-        let store = try await open(try cluster.createDatabase("violations"))
+        let store = try await open(try await cluster.createDatabase("violations"))
         defer { Task { await store.close() } }
         let secretTenant = TenantID(trusted: "secret-tenant-name")
         let tenant = TenantRecord(id: secretTenant, state: .enabled, primaryVersion: 1, createdAt: now, updatedAt: now)
@@ -233,7 +233,7 @@ struct PostgresStoreTests {
     }
 
     @Test func aLockTimeoutIsAConflict() async throws {
-        let database = try cluster.createDatabase("lock_timeout")
+        let database = try await cluster.createDatabase("lock_timeout")
         let store = try await open(database)
         defer { Task { await store.close() } }
         let tenant = TenantRecord(
@@ -259,7 +259,7 @@ struct PostgresStoreTests {
     // MARK: Audit log
 
     @Test func theAuditLogIsAppendOnly() async throws {
-        let database = try cluster.createDatabase("append_only")
+        let database = try await cluster.createDatabase("append_only")
         let store = try await open(database)
         defer { Task { await store.close() } }
         try await store.transaction { transaction in
@@ -270,7 +270,7 @@ struct PostgresStoreTests {
             )
             try await transaction.appendAuditRecords(linked.records, head: linked.head)
         }
-        let triggers = try cluster.psql(
+        let triggers = try await cluster.psql(
             database,
             "SELECT tgname FROM pg_trigger WHERE tgrelid = 'audit_log'::regclass AND NOT tgisinternal ORDER BY tgname"
         )
@@ -351,7 +351,7 @@ struct PostgresStoreTests {
     }
 
     @Test func connectsOverTheUnixSocket() async throws {
-        var config = configuration(try cluster.createDatabase("unix_socket"))
+        var config = configuration(try await cluster.createDatabase("unix_socket"))
         config.unixSocketPath = cluster.unixSocketPath
         config.host = "203.0.113.1"  // ignored when the socket is set
         let store = try await PostgresKeyStore.open(config)
@@ -362,7 +362,7 @@ struct PostgresStoreTests {
     // MARK: Transactions across connections
 
     @Test func commitsAreVisibleToOtherConnectionsAndRollbacksLeaveNothing() async throws {
-        let database = try cluster.createDatabase("visibility")
+        let database = try await cluster.createDatabase("visibility")
         let writer = try await open(database)
         let reader = try await open(database)
         defer {
@@ -404,7 +404,7 @@ struct PostgresStoreTests {
     }
 
     @Test func aSwallowedStatementErrorDoesNotCommit() async throws {
-        let store = try await open(try cluster.createDatabase("swallowed"))
+        let store = try await open(try await cluster.createDatabase("swallowed"))
         defer { Task { await store.close() } }
         try await store.transaction { try await $0.insertTenant(tenant("acme")) }
         let error = await #expect(throws: StorageError.self) {
@@ -420,7 +420,7 @@ struct PostgresStoreTests {
     }
 
     @Test func readRefusesWritesAndLocks() async throws {
-        let store = try await open(try cluster.createDatabase("read_only"))
+        let store = try await open(try await cluster.createDatabase("read_only"))
         defer { Task { await store.close() } }
         await expectStorageError(.other) {
             try await store.read { try await $0.insertTenant(tenant("nope")) }
@@ -435,7 +435,7 @@ struct PostgresStoreTests {
     }
 
     @Test func aTransactionObjectIsDeadAfterItsClosure() async throws {
-        let store = try await open(try cluster.createDatabase("escaped"))
+        let store = try await open(try await cluster.createDatabase("escaped"))
         defer { Task { await store.close() } }
         let escaped = try await store.transaction { $0 }
         await expectStorageError(.other) { try await escaped.insertTenant(tenant("late")) }

@@ -43,7 +43,7 @@ struct PostgresTLSTests {
         // Work through the pool (the idle connection stays open), then ask the server how its
         // clients are connected.
         _ = try await store.read { try await $0.auditHead() }
-        let connections = try cluster.psql(
+        let connections = try await cluster.psql(
             "postgres",
             "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a "
                 + "USING (pid) WHERE a.usename = '\(cluster.username)' AND a.application_name <> 'psql'"

@@ -19,7 +19,7 @@ enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
         switch self {
         case .postgres:
             let cluster = try PostgresTestCluster.shared()
-            let database = try cluster.createDatabase(name)
+            let database = try await cluster.createDatabase(name)
             return try await PostgresKeyStore.open(
                 PostgresKeyStoreConfiguration(
                     port: cluster.port,
@@ -92,10 +92,10 @@ struct StoreLocation: Sendable {
     /// PostgreSQL: the database name in the process's throwaway cluster; SQLite: the file path.
     let name: String
 
-    static func make(_ kind: StoreKind, _ prefix: String) throws -> StoreLocation {
+    static func make(_ kind: StoreKind, _ prefix: String) async throws -> StoreLocation {
         switch kind {
         case .postgres:
-            return StoreLocation(kind: kind, name: try PostgresTestCluster.shared().createDatabase(prefix))
+            return StoreLocation(kind: kind, name: try await PostgresTestCluster.shared().createDatabase(prefix))
         case .sqlite:
             let directory = try SQLiteFiles.shared.get().appendingPathComponent(
                 "\(prefix)-\(UInt32.random(in: 0...UInt32.max))")
@@ -129,7 +129,7 @@ struct StoreLocation: Sendable {
             let backup = try SQLiteFiles.shared.get().appendingPathComponent(
                 "\(name)-backup-\(UInt32.random(in: 0...UInt32.max)).dump"
             ).path
-            try PostgresTestCluster.shared().dump(name, to: backup)
+            try await PostgresTestCluster.shared().dump(name, to: backup)
             return backup
         case .sqlite:
             let backup = "\(name)-backup-\(UInt32.random(in: 0...UInt32.max))"
@@ -145,10 +145,10 @@ struct StoreLocation: Sendable {
     }
 
     /// Replaces the database with `backup`; every store on it must be closed.
-    func restore(from backup: String) throws {
+    func restore(from backup: String) async throws {
         switch kind {
         case .postgres:
-            try PostgresTestCluster.shared().restore(name, from: backup)
+            try await PostgresTestCluster.shared().restore(name, from: backup)
         case .sqlite:
             for suffix in ["", "-wal", "-shm"] where FileManager.default.fileExists(atPath: name + suffix) {
                 try FileManager.default.removeItem(atPath: name + suffix)

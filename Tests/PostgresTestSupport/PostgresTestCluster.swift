@@ -99,7 +99,11 @@ public final class PostgresTestCluster: Sendable {
 
     /// Creates a fresh empty database (unique name) and returns its name, so suites do not share
     /// state.
-    public func createDatabase(_ prefix: String) throws -> String {
+    public func createDatabase(_ prefix: String) async throws -> String {
+        try await runBlocking { [self] in try createDatabaseBlocking(prefix) }
+    }
+
+    private func createDatabaseBlocking(_ prefix: String) throws -> String {
         let counter = databaseCounter.withLock { value in
             value += 1
             return value
@@ -109,13 +113,17 @@ public final class PostgresTestCluster: Sendable {
         }
         let suffix = "_\(counter)_\(String(UInt32.random(in: 0...UInt32.max), radix: 36))"
         let name = String(String(cleaned).prefix(Self.maximumDatabaseNameLength - suffix.count)) + suffix
-        _ = try psql("postgres", "CREATE DATABASE \"\(name)\"")
+        _ = try psqlBlocking("postgres", "CREATE DATABASE \"\(name)\"")
         return name
     }
 
     /// Runs `sql` (one or more statements) with `psql` in `database` over TCP and returns what it
     /// printed, unaligned and tuples only (`-XAt`). Throws when psql fails.
-    public func psql(_ database: String, _ sql: String) throws -> String {
+    public func psql(_ database: String, _ sql: String) async throws -> String {
+        try await runBlocking { [self] in try psqlBlocking(database, sql) }
+    }
+
+    private func psqlBlocking(_ database: String, _ sql: String) throws -> String {
         let result = try ChildProcess.run(
             "\(binDirectory)/psql",
             [
@@ -132,26 +140,35 @@ public final class PostgresTestCluster: Sendable {
 
     /// Stops the server as an outage would (`immediate`: a crash, connections dropped at once;
     /// `fast`: a clean shutdown) and keeps its data; `resume()` starts it again on the same port.
-    public func halt(mode: String = "immediate") throws {
-        let result = try ChildProcess.run(script, ["halt", directory, mode])
+    public func halt(mode: String = "immediate") async throws {
+        let (script, directory) = (self.script, self.directory)
+        let result = try await runBlocking { try ChildProcess.run(script, ["halt", directory, mode]) }
         guard result.status == 0 else { throw PostgresTestClusterError("halt failed: \(result)") }
     }
 
     /// Starts a halted server again and waits until it accepts logins.
-    public func resume() throws {
-        let result = try ChildProcess.run(script, ["resume", directory], timeout: .seconds(120))
+    public func resume() async throws {
+        let (script, directory) = (self.script, self.directory)
+        let result = try await runBlocking {
+            try ChildProcess.run(script, ["resume", directory], timeout: .seconds(120))
+        }
         guard result.status == 0 else { throw PostgresTestClusterError("resume failed: \(result)") }
     }
 
     /// Freezes the server (SIGSTOP to the postmaster and every backend): it keeps its sockets open
     /// and answers nothing, as behind a partition that drops packets. `thaw()` undoes it.
-    public func freeze() throws {
-        try signalServer("STOP")
+    public func freeze() async throws {
+        try await runBlocking { [self] in try signalServer("STOP") }
     }
 
     /// Resumes a frozen server (SIGCONT).
-    public func thaw() throws {
-        try signalServer("CONT")
+    public func thaw() async throws {
+        try await runBlocking { [self] in try signalServer("CONT") }
+    }
+
+    /// `thaw()` for a `defer` (blocks its thread briefly; errors ignored).
+    public func thawSynchronously() {
+        try? signalServer("CONT")
     }
 
     private func signalServer(_ signal: String) throws {
@@ -168,8 +185,8 @@ public final class PostgresTestCluster: Sendable {
     /// Terminates every backend connected to `database` (`pg_terminate_backend`), as an operator
     /// or a crashing backend would; returns how many.
     @discardableResult
-    public func terminateBackends(_ database: String) throws -> Int {
-        let output = try psql(
+    public func terminateBackends(_ database: String) async throws -> Int {
+        let output = try await psql(
             "postgres",
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 + "WHERE datname = '\(database)' AND pid <> pg_backend_pid()"
@@ -179,25 +196,29 @@ public final class PostgresTestCluster: Sendable {
 
     /// `pg_dump` of `database` in the custom format to `file`: a consistent snapshot, taken while
     /// the database is in use, as an operator's backup is.
-    public func dump(_ database: String, to file: String) throws {
-        let result = try ChildProcess.run(
-            "\(binDirectory)/pg_dump",
-            ["-h", "127.0.0.1", "-p", "\(port)", "-U", username, "-Fc", "-f", file, database],
-            environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
-        )
+    public func dump(_ database: String, to file: String) async throws {
+        let result = try await runBlocking { [self] in
+            try ChildProcess.run(
+                "\(binDirectory)/pg_dump",
+                ["-h", "127.0.0.1", "-p", "\(port)", "-U", username, "-Fc", "-f", file, database],
+                environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
+            )
+        }
         guard result.status == 0 else { throw PostgresTestClusterError("pg_dump failed: \(result)") }
     }
 
     /// Replaces `database` with the contents of a `dump(_:to:)` file: drops it (closing whatever
     /// is still connected), creates it again and runs `pg_restore`, as restoring a backup does.
-    public func restore(_ database: String, from file: String) throws {
-        _ = try psql("postgres", "DROP DATABASE \"\(database)\" WITH (FORCE)")
-        _ = try psql("postgres", "CREATE DATABASE \"\(database)\"")
-        let result = try ChildProcess.run(
-            "\(binDirectory)/pg_restore",
-            ["-h", "127.0.0.1", "-p", "\(port)", "-U", username, "--exit-on-error", "-d", database, file],
-            environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
-        )
+    public func restore(_ database: String, from file: String) async throws {
+        _ = try await psql("postgres", "DROP DATABASE \"\(database)\" WITH (FORCE)")
+        _ = try await psql("postgres", "CREATE DATABASE \"\(database)\"")
+        let result = try await runBlocking { [self] in
+            try ChildProcess.run(
+                "\(binDirectory)/pg_restore",
+                ["-h", "127.0.0.1", "-p", "\(port)", "-U", username, "--exit-on-error", "-d", database, file],
+                environment: ["PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"]
+            )
+        }
         guard result.status == 0 else { throw PostgresTestClusterError("pg_restore failed: \(result)") }
     }
 

@@ -298,3 +298,14 @@ public func makeTemporaryDirectory(_ name: String) throws -> String {
         atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
     return path
 }
+
+/// Runs blocking `body` (a child process waited for, a file copied) on a thread of its own and
+/// returns its result. Swift concurrency runs every task on as many threads as there are cores
+/// (two here): a test that blocks one of them for a `CREATE DATABASE` or an `initdb` stalls
+/// every other task of the process, such as a transaction holding a lock that other tests wait
+/// for.
+public func runBlocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}

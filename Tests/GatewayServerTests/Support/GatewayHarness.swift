@@ -36,13 +36,13 @@ final class GatewayHarness: Sendable {
         _ kind: StoreKind,
         _ name: String,
         security: Security = .tls
-    ) throws -> (GatewayConfiguration, directory: String) {
+    ) async throws -> (GatewayConfiguration, directory: String) {
         let fixture = try SoftHSMFixture.shared()
         let token = try fixture.makeToken(name)
         let directory = try makeTemporaryDirectory(name)
         var configuration = GatewayConfiguration(
             hsm: .init(modulePath: SoftHSMFixture.modulePath, tokenLabel: token.label, pin: .file(token.pinFile)),
-            store: try kind.makeSettings(name, directory: directory)
+            store: try await kind.makeSettings(name, directory: directory)
         )
         configuration.listen = [.tcp(host: "127.0.0.1", port: 0)]
         configuration.metricsListen = .tcp(host: "127.0.0.1", port: 0)
@@ -74,7 +74,7 @@ final class GatewayHarness: Sendable {
         configure: (inout GatewayConfiguration) -> Void = { _ in }
     ) async throws -> GatewayHarness {
         let fixture = try SoftHSMFixture.shared()
-        var (configuration, directory) = try makeConfiguration(kind, name, security: security)
+        var (configuration, directory) = try await makeConfiguration(kind, name, security: security)
         configure(&configuration)
         var logger = Logger(label: "test.gateway.\(name)")
         logger.logLevel = ProcessInfo.processInfo.environment["HSMGW_TEST_LOG"] == nil ? .critical : .debug

@@ -13,13 +13,13 @@ enum StoreKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
 
     /// Settings for a fresh store (PostgreSQL: a new database in the process's throwaway cluster,
     /// its password in an owner-only file; SQLite: a file in a new directory).
-    func makeSettings(_ name: String, directory: String) throws -> StoreSettings {
+    func makeSettings(_ name: String, directory: String) async throws -> StoreSettings {
         switch self {
         case .sqlite:
             return .sqlite(path: directory + "/gateway.sqlite")
         case .postgres:
             let cluster = try PostgresTestCluster.shared()
-            let database = try cluster.createDatabase(name)
+            let database = try await cluster.createDatabase(name)
             let passwordFile = directory + "/pg-password"
             guard
                 FileManager.default.createFile(

@@ -12,6 +12,7 @@ import Prometheus
 ///
 /// - `sleep:<ms>|<tag>`: sleeps, then answers; a cancellation during the sleep is recorded.
 /// - `wait|<tag>`: runs until cancelled, and records the cancellation.
+/// - `refuse`: answered RESOURCE_EXHAUSTED (as an overloaded gateway does).
 /// - anything else: answered at once.
 ///
 /// Unknown method numbers are answered UNIMPLEMENTED, as the real handler does.
@@ -68,6 +69,9 @@ final class TestGatewayHandler: GatewayRequestHandler {
             return Self.failure(.unimplemented, "method \(request.method.rawValue) is not implemented")
         }
         let command = String(buffer: request.payload)
+        if command == "refuse" {
+            return Self.failure(.resourceExhausted, "overloaded")
+        }
         if command.hasPrefix("sleep:") {
             let milliseconds = Int(command.dropFirst(6).prefix { $0.isNumber }) ?? 0
             do {
