@@ -8,8 +8,8 @@ extension GatewayHandler {
     /// one store page, and well inside the frame limit.
     static let maximumUnpagedListing = PageRequest.maximumPageSize
 
-    func createPrincipal(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_CreatePrincipalRequest.self, call)
+    func createPrincipal(_ request: Request<Hsmgw_V1_CreatePrincipalRequest>) async throws -> OutgoingResponse {
+        let (message, call) = (request.message, request.call)
         let name = try PrincipalName(message.name)
         let commonName =
             message.certificateCommonName.isEmpty ? nil : try CertificateCommonName(message.certificateCommonName)
@@ -18,7 +18,6 @@ extension GatewayHandler {
                 .invalidArgument, "roles must hold at most \(PrincipalRecord.maximumRoleBindings) bindings")
         }
         let roles = try message.roles.map { try KeyHierarchy.RoleBinding(scope: $0.tenant, role: $0.role) }
-        try await authorize(.manageAccess, tenant: nil, call)
         let record = try await service.createPrincipal(
             name, certificateCommonName: commonName, roles: roles, request: call.context)
         var response = Hsmgw_V1_PrincipalResponse()
@@ -26,9 +25,7 @@ extension GatewayHandler {
         return WireMapping.ok(response)
     }
 
-    func listPrincipals(_ call: Call) async throws -> OutgoingResponse {
-        _ = try decode(Hsmgw_V1_ListPrincipalsRequest.self, call)
-        try await authorize(.manageAccess, tenant: nil, call)
+    func listPrincipals(_ request: Request<Hsmgw_V1_ListPrincipalsRequest>) async throws -> OutgoingResponse {
         let page = try await service.listPrincipals(PageRequest(limit: Self.maximumUnpagedListing))
         var response = Hsmgw_V1_ListPrincipalsResponse()
         response.principals = page.items.map(WireMapping.principalInfo)
@@ -36,12 +33,11 @@ extension GatewayHandler {
     }
 
     /// Grant and revoke; the principal's cached roles are dropped at once on this instance.
-    func changeRole(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_RoleRequest.self, call)
+    func changeRole(_ request: Request<Hsmgw_V1_RoleRequest>) async throws -> OutgoingResponse {
+        let (message, call) = (request.message, request.call)
         let name = try PrincipalName(message.principal)
         guard message.hasRole else { throw RequestFailure(.invalidArgument, "role is required") }
         let binding = try KeyHierarchy.RoleBinding(scope: message.role.tenant, role: message.role.role)
-        try await authorize(.manageAccess, tenant: nil, call)
         let record =
             call.request.method == .grantRole
             ? try await service.grantRole(binding, to: name, request: call.context)
@@ -52,14 +48,13 @@ extension GatewayHandler {
         return WireMapping.ok(response)
     }
 
-    func createAPIToken(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_CreateAPITokenRequest.self, call)
+    func createAPIToken(_ request: Request<Hsmgw_V1_CreateAPITokenRequest>) async throws -> OutgoingResponse {
+        let (message, call) = (request.message, request.call)
         let name = try PrincipalName(message.principal)
         guard message.description_p.utf8.count <= ServerLimits.maxTokenDescriptionBytes else {
             throw RequestFailure(
                 .invalidArgument, "description must be at most \(ServerLimits.maxTokenDescriptionBytes) bytes")
         }
-        try await authorize(.manageAccess, tenant: nil, call)
         let created = try await service.createAPIToken(
             for: name,
             description: message.description_p,
@@ -72,10 +67,9 @@ extension GatewayHandler {
         return WireMapping.ok(response)
     }
 
-    func listAPITokens(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_ListAPITokensRequest.self, call)
+    func listAPITokens(_ request: Request<Hsmgw_V1_ListAPITokensRequest>) async throws -> OutgoingResponse {
+        let message = request.message
         let principal = message.principal.isEmpty ? nil : try PrincipalName(message.principal)
-        try await authorize(.manageAccess, tenant: nil, call)
         let page = try await service.listAPITokens(
             principal: principal, PageRequest(limit: Self.maximumUnpagedListing))
         var response = Hsmgw_V1_ListAPITokensResponse()
@@ -85,10 +79,9 @@ extension GatewayHandler {
 
     /// Revokes a token; connections using it are refused from their next request on this
     /// instance, within the access cache's lifetime on others.
-    func revokeAPIToken(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_RevokeAPITokenRequest.self, call)
+    func revokeAPIToken(_ request: Request<Hsmgw_V1_RevokeAPITokenRequest>) async throws -> OutgoingResponse {
+        let (message, call) = (request.message, request.call)
         let id = try APITokenID(message.id)
-        try await authorize(.manageAccess, tenant: nil, call)
         let record = try await service.revokeAPIToken(id, request: call.context)
         accessCache.invalidate(tokenID: id.rawValue)
         var response = Hsmgw_V1_RevokeAPITokenResponse()
@@ -98,20 +91,17 @@ extension GatewayHandler {
 
     // MARK: Audit
 
-    func listAuditRecords(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_ListAuditRecordsRequest.self, call)
+    func listAuditRecords(_ request: Request<Hsmgw_V1_ListAuditRecordsRequest>) async throws -> OutgoingResponse {
+        let message = request.message
         guard message.after >= 0 else { throw RequestFailure(.invalidArgument, "after must be 0 or more") }
         let limit = try pageSize(message.limit)
-        try await authorize(.readAudit, tenant: nil, call)
         let records = try await service.auditRecords(after: message.after, limit: limit)
         var response = Hsmgw_V1_ListAuditRecordsResponse()
         response.records = records.map(WireMapping.auditRecordInfo)
         return WireMapping.ok(response)
     }
 
-    func verifyAuditLog(_ call: Call) async throws -> OutgoingResponse {
-        _ = try decode(Hsmgw_V1_VerifyAuditLogRequest.self, call)
-        try await authorize(.readAudit, tenant: nil, call)
+    func verifyAuditLog(_ request: Request<Hsmgw_V1_VerifyAuditLogRequest>) async throws -> OutgoingResponse {
         var response = Hsmgw_V1_VerifyAuditLogResponse()
         let verification = try await service.verifyAuditLog()
         response.checkpointsChecked = Int64(verification.checkpointsChecked)

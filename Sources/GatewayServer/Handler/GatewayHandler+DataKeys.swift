@@ -28,70 +28,57 @@ extension GatewayHandler {
         return Int(value)
     }
 
-    func generateDataKey(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_GenerateDataKeyRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func generateDataKey(_ request: TenantRequest<Hsmgw_V1_GenerateDataKeyRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let context = try EncryptionContext(message.encryptionContext)
         let idempotencyKey = try idempotencyKey(message.idempotencyKey)
-        try await authorize(.generateDataKey, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let key = try await service.generateDataKey(
-                tenant,
-                context: context,
-                includePlaintext: message.includePlaintext,
-                idempotencyKey: idempotencyKey,
-                request: call.context
-            )
-            var response = Hsmgw_V1_GenerateDataKeyResponse()
-            response.key = WireMapping.dataKey(
-                id: key.id, version: key.version, wrapped: key.wrapped, plaintext: key.plaintext)
-            return WireMapping.ok(response)
-        }
+        let key = try await service.generateDataKey(
+            tenant,
+            context: context,
+            includePlaintext: message.includePlaintext,
+            idempotencyKey: idempotencyKey,
+            request: call.context
+        )
+        var response = Hsmgw_V1_GenerateDataKeyResponse()
+        response.key = WireMapping.dataKey(
+            id: key.id, version: key.version, wrapped: key.wrapped, plaintext: key.plaintext)
+        return WireMapping.ok(response)
     }
 
-    func generateDataKeys(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_GenerateDataKeysRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func generateDataKeys(_ request: TenantRequest<Hsmgw_V1_GenerateDataKeysRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let context = try EncryptionContext(message.encryptionContext)
         let idempotencyKey = try idempotencyKey(message.idempotencyKey)
         guard message.count >= 1, message.count <= UInt32(ServerLimits.maxBatchKeys) else {
             throw RequestFailure(.invalidArgument, "count must be 1 to \(ServerLimits.maxBatchKeys)")
         }
-        try await authorize(.generateDataKey, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let keys = try await service.generateDataKeys(
-                tenant,
-                count: Int(message.count),
-                context: context,
-                includePlaintext: message.includePlaintext,
-                idempotencyKey: idempotencyKey,
-                request: call.context
-            )
-            var response = Hsmgw_V1_GenerateDataKeysResponse()
-            response.keys = keys.map {
-                WireMapping.dataKey(id: $0.id, version: $0.version, wrapped: $0.wrapped, plaintext: $0.plaintext)
-            }
-            return WireMapping.ok(response)
+        let keys = try await service.generateDataKeys(
+            tenant,
+            count: Int(message.count),
+            context: context,
+            includePlaintext: message.includePlaintext,
+            idempotencyKey: idempotencyKey,
+            request: call.context
+        )
+        var response = Hsmgw_V1_GenerateDataKeysResponse()
+        response.keys = keys.map {
+            WireMapping.dataKey(id: $0.id, version: $0.version, wrapped: $0.wrapped, plaintext: $0.plaintext)
         }
+        return WireMapping.ok(response)
     }
 
-    func decryptDataKey(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_DecryptDataKeyRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func decryptDataKey(_ request: TenantRequest<Hsmgw_V1_DecryptDataKeyRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let id = try dataKeyID(message.id)
         let context = try EncryptionContext(message.encryptionContext)
-        try await authorize(.decrypt, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let key = try await service.decryptDataKey(tenant, id: id, context: context, request: call.context)
-            var response = Hsmgw_V1_DecryptDataKeyResponse()
-            response.key = WireMapping.dataKey(id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
-            return WireMapping.ok(response)
-        }
+        let key = try await service.decryptDataKey(tenant, id: id, context: context, request: call.context)
+        var response = Hsmgw_V1_DecryptDataKeyResponse()
+        response.key = WireMapping.dataKey(id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
+        return WireMapping.ok(response)
     }
 
-    func decryptDataKeys(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_DecryptDataKeysRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func decryptDataKeys(_ request: TenantRequest<Hsmgw_V1_DecryptDataKeysRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         guard !message.keys.isEmpty, message.keys.count <= ServerLimits.maxBatchKeys else {
             throw RequestFailure(.invalidArgument, "keys must hold 1 to \(ServerLimits.maxBatchKeys) entries")
         }
@@ -106,47 +93,39 @@ extension GatewayHandler {
                 throw RequestFailure(.invalidArgument, "keys[\(index)]: \(error.message)")
             }
         }
-        try await authorize(.decrypt, tenant: tenant, call)
-        return await admitted(tenant) { [service, requests] in
-            let results = try await service.decryptDataKeys(tenant, requests, request: call.context)
-            var response = Hsmgw_V1_DecryptDataKeysResponse()
-            response.results = results.map { result in
-                var entry = Hsmgw_V1_DecryptDataKeysResult()
-                switch result {
-                case .success(let key):
-                    entry.key = WireMapping.dataKey(
-                        id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
-                case .failure(let error):
-                    entry.error = RequestFailure(error).statusMessage
-                }
-                return entry
+        let results = try await service.decryptDataKeys(tenant, requests, request: call.context)
+        var response = Hsmgw_V1_DecryptDataKeysResponse()
+        response.results = results.map { result in
+            var entry = Hsmgw_V1_DecryptDataKeysResult()
+            switch result {
+            case .success(let key):
+                entry.key = WireMapping.dataKey(
+                    id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
+            case .failure(let error):
+                entry.error = RequestFailure(error).statusMessage
             }
-            return WireMapping.ok(response)
+            return entry
         }
+        return WireMapping.ok(response)
     }
 
-    func encrypt(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_EncryptRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func encrypt(_ request: TenantRequest<Hsmgw_V1_EncryptRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let id = try dataKeyID(message.dataKeyID)
         let context = try EncryptionContext(message.encryptionContext)
         guard message.plaintext.count <= ServerLimits.maxEncryptPlaintextBytes else {
             throw RequestFailure(
                 .invalidArgument, "plaintext must be at most \(ServerLimits.maxEncryptPlaintextBytes) bytes")
         }
-        try await authorize(.encrypt, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let ciphertext = try await service.encrypt(
-                tenant, dataKey: id, plaintext: [UInt8](message.plaintext), context: context, request: call.context)
-            var response = Hsmgw_V1_EncryptResponse()
-            response.ciphertext = Data(ciphertext)
-            return WireMapping.ok(response)
-        }
+        let ciphertext = try await service.encrypt(
+            tenant, dataKey: id, plaintext: [UInt8](message.plaintext), context: context, request: call.context)
+        var response = Hsmgw_V1_EncryptResponse()
+        response.ciphertext = Data(ciphertext)
+        return WireMapping.ok(response)
     }
 
-    func decrypt(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_DecryptRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func decrypt(_ request: TenantRequest<Hsmgw_V1_DecryptRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let context = try EncryptionContext(message.encryptionContext)
         guard message.ciphertext.count <= PayloadCiphertext.maximumCiphertextByteCount else {
             throw RequestFailure(
@@ -154,48 +133,36 @@ extension GatewayHandler {
                 "ciphertext must be at most \(PayloadCiphertext.maximumCiphertextByteCount) bytes"
             )
         }
-        try await authorize(.decrypt, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let ciphertext = [UInt8](message.ciphertext)
-            let plaintext = try await service.decrypt(
-                tenant, ciphertext: ciphertext, context: context, request: call.context)
-            var response = Hsmgw_V1_DecryptResponse()
-            response.plaintext = Data(plaintext)
-            // It parsed, or decrypt would have failed.
-            response.dataKeyID = (try? PayloadCiphertext(encoded: ciphertext))?.dataKeyID.description ?? ""
-            return WireMapping.ok(response)
-        }
+        let ciphertext = [UInt8](message.ciphertext)
+        let plaintext = try await service.decrypt(
+            tenant, ciphertext: ciphertext, context: context, request: call.context)
+        var response = Hsmgw_V1_DecryptResponse()
+        response.plaintext = Data(plaintext)
+        // It parsed, or decrypt would have failed.
+        response.dataKeyID = (try? PayloadCiphertext(encoded: ciphertext))?.dataKeyID.description ?? ""
+        return WireMapping.ok(response)
     }
 
-    func rewrapDataKey(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_RewrapDataKeyRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func rewrapDataKey(_ request: TenantRequest<Hsmgw_V1_RewrapDataKeyRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let id = try dataKeyID(message.id)
         let context = try EncryptionContext(message.encryptionContext)
-        try await authorize(.rewrapDataKey, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let record = try await service.rewrapDataKey(tenant, id: id, context: context, request: call.context)
-            var response = Hsmgw_V1_RewrapDataKeyResponse()
-            response.key = WireMapping.dataKeyInfo(record)
-            return WireMapping.ok(response)
-        }
+        let record = try await service.rewrapDataKey(tenant, id: id, context: context, request: call.context)
+        var response = Hsmgw_V1_RewrapDataKeyResponse()
+        response.key = WireMapping.dataKeyInfo(record)
+        return WireMapping.ok(response)
     }
 
-    func getDataKey(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_GetDataKeyRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func getDataKey(_ request: TenantRequest<Hsmgw_V1_GetDataKeyRequest>) async throws -> OutgoingResponse {
+        let (message, tenant) = (request.message, request.tenant)
         let id = try dataKeyID(message.id)
-        try await authorize(.readDataKey, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            var response = Hsmgw_V1_GetDataKeyResponse()
-            response.key = WireMapping.dataKeyInfo(try await service.dataKey(tenant, id: id))
-            return WireMapping.ok(response)
-        }
+        var response = Hsmgw_V1_GetDataKeyResponse()
+        response.key = WireMapping.dataKeyInfo(try await service.dataKey(tenant, id: id))
+        return WireMapping.ok(response)
     }
 
-    func listDataKeys(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_ListDataKeysRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func listDataKeys(_ request: TenantRequest<Hsmgw_V1_ListDataKeysRequest>) async throws -> OutgoingResponse {
+        let (message, tenant) = (request.message, request.tenant)
         var state: DataKeyState?
         if !message.state.isEmpty {
             guard let parsed = DataKeyState(rawValue: message.state) else {
@@ -206,32 +173,25 @@ extension GatewayHandler {
         let page = PageRequest(
             after: message.pageToken.isEmpty ? nil : message.pageToken, limit: try pageSize(message.pageSize))
         if let after = page.after { _ = try dataKeyID(after) }
-        try await authorize(.listDataKeys, tenant: tenant, call)
-        return await admitted(tenant) { [service, state] in
-            let listed = try await service.listDataKeys(tenant, state: state, page: page)
-            var response = Hsmgw_V1_ListDataKeysResponse()
-            response.keys = listed.items.map(WireMapping.dataKeyInfo)
-            response.nextPageToken = listed.nextPage ?? ""
-            return WireMapping.ok(response)
-        }
+        let listed = try await service.listDataKeys(tenant, state: state, page: page)
+        var response = Hsmgw_V1_ListDataKeysResponse()
+        response.keys = listed.items.map(WireMapping.dataKeyInfo)
+        response.nextPageToken = listed.nextPage ?? ""
+        return WireMapping.ok(response)
     }
 
-    func setDataKeyState(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_DataKeyStateRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func setDataKeyState(_ request: TenantRequest<Hsmgw_V1_DataKeyStateRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let id = try dataKeyID(message.id)
-        try await authorize(.manageDataKeys, tenant: tenant, call)
         let method = call.request.method
-        return await admitted(tenant) { [service] in
-            let record: DataKeyRecord
-            switch method {
-            case .disableDataKey: record = try await service.disableDataKey(tenant, id: id, request: call.context)
-            case .enableDataKey: record = try await service.enableDataKey(tenant, id: id, request: call.context)
-            default: record = try await service.destroyDataKey(tenant, id: id, request: call.context)
-            }
-            var response = Hsmgw_V1_DataKeyStateResponse()
-            response.key = WireMapping.dataKeyInfo(record)
-            return WireMapping.ok(response)
+        let record: DataKeyRecord
+        switch method {
+        case .disableDataKey: record = try await service.disableDataKey(tenant, id: id, request: call.context)
+        case .enableDataKey: record = try await service.enableDataKey(tenant, id: id, request: call.context)
+        default: record = try await service.destroyDataKey(tenant, id: id, request: call.context)
         }
+        var response = Hsmgw_V1_DataKeyStateResponse()
+        response.key = WireMapping.dataKeyInfo(record)
+        return WireMapping.ok(response)
     }
 }

@@ -3,32 +3,26 @@ import GatewayWire
 import KeyHierarchy
 
 extension GatewayHandler {
-    func createTenant(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_CreateTenantRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func createTenant(_ request: TenantRequest<Hsmgw_V1_CreateTenantRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let idempotencyKey = try idempotencyKey(message.idempotencyKey)
-        try await authorize(.createTenant, tenant: tenant, call)
         let record = try await service.createTenant(tenant, idempotencyKey: idempotencyKey, request: call.context)
         var response = Hsmgw_V1_CreateTenantResponse()
         response.tenant = WireMapping.tenantInfo(record)
         return WireMapping.ok(response)
     }
 
-    func getTenant(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_GetTenantRequest.self, call)
-        let tenant = try tenantID(message.tenant)
-        try await authorize(.readTenant, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            var response = Hsmgw_V1_GetTenantResponse()
-            response.tenant = WireMapping.tenantInfo(try await service.tenant(tenant))
-            return WireMapping.ok(response)
-        }
+    func getTenant(_ request: TenantRequest<Hsmgw_V1_GetTenantRequest>) async throws -> OutgoingResponse {
+        let tenant = request.tenant
+        var response = Hsmgw_V1_GetTenantResponse()
+        response.tenant = WireMapping.tenantInfo(try await service.tenant(tenant))
+        return WireMapping.ok(response)
     }
 
     /// A gateway admin (or any binding on `*`) sees every tenant; others see the tenants they
     /// hold a role on, and nothing about the rest.
-    func listTenants(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_ListTenantsRequest.self, call)
+    func listTenants(_ request: Request<Hsmgw_V1_ListTenantsRequest>) async throws -> OutgoingResponse {
+        let (message, call) = (request.message, request.call)
         let limit = try pageSize(message.pageSize)
         var after: TenantID?
         if !message.pageToken.isEmpty { after = try tenantID(message.pageToken) }
@@ -71,29 +65,23 @@ extension GatewayHandler {
         }
     }
 
-    func setTenantState(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_TenantStateRequest.self, call)
-        let tenant = try tenantID(message.tenant)
-        try await authorize(.manageTenant, tenant: tenant, call)
+    func setTenantState(_ request: TenantRequest<Hsmgw_V1_TenantStateRequest>) async throws -> OutgoingResponse {
+        let (tenant, call) = (request.tenant, request.call)
         let disable = call.request.method == .disableTenant
-        return await admitted(tenant) { [service] in
-            let record =
-                disable
-                ? try await service.disableTenant(tenant, request: call.context)
-                : try await service.enableTenant(tenant, request: call.context)
-            var response = Hsmgw_V1_TenantStateResponse()
-            response.tenant = WireMapping.tenantInfo(record)
-            return WireMapping.ok(response)
-        }
+        let record =
+            disable
+            ? try await service.disableTenant(tenant, request: call.context)
+            : try await service.enableTenant(tenant, request: call.context)
+        var response = Hsmgw_V1_TenantStateResponse()
+        response.tenant = WireMapping.tenantInfo(record)
+        return WireMapping.ok(response)
     }
 
-    func shredTenant(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_ShredTenantRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func shredTenant(_ request: TenantRequest<Hsmgw_V1_ShredTenantRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         guard message.confirm == message.tenant else {
             throw RequestFailure(.invalidArgument, "confirm must repeat the tenant id exactly")
         }
-        try await authorize(.shredTenant, tenant: tenant, call)
         await rewrapJobs.stop(tenant)
         let receipt = try await service.shredTenant(tenant, request: call.context)
         var response = Hsmgw_V1_ShredTenantResponse()
@@ -107,38 +95,29 @@ extension GatewayHandler {
 
     // MARK: Master keys
 
-    func listMasterKeys(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_ListMasterKeysRequest.self, call)
-        let tenant = try tenantID(message.tenant)
-        try await authorize(.manageTenant, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let versions = try await service.masterKeyVersions(tenant)
-            let primary = try await service.tenant(tenant).primaryVersion
-            var response = Hsmgw_V1_ListMasterKeysResponse()
-            response.versions = versions.map { WireMapping.masterKeyInfo($0, primary: primary) }
-            return WireMapping.ok(response)
-        }
+    func listMasterKeys(_ request: TenantRequest<Hsmgw_V1_ListMasterKeysRequest>) async throws -> OutgoingResponse {
+        let tenant = request.tenant
+        let versions = try await service.masterKeyVersions(tenant)
+        let primary = try await service.tenant(tenant).primaryVersion
+        var response = Hsmgw_V1_ListMasterKeysResponse()
+        response.versions = versions.map { WireMapping.masterKeyInfo($0, primary: primary) }
+        return WireMapping.ok(response)
     }
 
-    func rotateMasterKey(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_RotateMasterKeyRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func rotateMasterKey(_ request: TenantRequest<Hsmgw_V1_RotateMasterKeyRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         let idempotencyKey = try idempotencyKey(message.idempotencyKey)
-        try await authorize(.manageTenant, tenant: tenant, call)
-        return await admitted(tenant) { [service] in
-            let record = try await service.rotateMasterKey(
-                tenant, activate: message.activate, idempotencyKey: idempotencyKey, request: call.context)
-            let primary = try? await service.tenant(tenant).primaryVersion
-            var response = Hsmgw_V1_MasterKeyResponse()
-            response.version = WireMapping.masterKeyInfo(record, primary: primary)
-            return WireMapping.ok(response)
-        }
+        let record = try await service.rotateMasterKey(
+            tenant, activate: message.activate, idempotencyKey: idempotencyKey, request: call.context)
+        let primary = try? await service.tenant(tenant).primaryVersion
+        var response = Hsmgw_V1_MasterKeyResponse()
+        response.version = WireMapping.masterKeyInfo(record, primary: primary)
+        return WireMapping.ok(response)
     }
 
     /// Activate, set state, schedule and cancel destruction.
-    func changeMasterKey(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_MasterKeyVersionRequest.self, call)
-        let tenant = try tenantID(message.tenant)
+    func changeMasterKey(_ request: TenantRequest<Hsmgw_V1_MasterKeyVersionRequest>) async throws -> OutgoingResponse {
+        let (message, tenant, call) = (request.message, request.tenant, request.call)
         guard message.version >= 1 else { throw RequestFailure(.invalidArgument, "version must be 1 or more") }
         let version = Int(message.version)
         let method = call.request.method
@@ -151,46 +130,39 @@ extension GatewayHandler {
             state = parsed
         }
         let days = message.waitingPeriodDays == 0 ? nil : Int(message.waitingPeriodDays)
-        try await authorize(.manageTenant, tenant: tenant, call)
-        return await admitted(tenant) { [service, state] in
-            let record: MasterKeyVersionRecord
-            switch method {
-            case .activateMasterKey:
-                record = try await service.activateMasterKey(tenant, version: version, request: call.context)
-            case .setMasterKeyState:
-                record = try await service.setMasterKeyState(
-                    tenant, version: version, to: state!, request: call.context)
-            case .scheduleMasterKeyDestruction:
-                record = try await service.scheduleMasterKeyDestruction(
-                    tenant, version: version, waitingPeriodDays: days, request: call.context)
-            default:
-                record = try await service.cancelMasterKeyDestruction(tenant, version: version, request: call.context)
-            }
-            let primary = try? await service.tenant(tenant).primaryVersion
-            var response = Hsmgw_V1_MasterKeyResponse()
-            response.version = WireMapping.masterKeyInfo(record, primary: primary)
-            return WireMapping.ok(response)
+        let record: MasterKeyVersionRecord
+        switch method {
+        case .activateMasterKey:
+            record = try await service.activateMasterKey(tenant, version: version, request: call.context)
+        case .setMasterKeyState:
+            record = try await service.setMasterKeyState(
+                tenant, version: version, to: state!, request: call.context)
+        case .scheduleMasterKeyDestruction:
+            record = try await service.scheduleMasterKeyDestruction(
+                tenant, version: version, waitingPeriodDays: days, request: call.context)
+        default:
+            record = try await service.cancelMasterKeyDestruction(tenant, version: version, request: call.context)
         }
+        let primary = try? await service.tenant(tenant).primaryVersion
+        var response = Hsmgw_V1_MasterKeyResponse()
+        response.version = WireMapping.masterKeyInfo(record, primary: primary)
+        return WireMapping.ok(response)
     }
 
     // MARK: Rewrap job
 
     /// Start (the server then runs the job in the background) and status.
-    func rewrapJob(_ call: Call) async throws -> OutgoingResponse {
-        let message = try decode(Hsmgw_V1_RewrapJobRequest.self, call)
-        let tenant = try tenantID(message.tenant)
-        try await authorize(.manageTenant, tenant: tenant, call)
+    func rewrapJob(_ request: TenantRequest<Hsmgw_V1_RewrapJobRequest>) async throws -> OutgoingResponse {
+        let (tenant, call) = (request.tenant, request.call)
         let start = call.request.method == .startRewrapJob
-        return await admitted(tenant) { [service, rewrapJobs] in
-            var response = Hsmgw_V1_RewrapJobResponse()
-            if start {
-                let job = try await service.startRewrapJob(tenant, request: call.context)
-                rewrapJobs.run(tenant)
-                response.job = WireMapping.rewrapJobInfo(job)
-            } else if let job = try await service.rewrapJob(tenant) {
-                response.job = WireMapping.rewrapJobInfo(job)
-            }
-            return WireMapping.ok(response)
+        var response = Hsmgw_V1_RewrapJobResponse()
+        if start {
+            let job = try await service.startRewrapJob(tenant, request: call.context)
+            rewrapJobs.run(tenant)
+            response.job = WireMapping.rewrapJobInfo(job)
+        } else if let job = try await service.rewrapJob(tenant) {
+            response.job = WireMapping.rewrapJobInfo(job)
         }
+        return WireMapping.ok(response)
     }
 }

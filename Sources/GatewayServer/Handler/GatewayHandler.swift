@@ -261,46 +261,10 @@ public final class GatewayHandler: GatewayRequestHandler {
         }
     }
 
-    // MARK: - Dispatch
+    // MARK: - Methods (registered in Routes.swift)
 
-    func dispatch(_ call: Call) async throws -> OutgoingResponse {
-        switch call.request.method {
-        case .serverInfo: return try await serverInfo(call)
-        case .generateDataKey: return try await generateDataKey(call)
-        case .generateDataKeys: return try await generateDataKeys(call)
-        case .decryptDataKey: return try await decryptDataKey(call)
-        case .decryptDataKeys: return try await decryptDataKeys(call)
-        case .encrypt: return try await encrypt(call)
-        case .decrypt: return try await decrypt(call)
-        case .rewrapDataKey: return try await rewrapDataKey(call)
-        case .getDataKey: return try await getDataKey(call)
-        case .listDataKeys: return try await listDataKeys(call)
-        case .disableDataKey, .enableDataKey, .destroyDataKey: return try await setDataKeyState(call)
-        case .createTenant: return try await createTenant(call)
-        case .getTenant: return try await getTenant(call)
-        case .listTenants: return try await listTenants(call)
-        case .disableTenant, .enableTenant: return try await setTenantState(call)
-        case .shredTenant: return try await shredTenant(call)
-        case .listMasterKeys: return try await listMasterKeys(call)
-        case .rotateMasterKey: return try await rotateMasterKey(call)
-        case .activateMasterKey, .setMasterKeyState, .scheduleMasterKeyDestruction, .cancelMasterKeyDestruction:
-            return try await changeMasterKey(call)
-        case .startRewrapJob, .getRewrapJob: return try await rewrapJob(call)
-        case .createPrincipal: return try await createPrincipal(call)
-        case .listPrincipals: return try await listPrincipals(call)
-        case .grantRole, .revokeRole: return try await changeRole(call)
-        case .createAPIToken: return try await createAPIToken(call)
-        case .listAPITokens: return try await listAPITokens(call)
-        case .revokeAPIToken: return try await revokeAPIToken(call)
-        case .listAuditRecords: return try await listAuditRecords(call)
-        case .verifyAuditLog: return try await verifyAuditLog(call)
-        default:
-            return RequestFailure(.unimplemented, "method \(call.request.method) is not implemented").response
-        }
-    }
-
-    func serverInfo(_ call: Call) async throws -> OutgoingResponse {
-        _ = try decode(Hsmgw_V1_ServerInfoRequest.self, call)
+    func serverInfo(_ request: Request<Hsmgw_V1_ServerInfoRequest>) async throws -> OutgoingResponse {
+        let call = request.call
         let current = await status()
         var response = Hsmgw_V1_ServerInfoResponse()
         response.serverVersion = options.serverVersion
