@@ -130,6 +130,9 @@ struct SessionPoolStateMachine: Sendable {
     private(set) var mode = Mode.serving
     private var discarded = 0
     private var openFailures = 0
+    /// Sessions that were being opened when an operator resumed logins (`loginResumed()`): their
+    /// login may still fail with the PIN that was refused, which says nothing about the new one.
+    private var openingBeforeResume: Set<SessionID> = []
     /// Reset attempts begun; see the invariants.
     private(set) var epoch = 0
 
@@ -202,6 +205,7 @@ struct SessionPoolStateMachine: Sendable {
     /// A session asked for with `.open` or `.reset` is open and logged in.
     mutating func sessionOpened(_ session: SessionID) -> Action {
         precondition(sessions[session] == .opening, "session \(session) was not being opened")
+        openingBeforeResume.remove(session)
         if mode == .resetting(attempt: session) {
             // The token answers again: serve, and open more sessions for those still waiting.
             mode = .serving
@@ -222,6 +226,11 @@ struct SessionPoolStateMachine: Sendable {
         precondition(sessions[session] == .opening, "session \(session) was not being opened")
         sessions[session] = nil
         openFailures += 1
+        if openingBeforeResume.remove(session) != nil, mode == .serving {
+            // Begun before the operator's new PIN: its failure is no reason to fail the waiters
+            // that came since. Open another for them, with the new PIN.
+            return Action(session: openIfNeeded())
+        }
         switch mode {
         case .shuttingDown: return Action(shutdownCompleted: sessions.isEmpty)
         case .loginRefused, .unreachable: return .none
@@ -346,6 +355,7 @@ struct SessionPoolStateMachine: Sendable {
     mutating func loginResumed() -> Action {
         guard mode == .loginRefused else { return .none }
         mode = .serving
+        openingBeforeResume = Set(sessions.filter { $0.value == .opening }.keys)
         return .none
     }
 

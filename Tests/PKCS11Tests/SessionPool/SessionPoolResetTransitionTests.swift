@@ -208,6 +208,22 @@ extension SessionPoolStateMachineTests {
             #expect(machine.leaseRequested(4) == Machine.Action(waiter: .enqueued(4), session: .open(2)))
         }
 
+        @Test("an open refused before the operator resumed fails nobody who came after: another session is opened")
+        func refusedOpenCompletingAfterResume() {
+            var machine = Machine(maximumSessions: 2, maximumWaiters: 10)
+            _ = machine.leaseRequested(1)  // opens session 0
+            #expect(machine.loginRefused() == Machine.Action(waiter: .fail([1], .loginRefused)))
+            #expect(machine.loginResumed() == .none)
+            // The operator's request comes before session 0 reports its (refused) login.
+            #expect(machine.leaseRequested(2) == Machine.Action(waiter: .enqueued(2)))
+            #expect(machine.sessionOpenFailed(0) == Machine.Action(session: .open(1)))
+            #expect(machine.statistics.waiting == 1)
+            #expect(machine.sessionOpened(1) == Machine.Action(waiter: .lease(1, to: 2)))
+            // Later failures are ordinary again.
+            _ = machine.leaseRequested(3)
+            #expect(machine.sessionOpenFailed(2) == .none, "session 1 exists and can serve waiter 3")
+        }
+
         @Test("loginRefused reported while unreachable changes nothing")
         func loginRefusedWhileUnreachable() {
             var machine = Machine(maximumSessions: 1, maximumWaiters: 10)
