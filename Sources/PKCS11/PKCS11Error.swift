@@ -95,6 +95,9 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
             case pinSource
             case loginRefused
             case moduleMisbehaved
+            case tokenUnreachable
+            case initializationNotOwned
+            case callsInFlight
         }
         private let base: Base
         private init(_ base: Base) { self.base = base }
@@ -143,6 +146,19 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
         /// given holds, or a length no call could produce; `function` names the call and `detail`
         /// the numbers. Nothing it returned is used.
         public static let moduleMisbehaved = Code(.moduleMisbehaved)
+        /// The token cannot be reached: a call answered that the device failed or is gone
+        /// (`tokenUnreachableReturnValues`), an answer in doubt (`castsDoubtOnToken`) was followed
+        /// by a failed `C_GetTokenInfo`, its label is no longer in the slot list, or the module is
+        /// being re-initialised. `SessionPool` then closes its sessions and tries to find the
+        /// token again (re-initialising the module when it is its own); meanwhile requests fail
+        /// at once with this code. `function` and `returnValue` say what failed, when a call did.
+        public static let tokenUnreachable = Code(.tokenUnreachable)
+        /// `PKCS11Module.reinitialize()` was asked of an instance whose module another component
+        /// of the process initialised: only the initialiser may finalise it.
+        public static let initializationNotOwned = Code(.initializationNotOwned)
+        /// `PKCS11Module.reinitialize()` found calls still running in the module (or another
+        /// re-initialisation); PKCS#11 forbids `C_Finalize` meanwhile.
+        public static let callsInFlight = Code(.callsInFlight)
 
         public var description: String { base.rawValue }
     }
@@ -258,6 +274,52 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
     static let sessionInvalidatingReturnValues: Set<PKCS11ReturnValue> = [
         .sessionHandleInvalid, .sessionClosed, .deviceRemoved, .tokenNotPresent, .userNotLoggedIn,
     ]
+
+    /// The answers that say the token as a whole cannot be reached, rather than one session or
+    /// one operation failing: the device failed or was removed, the token or its slot is gone,
+    /// or the module lost its initialisation (or was never given it).
+    public static let tokenUnreachableReturnValues: Set<PKCS11ReturnValue> = [
+        .deviceError, .deviceRemoved, .tokenNotPresent, .slotIdInvalid, .cryptokiNotInitialized, .tokenNotRecognized,
+    ]
+
+    /// True when the token as a whole cannot be reached (`tokenUnreachable`, or a call that
+    /// answered one of `tokenUnreachableReturnValues`): `SessionPool` resets on it.
+    public var isTokenUnreachable: Bool {
+        if code == .tokenUnreachable { return true }
+        guard code == .functionFailed, let returnValue else { return false }
+        return Self.tokenUnreachableReturnValues.contains(returnValue)
+    }
+
+    /// Answers that may mean the token is gone although they do not say so. SoftHSM2 2.6.1, once
+    /// it found its token directory gone, answers `C_GetTokenInfo` and `C_Login` with
+    /// `CKR_GENERAL_ERROR` and a key handle found earlier with `CKR_OBJECT_HANDLE_INVALID` (while
+    /// `C_GenerateRandom` still works, and a search finds nothing), and it keeps doing so after
+    /// the directory comes back, until `C_Initialize` runs again. On such an answer `SessionPool` asks the token
+    /// itself (`Session.confirmTokenReachable()`) before it decides.
+    public static let tokenInDoubtReturnValues: Set<PKCS11ReturnValue> = [
+        .generalError, .functionFailed, .objectHandleInvalid, .keyHandleInvalid,
+    ]
+
+    /// True for an answer that may mean the token is gone (`tokenInDoubtReturnValues`), other
+    /// than a ciphertext that does not authenticate (SoftHSM2's `CKR_GENERAL_ERROR` from
+    /// `C_Decrypt`), which says nothing about the token.
+    public var castsDoubtOnToken: Bool {
+        guard code == .functionFailed, let returnValue, !isDecryptAuthenticationFailure else { return false }
+        return Self.tokenInDoubtReturnValues.contains(returnValue)
+    }
+
+    /// The same failure as a `tokenUnreachable` error: same function, return value and detail.
+    func asTokenUnreachable(detail extra: String? = nil) -> PKCS11Error {
+        if code == .tokenUnreachable, extra == nil { return self }
+        let joined = [detail, extra].compactMap { $0 }.joined(separator: "; ")
+        return PKCS11Error(
+            code: .tokenUnreachable,
+            function: function,
+            returnValue: returnValue,
+            detail: joined.isEmpty ? nil : joined,
+            leavesSessionUnusable: leavesSessionUnusable
+        )
+    }
 
     public var description: String {
         var text = "PKCS#11 \(code)"

@@ -21,6 +21,11 @@ import Synchronization
 /// PKCS#11 state does not survive `fork()`: every call checks the process id and throws
 /// `processForked` in a child. Object handles are only valid in this process and are never
 /// persisted; callers find keys again by `CKA_ID` or `CKA_LABEL`.
+///
+/// Some modules never recover from losing their device without a new `C_Initialize` (p11-kit's
+/// client module answers `CKR_DEVICE_ERROR` to every call, `C_GetSlotList` included, once its
+/// server went away): `reinitialize()` calls `C_Finalize` and `C_Initialize` again, and `epoch`
+/// counts how often, since object handles do not survive it.
 public final class PKCS11Module: Sendable {
     /// The path the module was loaded from.
     public let path: String
@@ -33,7 +38,14 @@ public final class PKCS11Module: Sendable {
     private let processID: pid_t
     private let finalized = Atomic<Bool>(false)
     /// Sessions opened through this instance and not yet closed, per slot.
-    private let openSessions = Mutex<[UInt: Int]>([:])
+    private let openSessions = Mutex<[UInt: Set<CK_SESSION_HANDLE>]>([:])
+    /// C calls running now (through the funnel), so `reinitialize()` never calls `C_Finalize` while
+    /// another thread is inside the module, which PKCS#11 leaves undefined.
+    private let callsInFlight = Atomic<Int>(0)
+    /// Set while `reinitialize()` runs: calls that start meanwhile fail with `tokenUnreachable`
+    /// instead of entering a module that is being finalised.
+    private let reinitializing = Atomic<Bool>(false)
+    private let initializations = Atomic<Int>(0)
 
     private init(path: String, functions: FunctionTable, viaGetInterface: Bool, ownsInitialization: Bool) {
         self.path = path
@@ -92,12 +104,7 @@ public final class PKCS11Module: Sendable {
             }
         }
 
-        guard let initialize = table.list.pointee.C_Initialize else {
-            throw PKCS11Error(code: .functionNotSupported, function: .initialize, detail: path)
-        }
-        var arguments = CK_C_INITIALIZE_ARGS()
-        arguments.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
-        let rv = withUnsafeMutablePointer(to: &arguments) { initialize(UnsafeMutableRawPointer($0)) }
+        let rv = try initialize(table)
         let owns: Bool
         switch rv {
         case CK_RV(CKR_OK): owns = true
@@ -112,6 +119,73 @@ public final class PKCS11Module: Sendable {
         )
     }
 
+    /// `C_Initialize` with `CKF_OS_LOCKING_OK` (the module does its own locking and may be called
+    /// from any thread) and no mutex callbacks; its answer unexamined.
+    private static func initialize(_ table: FunctionTable) throws -> CK_RV {
+        guard let initialize = table.list.pointee.C_Initialize else {
+            throw PKCS11Error(code: .functionNotSupported, function: .initialize)
+        }
+        var arguments = CK_C_INITIALIZE_ARGS()
+        arguments.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
+        return withUnsafeMutablePointer(to: &arguments) { initialize(UnsafeMutableRawPointer($0)) }
+    }
+
+    /// How many times `reinitialize()` has finalised the module. Object handles obtained in an
+    /// earlier epoch must never be used again: after `C_Initialize` the same numbers may name
+    /// other objects (or none). Sessions do not survive either; the bookkeeping starts empty.
+    public var epoch: Int { initializations.load(ordering: .acquiring) }
+
+    /// `C_Finalize` then `C_Initialize` with the same arguments as `load(path:)`, for a module
+    /// that stopped answering (a network HSM's client whose server went away and came back) and
+    /// recovers only through a new initialisation. Bumps `epoch` once `C_Finalize` was called,
+    /// whether or not `C_Initialize` then succeeds (a later call tries again).
+    ///
+    /// Only the instance that initialised the module may do this, and only while no session is
+    /// open through it and no call is running in it: PKCS#11 forbids `C_Finalize` while other
+    /// threads call in. Calls that start meanwhile fail with `tokenUnreachable`.
+    ///
+    /// - Throws: `initializationNotOwned` when another component initialised the module;
+    ///   `sessionsStillOpen`; `callsInFlight` (another call, or another `reinitialize()`, is
+    ///   running); `moduleFinalized`; `functionFailed` from `C_Finalize` or `C_Initialize`.
+    public func reinitialize() throws {
+        try checkProcess()
+        guard ownsInitialization else {
+            throw PKCS11Error(
+                code: .initializationNotOwned,
+                detail: "\(path) was initialised by another component of this process; it alone may re-initialise it")
+        }
+        guard !reinitializing.exchange(true, ordering: .sequentiallyConsistent) else {
+            throw PKCS11Error(code: .callsInFlight, detail: "\(path) is being re-initialised already")
+        }
+        defer { reinitializing.store(false, ordering: .sequentiallyConsistent) }
+        // Calls entering the funnel from now on see the flag and turn back; those already in
+        // count here (the funnel counts before it looks at the flag).
+        let running = callsInFlight.load(ordering: .sequentiallyConsistent)
+        guard running == 0 else {
+            throw PKCS11Error(code: .callsInFlight, detail: "\(running) PKCS#11 call(s) still running in \(path)")
+        }
+        try openSessions.withLock { openSessions in
+            guard !finalized.load(ordering: .acquiring) else {
+                throw PKCS11Error(code: .moduleFinalized, detail: path)
+            }
+            let open = openSessions.values.reduce(0) { $0 + $1.count }
+            guard open == 0 else {
+                throw PKCS11Error(code: .sessionsStillOpen, detail: "\(open) session(s) still open")
+            }
+            openSessions.removeAll()
+        }
+        if let finalize = functions.list.pointee.C_Finalize {
+            let rv = finalize(nil)
+            initializations.add(1, ordering: .releasing)
+            // Not initialised (a C_Initialize that failed last time): there is nothing to finalise.
+            guard rv == CKR_OK || rv == CK_RV(CKR_CRYPTOKI_NOT_INITIALIZED) else {
+                throw PKCS11Error.failed(.finalize, rv)
+            }
+        }
+        let rv = try Self.initialize(functions)
+        guard rv == CKR_OK else { throw PKCS11Error.failed(.initialize, rv) }
+    }
+
     /// Calls `C_Finalize` (when this instance initialised the module) after every session opened
     /// through it has been closed. Later calls throw `moduleFinalized`. The library stays mapped:
     /// unloading a module that started threads of its own is not safe.
@@ -123,7 +197,7 @@ public final class PKCS11Module: Sendable {
             guard !finalized.load(ordering: .acquiring) else {
                 throw PKCS11Error(code: .moduleFinalized, detail: path)
             }
-            let open = openSessions.values.reduce(0, +)
+            let open = openSessions.values.reduce(0) { $0 + $1.count }
             guard open == 0 else {
                 throw PKCS11Error(code: .sessionsStillOpen, detail: "\(open) session(s) still open")
             }
@@ -139,10 +213,10 @@ public final class PKCS11Module: Sendable {
     public var isFinalized: Bool { finalized.load(ordering: .acquiring) }
 
     /// The number of sessions opened through this instance and not yet closed.
-    public var openSessionCount: Int { openSessions.withLock { $0.values.reduce(0, +) } }
+    public var openSessionCount: Int { openSessions.withLock { $0.values.reduce(0) { $0 + $1.count } } }
 
     /// Sessions opened through this instance on `slot` and not closed yet.
-    public func openSessionCount(slot: SlotID) -> Int { openSessions.withLock { $0[slot.rawValue] ?? 0 } }
+    public func openSessionCount(slot: SlotID) -> Int { openSessions.withLock { $0[slot.rawValue]?.count ?? 0 } }
 
     // MARK: - The funnel every C call goes through
 
@@ -167,14 +241,22 @@ public final class PKCS11Module: Sendable {
     }
 
     /// Calls the entry point and returns its `CK_RV` unexamined (for callers that accept some
-    /// non-OK codes).
+    /// non-OK codes). Throws only when the module was not called.
     @inline(__always)
     func callReturningCode<F>(
         _ function: PKCS11Function,
         _ keyPath: KeyPath<CK_FUNCTION_LIST, F?>,
         _ invoke: (F) throws -> CK_RV
     ) throws -> CK_RV {
-        try invoke(try entry(function, keyPath))
+        let entry = try entry(function, keyPath)
+        // Counted before the flag is read, and `reinitialize()` sets the flag before it reads the
+        // count: one of the two always sees the other.
+        callsInFlight.add(1, ordering: .sequentiallyConsistent)
+        defer { callsInFlight.subtract(1, ordering: .sequentiallyConsistent) }
+        if reinitializing.load(ordering: .sequentiallyConsistent) {
+            throw PKCS11Error(code: .tokenUnreachable, function: function, detail: "\(path) is being re-initialised")
+        }
+        return try invoke(entry)
     }
 
     /// Calls the entry point and throws the mapped error unless it returns `CKR_OK`.
@@ -184,7 +266,7 @@ public final class PKCS11Module: Sendable {
         _ keyPath: KeyPath<CK_FUNCTION_LIST, F?>,
         _ invoke: (F) throws -> CK_RV
     ) throws {
-        let rv = try invoke(try entry(function, keyPath))
+        let rv = try callReturningCode(function, keyPath, invoke)
         guard rv == CKR_OK else { throw PKCS11Error.failed(function, rv) }
     }
 
@@ -197,35 +279,41 @@ public final class PKCS11Module: Sendable {
         }
         var handle = CK_SESSION_HANDLE(0)
         try call(.openSession, \.C_OpenSession) { $0(slot.rawValue, flags, nil, nil, &handle) }
-        openSessions.withLock { $0[slot.rawValue, default: 0] += 1 }
+        openSessions.withLock { _ = $0[slot.rawValue, default: []].insert(handle) }
         return handle
     }
 
-    /// Closes a session. A handle the module no longer knows (closed underneath us, e.g. by
-    /// `closeAllSessions` or a token removal) counts as closed.
-    func closeSessionHandle(_ handle: CK_SESSION_HANDLE, slot: SlotID) throws {
+    /// Closes a session, and returns whether the module confirmed it is gone: `CKR_OK`, or a
+    /// handle it no longer knows (closed underneath us, e.g. by `closeAllSessions` or a token
+    /// removal). Any other answer returns false (the answers of a token that cannot be reached,
+    /// `PKCS11Error.tokenUnreachableReturnValues`) or throws (the rest, for the log): the session
+    /// may still exist in the token, so the caller may try again later (`SessionPool` does, at
+    /// its next reset). Either way this instance forgets the handle: it no longer counts in
+    /// `openSessionCount`, and `C_Finalize` closes whatever remains.
+    @discardableResult
+    func closeSessionHandle(_ handle: CK_SESSION_HANDLE, slot: SlotID) throws -> Bool {
         let rv = try callReturningCode(.closeSession, \.C_CloseSession) { $0(handle) }
+        openSessions.withLock { _ = $0[slot.rawValue]?.remove(handle) }
         switch rv {
-        case CK_RV(CKR_OK):
-            openSessions.withLock { openSessions in
-                if let open = openSessions[slot.rawValue], open > 0 {
-                    openSessions[slot.rawValue] = open - 1
-                }
-            }
-        case CK_RV(CKR_SESSION_HANDLE_INVALID), CK_RV(CKR_SESSION_CLOSED), CK_RV(CKR_DEVICE_REMOVED),
-            CK_RV(CKR_TOKEN_NOT_PRESENT):
-            // Already gone; `closeAllSessions` or the token removal did the accounting.
-            return
+        case CK_RV(CKR_OK), CK_RV(CKR_SESSION_HANDLE_INVALID), CK_RV(CKR_SESSION_CLOSED):
+            return true
+        case let rv where PKCS11Error.tokenUnreachableReturnValues.contains(PKCS11ReturnValue(rawValue: rv)):
+            return false
         default:
             throw PKCS11Error.failed(.closeSession, rv)
         }
+    }
+
+    /// True while `handle` is open on `slot` through this instance.
+    func isSessionOpen(_ handle: CK_SESSION_HANDLE, slot: SlotID) -> Bool {
+        openSessions.withLock { $0[slot.rawValue]?.contains(handle) ?? false }
     }
 
     /// `C_CloseAllSessions`: closes every session this process has on `slot` (the token also
     /// forgets the login state). Session pools notice on next use and open new sessions.
     public func closeAllSessions(slot: SlotID) throws {
         try call(.closeAllSessions, \.C_CloseAllSessions) { $0(slot.rawValue) }
-        openSessions.withLock { $0[slot.rawValue] = 0 }
+        openSessions.withLock { $0[slot.rawValue] = nil }
     }
 
     /// Opens a session on `slot`, runs `body` with it and closes it again, all on the calling
@@ -242,7 +330,7 @@ public final class PKCS11Module: Sendable {
             try closeSessionHandle(handle, slot: slot)
             return result
         } catch {
-            try? closeSessionHandle(handle, slot: slot)
+            _ = try? closeSessionHandle(handle, slot: slot)
             throw error
         }
     }

@@ -84,6 +84,30 @@ public struct Session: ~Copyable {
     /// ends instead of handing it to the next task.
     public var isMarkedUnusable: Bool { condition.isUnusable }
 
+    /// True once a call on this session answered that the token cannot be reached
+    /// (`PKCS11Error.isTokenUnreachable`), even when the caller caught the error: `SessionPool`
+    /// then resets (closes every session and finds the token again) when the lease ends.
+    public var sawTokenUnreachable: Bool { condition.sawTokenUnreachable }
+
+    /// True once a call on this session gave an answer that may mean the token is gone
+    /// (`PKCS11Error.castsDoubtOnToken`), even when the caller caught the error: `SessionPool`
+    /// then calls `confirmTokenReachable()` before the lease ends.
+    public var sawAnswerInDoubt: Bool { condition.sawAnswerInDoubt }
+
+    /// Asks the token whether it is still there (`C_GetTokenInfo` on this session's slot), to tell
+    /// a token that is gone from an answer that only looks like it: an object not found, a key
+    /// handle unknown, `CKR_GENERAL_ERROR`. A token that answers and reports itself initialised
+    /// is reachable. Otherwise the session notes it (`sawTokenUnreachable`), so `SessionPool`
+    /// resets when the lease ends, and this throws.
+    ///
+    /// - Throws: `tokenUnreachable`, with the function and return value that said so.
+    public func confirmTokenReachable() throws {
+        if let error = module.unreachableToken(in: slot) {
+            condition.markTokenUnreachable()
+            throw error
+        }
+    }
+
     // MARK: The funnel for calls on this session
 
     /// `PKCS11Module.callReturningCode`, noting an error that leaves the session unusable.
@@ -93,11 +117,17 @@ public struct Session: ~Copyable {
         _ keyPath: KeyPath<CK_FUNCTION_LIST, F?>,
         _ invoke: (F) throws -> CK_RV
     ) throws -> CK_RV {
+        let rv: CK_RV
         do {
-            return try module.callReturningCode(function, keyPath, invoke)
-        } catch let error as PKCS11Error where error.leavesSessionUnusable {
-            throw unusable(error)
+            rv = try module.callReturningCode(function, keyPath, invoke)
+        } catch let error as PKCS11Error {
+            throw noted(error)
         }
+        if rv != CKR_OK {
+            // Callers accept some codes; what the others say about the token is noted here.
+            noteTokenState(PKCS11Error.failed(function, rv))
+        }
+        return rv
     }
 
     /// `PKCS11Module.call`, noting an error that leaves the session unusable.
@@ -109,8 +139,23 @@ public struct Session: ~Copyable {
     ) throws {
         do {
             try module.call(function, keyPath, invoke)
-        } catch let error as PKCS11Error where error.leavesSessionUnusable {
-            throw unusable(error)
+        } catch let error as PKCS11Error {
+            throw noted(error)
+        }
+    }
+
+    /// Notes what `error` says about the session and the token, and returns it to throw.
+    func noted(_ error: PKCS11Error) -> PKCS11Error {
+        noteTokenState(error)
+        return error.leavesSessionUnusable ? unusable(error) : error
+    }
+
+    /// Notes an answer that says the token is gone, or may mean it.
+    func noteTokenState(_ error: PKCS11Error) {
+        if error.isTokenUnreachable {
+            condition.markTokenUnreachable()
+        } else if error.castsDoubtOnToken {
+            condition.markAnswerInDoubt()
         }
     }
 
@@ -431,8 +476,18 @@ public struct Session: ~Copyable {
 /// borrowed, non-copyable `Session` can record it and the pool can read it afterwards.
 final class SessionCondition: Sendable {
     private let unusable = Atomic<Bool>(false)
+    private let tokenUnreachable = Atomic<Bool>(false)
+    private let answerInDoubt = Atomic<Bool>(false)
 
     func markUnusable() { unusable.store(true, ordering: .relaxed) }
 
     var isUnusable: Bool { unusable.load(ordering: .relaxed) }
+
+    func markTokenUnreachable() { tokenUnreachable.store(true, ordering: .relaxed) }
+
+    var sawTokenUnreachable: Bool { tokenUnreachable.load(ordering: .relaxed) }
+
+    func markAnswerInDoubt() { answerInDoubt.store(true, ordering: .relaxed) }
+
+    var sawAnswerInDoubt: Bool { answerInDoubt.load(ordering: .relaxed) }
 }

@@ -296,14 +296,53 @@ extension PKCS11Module {
         try slotIDs(tokenPresent: true).map { try tokenInfo($0) }
     }
 
-    /// The slot whose token has `label`.
+    /// Nil when the token in `slot` answers `C_GetTokenInfo` and reports itself initialised;
+    /// otherwise the `tokenUnreachable` error that says why not.
+    func unreachableToken(in slot: SlotID) -> PKCS11Error? {
+        do {
+            guard try tokenInfo(slot).initialized else {
+                return PKCS11Error(
+                    code: .tokenUnreachable, function: .getTokenInfo, detail: "the token in \(slot) is not initialised")
+            }
+            return nil
+        } catch let error as PKCS11Error {
+            return error.asTokenUnreachable(detail: "the token in \(slot) did not answer C_GetTokenInfo")
+        } catch {
+            return PKCS11Error(code: .tokenUnreachable, function: .getTokenInfo, detail: "\(error)")
+        }
+    }
+
+    /// The tokens present that answer `C_GetTokenInfo`, and how many slots listed as holding a
+    /// token did not answer (one going away, or one the module can no longer read: SoftHSM2 answers
+    /// `CKR_GENERAL_ERROR` for a token whose directory went away). One broken token must not hide
+    /// the others.
+    func readableTokens() throws -> (tokens: [TokenInfo], unreadable: Int) {
+        var tokens: [TokenInfo] = []
+        var unreadable = 0
+        for slot in try slotIDs(tokenPresent: true) {
+            do {
+                tokens.append(try tokenInfo(slot))
+            } catch let error as PKCS11Error where error.code == .functionFailed {
+                unreadable += 1
+            }
+        }
+        return (tokens, unreadable)
+    }
+
+    /// The slot whose token has `label`. Slots whose token does not answer `C_GetTokenInfo` are
+    /// passed over (see `tokenNotFound`), so one broken token does not hide the others.
     ///
-    /// - Throws: `tokenNotFound` when no present token has the label (uninitialised tokens never
-    ///   match); `invalidArgument` when two tokens share it.
+    /// - Throws: `tokenNotFound` when no present token that answers has the label (uninitialised
+    ///   tokens never match; the detail says how many did not answer); `invalidArgument` when two
+    ///   tokens share it.
     public func slot(tokenLabel label: String) throws -> SlotID {
-        let matches = try tokens().filter { $0.initialized && $0.label == label }
+        let (tokens, unreadable) = try readableTokens()
+        let matches = tokens.filter { $0.initialized && $0.label == label }
         guard let first = matches.first else {
-            throw PKCS11Error(code: .tokenNotFound, detail: "no token labelled '\(label)' in \(path)")
+            throw PKCS11Error(
+                code: .tokenNotFound,
+                detail: "no token labelled '\(label)' in \(path)"
+                    + (unreadable > 0 ? " (\(unreadable) present token(s) did not answer C_GetTokenInfo)" : ""))
         }
         guard matches.count == 1 else {
             throw PKCS11Error(
@@ -314,7 +353,7 @@ extension PKCS11Module {
 
     /// The slot whose token has `serialNumber`.
     public func slot(tokenSerial serialNumber: String) throws -> SlotID {
-        guard let match = try tokens().first(where: { $0.serialNumber == serialNumber }) else {
+        guard let match = try readableTokens().tokens.first(where: { $0.serialNumber == serialNumber }) else {
             throw PKCS11Error(code: .tokenNotFound, detail: "no token with serial '\(serialNumber)' in \(path)")
         }
         return match.slot

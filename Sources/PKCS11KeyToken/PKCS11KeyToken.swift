@@ -446,6 +446,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
             if error.code == .sessionAcquireTimeout || error.code == .sessionPoolQueueFull
                 || error.code == .sessionPoolShutDown || error.code == .loginRefused || error.invalidatesSession
                 || error.returnValue == .deviceError || error.returnValue == .deviceMemory
+                || error.isTokenUnreachable
             {
                 return TokenError(.unavailable, error.description)
             }

@@ -132,6 +132,16 @@ public final class FaultInjectingModule: Sendable {
         Self.calls(of: function, since: mark, tracePath: trace ?? tracePath)
     }
 
+    /// Sessions the real module opened after `mark` less those it closed (forwarded
+    /// `C_OpenSession` and `C_CloseSession` calls that succeeded): zero when every session opened
+    /// since then was really closed, whatever the caller's own bookkeeping says. Injected answers
+    /// never reach the real module, so a close that failed that way leaves its session open.
+    public func realSessionBalance(since mark: Int) -> Int {
+        let opened = calls(of: "C_OpenSession", since: mark).count { !$0.injected && $0.returnValue == .ok }
+        let closed = calls(of: "C_CloseSession", since: mark).count { !$0.injected && $0.returnValue == .ok }
+        return opened - closed
+    }
+
     /// How many calls of any function were traced after `mark`.
     public func callCount(since mark: Int) -> Int {
         guard let data = FileManager.default.contents(atPath: tracePath), data.count > mark else { return 0 }

@@ -20,6 +20,13 @@ public struct SessionPoolConfiguration: Sendable {
     public var maximumAttempts: Int = 2
     /// Read-write sessions (needed to create or destroy token objects).
     public var readWrite: Bool = true
+    /// The least time between two attempts to reach a token found unreachable, each made only
+    /// when a request asks for a session (the gateway's readiness sampler asks every second, so
+    /// recovery goes on without traffic). Short enough that a token that comes back serves again
+    /// within about a second; long enough that a dead HSM, whose client may re-initialise on
+    /// each attempt, is not hammered, and that the requests in between fail at once instead of
+    /// each waiting for an attempt.
+    public var retryInterval: Duration = .milliseconds(500)
 
     public init() {}
 }
@@ -29,14 +36,34 @@ public struct SessionPoolConfiguration: Sendable {
 /// `withSession` leases a session to one task at a time and runs the task's closure on the
 /// pool's own threads (a `NIOThreadPool`), so blocking PKCS#11 calls never run on an event loop or
 /// Swift's cooperative pool. A task waits at most `acquireTimeout` for a session. A session that
-/// fails with `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`, `CKR_DEVICE_REMOVED`,
-/// `CKR_TOKEN_NOT_PRESENT` or `CKR_USER_NOT_LOGGED_IN` is closed and replaced by a new session
-/// (logged in again when the token forgot the login), and the operation is tried again on it.
+/// fails with `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED` or `CKR_USER_NOT_LOGGED_IN` is
+/// closed and replaced by a new session (logged in again when the token forgot the login), and the
+/// operation is tried again on it. (`CKR_DEVICE_REMOVED` and `CKR_TOKEN_NOT_PRESENT` say more than
+/// that: the pool resets, below.)
 ///
 /// A session on which an operation may still be active (`PKCS11Error.leavesSessionUnusable`, or
 /// `Session.isMarkedUnusable` even when the closure caught the error) is closed alone and replaced
 /// on demand; the error goes to the caller. `CKR_OPERATION_ACTIVE` from an `*Init` call (a session
 /// some module left dirty) closes that session and runs the closure once more on another.
+///
+/// When the token as a whole cannot be reached (`PKCS11Error.isTokenUnreachable`: a device error,
+/// the token removed or not present, its slot or its label gone, the module not initialised), on
+/// opening a session or in any call of a leased one (even one the caller caught), the pool resets.
+/// An answer that only may mean it (`PKCS11Error.castsDoubtOnToken`: `CKR_GENERAL_ERROR`, an
+/// unknown object handle, which is what SoftHSM2 answers once its token directory is gone) is
+/// checked with one `C_GetTokenInfo` (`Session.confirmTokenReachable()`) before the lease or the
+/// open ends; when the token does not answer, that counts as unreachable too. To reset, the pool
+/// stops leasing, lets leased sessions come back (their calls fail fast), closes every session,
+/// then finds the token's slot again by label, opens a session and logs in once. When that fails
+/// and the pool's module is its own (`PKCS11Module.ownsInitialization`), it re-initialises the
+/// module (`C_Finalize`, `C_Initialize`) and tries once more. Requests wait for the outcome
+/// within their acquire timeout; once an attempt failed, they fail at once with
+/// `PKCS11Error.Code.tokenUnreachable`, and a new attempt starts with the first request that
+/// comes `retryInterval` or more after the last one failed. `epoch` counts the attempts: a
+/// session never outlives the epoch it was opened in, so object handles cached in an earlier
+/// epoch must be found again. A refused PIN during a reset is as final as at any other time.
+/// A session whose `C_CloseSession` the token did not confirm is closed again at the next attempt
+/// and at shutdown (`Statistics.unconfirmedCloses`), unless `C_Finalize` closed it meanwhile.
 ///
 /// Logins happen one at a time. When `C_Login` answers that the PIN is wrong, locked, expired or
 /// malformed, the pool stops logging in altogether ("login refused"): every request fails at once
@@ -68,6 +95,21 @@ public final class SessionPool: Sendable {
         let slot: SlotID
     }
 
+    /// A session the pool closed whose close the token did not confirm (it answered as a token
+    /// that cannot be reached, or with an error): the token may still hold it, and with it one of
+    /// its sessions and the login.
+    private struct UnconfirmedClose: Sendable {
+        let handle: CK_SESSION_HANDLE
+        let slot: SlotID
+        /// `PKCS11Module.epoch` when it was closed: a later `C_Finalize` closed it for good.
+        let moduleEpoch: Int
+    }
+
+    /// The most sessions remembered whose close the token did not confirm (see
+    /// `Statistics.unconfirmedCloses`); beyond it the oldest are forgotten. Far above what a pool
+    /// of `maximumSessions` leaves behind in one outage, small enough to cost nothing.
+    public static let maximumUnconfirmedCloses = 1024
+
     private struct RunnerState: ~Copyable {
         var machine: SessionPoolStateMachine
         var slot: SlotID
@@ -79,6 +121,13 @@ public final class SessionPool: Sendable {
         var lastOpenError: (any Error)?
         /// Why the pool refuses to log in (set with the machine's `loginRefused()`).
         var loginRefusal: PKCS11Error?
+        /// Why the last reset attempt failed, for the requests failed because of it.
+        var lastResetError: PKCS11Error?
+        /// When the token was found unreachable, while it is.
+        var unreachableSince: ContinuousClock.Instant?
+        var retryTimer: Task<Void, Never>?
+        /// Sessions whose `C_CloseSession` the token did not confirm; see `closeUnconfirmedSessions()`.
+        var unconfirmedCloses: [UnconfirmedClose] = []
         var shutdownWaiters: [CheckedContinuation<Void, Never>] = []
         var shutdownCompleted = false
     }
@@ -153,11 +202,21 @@ public final class SessionPool: Sendable {
         public let openFailures: Int
         /// True while the pool refuses every request because the token refused the PIN.
         public let loginRefused: Bool
+        /// True from the moment the token was found unreachable until the pool reached it again
+        /// (while it closes its sessions, tries to reach the token, and waits between attempts).
+        public let tokenUnreachable: Bool
+        /// Reset attempts so far (`SessionPool.epoch`).
+        public let epoch: Int
+        /// Sessions the pool closed whose close the token did not confirm (it answered as a token
+        /// that cannot be reached): the token may still hold them. The pool closes them again at
+        /// its next reset attempt and at shutdown, and forgets them once confirmed or once the
+        /// module was re-initialised (`C_Finalize` closes every session). Zero when nothing leaked.
+        public let unconfirmedCloses: Int
     }
 
     /// The pool's current counts.
     public var statistics: Statistics {
-        let s = state.withLock { $0.machine.statistics }
+        let (s, unconfirmedCloses) = state.withLock { ($0.machine.statistics, $0.unconfirmedCloses.count) }
         return Statistics(
             maximumSessions: maximumSessions,
             opening: s.opening,
@@ -167,9 +226,18 @@ public final class SessionPool: Sendable {
             waiting: s.waiting,
             discarded: s.discarded,
             openFailures: s.openFailures,
-            loginRefused: s.loginRefused
+            loginRefused: s.loginRefused,
+            tokenUnreachable: s.tokenUnreachable,
+            epoch: s.epoch,
+            unconfirmedCloses: unconfirmedCloses
         )
     }
+
+    /// How many times the pool has begun a reset: each one starts with every session closed and
+    /// may re-initialise the module, after which object handles may name other objects. A
+    /// session never outlives its epoch, so inside `withSession` this number is the leased
+    /// session's epoch; a handle cached under another epoch must be found again.
+    public var epoch: Int { state.withLock { $0.machine.epoch } }
 
     /// The error every request fails with while the token refuses the PIN, else nil.
     public var loginRefusal: PKCS11Error? { state.withLock { $0.loginRefusal } }
@@ -184,8 +252,14 @@ public final class SessionPool: Sendable {
     /// `Session.isMarkedUnusable`), that session alone is closed and the outcome goes to the
     /// caller as it is.
     ///
+    /// When a call of `body` says the token cannot be reached (`Session.sawTokenUnreachable`),
+    /// the pool resets (see the type's documentation) and `body` is not run again; its error
+    /// comes back as `tokenUnreachable` (its function and return value kept), or its result when
+    /// it caught the error itself.
+    ///
     /// - Throws: `sessionAcquireTimeout`, `sessionPoolQueueFull`, `sessionPoolShutDown`,
-    ///   `loginRefused`, the error that stopped a session from opening, or what `body` throws.
+    ///   `loginRefused`, `tokenUnreachable`, the error that stopped a session from opening, or
+    ///   what `body` throws.
     public func withSession<T: Sendable>(_ body: @escaping @Sendable (borrowing Session) throws -> T) async throws -> T
     {
         var attempt = 1
@@ -194,16 +268,34 @@ public final class SessionPool: Sendable {
             let module = self.module
             let outcome: Result<T, any Error>
             let leftUnusable: Bool
+            let sawTokenUnreachable: Bool
             do {
-                (outcome, leftUnusable) = try await threadPool.runIfActive {
+                (outcome, leftUnusable, sawTokenUnreachable) = try await threadPool.runIfActive {
                     let session = Session(module: module, handle: lease.handle, slot: lease.slot)
                     let outcome = Result { try body(session) }
-                    return (outcome, session.isMarkedUnusable)
+                    if session.sawAnswerInDoubt && !session.sawTokenUnreachable {
+                        // An answer that may mean the token is gone: ask the token before the
+                        // lease ends (this marks the session when it does not answer).
+                        try? session.confirmTokenReachable()
+                    }
+                    return (outcome, session.isMarkedUnusable, session.sawTokenUnreachable)
                 }
             } catch {
                 // The thread pool refused the work (shutdown or cancellation): nothing ran.
                 release(lease, reusable: true)
                 throw error
+            }
+            let failedUnreachable: PKCS11Error? =
+                if case .failure(let error as PKCS11Error) = outcome, error.isTokenUnreachable { error } else { nil }
+            if sawTokenUnreachable || failedUnreachable != nil {
+                let effects = state.withLock { apply($0.machine.tokenUnreachable(releasing: lease.id), to: &$0) }
+                perform(effects)
+                if let failedUnreachable { throw failedUnreachable.asTokenUnreachable() }
+                if case .failure(let error as PKCS11Error) = outcome {
+                    // An answer in doubt, and then the token did not answer: it is gone.
+                    throw error.asTokenUnreachable(detail: "the token then did not answer C_GetTokenInfo")
+                }
+                return try outcome.get()
             }
             switch outcome {
             case .success(let value):
@@ -270,10 +362,17 @@ public final class SessionPool: Sendable {
                     return Effects(resumeShutdown: [continuation])
                 }
                 state.shutdownWaiters.append(continuation)
-                return apply(state.machine.shutdown(), to: &state)
+                var effects = apply(state.machine.shutdown(), to: &state)
+                if let timer = state.retryTimer {
+                    effects.cancelTimers.append(timer)
+                    state.retryTimer = nil
+                }
+                return effects
             }
             perform(effects)
         }
+        // Every session is closed; those the token did not confirm get one more try.
+        try? await threadPool.runIfActive { [self] in closeUnconfirmedSessions() }
         try? await threadPool.shutdownGracefully()
     }
 
@@ -324,9 +423,13 @@ public final class SessionPool: Sendable {
         var resume: [(CheckedContinuation<Lease, any Error>, Result<Lease, any Error>)] = []
         var cancelTimers: [Task<Void, Never>] = []
         var startTimer: SessionPoolStateMachine.WaiterID?
-        var open: (id: SessionPoolStateMachine.SessionID, slot: SlotID)?
+        var open: (id: SessionPoolStateMachine.SessionID, slot: SlotID, reset: Bool)?
         var close: [(id: SessionPoolStateMachine.SessionID, handle: CK_SESSION_HANDLE, slot: SlotID)] = []
         var resumeShutdown: [CheckedContinuation<Void, Never>] = []
+        /// The token was just found unreachable (true) or reached again (false), to log once.
+        var reachabilityChanged: (unreachable: Bool, after: Duration)?
+        /// The first reset attempt of an outage failed (logged as an error; later ones quietly).
+        var firstResetFailure = false
     }
 
     /// Turns an action into effects, updating the runner's bookkeeping; runs under the lock.
@@ -359,7 +462,9 @@ public final class SessionPool: Sendable {
         case .none:
             break
         case .open(let session):
-            effects.open = (session, state.slot)
+            effects.open = (session, state.slot, false)
+        case .reset(let session):
+            effects.open = (session, state.slot, true)
         case .close(let sessions):
             for session in sessions {
                 if let entry = state.handles.removeValue(forKey: session) {
@@ -371,6 +476,31 @@ public final class SessionPool: Sendable {
             state.shutdownCompleted = true
             effects.resumeShutdown = state.shutdownWaiters
             state.shutdownWaiters.removeAll()
+        }
+        if action.startRetryTimer {
+            let interval = configuration.retryInterval
+            state.retryTimer = Task { [weak self] in
+                guard (try? await Task.sleep(for: interval)) != nil else { return }
+                self?.retryTimerFired()
+            }
+        }
+        let now = ContinuousClock.now
+        switch (state.machine.isTokenUnreachable, state.unreachableSince) {
+        case (true, nil):
+            state.unreachableSince = now
+            effects.reachabilityChanged = (true, .zero)
+        case (false, let since?):
+            state.unreachableSince = nil
+            // Shutdown or a refused PIN also end the reset; only serving again is a recovery.
+            if state.machine.mode == .serving {
+                effects.reachabilityChanged = (false, now - since)
+            }
+        default:
+            break
+        }
+        if !state.machine.isTokenUnreachable {
+            // Also when an attempt's failure (a refused PIN) is reported after the reset ended.
+            state.lastResetError = nil
         }
         if let waiter = effects.startTimer {
             let timeout = configuration.acquireTimeout
@@ -402,6 +532,10 @@ public final class SessionPool: Sendable {
             state.lastOpenError ?? PKCS11Error(code: .sessionPoolShutDown, detail: "no session could be opened")
         case .loginRefused:
             state.loginRefusal ?? PKCS11Error(code: .loginRefused, function: .login)
+        case .tokenUnreachable:
+            (state.lastResetError ?? PKCS11Error(code: .tokenUnreachable)).asTokenUnreachable(
+                detail: "the token is unreachable; the next attempt to reach it comes with a request at least "
+                    + "\(configuration.retryInterval) after the last one failed")
         }
     }
 
@@ -409,25 +543,37 @@ public final class SessionPool: Sendable {
         for timer in effects.cancelTimers {
             timer.cancel()
         }
+        if let change = effects.reachabilityChanged {
+            if change.unreachable {
+                logger.error(
+                    """
+                    the PKCS#11 token is unreachable: requests fail with UNAVAILABLE while the pool closes its \
+                    sessions and tries to reach it again
+                    """,
+                    metadata: ["token": "\(tokenLabel ?? "slot")"])
+            } else {
+                logger.notice(
+                    "the PKCS#11 token is reachable again; sessions are logged in",
+                    metadata: ["token": "\(tokenLabel ?? "slot")", "unreachable_for": "\(change.after)"])
+            }
+        }
         for (continuation, result) in effects.resume {
             continuation.resume(with: result)
         }
         if let open = effects.open {
             threadPool.submit { [self] workState in
                 let result: Result<CK_SESSION_HANDLE, any Error> =
-                    workState == .active
-                    ? Result { try self.openLoggedInSession(slot: open.slot) }
-                    : .failure(PKCS11Error(code: .sessionPoolShutDown))
-                self.openCompleted(open.id, result: result)
+                    workState != .active
+                    ? .failure(PKCS11Error(code: .sessionPoolShutDown))
+                    : open.reset
+                        ? Result { try self.reachToken(slot: open.slot) }
+                        : Result { try self.openLoggedInSession(slot: open.slot) }
+                self.openCompleted(open.id, result: result, reset: open.reset)
             }
         }
         for close in effects.close {
             threadPool.submit { [self] _ in
-                do {
-                    try module.closeSessionHandle(close.handle, slot: close.slot)
-                } catch {
-                    logger.warning("closing a PKCS#11 session failed", metadata: ["error": "\(error)"])
-                }
+                closeSession(close.handle, slot: close.slot)
                 let effects = state.withLock { apply($0.machine.sessionClosed(close.id), to: &$0) }
                 perform(effects)
             }
@@ -445,8 +591,16 @@ public final class SessionPool: Sendable {
         perform(effects)
     }
 
+    private func retryTimerFired() {
+        let effects = state.withLock { state -> Effects in
+            state.retryTimer = nil
+            return apply(state.machine.retryTimerFired(), to: &state)
+        }
+        perform(effects)
+    }
+
     private func openCompleted(
-        _ session: SessionPoolStateMachine.SessionID, result: Result<CK_SESSION_HANDLE, any Error>
+        _ session: SessionPoolStateMachine.SessionID, result: Result<CK_SESSION_HANDLE, any Error>, reset: Bool
     ) {
         let effects = state.withLock { state -> Effects in
             switch result {
@@ -454,18 +608,120 @@ public final class SessionPool: Sendable {
                 state.handles[session] = (handle, state.slot)
                 return apply(state.machine.sessionOpened(session), to: &state)
             case .failure(let error):
-                state.lastOpenError = error
-                return apply(state.machine.sessionOpenFailed(session), to: &state)
+                let pkcs11Error = error as? PKCS11Error
+                let unreachable = pkcs11Error.map { $0.isTokenUnreachable || $0.code == .tokenNotFound } ?? false
+                let firstFailure = reset && state.lastResetError == nil
+                if reset {
+                    state.lastResetError = pkcs11Error ?? PKCS11Error(code: .tokenUnreachable, detail: "\(error)")
+                } else {
+                    state.lastOpenError = error
+                }
+                var effects = apply(state.machine.sessionOpenFailed(session, tokenUnreachable: unreachable), to: &state)
+                effects.firstResetFailure = firstFailure
+                return effects
             }
         }
-        // A refused login has logged its own line, once.
+        // A refused login has logged its own line, once; a token that stays unreachable is
+        // logged on the first failed attempt only.
         if case .failure(let error) = result, (error as? PKCS11Error)?.code != .loginRefused {
-            logger.error("opening a PKCS#11 session failed", metadata: ["error": "\(error)"])
+            if !reset {
+                logger.error("opening a PKCS#11 session failed", metadata: ["error": "\(error)"])
+            } else if effects.firstResetFailure {
+                logger.error(
+                    "the PKCS#11 token cannot be reached yet; trying again on demand",
+                    metadata: ["error": "\(error)", "retry_interval": "\(configuration.retryInterval)"])
+            } else {
+                logger.debug("the PKCS#11 token cannot be reached yet", metadata: ["error": "\(error)"])
+            }
         }
         perform(effects)
     }
 
     // MARK: - Blocking work (runs on the pool's threads)
+
+    /// Closes a session of the pool; one whose close the token does not confirm is remembered
+    /// (`unconfirmedCloses`) to be closed again later.
+    private func closeSession(_ handle: CK_SESSION_HANDLE, slot: SlotID) {
+        let moduleEpoch = module.epoch
+        let confirmed: Bool
+        do {
+            confirmed = try module.closeSessionHandle(handle, slot: slot)
+        } catch let error as PKCS11Error where error.isTokenUnreachable {
+            // Expected while the token is gone; the reset that follows says so once.
+            logger.debug("closing a PKCS#11 session failed", metadata: ["error": "\(error)"])
+            confirmed = false
+        } catch {
+            logger.warning("closing a PKCS#11 session failed", metadata: ["error": "\(error)"])
+            confirmed = false
+        }
+        guard !confirmed else { return }
+        state.withLock { state in
+            if state.unconfirmedCloses.count >= Self.maximumUnconfirmedCloses {
+                state.unconfirmedCloses.removeFirst()
+            }
+            state.unconfirmedCloses.append(UnconfirmedClose(handle: handle, slot: slot, moduleEpoch: moduleEpoch))
+        }
+    }
+
+    /// Closes again, with no session of the pool open (at a reset attempt, at shutdown), the
+    /// sessions whose close the token did not confirm, so a token that comes back does not keep
+    /// sessions nobody will use (HSMs limit them per client). Those of an earlier module epoch are
+    /// forgotten (`C_Finalize` closed them), and so is a handle this module has since handed out
+    /// again to a session open now: that number names another session, never closed here.
+    private func closeUnconfirmedSessions() {
+        let pending = state.withLock { state in
+            defer { state.unconfirmedCloses.removeAll() }
+            return state.unconfirmedCloses
+        }
+        guard !pending.isEmpty else { return }
+        let moduleEpoch = module.epoch
+        var unconfirmed: [UnconfirmedClose] = []
+        for session in pending
+        where session.moduleEpoch == moduleEpoch && !module.isSessionOpen(session.handle, slot: session.slot) {
+            if (try? module.closeSessionHandle(session.handle, slot: session.slot)) != true {
+                unconfirmed.append(session)
+            }
+        }
+        let closed = pending.count - unconfirmed.count
+        logger.debug(
+            "closed again the PKCS#11 sessions whose close the token had not confirmed",
+            metadata: ["closed": "\(closed)", "still_unconfirmed": "\(unconfirmed.count)"])
+        guard !unconfirmed.isEmpty else { return }
+        state.withLock { state in
+            state.unconfirmedCloses = Array(
+                (unconfirmed + state.unconfirmedCloses).suffix(Self.maximumUnconfirmedCloses))
+        }
+    }
+
+    /// A reset attempt, with no session of the pool open: finds the token's slot again by label
+    /// (or keeps `slot`), opens a session and logs in. When that fails (other than a refused PIN)
+    /// and the module is this process's own to initialise, re-initialises it and tries once more.
+    private func reachToken(slot: SlotID) throws -> CK_SESSION_HANDLE {
+        closeUnconfirmedSessions()
+        do {
+            return try findAndOpen(slot: slot)
+        } catch let error as PKCS11Error where error.code != .loginRefused && module.ownsInitialization {
+            // Said once per outage; the attempts that follow every retry interval do the same.
+            let firstAttempt = state.withLock { $0.lastResetError == nil }
+            logger.log(
+                level: firstAttempt ? .notice : .debug,
+                "re-initialising the PKCS#11 module (C_Finalize, C_Initialize) to reach the token again",
+                metadata: ["module": "\(module.path)", "error": "\(error)"])
+            try module.reinitialize()
+            // C_Finalize closed every session: forget those whose close was not confirmed.
+            closeUnconfirmedSessions()
+            return try findAndOpen(slot: slot)
+        }
+    }
+
+    private func findAndOpen(slot: SlotID) throws -> CK_SESSION_HANDLE {
+        var slot = slot
+        if let tokenLabel {
+            slot = try module.slot(tokenLabel: tokenLabel)
+            state.withLock { $0.slot = slot }
+        }
+        return try openLoggedInSession(onSlot: slot)
+    }
 
     /// Opens a session and logs the user in unless the token still holds the login.
     private func openLoggedInSession(slot: SlotID) throws -> CK_SESSION_HANDLE {
@@ -481,6 +737,13 @@ public final class SessionPool: Sendable {
             state.withLock { $0.slot = newSlot }
             logger.notice("PKCS#11 token moved", metadata: ["from": "\(slot)", "to": "\(newSlot)"])
             return try openLoggedInSession(onSlot: newSlot)
+        } catch let error as PKCS11Error where error.castsDoubtOnToken {
+            // SoftHSM2 answers C_Login with CKR_GENERAL_ERROR once its token directory is gone:
+            // ask the token before calling this an ordinary failure.
+            if let unreachable = module.unreachableToken(in: slot) {
+                throw error.asTokenUnreachable(detail: unreachable.description)
+            }
+            throw error
         }
     }
 
@@ -490,7 +753,7 @@ public final class SessionPool: Sendable {
             try logInIfNeeded(Session(module: module, handle: handle, slot: slot))
             return handle
         } catch {
-            try? module.closeSessionHandle(handle, slot: slot)
+            closeSession(handle, slot: slot)
             throw error
         }
     }

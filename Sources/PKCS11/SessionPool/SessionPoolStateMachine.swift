@@ -11,7 +11,14 @@ import DequeModule
 /// - a session is opened only for a waiter that no session being opened already covers;
 /// - after `shutdown()`, nothing is leased and every session is closed once it comes back;
 /// - after `loginRefused()`, nothing is leased and nothing is opened (so no `C_Login` is tried)
-///   until `loginResumed()`; sessions are closed as they come back.
+///   until `loginResumed()`; sessions are closed as they come back;
+/// - once the token is found unreachable (an open or a leased session's call says so), nothing is
+///   leased or opened until every session is closed; then one reset attempt opens a session
+///   (re-initialising the module when the pool's runner owns it); only one attempt runs at a time,
+///   and after a failed one the next starts only when the retry timer has fired and a request
+///   asks for a session;
+/// - `epoch` grows with every reset attempt, which begins with no session open: a session never
+///   outlives the epoch it was opened in, so object handles found on it are known to be fresh.
 struct SessionPoolStateMachine: Sendable {
     typealias SessionID = Int
     typealias WaiterID = Int
@@ -37,6 +44,8 @@ struct SessionPoolStateMachine: Sendable {
         case cancelled
         /// The token refused the PIN: no session can be logged in until an operator acts.
         case loginRefused
+        /// The token cannot be reached: the last reset attempt failed.
+        case tokenUnreachable
     }
 
     /// What the pool does with lease requests.
@@ -45,6 +54,15 @@ struct SessionPoolStateMachine: Sendable {
         case serving
         /// The token refused the PIN: every request fails at once, no session is opened.
         case loginRefused
+        /// The token was found unreachable. Requests wait (within their acquire timeouts) while
+        /// every session is closed (`attempt` nil), then while one reset attempt opens a session
+        /// under `attempt`; that session ends the reset when it opens, and a failure fails every
+        /// waiter with `.tokenUnreachable`.
+        case resetting(attempt: SessionID?)
+        /// A reset attempt failed and no session exists: requests fail at once with
+        /// `.tokenUnreachable`, except that once the retry timer fired (`retryDue`) the next one
+        /// starts a new attempt and waits for it.
+        case unreachable(retryDue: Bool)
         /// Shutting down: every request fails, sessions close as they come back.
         case shuttingDown
     }
@@ -66,10 +84,16 @@ struct SessionPoolStateMachine: Sendable {
             case open(SessionID)
             /// Close these sessions; report `sessionClosed` for each.
             case close([SessionID])
+            /// No session is open: find the token again (its slot by label; re-initialising the
+            /// module first when that fails and the module is the runner's own), then open and
+            /// log in a session under this id; report `sessionOpened` or `sessionOpenFailed`.
+            case reset(SessionID)
         }
 
         var waiter: WaiterAction = .none
         var session: SessionAction = .none
+        /// A reset attempt failed: report `retryTimerFired()` after the retry interval.
+        var startRetryTimer = false
         /// Shutdown finished: every session is closed.
         var shutdownCompleted = false
 
@@ -89,6 +113,10 @@ struct SessionPoolStateMachine: Sendable {
         var openFailures = 0
         /// The pool refuses every request because the token refused the PIN.
         var loginRefused = false
+        /// The token was found unreachable and the pool has not reached it again yet.
+        var tokenUnreachable = false
+        /// Reset attempts begun (each one with every session closed).
+        var epoch = 0
     }
 
     let maximumSessions: Int
@@ -102,6 +130,11 @@ struct SessionPoolStateMachine: Sendable {
     private(set) var mode = Mode.serving
     private var discarded = 0
     private var openFailures = 0
+    /// Sessions that were being opened when an operator resumed logins (`loginResumed()`): their
+    /// login may still fail with the PIN that was refused, which says nothing about the new one.
+    private var openingBeforeResume: Set<SessionID> = []
+    /// Reset attempts begun; see the invariants.
+    private(set) var epoch = 0
 
     init(maximumSessions: Int, maximumWaiters: Int) {
         precondition(maximumSessions >= 1, "a pool needs at least one session")
@@ -113,7 +146,7 @@ struct SessionPoolStateMachine: Sendable {
     var statistics: Statistics {
         var statistics = Statistics(
             waiting: waiters.count, discarded: discarded, openFailures: openFailures,
-            loginRefused: mode == .loginRefused)
+            loginRefused: mode == .loginRefused, tokenUnreachable: isTokenUnreachable, epoch: epoch)
         for state in sessions.values {
             switch state {
             case .opening: statistics.opening += 1
@@ -127,13 +160,35 @@ struct SessionPoolStateMachine: Sendable {
 
     // MARK: Events
 
-    /// A task asks for a session.
     var isShuttingDown: Bool { mode == .shuttingDown }
 
+    /// True from the moment the token is found unreachable until a reset attempt succeeds.
+    var isTokenUnreachable: Bool {
+        switch mode {
+        case .resetting, .unreachable: true
+        case .serving, .loginRefused, .shuttingDown: false
+        }
+    }
+
+    /// A task asks for a session.
     mutating func leaseRequested(_ waiter: WaiterID) -> Action {
         switch mode {
         case .shuttingDown: return Action(waiter: .fail([waiter], .shutDown))
         case .loginRefused: return Action(waiter: .fail([waiter], .loginRefused))
+        case .unreachable(retryDue: false): return Action(waiter: .fail([waiter], .tokenUnreachable))
+        case .unreachable(retryDue: true):
+            // This request is the demand that starts the next attempt; it waits for the outcome.
+            guard waiters.count < maximumWaiters else {
+                return Action(waiter: .fail([waiter], .tokenUnreachable), session: beginResetAttempt())
+            }
+            waiters.append(waiter)
+            return Action(waiter: .enqueued(waiter), session: beginResetAttempt())
+        case .resetting:
+            guard waiters.count < maximumWaiters else {
+                return Action(waiter: .fail([waiter], .queueFull))
+            }
+            waiters.append(waiter)
+            return Action(waiter: .enqueued(waiter))
         case .serving: break
         }
         if let session = idle.popLast() {
@@ -147,24 +202,49 @@ struct SessionPoolStateMachine: Sendable {
         return Action(waiter: .enqueued(waiter), session: openIfNeeded())
     }
 
-    /// A session asked for with `.open` is open and logged in.
+    /// A session asked for with `.open` or `.reset` is open and logged in.
     mutating func sessionOpened(_ session: SessionID) -> Action {
         precondition(sessions[session] == .opening, "session \(session) was not being opened")
+        openingBeforeResume.remove(session)
+        if mode == .resetting(attempt: session) {
+            // The token answers again: serve, and open more sessions for those still waiting.
+            mode = .serving
+        }
         if mode != .serving {
             sessions[session] = .closing
             return Action(session: .close([session]))
         }
-        return handOver(session)
+        var action = handOver(session)
+        action.session = openIfNeeded()
+        return action
     }
 
-    /// Opening a session failed; it never existed.
-    mutating func sessionOpenFailed(_ session: SessionID) -> Action {
+    /// Opening a session failed; it never existed. `tokenUnreachable` when the failure says the
+    /// token as a whole cannot be reached (`PKCS11Error.isTokenUnreachable`, or its label is gone
+    /// from the slot list): the pool stops leasing and resets.
+    mutating func sessionOpenFailed(_ session: SessionID, tokenUnreachable: Bool = false) -> Action {
         precondition(sessions[session] == .opening, "session \(session) was not being opened")
         sessions[session] = nil
         openFailures += 1
+        if openingBeforeResume.remove(session) != nil, mode == .serving {
+            // Begun before the operator's new PIN: its failure is no reason to fail the waiters
+            // that came since. Open another for them, with the new PIN.
+            return Action(session: openIfNeeded())
+        }
         switch mode {
         case .shuttingDown: return Action(shutdownCompleted: sessions.isEmpty)
-        case .loginRefused: return .none
+        case .loginRefused, .unreachable: return .none
+        case .resetting(let attempt) where attempt == session:
+            // The attempt failed, whatever the reason: the token stays unreachable.
+            mode = .unreachable(retryDue: false)
+            let failed = Array(waiters)
+            waiters.removeAll()
+            return Action(
+                waiter: failed.isEmpty ? .none : .fail(failed, .tokenUnreachable), startRetryTimer: true)
+        case .resetting:
+            return Action(session: resetIfDrained())
+        case .serving where tokenUnreachable:
+            return startReset(closing: [])
         case .serving: break
         }
         // Only a session that exists or is on its way can serve the waiters; with none, they
@@ -214,15 +294,37 @@ struct SessionPoolStateMachine: Sendable {
         return Action(session: .close([session]))
     }
 
+    /// A leased session comes back after one of its calls said the token cannot be reached
+    /// (`PKCS11Error.isTokenUnreachable`): stop leasing, close it and the idle sessions now and
+    /// the leased ones as they come back (their calls fail fast on a token that is gone), then
+    /// reset. Waiters stay queued for the reset's outcome.
+    mutating func tokenUnreachable(releasing session: SessionID) -> Action {
+        precondition(sessions[session] == .leased, "session \(session) was not leased")
+        discarded += 1
+        sessions[session] = .closing
+        guard mode == .serving else { return Action(session: .close([session])) }
+        return startReset(closing: [session])
+    }
+
     /// A session asked for with `.close` is closed (successfully or not: its handle is gone).
     mutating func sessionClosed(_ session: SessionID) -> Action {
         precondition(sessions[session] == .closing, "session \(session) was not being closed")
         sessions[session] = nil
         switch mode {
         case .shuttingDown: return Action(shutdownCompleted: sessions.isEmpty)
-        case .loginRefused: return .none
+        case .loginRefused, .unreachable: return .none
+        case .resetting: return Action(session: resetIfDrained())
         case .serving: return Action(session: openIfNeeded())
         }
+    }
+
+    /// The retry timer started after a failed reset attempt fired: the next request may start
+    /// another attempt.
+    mutating func retryTimerFired() -> Action {
+        if mode == .unreachable(retryDue: false) {
+            mode = .unreachable(retryDue: true)
+        }
+        return .none
     }
 
     /// The token refused the PIN while a session was being logged in (report that session's
@@ -230,7 +332,10 @@ struct SessionPoolStateMachine: Sendable {
     /// idle sessions close, leased ones close as they come back, and until `loginResumed()` every
     /// request fails at once and nothing is opened, so no further `C_Login` is tried.
     mutating func loginRefused() -> Action {
-        guard mode == .serving else { return .none }
+        switch mode {
+        case .serving, .resetting: break
+        case .loginRefused, .unreachable, .shuttingDown: return .none
+        }
         mode = .loginRefused
         let failed = Array(waiters)
         waiters.removeAll()
@@ -250,6 +355,7 @@ struct SessionPoolStateMachine: Sendable {
     mutating func loginResumed() -> Action {
         guard mode == .loginRefused else { return .none }
         mode = .serving
+        openingBeforeResume = Set(sessions.filter { $0.value == .opening }.keys)
         return .none
     }
 
@@ -282,6 +388,39 @@ struct SessionPoolStateMachine: Sendable {
     }
 
     // MARK: Helpers
+
+    /// Enters `.resetting`: closes `closing` (already marked) and the idle sessions; the attempt
+    /// begins once every session is closed.
+    private mutating func startReset(closing: [SessionID]) -> Action {
+        mode = .resetting(attempt: nil)
+        discarded += idle.count
+        let closing = closing + idle
+        for id in idle {
+            sessions[id] = .closing
+        }
+        idle.removeAll()
+        if !closing.isEmpty {
+            return Action(session: .close(closing))
+        }
+        return Action(session: resetIfDrained())
+    }
+
+    /// Begins the reset attempt once no session is left (open, opening, leased or closing).
+    private mutating func resetIfDrained() -> Action.SessionAction {
+        guard mode == .resetting(attempt: nil), sessions.isEmpty else { return .none }
+        return beginResetAttempt()
+    }
+
+    /// Starts one reset attempt; no session may exist.
+    private mutating func beginResetAttempt() -> Action.SessionAction {
+        precondition(sessions.isEmpty, "a reset attempt begins with every session closed")
+        let session = nextSessionID
+        nextSessionID += 1
+        sessions[session] = .opening
+        epoch += 1
+        mode = .resetting(attempt: session)
+        return .reset(session)
+    }
 
     /// Gives a usable session to the first waiter, or parks it as idle.
     private mutating func handOver(_ session: SessionID) -> Action {

@@ -340,6 +340,8 @@ struct SessionPoolStateMachineTests {
         var closing: Set<Int> = []
         var waiting: Set<Int> = []
         var nextWaiter = 0
+        var retryTimerRunning = false
+        var epoch = 0
 
         func apply(_ action: Machine.Action) {
             switch action.waiter {
@@ -355,21 +357,30 @@ struct SessionPoolStateMachineTests {
             switch action.session {
             case .none: break
             case .open(let session): opening.insert(session)
+            case .reset(let session):
+                #expect(opening.isEmpty && leased.isEmpty && closing.isEmpty, "a reset begins with no session")
+                opening.insert(session)
             case .close(let sessions): closing.formUnion(sessions)
+            }
+            if action.startRetryTimer {
+                #expect(!retryTimerRunning, "one retry timer at a time")
+                retryTimerRunning = true
             }
         }
 
         for _ in 0..<20_000 {
-            switch generator.next() % 9 {
+            switch generator.next() % 12 {
             case 0:
                 nextWaiter += 1
                 apply(machine.leaseRequested(nextWaiter - 1))
             case 1:
                 if let session = opening.randomElement(using: &generator) {
                     opening.remove(session)
-                    apply(
-                        generator.next() % 5 == 0 ? machine.sessionOpenFailed(session) : machine.sessionOpened(session)
-                    )
+                    switch generator.next() % 10 {
+                    case 0, 1: apply(machine.sessionOpenFailed(session))
+                    case 2: apply(machine.sessionOpenFailed(session, tokenUnreachable: true))
+                    default: apply(machine.sessionOpened(session))
+                    }
                 }
             case 2:
                 if let session = leased.keys.randomElement(using: &generator) {
@@ -400,6 +411,17 @@ struct SessionPoolStateMachineTests {
                 if generator.next() % 5 == 0 {
                     apply(machine.loginResumed())
                 }
+            case 8:
+                // The token is lost now and then; the sessions of a lost token come back failing.
+                if generator.next() % 10 == 0, let session = leased.keys.randomElement(using: &generator) {
+                    leased[session] = nil
+                    apply(machine.tokenUnreachable(releasing: session))
+                }
+            case 9:
+                if retryTimerRunning, generator.next() % 3 == 0 {
+                    retryTimerRunning = false
+                    apply(machine.retryTimerFired())
+                }
             default:
                 if let waiter = waiting.randomElement(using: &generator) {
                     apply(machine.waiterCancelled(waiter))
@@ -409,9 +431,74 @@ struct SessionPoolStateMachineTests {
             if machine.statistics.loginRefused {
                 #expect(machine.statistics.idle == 0 && machine.statistics.waiting == 0)
             }
+            switch machine.mode {
+            case .resetting(let attempt?):
+                #expect(Set(machine.sessions.keys) == [attempt], "a reset attempt runs alone")
+            case .resetting(nil):
+                #expect(
+                    machine.statistics.idle == 0
+                        && machine.statistics.opening + machine.statistics.leased
+                            + machine.statistics.closing == machine.sessions.count
+                )
+            case .unreachable:
+                #expect(machine.sessions.isEmpty && machine.statistics.waiting == 0)
+            default:
+                break
+            }
+            // Nobody waits for nothing: a waiter is resolved by an event still to come (a session
+            // coming back, opening or closing), not only by its timeout.
+            let statistics = machine.statistics
+            if statistics.waiting > 0 {
+                #expect(statistics.idle == 0, "a waiter next to an idle session")
+                #expect(
+                    statistics.opening + statistics.leased + statistics.closing > 0, "waiters stranded: \(statistics)")
+            }
+            if case .resetting(nil) = machine.mode {
+                #expect(!machine.sessions.isEmpty, "a drained reset that did not begin its attempt")
+            }
+            #expect(machine.epoch >= epoch)
+            epoch = machine.epoch
             #expect(machine.statistics.leased == leased.count)
             #expect(machine.statistics.waiting == waiting.count)
             #expect(waiting.count <= 5)
+        }
+
+        // Shutdown from wherever the schedule ended: every waiter fails, every session closes
+        // once it comes back, and shutdown completes exactly once, with the last one.
+        var completions = 0
+        func applyShutdownAction(_ action: Machine.Action) {
+            apply(action)
+            if action.shutdownCompleted { completions += 1 }
+            #expect(!action.startRetryTimer && action.session.isOpenOrReset == false, "nothing starts after shutdown")
+        }
+        applyShutdownAction(machine.shutdown())
+        #expect(waiting.isEmpty)
+        while !(opening.isEmpty && leased.isEmpty && closing.isEmpty) {
+            if let session = opening.popFirst() {
+                applyShutdownAction(
+                    generator.next() % 2 == 0 ? machine.sessionOpened(session) : machine.sessionOpenFailed(session))
+            } else if let session = leased.keys.first {
+                leased[session] = nil
+                applyShutdownAction(
+                    generator.next() % 2 == 0
+                        ? machine.sessionReleased(session, reusable: true)
+                        : machine.tokenUnreachable(releasing: session))
+            } else if let session = closing.popFirst() {
+                applyShutdownAction(machine.sessionClosed(session))
+            }
+        }
+        applyShutdownAction(machine.retryTimerFired())
+        #expect(completions == 1)
+        #expect(machine.sessions.isEmpty)
+    }
+}
+
+extension SessionPoolStateMachine.Action.SessionAction {
+    /// True for an action that opens a session (`.open` or `.reset`).
+    var isOpenOrReset: Bool {
+        switch self {
+        case .open, .reset: true
+        case .none, .close: false
         }
     }
 }
