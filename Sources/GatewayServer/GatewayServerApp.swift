@@ -203,7 +203,10 @@ public final class GatewayServerApp: Sendable {
         let scheduler = TenantFairScheduler(
             configuration: TenantFairScheduler.Configuration(
                 limits: configuration.limits, concurrency: configuration.fairQueue.maximumConcurrent,
-                minimumConcurrency: configuration.fairQueue.minimumConcurrent)
+                // The loader keeps the minimum within the maximum; a configuration built in
+                // code may lower only the maximum.
+                minimumConcurrency: min(
+                    configuration.fairQueue.minimumConcurrent, configuration.fairQueue.maximumConcurrent))
         )
         let maintenance = MaintenanceService(
             service: service,

@@ -68,12 +68,19 @@ public struct Session: ~Copyable {
     /// Set when a call left the session unusable; read by the pool when the lease ends.
     let condition: SessionCondition
 
-    init(module: PKCS11Module, handle: CK_SESSION_HANDLE, slot: SlotID) {
+    init(module: PKCS11Module, handle: CK_SESSION_HANDLE, slot: SlotID, epoch: Int = 0) {
         self.module = module
         self.handle = handle
         self.slot = slot
+        self.epoch = epoch
         self.condition = SessionCondition()
     }
+
+    /// The `SessionPool.epoch` the session was opened in (0 outside a pool). Object handles found
+    /// on it are valid on sessions of the same epoch only: a reset between epochs may have
+    /// re-initialised the module or reached a restarted HSM, where a handle can name another
+    /// object.
+    public let epoch: Int
 
     /// A number that identifies the session while it is open (for tests and logs).
     public var identifier: UInt { handle }

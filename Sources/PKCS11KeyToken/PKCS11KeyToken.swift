@@ -15,10 +15,13 @@ public final class PKCS11KeyToken: MasterKeyToken {
     private let handles = Mutex<[TokenKeyID: CachedKey]>([:])
     private let probeKey = Mutex<TokenKeyReference?>(nil)
 
-    /// A handle found and checked, with the label it was checked against.
+    /// A handle found and checked, with the label it was checked against and the session epoch
+    /// it was found in: it is used on sessions of that epoch only (after a reset of the pool a
+    /// handle may name another object).
     fileprivate struct CachedKey: Sendable {
         let handle: ObjectHandle
         let label: String
+        let epoch: Int
     }
 
     public init(pool: SessionPool) {
@@ -26,7 +29,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
     }
 
     public func generateMasterKey(id: TokenKeyID, label: String) async throws(TokenError) {
-        let handle = try await lease { session in
+        let (handle, epoch) = try await lease { session in
             let handle = try session.generateMasterKey(label: label, id: id.bytes)
             do {
                 try session.verifyMasterKey(handle)
@@ -34,9 +37,9 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 try? session.destroyObject(handle)
                 throw error
             }
-            return handle
+            return (handle, session.epoch)
         }
-        handles.withLock { $0[id] = CachedKey(handle: handle, label: label) }
+        handles.withLock { $0[id] = CachedKey(handle: handle, label: label, epoch: epoch) }
     }
 
     public func destroyMasterKey(id: TokenKeyID) async throws(TokenError) -> Bool {
@@ -65,7 +68,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
     }
 
     public func prepareAuditKey(label: String) async throws(TokenError) -> (id: TokenKeyID, created: Bool) {
-        let (id, handle, created) = try await lease { session -> (TokenKeyID, ObjectHandle, Bool) in
+        let (id, handle, created, epoch) = try await lease { session -> (TokenKeyID, ObjectHandle, Bool, Int) in
             let found = try session.findSecretKeys(label: label)
             guard found.count <= 1 else {
                 throw TokenError(.other, "\(found.count) objects are labelled \(label); expected one audit key")
@@ -75,7 +78,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
                     throw TokenError(.other, "the audit key's CKA_ID is not \(TokenKeyID.byteCount) bytes")
                 }
                 try session.verifyAuditKey(existing.handle)
-                return (id, existing.handle, false)
+                return (id, existing.handle, false, session.epoch)
             }
             let id = TokenKeyID.random()
             let handle = try session.generateAuditKey(label: label, id: id.bytes)
@@ -85,9 +88,9 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 try? session.destroyObject(handle)
                 throw error
             }
-            return (id, handle, true)
+            return (id, handle, true, session.epoch)
         }
-        handles.withLock { $0[id] = CachedKey(handle: handle, label: label) }
+        handles.withLock { $0[id] = CachedKey(handle: handle, label: label, epoch: epoch) }
         return (id, created)
     }
 
@@ -101,12 +104,12 @@ public final class PKCS11KeyToken: MasterKeyToken {
     /// Finds the probe key, or generates it when the token has none (first start), checked against
     /// the master-key policy. Call at start-up, before `checkHealth`.
     public func prepareProbeKey() async throws(TokenError) {
-        let (id, handle) = try await lease { session -> (TokenKeyID, ObjectHandle) in
+        let (id, handle, epoch) = try await lease { session -> (TokenKeyID, ObjectHandle, Int) in
             if let existing = try session.findSecretKeys(label: Self.probeKeyLabel).first,
                 let id = TokenKeyID(bytes: existing.id)
             {
                 try session.verifyMasterKey(existing.handle)
-                return (id, existing.handle)
+                return (id, existing.handle, session.epoch)
             }
             let id = TokenKeyID.random()
             let handle = try session.generateMasterKey(label: Self.probeKeyLabel, id: id.bytes)
@@ -116,9 +119,9 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 try? session.destroyObject(handle)
                 throw error
             }
-            return (id, handle)
+            return (id, handle, session.epoch)
         }
-        handles.withLock { $0[id] = CachedKey(handle: handle, label: Self.probeKeyLabel) }
+        handles.withLock { $0[id] = CachedKey(handle: handle, label: Self.probeKeyLabel, epoch: epoch) }
         probeKey.withLock { $0 = TokenKeyReference(id: id, label: Self.probeKeyLabel) }
     }
 
@@ -232,8 +235,11 @@ public final class PKCS11KeyToken: MasterKeyToken {
         on session: borrowing Session,
         cached: [TokenKeyID: CachedKey]
     ) throws {
+        // Handles found in another epoch than this session's may name other objects now.
+        let epoch = session.epoch
         var known = progress.withState { state in
-            state.known.isEmpty ? cached.filter { !state.stale.contains($0.key) } : state.known
+            (state.known.isEmpty ? cached.filter { !state.stale.contains($0.key) } : state.known)
+                .filter { $0.value.epoch == epoch }
         }
         for index in progress.operations.indices {
             if progress.withState({ $0.results[index] != nil }) { continue }
@@ -384,6 +390,11 @@ public final class PKCS11KeyToken: MasterKeyToken {
             lookup.stale.insert(key.id)
         }
         guard let handle = try session.findMasterKey(id: key.id.bytes) else {
+            // A search that finds nothing may come from a token that is gone (SoftHSM2 with its
+            // directory moved away finds nothing): asked first, the token says whether it is
+            // there; when it is not, the pool resets at the end of this lease, and the caller
+            // gets unavailable.
+            try session.confirmTokenReachable()
             // A key is missing only when a token that holds the gateway's other objects says so;
             // when the probe key and the audit key are gone too, the token's objects cannot be
             // reached at all (a token directory moved away, another token in the slot):
@@ -413,7 +424,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
         case .master: try session.verifyMasterKey(handle)
         case .audit: try session.verifyAuditKey(handle)
         }
-        let checked = CachedKey(handle: handle, label: key.label)
+        let checked = CachedKey(handle: handle, label: key.label, epoch: session.epoch)
         lookup.known[key.id] = checked
         lookup.found[key.id] = checked
         return handle

@@ -93,6 +93,8 @@ public final class SessionPool: Sendable {
         let id: SessionPoolStateMachine.SessionID
         let handle: CK_SESSION_HANDLE
         let slot: SlotID
+        /// The pool's epoch when the session was opened.
+        let epoch: Int
     }
 
     /// A session the pool closed whose close the token did not confirm (it answered as a token
@@ -114,7 +116,7 @@ public final class SessionPool: Sendable {
         var machine: SessionPoolStateMachine
         var slot: SlotID
         var nextWaiterID = 0
-        var handles: [SessionPoolStateMachine.SessionID: (handle: CK_SESSION_HANDLE, slot: SlotID)] = [:]
+        var handles: [SessionPoolStateMachine.SessionID: (handle: CK_SESSION_HANDLE, slot: SlotID, epoch: Int)] = [:]
         var continuations: [SessionPoolStateMachine.WaiterID: CheckedContinuation<Lease, any Error>] = [:]
         var timers: [SessionPoolStateMachine.WaiterID: Task<Void, Never>] = [:]
         /// Why the last session open failed, for the waiters failed because of it.
@@ -271,7 +273,7 @@ public final class SessionPool: Sendable {
             let sawTokenUnreachable: Bool
             do {
                 (outcome, leftUnusable, sawTokenUnreachable) = try await threadPool.runIfActive {
-                    let session = Session(module: module, handle: lease.handle, slot: lease.slot)
+                    let session = Session(module: module, handle: lease.handle, slot: lease.slot, epoch: lease.epoch)
                     let outcome = Result { try body(session) }
                     if session.sawAnswerInDoubt && !session.sawTokenUnreachable {
                         // An answer that may mean the token is gone: ask the token before the
@@ -441,7 +443,10 @@ public final class SessionPool: Sendable {
         case .lease(let session, let waiter):
             if let continuation = state.continuations.removeValue(forKey: waiter), let entry = state.handles[session] {
                 effects.resume.append(
-                    (continuation, .success(Lease(id: session, handle: entry.handle, slot: entry.slot))))
+                    (
+                        continuation,
+                        .success(Lease(id: session, handle: entry.handle, slot: entry.slot, epoch: entry.epoch))
+                    ))
             }
             if let timer = state.timers.removeValue(forKey: waiter) {
                 effects.cancelTimers.append(timer)
@@ -605,7 +610,7 @@ public final class SessionPool: Sendable {
         let effects = state.withLock { state -> Effects in
             switch result {
             case .success(let handle):
-                state.handles[session] = (handle, state.slot)
+                state.handles[session] = (handle, state.slot, state.machine.epoch)
                 return apply(state.machine.sessionOpened(session), to: &state)
             case .failure(let error):
                 let pkcs11Error = error as? PKCS11Error
