@@ -16,6 +16,9 @@ public struct GatewayLaunch: Sendable {
     public var development: DevelopmentEnvironment?
     /// Reported in Hello and ServerInfo (the executable passes its version).
     public var serverVersion: String
+    /// The wall-clock time credential checks compare token expiry with: the system's; tests
+    /// pass a clock they move, instead of waiting for a token to expire.
+    public var wallClock: @Sendable () -> Timestamp = { .now() }
 
     /// A launch of `configuration`; `development` for `--dev`.
     public init(

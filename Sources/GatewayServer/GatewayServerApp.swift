@@ -228,7 +228,8 @@ public final class GatewayServerApp: Sendable {
                 limits: configuration.limits,
                 accessCacheTTL: configuration.auth.accessCacheTTL,
                 rewrap: configuration.rewrap,
-                failedAuthentications: configuration.auth.failedAuthentications
+                failedAuthentications: configuration.auth.failedAuthentications,
+                wallClock: launch.wallClock
             ),
             rewrapJobs: rewrapJobs,
             admission: { tenant, work in await GatewayHandler.admit(tenant, work, scheduler: scheduler) },

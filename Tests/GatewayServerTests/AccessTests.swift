@@ -1,6 +1,8 @@
 import Foundation
 import GatewayClient
 import GatewayWire
+import KeyHierarchy
+import Synchronization
 import Testing
 
 /// Authentication and authorisation end to end: every refusal gets the right status and leaves
@@ -79,7 +81,12 @@ struct AccessTests {
 
     @Test(arguments: StoreKind.allCases)
     func expiredToken(_ kind: StoreKind) async throws {
-        try await withGateway(kind, "expiry-\(kind)") { gateway in
+        // The gateway's wall clock, moved by the test instead of waiting for the token to expire.
+        let skew = Mutex(Int64(0))
+        let clock: @Sendable () -> Timestamp = {
+            Timestamp(millisecondsSinceEpoch: Timestamp.now().millisecondsSinceEpoch + skew.withLock { $0 })
+        }
+        try await withGateway(kind, "expiry-\(kind)", wallClock: clock) { gateway in
             let admin = try gateway.client(token: gateway.adminToken)
             defer { Task { await admin.shutdown() } }
             _ = try await admin.createTenant("acme")
@@ -88,7 +95,7 @@ struct AccessTests {
             let app = try gateway.client(token: token.token.value)
             defer { Task { await app.shutdown() } }
             _ = try await app.generateDataKey(tenant: "acme")
-            try await Task.sleep(for: .milliseconds(2200))
+            skew.withLock { $0 = 2_001 }
             await expectStatus(.unauthenticated, reason: StatusReason.tokenExpired) {
                 try await app.generateDataKey(tenant: "acme")
             }

@@ -19,10 +19,13 @@ struct HSMLoginRefusedTests {
         let fault = try FaultInjectingModule.shared()
         try fault.clearRules()
         let token = try fixture.makeToken("login-refused")
-        try await withGateway(.sqlite, "login-refused", security: .plaintext, module: fault.module) {
-            $0.hsm.tokenLabel = token.label
-            $0.hsm.pin = .file(token.pinFile)
-        } _: { gateway in
+        try await withGateway(
+            .sqlite, "login-refused", security: .plaintext, module: fault.module,
+            configure: {
+                $0.hsm.tokenLabel = token.label
+                $0.hsm.pin = .file(token.pinFile)
+            }
+        ) { gateway in
             let metricsPort = try #require(gateway.metricsPort)
             let admin = try gateway.client(token: gateway.adminToken)
             defer { Task { await admin.shutdown() } }

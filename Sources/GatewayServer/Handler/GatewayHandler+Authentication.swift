@@ -104,7 +104,7 @@ extension GatewayHandler {
         let refusalAudit = RefusalAudit.handedOff { [refusedHelloAudit] in refusedHelloAudit.enqueue($0) }
         if !hello.apiToken.isEmpty {
             switch try await service.authenticate(
-                apiToken: hello.apiToken, requestID: requestID, refusalAudit: refusalAudit)
+                apiToken: hello.apiToken, now: options.wallClock(), requestID: requestID, refusalAudit: refusalAudit)
             {
             case .authenticated(let caller): byToken = caller
             case .refused: throw Self.authenticationFailed  // audited by the service
@@ -180,7 +180,7 @@ extension GatewayHandler {
         }
         var failure: AuthenticationFailure?
         var reason = ""
-        if let token = snapshot.token, let tokenFailure = token.failure(at: .now()) {
+        if let token = snapshot.token, let tokenFailure = token.failure(at: options.wallClock()) {
             failure = tokenFailure
             reason = tokenFailure == .revokedToken ? StatusReason.tokenRevoked : StatusReason.tokenExpired
         } else if snapshot.principal.disabled {

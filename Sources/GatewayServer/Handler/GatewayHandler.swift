@@ -59,6 +59,8 @@ public final class GatewayHandler: GatewayRequestHandler {
         /// Refused authentications allowed per source address (`AuthenticationThrottle`); nil:
         /// no limit.
         public var failedAuthentications: AuthSettings.FailureLimit?
+        /// The time token expiry is checked against (`GatewayLaunch.wallClock`).
+        public var wallClock: @Sendable () -> Timestamp
 
         /// Options; the access-cache lifetime is capped at 2 s.
         public init(
@@ -68,8 +70,10 @@ public final class GatewayHandler: GatewayRequestHandler {
             limits: ServerLimits = ServerLimits(),
             accessCacheTTL: Duration = AuthSettings.maximumAccessCacheTTL,
             rewrap: RewrapSettings = RewrapSettings(),
-            failedAuthentications: AuthSettings.FailureLimit? = AuthSettings.FailureLimit()
+            failedAuthentications: AuthSettings.FailureLimit? = AuthSettings.FailureLimit(),
+            wallClock: @escaping @Sendable () -> Timestamp = { .now() }
         ) {
+            self.wallClock = wallClock
             self.serverVersion = serverVersion
             self.instanceID = instanceID
             self.storeKind = storeKind

@@ -3,6 +3,7 @@ import GatewayClient
 import GatewayServer
 import GatewayTransport
 import GatewayWire
+import KeyHierarchy
 import Logging
 import NIOCore
 import PKCS11
@@ -71,6 +72,7 @@ final class GatewayHarness: Sendable {
         _ name: String,
         security: Security = .tls,
         module: PKCS11Module? = nil,
+        wallClock: @escaping @Sendable () -> Timestamp = { .now() },
         configure: (inout GatewayConfiguration) -> Void = { _ in }
     ) async throws -> GatewayHarness {
         let fixture = try SoftHSMFixture.shared()
@@ -78,8 +80,10 @@ final class GatewayHarness: Sendable {
         configure(&configuration)
         var logger = Logger(label: "test.gateway.\(name)")
         logger.logLevel = ProcessInfo.processInfo.environment["HSMGW_TEST_LOG"] == nil ? .critical : .debug
+        var launch = GatewayLaunch(configuration: configuration, serverVersion: "test")
+        launch.wallClock = wallClock
         let app = try await GatewayServerApp.open(
-            GatewayLaunch(configuration: configuration, serverVersion: "test"),
+            launch,
             module: module ?? fixture.module,
             handleSignals: false,
             logger: logger
@@ -198,11 +202,12 @@ func withGateway<T>(
     _ name: String,
     security: GatewayHarness.Security = .tls,
     module: PKCS11Module? = nil,
+    wallClock: @escaping @Sendable () -> Timestamp = { .now() },
     configure: (inout GatewayConfiguration) -> Void = { _ in },
     _ body: (GatewayHarness) async throws -> T
 ) async throws -> T {
     let harness = try await GatewayHarness.start(
-        kind, name, security: security, module: module, configure: configure)
+        kind, name, security: security, module: module, wallClock: wallClock, configure: configure)
     do {
         let result = try await body(harness)
         await harness.stop()
