@@ -19,12 +19,12 @@ struct HSMLoginRefusedTests {
         let fault = try FaultInjectingModule.shared()
         try fault.clearRules()
         let token = try fixture.makeToken("login-refused")
+        let useToken: (inout GatewayConfiguration) -> Void = {
+            $0.hsm.tokenLabel = token.label
+            $0.hsm.pin = .file(token.pinFile)
+        }
         try await withGateway(
-            .sqlite, "login-refused", security: .plaintext, module: fault.module,
-            configure: {
-                $0.hsm.tokenLabel = token.label
-                $0.hsm.pin = .file(token.pinFile)
-            }
+            .sqlite, "login-refused", security: .plaintext, module: fault.module, configure: useToken
         ) { gateway in
             let metricsPort = try #require(gateway.metricsPort)
             let admin = try gateway.client(token: gateway.adminToken)
