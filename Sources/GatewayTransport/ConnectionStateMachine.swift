@@ -620,7 +620,7 @@ struct ConnectionStateMachine {
     }
 
     static func goaway(_ code: StatusCode, _ message: String, reason: String) -> Frame {
-        Frame(kind: .goaway, payload: Hsmgw_V1_Status(code, message, reason: reason).wirePayload())
+        Frame.goaway(Hsmgw_V1_Status(code, message, reason: reason))
     }
 
     // MARK: Timers

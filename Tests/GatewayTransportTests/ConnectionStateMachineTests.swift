@@ -1,3 +1,4 @@
+import DocumentTestSupport
 import GatewayWire
 import NIOCore
 import Testing
@@ -118,12 +119,17 @@ extension Array where Element == ConnectionStateMachine.Action {
         }
     }
 
-    /// The goaways sent, as status and reason.
+    /// The goaways sent, as the header's status and the payload's reason. A goaway whose header
+    /// status is not its `Status.code` (protocol §3.2) shows as UNKNOWN, naming both, so every
+    /// test that expects a goaway also checks its header.
     fileprivate var goaways: [Said] {
         compactMap {
             guard case .send(let frame) = $0, frame.kind == .goaway else { return nil }
             let status = (try? Hsmgw_V1_Status(wirePayload: frame.payload)) ?? Hsmgw_V1_Status()
-            return Said(0, status.statusCode, status.reason)
+            guard UInt32(frame.status) == status.code else {
+                return Said(0, .unknown, "header status \(frame.status) != Status.code \(status.code)")
+            }
+            return Said(0, StatusCode(rawValue: frame.status), status.reason)
         }
     }
 
@@ -418,6 +424,17 @@ struct ConnectionStateMachineTests {
         let actions = c.fire(.pong)
         #expect(actions.goaways == [Said(0, .unavailable, "KEEPALIVE_TIMEOUT")])
         #expect(actions.closes)
+    }
+
+    @Test("the shutdown goaway is byte for byte the example of protocol.md §15.6")
+    func shutdownGoawayGoldenBytes() throws {
+        var c = Transcript.authenticated()
+        let actions = c.machine.shutdownRequested(now: c.now)
+        let goaway = try #require(actions.sent.first { $0.kind == .goaway })
+        var encoded = ByteBuffer()
+        try FrameEncoder().encode(data: goaway, out: &encoded)
+        let documented = try DocumentedBytes.document("docs/protocol.md").bytes("example", "goaway")
+        #expect(Array(encoded.readableBytesView) == documented)
     }
 
     @Test("a wake-up that comes early (frames arrived meanwhile) is rescheduled, not acted on")

@@ -94,6 +94,7 @@ struct MalformedFrameTests {
             #expect(frames.map(\.kind) == [.goaway, .response])
             let goaway = try #require(frames.first?.statusMessage)
             #expect(goaway.statusCode == input.code)
+            #expect(frames.first?.statusCode == input.code, "the goaway's header status is not its code")
             #expect(goaway.reason == input.reason)
             #expect(!goaway.message.isEmpty)
             #expect(frames.last?.requestID == 2 && frames.last?.statusCode == .unavailable)
@@ -113,6 +114,7 @@ struct MalformedFrameTests {
             let frames = try await client.framesUntilClosed(timeout: .seconds(2))
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .resourceExhausted)
+            #expect(frames.first?.statusCode == .resourceExhausted)
         }
     }
 
@@ -127,6 +129,7 @@ struct MalformedFrameTests {
             let frames = try await client.framesUntilClosed()
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .invalidArgument)
+            #expect(frames.first?.statusCode == .invalidArgument)
             #expect(frames.first?.statusMessage?.reason == "READ_TIMEOUT")
         }
     }
