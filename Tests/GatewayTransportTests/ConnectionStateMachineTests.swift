@@ -426,6 +426,41 @@ struct ConnectionStateMachineTests {
         #expect(actions.closes)
     }
 
+    @Test("keepalive: no ping while a frame is partly received; the read timeout's goaway comes alone")
+    func noPingDuringPartialFrame() {
+        var c = Transcript.authenticated()
+        c.advance(.seconds(25))
+        // The client starts a frame and stalls in it.
+        let begun = c.machine.readCompleted(partialFrameBuffered: true, now: c.now)
+        #expect(begun.timers[.read] == c.now + .seconds(30))
+        c.advance(.seconds(5))  // 30 s without a complete frame: keepalive time
+        let keepalive = c.fire(.keepalive)
+        #expect(keepalive.sent.isEmpty, "a ping went out in the middle of a partly received frame")
+        #expect(keepalive.timers[.keepalive] == c.now + .seconds(30))
+        #expect(c.fire(.pong).isEmpty)  // no ping, so no pong is awaited
+        c.advance(.seconds(25))  // the frame began 30 s ago
+        let timeout = c.fire(.read)
+        #expect(timeout.sent.map(\.kind) == [.goaway])
+        #expect(timeout.goaways == [Said(0, .invalidArgument, "READ_TIMEOUT")])
+        #expect(timeout.closes)
+    }
+
+    @Test("keepalive: once the partial frame completes, the next keepalive pings as usual")
+    func pingAfterPartialFrameCompletes() throws {
+        var c = Transcript.authenticated()
+        c.advance(.seconds(30))
+        _ = c.machine.readCompleted(partialFrameBuffered: true, now: c.now)
+        #expect(c.fire(.keepalive).sent.isEmpty)
+        c.advance(.seconds(2))
+        _ = c.client(Frame(kind: .cancel, requestID: 9))  // the frame completes
+        let done = c.machine.readCompleted(partialFrameBuffered: false, now: c.now)
+        #expect(done.isEmpty)
+        c.advance(.seconds(30))
+        let ping = try #require(c.fire(.keepalive).sent.first)
+        #expect(ping.kind == .ping)
+        #expect(ping.status == 0 && ping.method == 0)
+    }
+
     @Test("the shutdown goaway is byte for byte the example of protocol.md §15.6")
     func shutdownGoawayGoldenBytes() throws {
         var c = Transcript.authenticated()

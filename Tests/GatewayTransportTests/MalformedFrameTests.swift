@@ -134,6 +134,33 @@ struct MalformedFrameTests {
         }
     }
 
+    @Test("a stalled partial frame gets the READ_TIMEOUT goaway alone: no keepalive ping before it")
+    func noKeepalivePingInsideAPartialFrame() async throws {
+        var limits = ServerLimits()
+        limits.keepaliveInterval = .milliseconds(100)
+        limits.readTimeout = .milliseconds(800)
+        try await withTestServer(limits: limits) { address, _ in
+            let client = try await TestFrameClient.connect(to: address)
+            // Hello and the start of the next frame in one write: from the Hello's answer on, the
+            // partial frame has begun, so a ping after that answer could only be one sent in the
+            // middle of it. (A ping may come first: the keepalive interval starts at accept, and
+            // the write can come later than 100 ms on a loaded machine.)
+            var hello = Hsmgw_V1_HelloRequest()
+            hello.apiToken = TestGatewayHandler.goodToken
+            var bytes = ByteBuffer()
+            try FrameEncoder().encode(
+                data: Frame(kind: .request, method: Method.hello.rawValue, requestID: 1, payload: hello.wirePayload()),
+                out: &bytes
+            )
+            try await client.sendRaw(Array(bytes.readableBytesView) + MalformedInput.prefix(40) + [1, 1, 0])
+            // Several keepalive intervals pass before the read timeout.
+            let frames = try await client.framesUntilClosed().drop { $0.kind == .ping }
+            #expect(frames.map(\.kind) == [.response, .goaway])
+            #expect(frames.first?.statusCode == .ok)
+            #expect(frames.last?.statusMessage?.reason == "READ_TIMEOUT")
+        }
+    }
+
     @Test("a ping payload over 64 bytes is a connection error")
     func pingTooLarge() async throws {
         try await withTestServer { address, _ in
