@@ -15,7 +15,7 @@ SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
 # openssl makes the test PKI; protobuf-compiler and python3-venv serve the Python interop client;
 # gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time.
-APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler \
+APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
     python3 python3-venv gcc
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev

@@ -15,6 +15,10 @@
 #       TCP logins only over TLS (`hostssl` in pg_hba.conf); the Unix socket stays as it is.
 #   throwaway-postgres.sh stop DIR
 #       stop the server (-m fast) and remove DIR. DIR must have been made by `start`.
+#   throwaway-postgres.sh halt DIR [immediate|fast|smart]
+#       stop the server (default -m immediate: a crash, as an outage looks) and keep DIR.
+#   throwaway-postgres.sh resume DIR
+#       start a halted server again on the same port and wait until it accepts logins.
 #
 # Binaries: $PG_BIN, else the newest /usr/lib/postgresql/*/bin. As root, initdb, pg_ctl and the
 # server run as the `postgres` user (`runuser -u postgres --`), which owns DIR.
@@ -39,7 +43,7 @@ die() {
 }
 
 usage() {
-    die "usage: $0 start DIR [--watch-pid PID] [--tls CERT KEY] | stop DIR"
+    die "usage: $0 start DIR [--watch-pid PID] [--tls CERT KEY] | stop DIR | halt DIR [MODE] | resume DIR"
 }
 
 find_bin() {
@@ -69,6 +73,38 @@ as_owner() {
 
 port_in_use() {
     (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Ready means a real login works (pg_ctl --wait only checks the socket).
+wait_for_logins() {
+    local dir=$1 bin=$2 port=$3 password=$4 sslmode=$5 tries
+    for ((tries = 0; tries < 100; tries++)); do
+        if PGPASSWORD=$password PGSSLMODE=$sslmode "$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U "$PG_USER" -d postgres \
+            -c 'SELECT 1' >/dev/null 2>&1 </dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "the server on port $port does not accept logins; see $dir/postgres.log"
+}
+
+halt() {
+    local dir=$1 mode=${2:-immediate} bin
+    [[ -e "$dir/$MARKER" ]] || die "$dir was not made by $0 start"
+    bin=$(find_bin)
+    as_owner "$bin/pg_ctl" --pgdata="$dir/data" --mode="$mode" --wait --timeout="$PG_CTL_TIMEOUT" stop \
+        >/dev/null 2>&1 </dev/null || die "pg_ctl stop failed; see $dir/postgres.log"
+}
+
+resume() {
+    local dir=$1 bin options port
+    [[ -e "$dir/$MARKER" ]] || die "$dir was not made by $0 start"
+    bin=$(find_bin)
+    options=$(cat "$dir/server.options")
+    as_owner "$bin/pg_ctl" --pgdata="$dir/data" --log="$dir/postgres.log" --wait --timeout="$PG_CTL_TIMEOUT" \
+        -o "$options" start >/dev/null 2>&1 </dev/null || die "pg_ctl start failed; see $dir/postgres.log"
+    port=$(sed -n 's/^-p \([0-9]*\).*/\1/p' "$dir/server.options")
+    wait_for_logins "$dir" "$bin" "$port" "$(cat "$dir/password")" "$(cat "$dir/sslmode")"
 }
 
 start() {
@@ -114,7 +150,8 @@ start() {
         sed -i 's/^host\([[:space:]]\)/hostssl\1/' "$dir/data/pg_hba.conf"
     fi
 
-    local attempt port started=""
+    local attempt port started="" sslmode_for_start=prefer
+    [[ -z "$tls_cert" ]] || sslmode_for_start=require
     for ((attempt = 0; attempt < PORT_ATTEMPTS; attempt++)); do
         port=$((20000 + RANDOM % 40000))
         port_in_use "$port" && continue
@@ -122,6 +159,8 @@ start() {
             --timeout="$PG_CTL_TIMEOUT" \
             -o "-p $port -k $dir/socket $server_options" start >/dev/null 2>&1 </dev/null; then
             started=yes
+            printf '%s' "-p $port -k $dir/socket $server_options" >"$dir/server.options"
+            printf '%s' "$sslmode_for_start" >"$dir/sslmode"
             break
         fi
         # A port taken between the check and the bind: try another.
@@ -130,17 +169,7 @@ start() {
     done
     [[ -n "$started" ]] || die "no free port after $PORT_ATTEMPTS attempts; see $dir/postgres.log"
 
-    # Ready means a real login works (pg_ctl --wait already checked the socket).
-    local tries sslmode=prefer
-    [[ -z "$tls_cert" ]] || sslmode=require
-    for ((tries = 0; tries < 100; tries++)); do
-        if PGPASSWORD=$password PGSSLMODE=$sslmode "$bin/psql" -X -q -h 127.0.0.1 -p "$port" -U "$PG_USER" -d postgres \
-            -c 'SELECT 1' >/dev/null 2>&1 </dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
-    ((tries < 100)) || die "the server on port $port does not accept logins; see $dir/postgres.log"
+    wait_for_logins "$dir" "$bin" "$port" "$password" "$sslmode_for_start"
 
     if [[ -n "$watch_pid" ]]; then
         # Detached (own session, no inherited stdout) so the caller's pipe closes now.
@@ -193,6 +222,14 @@ start)
 stop)
     [[ $# -eq 2 ]] || usage
     stop "$2"
+    ;;
+halt)
+    [[ $# -eq 2 || $# -eq 3 ]] || usage
+    halt "$2" "${3:-immediate}"
+    ;;
+resume)
+    [[ $# -eq 2 ]] || usage
+    resume "$2"
     ;;
 *) usage ;;
 esac

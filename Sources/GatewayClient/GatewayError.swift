@@ -77,6 +77,7 @@ public struct GatewayError: Error, Sendable, Hashable, CustomStringConvertible {
     /// (`docs/protocol.md`, section 13).
     static let notProcessedReasons: Set<String> = [
         StatusReason.tooManyRequestsInFlight, StatusReason.overloaded, "TOO_MANY_CONNECTIONS",
+        "TOO_MANY_CONNECTIONS_FROM_ADDRESS",
     ]
 
     /// An error as the gateway sent it (a failed response's `Status`). A code this build does

@@ -89,7 +89,8 @@ public struct RetryPolicy: Sendable, Hashable {
     ///   reached the server, or the method is idempotent, or the call carries an idempotency key;
     ///   never after the client was shut down;
     /// - `ABORTED`, and `RESOURCE_EXHAUSTED` with `OVERLOADED`, `TOO_MANY_REQUESTS_IN_FLIGHT` or
-    ///   `TOO_MANY_CONNECTIONS` from the server: the work did not happen, so always;
+    ///   `TOO_MANY_CONNECTIONS` (or `TOO_MANY_CONNECTIONS_FROM_ADDRESS`) from the server: the work
+    ///   did not happen, so always;
     /// - nothing else (deadlines and cancellations included: the caller's time is up).
     public static func isRetryable(_ error: GatewayError, method: Method, hasIdempotencyKey: Bool) -> Bool {
         switch error.code {

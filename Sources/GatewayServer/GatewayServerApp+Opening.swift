@@ -40,7 +40,7 @@ extension GatewayServerApp {
         module givenModule: PKCS11Module?,
         logger: Logger
     ) async throws(GatewayStartupError) -> (
-        module: PKCS11Module, ownsModule: Bool, pool: SessionPool, store: any KeyRepository
+        module: PKCS11Module, ownsModule: Bool, pool: SessionPool, token: PKCS11KeyToken, store: any KeyRepository
     ) {
         let settings = launch.configuration.hsm
         let module: PKCS11Module
@@ -100,9 +100,23 @@ extension GatewayServerApp {
             throw GatewayStartupError(
                 .token, "hsm.token_label \(settings.tokenLabel): cannot open a logged-in session: \(error)")
         }
+        // The token must do what the gateway needs, the way real calls do it; a token that cannot
+        // (no AES-GCM, say) is refused here, naming what failed, instead of serving INTERNAL later.
+        let token = PKCS11KeyToken(pool: pool)
+        do {
+            try await token.prepareProbeKey()
+            try await token.checkHealth()
+        } catch {
+            await pool.shutdown()
+            throw GatewayStartupError(
+                .token,
+                "hsm.token_label \(settings.tokenLabel): the token cannot do what the gateway needs "
+                    + "(an AES-GCM round trip under a key made by the master-key policy): \(error.detail)"
+            )
+        }
         do {
             let store = try await openStore(launch.configuration.store, logger: logger)
-            return (module, givenModule == nil, pool, store)
+            return (module, givenModule == nil, pool, token, store)
         } catch {
             await pool.shutdown()
             throw error

@@ -95,7 +95,7 @@ public final class GatewayServerApp: Sendable {
                     metricName: "hsmgw_audit_commit_rollbacks_total", unitName: "",
                     helpText: "Group-commit transactions rolled back."))
             service = try KeyService(
-                token: PKCS11KeyToken(pool: opened.pool),
+                token: opened.token,
                 repository: InstrumentedRepository(
                     opened.store, connections: launch.configuration.store.connectionLimit, registry: registry),
                 logger: logger.with(label: "hsm-gateway.keys"),
@@ -127,6 +127,7 @@ public final class GatewayServerApp: Sendable {
             module: opened.module,
             ownsModule: opened.ownsModule,
             pool: opened.pool,
+            token: opened.token,
             store: opened.store,
             service: service,
             bootstrapAdminToken: token,
@@ -175,6 +176,7 @@ public final class GatewayServerApp: Sendable {
         module: PKCS11Module,
         ownsModule: Bool,
         pool: SessionPool,
+        token: PKCS11KeyToken,
         store: any KeyRepository,
         service: KeyService,
         bootstrapAdminToken: String?,
@@ -193,7 +195,7 @@ public final class GatewayServerApp: Sendable {
         self.bootstrapAdminToken = bootstrapAdminToken
         self.logger = logger
         self.metricsRegistry = registry
-        let readiness = ReadinessProbe(pool: pool, repository: store, service: service)
+        let readiness = ReadinessProbe(pool: pool, token: token, repository: store, service: service)
         self.readiness = readiness
         let rewrapJobs = RewrapJobRunner(
             service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))
@@ -225,6 +227,8 @@ public final class GatewayServerApp: Sendable {
             ),
             rewrapJobs: rewrapJobs,
             admission: { tenant, work in await GatewayHandler.admit(tenant, work, scheduler: scheduler) },
+            refusedHelloAudit: RefusedHelloAudit(
+                service: service, registry: registry, logger: logger.with(label: "hsm-gateway.requests")),
             status: { [maintenance] in
                 let result = await readiness.check()
                 return ServerStatus(
@@ -310,6 +314,7 @@ public final class GatewayServerApp: Sendable {
     public func close() async {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         await rewrapJobs.shutdown()
+        await handler.flushRefusedHelloAudit()
         await store.close()
         await pool.shutdown()
         if ownsModule { try? module.finalize() }

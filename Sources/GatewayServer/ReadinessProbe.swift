@@ -1,5 +1,6 @@
 import KeyHierarchy
 import PKCS11
+import PKCS11KeyToken
 import Synchronization
 
 /// Whether the token and the store answer, checked cheaply and at most once per `cacheLifetime`
@@ -90,6 +91,22 @@ final class ReadinessProbe: Sendable {
             pool: pool,
             checkStore: { _ = try await repository.read { try await $0.auditHead() } },
             auditIntegrityFailure: { service?.auditIntegrityFailure }
+        )
+    }
+
+    /// The gateway's probe: the token must do an AES-GCM round trip under its probe key, as real
+    /// calls do (`PKCS11KeyToken.checkHealth`: a session on a token whose objects are gone, or one
+    /// that cannot do AES-GCM, is not ready), besides the store and the audit log's integrity.
+    convenience init(pool: SessionPool, token: PKCS11KeyToken, repository: any KeyRepository, service: KeyService) {
+        self.init(
+            checkToken: { try await token.checkHealth() },
+            tokenBusy: {
+                let statistics = pool.statistics
+                return statistics.leased > 0 && statistics.leased + statistics.opening >= statistics.maximumSessions
+            },
+            loginRefused: { pool.statistics.loginRefused },
+            checkStore: { _ = try await repository.read { try await $0.auditHead() } },
+            auditIntegrityFailure: { service.auditIntegrityFailure }
         )
     }
 

@@ -125,6 +125,10 @@ struct ConnectionStateMachine {
     }
     /// Whether the connection has been told to close.
     var isClosed: Bool { phase == .closed }
+    /// The largest frame the peer may send now: the small pre-Hello limit until the handshake
+    /// succeeds (an unauthenticated peer cannot make the server buffer a large frame), then
+    /// ``ServerLimits/maxFrameBytes``. The decoder checks each length prefix against it.
+    var inboundFrameLimit: Int { isAuthenticated ? limits.maxFrameBytes : limits.frameBytesBeforeHello }
 
     // MARK: Events
 
@@ -186,7 +190,12 @@ struct ConnectionStateMachine {
         guard phase != .closed else { return [] }
         let (code, reason): (StatusCode, String)
         switch error.kind {
-        case .lengthTooLarge: (code, reason) = (.resourceExhausted, TransportStatusReason.frameTooLarge)
+        case .lengthTooLarge:
+            // Before the Hello succeeds the decoder applies `inboundFrameLimit`'s small limit.
+            (code, reason) = (
+                .resourceExhausted,
+                isAuthenticated ? TransportStatusReason.frameTooLarge : TransportStatusReason.frameTooLargeBeforeHello
+            )
         case .lengthTooSmall: (code, reason) = (.invalidArgument, TransportStatusReason.frameTooSmall)
         case .unsupportedVersion: (code, reason) = (.invalidArgument, TransportStatusReason.unsupportedVersion)
         case .unknownKind: (code, reason) = (.invalidArgument, TransportStatusReason.unknownFrameKind)
@@ -223,7 +232,12 @@ struct ConnectionStateMachine {
 
     /// The handler's `hello` returned.
     mutating func helloFinished(_ taskID: TaskID, _ outcome: HelloOutcome, now: NIODeadline) -> [Action] {
-        if abandoned.remove(taskID) != nil { return [] }
+        if abandoned.remove(taskID) != nil {
+            // Answered already (cancel, deadline), but it kept running until now: only now may
+            // another Hello start, so a connection never has two credential checks at once.
+            if case .helloInFlight(taskID) = handshake { handshake = .awaitingHello }
+            return []
+        }
         guard phase != .closed, let (requestID, request) = request(of: taskID) else { return [] }
         var actions: [Action] = []
         switch outcome {
@@ -556,11 +570,11 @@ struct ConnectionStateMachine {
         actions.append(.respond(Response(frame: response, method: Method(rawValue: frame.method), receivedAt: nil)))
     }
 
-    /// Moves a request's task to `abandoned` and cancels it.
+    /// Moves a request's task to `abandoned` and cancels it. An abandoned Hello still counts as
+    /// the connection's Hello in flight until its task returns (`helloFinished`).
     private mutating func abandon(_ request: InFlight, _ actions: inout [Action]) {
         abandoned.insert(request.taskID)
         actions.append(.cancelTask(request.taskID))
-        if case .helloInFlight(let taskID) = handshake, taskID == request.taskID { handshake = .awaitingHello }
     }
 
     private mutating func answerAllUnavailable(

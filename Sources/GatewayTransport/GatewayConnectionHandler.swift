@@ -21,7 +21,9 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
     static let closeFlushTimeout: TimeAmount = .seconds(5)
 
     private var machine: ConnectionStateMachine
-    private let processor: NIOSingleStepByteToMessageProcessor<FrameDecoder>
+    private let processor: NIOSingleStepByteToMessageProcessor<InboundFrameDecoder>
+    /// What the decoder accepts now: the pre-Hello limit, raised when the Hello succeeds.
+    private let inboundFrameLimit: InboundFrameLimit
     private let requestHandler: any GatewayRequestHandler
     private let metrics: TransportMetrics
     private var asksForClientCertificate: Bool
@@ -49,8 +51,12 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
         metrics: TransportMetrics,
         logger: Logger
     ) {
-        self.machine = ConnectionStateMachine(limits: limits)
-        self.processor = NIOSingleStepByteToMessageProcessor(FrameDecoder(limits: limits.frameLimits))
+        let machine = ConnectionStateMachine(limits: limits)
+        let inboundFrameLimit = InboundFrameLimit(bytes: machine.inboundFrameLimit)
+        self.machine = machine
+        self.inboundFrameLimit = inboundFrameLimit
+        self.processor = NIOSingleStepByteToMessageProcessor(
+            InboundFrameDecoder(limits: limits.frameLimits, current: inboundFrameLimit))
         self.connection = connection
         self.requestHandler = requestHandler
         self.asksForClientCertificate = asksForClientCertificate
@@ -235,6 +241,7 @@ final class GatewayConnectionHandler: ChannelDuplexHandler {
             case .cancelRequestDeadline(let taskID):
                 requestDeadlines.removeValue(forKey: taskID)?.cancel()
             case .authenticated(let peer):
+                inboundFrameLimit.bytes = machine.inboundFrameLimit
                 logger.info(
                     "authenticated",
                     metadata: [

@@ -27,6 +27,8 @@ public final class GatewayTransportServer: Service, Sendable {
         var phase: Phase = .created
         var serverChannels: [any Channel] = []
         var connections: [UInt64: any Channel] = [:]
+        /// Connections served per source address (Unix socket peers are not counted).
+        var connectionsPerAddress: [SourceAddressGroup: Int] = [:]
         var nextConnectionID: UInt64 = 1
         /// Completed when every listener and connection has closed after `stop`.
         var stopped: EventLoopPromise<Void>?
@@ -171,6 +173,8 @@ public final class GatewayTransportServer: Service, Sendable {
     /// Runs on the new channel's event loop, before it is active.
     private func initializeConnection(_ channel: any Channel, tlsContext: NIOSSLContext?) throws {
         let limits = configuration.limits
+        let group = channel.remoteAddress.map { SourceAddressGroup($0) }
+        let countedGroup = group.flatMap { $0.isUnixDomainSocket ? nil : $0 }
         let admission = state.withLock { state -> Admission in
             guard state.phase == .serving else {
                 return .refused(
@@ -188,12 +192,38 @@ public final class GatewayTransportServer: Service, Sendable {
                     reason: TransportStatusReason.tooManyConnections
                 )
             }
+            if let countedGroup {
+                guard state.connectionsPerAddress[countedGroup, default: 0] < limits.maxConnectionsPerAddress else {
+                    return .refused(
+                        Hsmgw_V1_Status(
+                            .resourceExhausted,
+                            "the server already serves its maximum of \(limits.maxConnectionsPerAddress) connections "
+                                + "from this address",
+                            reason: TransportStatusReason.tooManyConnectionsFromAddress
+                        ),
+                        reason: TransportStatusReason.tooManyConnectionsFromAddress
+                    )
+                }
+                state.connectionsPerAddress[countedGroup, default: 0] += 1
+            }
             let id = state.nextConnectionID
             state.nextConnectionID += 1
             state.connections[id] = channel
             return .admitted(id)
         }
 
+        if case .admitted(let id) = admission {
+            // Registered before anything below can throw, so a slot is never leaked.
+            channel.closeFuture.whenComplete { _ in
+                self.state.withLock { state in
+                    state.connections.removeValue(forKey: id)
+                    if let countedGroup {
+                        let remaining = state.connectionsPerAddress[countedGroup, default: 1] - 1
+                        state.connectionsPerAddress[countedGroup] = remaining > 0 ? remaining : nil
+                    }
+                }
+            }
+        }
         let pipeline = channel.pipeline.syncOperations
         let asksForClientCertificate =
             tlsContext != nil
@@ -216,9 +246,6 @@ public final class GatewayTransportServer: Service, Sendable {
         try pipeline.addHandler(MessageToByteHandler(FrameEncoder(limits: limits.frameLimits)))
         switch admission {
         case .admitted(let id):
-            channel.closeFuture.whenComplete { _ in
-                self.state.withLock { _ = $0.connections.removeValue(forKey: id) }
-            }
             let info = ConnectionInfo(
                 id: id,
                 remoteAddress: channel.remoteAddress.map { Self.describe($0) } ?? "unknown",
@@ -240,6 +267,7 @@ public final class GatewayTransportServer: Service, Sendable {
                 "connection refused",
                 metadata: [
                     "remote_address": "\(channel.remoteAddress.map { Self.describe($0) } ?? "unknown")",
+                    "address_group": "\(group.map(\.description) ?? "unknown")",
                     "reason": "\(reason)",
                 ]
             )

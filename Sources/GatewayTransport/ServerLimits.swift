@@ -31,6 +31,17 @@ public struct ServerLimits: Sendable, Hashable {
     /// Accepted range of ``maxConnections``.
     public static let maxConnectionsRange = 1...65_536
 
+    /// Connections served at once from one source address (``SourceAddressGroup``: an IPv4
+    /// address, an IPv6 /64): 64 by default. One more from that address is accepted, sent a
+    /// goaway (RESOURCE_EXHAUSTED, reason `TOO_MANY_CONNECTIONS_FROM_ADDRESS`) and closed, while
+    /// other addresses still connect. Without it one peer could take every slot of
+    /// ``maxConnections``, each one held for the handshake timeout. 64 is a client library's
+    /// largest pool; raise it for hosts running many clients, or behind a proxy or NAT. Unix
+    /// socket peers are not counted here (the socket file's permissions admit them).
+    public var maxConnectionsPerAddress: Int = 64
+    /// Accepted range of ``maxConnectionsPerAddress``.
+    public static let maxConnectionsPerAddressRange = 1...65_536
+
     // MARK: Timeouts
 
     /// Time from accepting a connection (TLS included) to a successful Hello: 10 s by default.
@@ -74,6 +85,15 @@ public struct ServerLimits: Sendable, Hashable {
 
     // MARK: Fixed by the protocol
 
+    /// The largest frame (header + payload) a connection may send before its Hello has succeeded:
+    /// 4 KiB (or ``maxFrameBytes`` when that is smaller). A declared length above it is refused
+    /// from the 4-byte prefix alone (goaway RESOURCE_EXHAUSTED, reason
+    /// `FRAME_TOO_LARGE_BEFORE_HELLO`). Nothing an unauthenticated peer may send needs more (a
+    /// Hello holds a token of 49 bytes and a name of at most 128; a ping at most 64 bytes), and
+    /// it bounds what each connection still in its handshake can make the server buffer to a few
+    /// KiB instead of ``maxFrameBytes``.
+    public static let maxFrameBytesBeforeHello = 4 * 1024
+
     /// Largest ping payload: the pong echoes it, so the server bounds what it must send back.
     public static let maxPingPayloadBytes = 64
     /// Tenant id: 1–63 bytes of `[a-z0-9][a-z0-9_-]*` (fits a DNS label, a token label and a
@@ -105,6 +125,10 @@ public struct ServerLimits: Sendable, Hashable {
     /// The frame limits the codec enforces.
     public var frameLimits: FrameLimits { FrameLimits(maximumFrameByteCount: maxFrameBytes) }
 
+    /// The frame limit until the Hello succeeds: ``maxFrameBytesBeforeHello``, or
+    /// ``maxFrameBytes`` when that is smaller.
+    public var frameBytesBeforeHello: Int { min(Self.maxFrameBytesBeforeHello, maxFrameBytes) }
+
     /// Throws ``GatewayTransportError`` (code `limitOutOfRange`) naming the first limit outside its
     /// accepted range.
     public func validate() throws(GatewayTransportError) {
@@ -115,6 +139,7 @@ public struct ServerLimits: Sendable, Hashable {
             Self.maxRequestsInFlightPerConnectionRange
         )
         try Self.check("maxConnections", maxConnections, Self.maxConnectionsRange)
+        try Self.check("maxConnectionsPerAddress", maxConnectionsPerAddress, Self.maxConnectionsPerAddressRange)
         try Self.check("handshakeTimeout", handshakeTimeout, Self.timeoutRange)
         try Self.check("idleTimeout", idleTimeout, Self.timeoutRange)
         try Self.check("readTimeout", readTimeout, Self.timeoutRange)

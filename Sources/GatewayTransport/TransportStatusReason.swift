@@ -17,6 +17,9 @@ public enum TransportStatusReason {
     public static let pingPayloadTooLarge = "PING_PAYLOAD_TOO_LARGE"
     /// `RESOURCE_EXHAUSTED` (goaway): a frame length over the frame limit.
     public static let frameTooLarge = "FRAME_TOO_LARGE"
+    /// `RESOURCE_EXHAUSTED` (goaway): a frame length over the small limit that applies until the
+    /// Hello succeeds (``ServerLimits/maxFrameBytesBeforeHello``).
+    public static let frameTooLargeBeforeHello = "FRAME_TOO_LARGE_BEFORE_HELLO"
     /// `INVALID_ARGUMENT` (goaway): a frame length under the 16-byte header.
     public static let frameTooSmall = "FRAME_TOO_SMALL"
     /// `INVALID_ARGUMENT` (goaway): a protocol version this server does not speak.
@@ -29,6 +32,9 @@ public enum TransportStatusReason {
     public static let truncatedFrame = "TRUNCATED_FRAME"
     /// `RESOURCE_EXHAUSTED` (goaway): the server already serves its maximum of connections.
     public static let tooManyConnections = "TOO_MANY_CONNECTIONS"
+    /// `RESOURCE_EXHAUSTED` (goaway): the server already serves its maximum of connections from
+    /// the peer's source address (``ServerLimits/maxConnectionsPerAddress``).
+    public static let tooManyConnectionsFromAddress = "TOO_MANY_CONNECTIONS_FROM_ADDRESS"
     /// `UNAVAILABLE`: the connection has sent a goaway for a protocol error and takes no new
     /// request; open a new connection.
     public static let connectionClosing = "CONNECTION_CLOSING"

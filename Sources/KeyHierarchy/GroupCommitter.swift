@@ -41,6 +41,7 @@ public final class GroupCommitter: Sendable {
     public static let conflictRetries = 3
 
     private struct Pending: Sendable {
+        let id: Int
         let isolated: Bool
         let execute: @Sendable (any KeyRepositoryTransaction) async throws -> Executed
         let fail: @Sendable (any Error) -> Void
@@ -54,6 +55,7 @@ public final class GroupCommitter: Sendable {
     private struct State: ~Copyable {
         var queue: [Pending] = []
         var leading = false
+        var nextID = 0
     }
 
     private let repository: any KeyRepository
@@ -86,27 +88,52 @@ public final class GroupCommitter: Sendable {
         isolated: Bool = false,
         _ unit: @escaping @Sendable (any KeyRepositoryTransaction) async throws -> UnitOutcome<Value>
     ) async throws -> Committed<Value> {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Committed<Value>, any Error>) in
-            let pending = Pending(
-                isolated: isolated,
-                execute: { transaction in
-                    let outcome = try await unit(transaction)
-                    return Executed(events: outcome.audit) { records in
-                        continuation.resume(returning: Committed(value: outcome.value, records: records))
-                    }
-                },
-                fail: { continuation.resume(throwing: $0) }
-            )
-            let lead = state.withLock { state in
-                state.queue.append(pending)
-                if state.leading { return false }
-                state.leading = true
-                return true
-            }
-            if lead {
-                Task { await self.drain() }
-            }
+        let id = state.withLock { state in
+            defer { state.nextID += 1 }
+            return state.nextID
         }
+        // A caller that gives up (its deadline passed, it was cancelled) while its unit still waits
+        // for a batch takes the unit out of the queue: nothing of it ran, and a backlog of units
+        // nobody waits for any more is not worked off after an outage. A unit already in a batch
+        // runs to the end.
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation {
+                (continuation: CheckedContinuation<Committed<Value>, any Error>) in
+                let pending = Pending(
+                    id: id,
+                    isolated: isolated,
+                    execute: { transaction in
+                        let outcome = try await unit(transaction)
+                        return Executed(events: outcome.audit) { records in
+                            continuation.resume(returning: Committed(value: outcome.value, records: records))
+                        }
+                    },
+                    fail: { continuation.resume(throwing: $0) }
+                )
+                let lead = state.withLock { state in
+                    state.queue.append(pending)
+                    if state.leading { return false }
+                    state.leading = true
+                    return true
+                }
+                if lead {
+                    Task { await self.drain() }
+                }
+                // A cancellation that came before the unit was queued found nothing to take out.
+                if Task.isCancelled { withdraw(id) }
+            }
+        } onCancel: {
+            withdraw(id)
+        }
+    }
+
+    /// Takes unit `id` out of the queue, if it is still there, and fails it as cancelled.
+    private func withdraw(_ id: Int) {
+        let withdrawn = state.withLock { state -> Pending? in
+            guard let index = state.queue.firstIndex(where: { $0.id == id }) else { return nil }
+            return state.queue.remove(at: index)
+        }
+        withdrawn?.fail(CancellationError())
     }
 
     private func drain() async {

@@ -322,14 +322,17 @@ extension KeyService {
     /// its SHA-256 against storage, its revocation and expiry at `now`, and its principal's
     /// state. A refusal is audited (`access.authenticate`, naming the token id when the token
     /// is known, never the token) and returned with its reason; only storage failures throw.
+    /// `refusalAudit` says where the refusal's record goes (``RefusalAudit``).
     public func authenticate(
         apiToken presented: String,
         now: Timestamp = .now(),
-        requestID: String
+        requestID: String,
+        refusalAudit: RefusalAudit = .committed
     ) async throws(KeyServiceError) -> AuthenticationResult {
         try await mapErrors { () async throws -> AuthenticationResult in
             guard let hash = APIToken.lookupHash(of: presented) else {
-                return try await self.refuse(.malformedToken, principal: .unauthenticated, requestID: requestID)
+                return try await self.refuse(
+                    .malformedToken, principal: .unauthenticated, requestID: requestID, audit: refusalAudit)
             }
             let (token, principal) = try await self.repository.read { transaction in
                 guard let token = try await transaction.apiToken(hash: hash) else {
@@ -338,18 +341,21 @@ extension KeyService {
                 return (token, try await transaction.principal(token.principal))
             }
             guard let token else {
-                return try await self.refuse(.unknownToken, principal: .unauthenticated, requestID: requestID)
+                return try await self.refuse(
+                    .unknownToken, principal: .unauthenticated, requestID: requestID, audit: refusalAudit)
             }
             if let failure = token.failure(at: now) {
                 return try await self.refuse(
-                    failure, principal: token.principal.principal, token: token.id, requestID: requestID)
+                    failure, principal: token.principal.principal, token: token.id, requestID: requestID,
+                    audit: refusalAudit)
             }
             guard let principal else {
                 throw KeyServiceError(.dataLoss, "an API token's principal is missing")
             }
             guard !principal.disabled else {
                 return try await self.refuse(
-                    .principalDisabled, principal: principal.name.principal, token: token.id, requestID: requestID)
+                    .principalDisabled, principal: principal.name.principal, token: token.id, requestID: requestID,
+                    audit: refusalAudit)
             }
             return .authenticated(AuthenticatedCaller(principal: principal, token: token))
         }
@@ -357,13 +363,16 @@ extension KeyService {
 
     /// Maps a TLS client certificate's subject common name to its principal. Unknown (or not a
     /// valid common name) and disabled are refused, audited, and returned with their reason.
+    /// `refusalAudit` says where the refusal's record goes (``RefusalAudit``).
     public func authenticate(
         certificateCommonName: String,
-        requestID: String
+        requestID: String,
+        refusalAudit: RefusalAudit = .committed
     ) async throws(KeyServiceError) -> AuthenticationResult {
         try await mapErrors { () async throws -> AuthenticationResult in
             guard let commonName = try? CertificateCommonName(certificateCommonName) else {
-                return try await self.refuse(.unknownCertificate, principal: .unauthenticated, requestID: requestID)
+                return try await self.refuse(
+                    .unknownCertificate, principal: .unauthenticated, requestID: requestID, audit: refusalAudit)
             }
             guard
                 let principal = try await self.repository.read({
@@ -374,12 +383,14 @@ extension KeyService {
                     .unknownCertificate,
                     principal: .unauthenticated,
                     requestID: requestID,
-                    detail: "certificate-cn=\(commonName)"
+                    detail: "certificate-cn=\(commonName)",
+                    audit: refusalAudit
                 )
             }
             guard !principal.disabled else {
                 return try await self.refuse(
-                    .principalDisabled, principal: principal.name.principal, requestID: requestID)
+                    .principalDisabled, principal: principal.name.principal, requestID: requestID,
+                    audit: refusalAudit)
             }
             return .authenticated(AuthenticatedCaller(principal: principal, token: nil))
         }
@@ -397,14 +408,8 @@ extension KeyService {
         reason: String,
         request: RequestContext
     ) async throws(KeyServiceError) {
-        let event = AuditEvent(
-            principal: principal,
-            tenant: tenant,
-            operation: kind == .authentication ? .authenticate : .authorize,
-            outcome: .failure(kind == .authentication ? Self.unauthenticatedOutcome : Self.permissionDeniedOutcome),
-            requestID: request.requestID,
-            detail: "method=\(operation) reason=\(reason)"
-        )
+        let event = Self.accessFailureEvent(
+            kind, principal: principal, tenant: tenant, operation: operation, reason: reason, request: request)
         try await mapErrors {
             _ = try await self.committer.commit { _ in UnitOutcome((), audit: [event]) }
         }
@@ -547,17 +552,18 @@ extension KeyService {
         )
     }
 
-    /// Audits a refused authentication and returns the refusal. When the record cannot be
-    /// written, the caller is refused all the same, unless the store cannot be reached: then
-    /// `unavailable` (retry later), since the refusal could not be recorded. Any other failure
-    /// (a broken audit log, a storage error) is logged and not told to a caller that has not
-    /// authenticated.
+    /// Audits a refused authentication (or hands its record to `audit`'s taker) and returns the
+    /// refusal. When a record committed here cannot be written, the caller is refused all the
+    /// same, unless the store cannot be reached: then `unavailable` (retry later), since the
+    /// refusal could not be recorded. Any other failure (a broken audit log, a storage error) is
+    /// logged and not told to a caller that has not authenticated.
     private func refuse(
         _ failure: AuthenticationFailure,
         principal: Principal,
         token: APITokenID? = nil,
         requestID: String,
-        detail: String = ""
+        detail: String = "",
+        audit: RefusalAudit
     ) async throws -> AuthenticationResult {
         let event = AuditEvent(
             principal: principal,
@@ -568,16 +574,21 @@ extension KeyService {
             requestID: RequestContext(principal: principal, requestID: requestID).requestID,
             detail: "reason=\(failure.name)" + (detail.isEmpty ? "" : " \(detail)")
         )
-        do {
-            _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
-        } catch {
-            let mapped = Self.map(error)
-            // A Hello abandoned meanwhile (cancelled) has nobody to answer.
-            guard mapped.code != .unavailable, !(error is CancellationError) else { throw mapped }
-            logger.error(
-                "could not audit a refused authentication; refused all the same",
-                metadata: ["reason": "\(failure.name)", "error": "\(mapped.logDescription)"]
-            )
+        switch audit {
+        case .committed:
+            do {
+                _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+            } catch {
+                let mapped = Self.map(error)
+                // A Hello abandoned meanwhile (cancelled) has nobody to answer.
+                guard mapped.code != .unavailable, !(error is CancellationError) else { throw mapped }
+                logger.error(
+                    "could not audit a refused authentication; refused all the same",
+                    metadata: ["reason": "\(failure.name)", "error": "\(mapped.logDescription)"]
+                )
+            }
+        case .handedOff(let take):
+            take(event)
         }
         return .refused(failure)
     }

@@ -217,8 +217,7 @@ extension KeyService {
                     case .invocationLimitReached:
                         // The version reached its invocation limit: rotate (once, whoever gets there
                         // first) and generate under the new primary.
-                        _ = try await self.rotate(
-                            tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                        try await self.rotateAtInvocationLimit(tenant, primary: primary, request: request)
                     }
                     self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
                 } catch let error as StorageError where error.kind == .conflict {
@@ -696,8 +695,7 @@ extension KeyService {
             case .primaryMoved:
                 break
             case .invocationLimitReached:
-                _ = try await rotate(
-                    tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                try await rotateAtInvocationLimit(tenant, primary: primary, request: request)
             }
             primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
         }

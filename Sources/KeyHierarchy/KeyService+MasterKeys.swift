@@ -54,6 +54,49 @@ extension KeyService {
         }
     }
 
+    /// The automatic rotation when `primary` reached its invocation limit. Every caller that hits
+    /// the limit at once waits for one rotation in this process (instead of each generating a
+    /// master key in the token that all but one then destroy); across instances the conditional
+    /// commit (`expectedPrimary`) still lets only one rotation win. A transient token failure is
+    /// tried again, so a caller under load is handed the new primary, not an internal error.
+    func rotateAtInvocationLimit(
+        _ tenant: TenantID,
+        primary: MasterKeyVersionNumber,
+        request: RequestContext
+    ) async throws {
+        let key = VersionRef(tenant: tenant, version: primary)
+        let (task, leader) = automaticRotations.withLock { rotations -> (Task<Void, any Error>, Bool) in
+            if let running = rotations[key] { return (running, false) }
+            let task = Task {
+                var lastError: (any Error)?
+                for attempt in 1...Self.automaticRotationAttempts {
+                    do {
+                        _ = try await self.rotate(
+                            tenant, activate: true, expectedPrimary: primary, request: .system(request.requestID))
+                        return
+                    } catch let error as TokenError where error.kind == .other || error.kind == .unavailable {
+                        lastError = error
+                        self.logger.warning(
+                            "automatic rotation: the token failed; trying again",
+                            metadata: ["tenant": "\(tenant)", "attempt": "\(attempt)", "error": "\(error)"]
+                        )
+                        try await Task.sleep(for: .milliseconds(50 * attempt))
+                    }
+                }
+                throw lastError ?? KeyServiceError(.internalError, "automatic rotation failed")
+            }
+            rotations[key] = task
+            return (task, true)
+        }
+        defer {
+            if leader { automaticRotations.withLock { _ = $0.removeValue(forKey: key) } }
+        }
+        try await task.value
+    }
+
+    /// How often the automatic rotation tries a token operation that failed.
+    static let automaticRotationAttempts = 3
+
     /// Generates version n+1 in the token and records it. With `expectedPrimary`, the rotation
     /// happens only if that version is still the primary (automatic rotation at the invocation
     /// limit: when several callers hit the limit at once, one rotation is enough).

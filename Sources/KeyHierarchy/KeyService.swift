@@ -24,6 +24,8 @@ public final class KeyService: Sendable {
     /// Each tenant's primary version as last seen; every write re-checks it in its transaction,
     /// so a stale entry costs one retry, never a key under a non-primary version.
     let primaryVersions = Mutex<[TenantID: MasterKeyVersionNumber]>([:])
+    /// Automatic rotations running, by the version that reached its limit: callers share one.
+    let automaticRotations = Mutex<[VersionRef: Task<Void, any Error>]>([:])
 
     struct VersionRef: Hashable, Sendable {
         let tenant: TenantID
@@ -489,7 +491,10 @@ public final class KeyService: Sendable {
                 requestID: request.requestID
             )
             do {
-                _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+                // In a task of its own: a call cancelled by its caller (a deadline) is still
+                // audited, and the group committer does not withdraw this unit with it.
+                let committer = self.committer
+                _ = try await Task { try await committer.commit { _ in UnitOutcome((), audit: [event]) } }.value
             } catch {
                 logger.error(
                     "could not audit a failed call",

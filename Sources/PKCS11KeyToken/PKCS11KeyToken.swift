@@ -13,6 +13,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
     /// The pool the adapter leases sessions from (read-write: it creates and destroys objects).
     public let pool: SessionPool
     private let handles = Mutex<[TokenKeyID: CachedKey]>([:])
+    private let probeKey = Mutex<TokenKeyReference?>(nil)
 
     /// A handle found and checked, with the label it was checked against.
     fileprivate struct CachedKey: Sendable {
@@ -88,6 +89,65 @@ public final class PKCS11KeyToken: MasterKeyToken {
         }
         handles.withLock { $0[id] = CachedKey(handle: handle, label: label) }
         return (id, created)
+    }
+
+    // MARK: - The probe key: what the token must be able to do, checked for readiness
+
+    /// The label of the probe key: an AES-256 key made like a master key (the master-key policy),
+    /// used only to check that the token does what the gateway needs, and as the canary that says
+    /// whether the token's objects can be reached at all.
+    public static let probeKeyLabel = "hsmgw:probe:v1"
+
+    /// Finds the probe key, or generates it when the token has none (first start), checked against
+    /// the master-key policy. Call at start-up, before `checkHealth`.
+    public func prepareProbeKey() async throws(TokenError) {
+        let (id, handle) = try await lease { session -> (TokenKeyID, ObjectHandle) in
+            if let existing = try session.findSecretKeys(label: Self.probeKeyLabel).first,
+                let id = TokenKeyID(bytes: existing.id)
+            {
+                try session.verifyMasterKey(existing.handle)
+                return (id, existing.handle)
+            }
+            let id = TokenKeyID.random()
+            let handle = try session.generateMasterKey(label: Self.probeKeyLabel, id: id.bytes)
+            do {
+                try session.verifyMasterKey(handle)
+            } catch {
+                try? session.destroyObject(handle)
+                throw error
+            }
+            return (id, handle)
+        }
+        handles.withLock { $0[id] = CachedKey(handle: handle, label: Self.probeKeyLabel) }
+        probeKey.withLock { $0 = TokenKeyReference(id: id, label: Self.probeKeyLabel) }
+    }
+
+    /// Checks that the token does what the gateway needs, the way real calls do it: an AES-GCM
+    /// encryption and decryption of a random key under the probe key, in one lease. Throws
+    /// `.unavailable` when the token or its objects cannot be reached, and `.other` naming the
+    /// failing call when the token cannot do AES-GCM (p11-kit 0.24's remote protocol cannot carry
+    /// GCM parameters, for one).
+    public func checkHealth() async throws(TokenError) {
+        guard let key = probeKey.withLock({ $0 }) else {
+            throw TokenError(.unavailable, "the probe key is not prepared")
+        }
+        let aad = Array("hsmgw-probe".utf8)
+        let sealed = try await perform([.generateAndWrap(key: key, aad: aad)])
+        guard case .generated(let plaintext, let iv, let ciphertextAndTag) = sealed[0] else {
+            if case .failed(let error) = sealed[0] { throw Self.describeForHealth(error) }
+            throw TokenError(.other, "the probe did not wrap")
+        }
+        let opened = try await perform([.unwrap(key: key, iv: iv, aad: aad, ciphertextAndTag: ciphertextAndTag)])
+        guard case .unwrapped(let back) = opened[0], back.constantTimeEquals(plaintext.copyBytes()) else {
+            if case .failed(let error) = opened[0] { throw Self.describeForHealth(error) }
+            throw TokenError(.other, "the probe's AES-GCM round trip returned other bytes")
+        }
+    }
+
+    /// A missing probe key means the token's objects cannot be reached (a token directory moved
+    /// away, another token in the slot): unavailable, not a policy or binding matter.
+    private static func describeForHealth(_ error: TokenError) -> TokenError {
+        error.kind == .keyNotFound ? TokenError(.unavailable, error.detail) : error
     }
 
     public func perform(_ operations: [TokenOperation]) async throws(TokenError) -> [TokenResult] {
@@ -324,6 +384,20 @@ public final class PKCS11KeyToken: MasterKeyToken {
             lookup.stale.insert(key.id)
         }
         guard let handle = try session.findMasterKey(id: key.id.bytes) else {
+            // A key is missing only when a token that holds the gateway's other objects says so;
+            // when the probe key and the audit key are gone too, the token's objects cannot be
+            // reached at all (a token directory moved away, another token in the slot):
+            // unavailable, not data loss.
+            if key.label != probeKeyLabel,
+                try session.findSecretKeys(label: probeKeyLabel).isEmpty,
+                try session.findSecretKeys(label: AuditKeyPolicy.label).isEmpty
+            {
+                throw TokenError(
+                    .unavailable,
+                    "no key with CKA_ID \(key.id) and no probe key either: the token's objects cannot be reached",
+                    key: key.id
+                )
+            }
             throw TokenError(.keyNotFound, "no key with CKA_ID \(key.id) (expected \(key.label))", key: key.id)
         }
         let label = try session.attributes([.label], of: handle).string(.label)

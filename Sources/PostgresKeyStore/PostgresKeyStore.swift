@@ -27,22 +27,22 @@ public final class PostgresKeyStore: KeyRepository {
     /// The advisory-lock key that serialises migrations across gateway instances ("hsmgwmig").
     static let migrationLockKey: Int64 = 0x6873_6D67_776D_6967
 
-    private let client: PostgresClient
-    private let runTask: Task<Void, Never>
+    /// The pool, replaced after an outage, and whether the server can be reached.
+    private let pool: PostgresPool
     private let logger: Logger
     private let isClosed = Atomic<Bool>(false)
 
-    private init(client: PostgresClient, logger: Logger) {
-        self.client = client
+    private init(pool: PostgresPool, logger: Logger) {
+        self.pool = pool
         self.logger = logger
-        // `Task.immediate` enters `run()` before `open` returns, so the first lease never finds
-        // the pool not yet running (postgres-nio warns about that, though the lease would wait).
-        if #available(macOS 26.0, iOS 26.0, tvOS 26.0, watchOS 26.0, visionOS 26.0, *) {
-            runTask = Task.immediate { await client.run() }
-        } else {
-            runTask = Task { await client.run() }
-        }
     }
+
+    /// Whether the store's monitor last found the server reachable (calls fail at once with
+    /// `.unavailable` while it does not).
+    public var isReachable: Bool { pool.isReachable }
+
+    /// How many times the connection pool was replaced after the server could not be reached.
+    public var poolGeneration: Int { pool.generation }
 
     /// Connects (pool), applies pending migrations under an advisory lock (several gateway
     /// instances may start at once), records them.
@@ -71,7 +71,6 @@ public final class PostgresKeyStore: KeyRepository {
             try? await connection.close()
             throw PostgresErrorMapping.storageError(error, operation: "migrate")
         }
-        try? await connection.close()
 
         var options = PostgresClient.Configuration.Options()
         options.maximumConnections = configuration.maximumConnections
@@ -98,8 +97,21 @@ public final class PostgresKeyStore: KeyRepository {
             }
         var pooled = clientConfiguration
         pooled.options = options
-        let store = PostgresKeyStore(
-            client: PostgresClient(configuration: pooled, backgroundLogger: logger), logger: logger)
+        let clientSettings = pooled
+        let pool = PostgresPool(
+            makeClient: { PostgresClient(configuration: clientSettings, backgroundLogger: logger) },
+            probe: {
+                try await PostgresPool.withTimeout(
+                    PostgresPool.probeConnectTimeout, late: { connection in try? await connection.close() }
+                ) {
+                    try await connect(configuration, tls: tls, logger: logger, quiet: true)
+                }
+            },
+            logger: logger
+        )
+        // The connection that migrated becomes the monitor's.
+        pool.startMonitor(with: connection)
+        let store = PostgresKeyStore(pool: pool, logger: logger)
         logger.info(
             "postgres key store open",
             metadata: [
@@ -151,8 +163,7 @@ public final class PostgresKeyStore: KeyRepository {
     public func close() async {
         guard isClosed.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
         else { return }
-        runTask.cancel()
-        await runTask.value
+        await pool.close()
         logger.info("postgres key store closed")
     }
 
@@ -203,8 +214,12 @@ public final class PostgresKeyStore: KeyRepository {
         operation: String,
         _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {
+        // While the server cannot be reached this throws `.unavailable` at once.
+        let lease = try pool.beginLease()
+        defer { pool.ended(lease) }
         do {
-            return try await client.withConnection { connection in
+            return try await lease.client.withConnection { connection in
+                pool.granted(lease)
                 do {
                     return try await body(connection)
                 } catch {
@@ -279,10 +294,13 @@ public final class PostgresKeyStore: KeyRepository {
         }
     }
 
+    /// One connection, logged in, within `connectTimeout`. `quiet` leaves failures unlogged (the
+    /// monitor tries every few hundred milliseconds during an outage and logs state changes).
     private static func connect(
         _ configuration: PostgresKeyStoreConfiguration,
         tls: TLSSetup?,
-        logger: Logger
+        logger: Logger,
+        quiet: Bool = false
     ) async throws -> PostgresConnection {
         var connectionConfiguration =
             if let path = configuration.unixSocketPath {
@@ -334,7 +352,7 @@ public final class PostgresKeyStore: KeyRepository {
                 // database is not available to us.
                 mapped = StorageError(.unavailable, mapped.detail)
             }
-            logger.error("cannot connect to postgres", metadata: ["error": "\(mapped.detail)"])
+            if !quiet { logger.error("cannot connect to postgres", metadata: ["error": "\(mapped.detail)"]) }
             throw mapped
         }
     }

@@ -69,8 +69,7 @@ final class PostgresTransaction: KeyRepositoryTransaction {
     func rollback() async {
         finish()
         do {
-            let future: EventLoopFuture<PostgresQueryResult> = connection.query("ROLLBACK", logger: logger)
-            _ = try await future.get()
+            _ = try await Self.execute("ROLLBACK", on: connection, logger: logger, operation: "rollback")
         } catch {
             let mapped = PostgresErrorMapping.storageError(error, operation: "rollback")
             logger.warning("rollback failed; closing the connection", metadata: ["error": "\(mapped.detail)"])
@@ -83,6 +82,62 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         state.withLock { $0.finished = true }
     }
 
+    /// The longest one statement of a transaction or read may take. The gateway's statements take
+    /// milliseconds; one that has not answered after this is on a connection that will not answer,
+    /// so the connection is closed and the statement fails with `.unavailable`, instead of holding
+    /// its caller, and the group commit behind it, for ever. (A connection the server closes is
+    /// caught at once, below; this is the backstop.)
+    static let statementTimeout: Duration = .seconds(10)
+
+    /// Runs one statement. It fails with `.unavailable` as soon as its connection closes, even if
+    /// postgres-nio never completes it (1.33 was seen to leave statements on a backend terminated
+    /// by `pg_terminate_backend` waiting for good), and after `statementTimeout` at the latest
+    /// (closing the connection).
+    static func execute(
+        _ query: PostgresQuery,
+        on connection: PostgresConnection,
+        logger: Logger,
+        operation: String
+    ) async throws -> PostgresQueryResult {
+        do {
+            return try await PostgresPool.withTimeout(statementTimeout) {
+                try await untilClosed(connection, connection.query(query, logger: logger)).get()
+            }
+        } catch is PostgresPool.ProbeTimeout {
+            logger.error(
+                "a postgres statement did not complete in time; closing its connection",
+                metadata: ["operation": "\(operation)", "timeout": "\(statementTimeout)"]
+            )
+            Task { try? await connection.close() }
+            throw StorageError(.unavailable, "\(operation): no answer within \(statementTimeout)")
+        }
+    }
+
+    /// The connection closed before the statement completed.
+    struct ConnectionClosedMidStatement: Error {}
+
+    /// `future`, or a failure as soon as `connection` closes first. Both callbacks run on the
+    /// connection's event loop, so the box that decides which came first needs no lock.
+    private static func untilClosed<Value: Sendable>(
+        _ connection: PostgresConnection,
+        _ future: EventLoopFuture<Value>
+    ) -> EventLoopFuture<Value> {
+        let loop = connection.eventLoop
+        let promise = loop.makePromise(of: Value.self)
+        let completed = NIOLoopBoundBox.makeBoxSendingValue(false, eventLoop: loop)
+        future.hop(to: loop).whenComplete { result in
+            guard !completed.value else { return }
+            completed.value = true
+            promise.completeWith(result)
+        }
+        connection.closeFuture.hop(to: loop).whenComplete { _ in
+            guard !completed.value else { return }
+            completed.value = true
+            promise.fail(ConnectionClosedMidStatement())
+        }
+        return promise.futureResult
+    }
+
     // MARK: Statements
 
     @discardableResult
@@ -92,8 +147,7 @@ final class PostgresTransaction: KeyRepositoryTransaction {
             throw StorageError(.other, "\(operation): used after its transaction ended")
         }
         do {
-            let future: EventLoopFuture<PostgresQueryResult> = connection.query(query, logger: logger)
-            return try await future.get()
+            return try await Self.execute(query, on: connection, logger: logger, operation: operation)
         } catch {
             let mapped = PostgresErrorMapping.storageError(error, operation: operation)
             if mode == .readWrite {

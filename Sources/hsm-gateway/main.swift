@@ -165,6 +165,10 @@ struct HSMGateway: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // A PKCS#11 module that talks to a network HSM over a socket (p11-kit's client, vendor
+        // clients) writes to it from inside C calls; when the HSM end goes away, the write raises
+        // SIGPIPE, whose default action would kill the gateway instead of failing the call.
+        signal(SIGPIPE, SIG_IGN)
         try await serve()
     }
 

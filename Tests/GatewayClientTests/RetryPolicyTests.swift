@@ -90,7 +90,10 @@ struct RetryPolicyTests {
 
     @Test("refusals before any work are retried for every method; other exhaustion is not")
     func refusedBeforeWork() {
-        for reason in [StatusReason.tooManyRequestsInFlight, StatusReason.overloaded, "TOO_MANY_CONNECTIONS"] {
+        for reason in [
+            StatusReason.tooManyRequestsInFlight, StatusReason.overloaded, "TOO_MANY_CONNECTIONS",
+            "TOO_MANY_CONNECTIONS_FROM_ADDRESS",
+        ] {
             let error = GatewayError(serverCode: .resourceExhausted, reason: reason, message: "")
             #expect(error.requestProvablyNotProcessed)
             #expect(RetryPolicy.isRetryable(error, method: .encrypt, hasIdempotencyKey: false))

@@ -33,6 +33,8 @@ struct AccessTests {
             await expectStatus(.unauthenticated) { try await garbage.serverInfo() }
             await garbage.shutdown()
 
+            // Refused Hellos are audited after they are answered, off the key operations' path.
+            await gateway.app.handler.flushRefusedHelloAudit()
             let refusals = try await Self.auditRecords(admin, operation: "access.authenticate")
             #expect(refusals.contains { $0.detail.contains("reason=no-credentials") })
             #expect(refusals.contains { $0.detail.contains("reason=unknown-token") })
@@ -93,6 +95,7 @@ struct AccessTests {
             let fresh = try gateway.client(token: token.token.value)
             await expectStatus(.unauthenticated) { try await fresh.serverInfo() }
             await fresh.shutdown()
+            await gateway.app.handler.flushRefusedHelloAudit()
             let refusals = try await Self.auditRecords(admin, operation: "access.authenticate")
             #expect(refusals.filter { $0.detail.contains("reason=expired-token") }.count >= 2)
         }

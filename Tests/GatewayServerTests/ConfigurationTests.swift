@@ -75,6 +75,7 @@ struct ConfigurationTests {
         #expect(configuration.store.kind == "postgres")
         #expect(configuration.hsm.maximumSessions == 8)
         #expect(configuration.limits.maxRequestsInFlightPerConnection == 128)
+        #expect(configuration.limits.maxConnectionsPerAddress == 64)
         #expect(configuration.limits.maxTenantQueueWait == .seconds(5))
         #expect(configuration.fairQueue.maximumConcurrent == 64)
         #expect(configuration.logLevel == .info)
@@ -110,6 +111,15 @@ struct ConfigurationTests {
         let badLimit = loadError(file: file, environment: ["HSMGW_LIMITS_MAX_CONNECTIONS": "0"])
         #expect(badLimit?.contains("HSMGW_LIMITS_MAX_CONNECTIONS") == true)
         #expect(badLimit?.contains("1 to 65536") == true)
+        let badCap = loadError(file: file, environment: ["HSMGW_LIMITS_MAX_CONNECTIONS_PER_ADDRESS": "0"])
+        #expect(
+            badCap?.contains(
+                "HSMGW_LIMITS_MAX_CONNECTIONS_PER_ADDRESS: must be a whole number from 1 to 65536, not `0`") == true,
+            "\(String(describing: badCap))")
+        let cap = try GatewayConfiguration.load(
+            file: file, environment: ["HSMGW_LIMITS_MAX_CONNECTIONS_PER_ADDRESS": "8"]
+        ).configuration
+        #expect(cap.limits.maxConnectionsPerAddress == 8)
 
         var flags = ConfigurationOverrides()
         try flags.append("listen", "nonsense", origin: "--listen")

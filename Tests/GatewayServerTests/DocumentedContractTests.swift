@@ -76,33 +76,36 @@ struct DocumentedContractTests {
                     $0.operation == "data-key.rewrap" && $0.detail == "to-version=1 moved=0 unchanged=1"
                 })
 
-            // §7.1: a refused Hello whose audit record cannot be written is still refused
-            // (UNAUTHENTICATED, never INTERNAL) ...
+            // §7.1: a refused Hello's answer never depends on its audit record: with every audit
+            // insert refused (a statement error, then the SQLSTATE of a server going away), the
+            // Hello is UNAUTHENTICATED, never INTERNAL or UNAVAILABLE.
             let forged = "hsmgw_" + String(repeating: "C", count: 43)
-            _ = try cluster.psql(
-                database,
-                """
-                CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION 'audit refused for the test' USING ERRCODE = 'P0001'; END $$;
-                CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION refuse_audit();
-                """
-            )
+            for sqlState in ["P0001", "57P01"] {
+                _ = try cluster.psql(
+                    database,
+                    """
+                    CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN RAISE EXCEPTION 'audit refused for the test' USING ERRCODE = '\(sqlState)'; END $$;
+                    CREATE OR REPLACE TRIGGER refuse_audit BEFORE INSERT ON audit_log
+                    FOR EACH ROW EXECUTE FUNCTION refuse_audit();
+                    """
+                )
+                let stranger = try gateway.client(token: forged)
+                await expectStatus(.unauthenticated) { try await stranger.serverInfo() }
+                await stranger.shutdown()
+                // The record's write has been tried (and refused) before the trigger changes.
+                await gateway.app.handler.flushRefusedHelloAudit()
+            }
+            _ = try cluster.psql(database, "DROP TRIGGER refuse_audit ON audit_log")
+            // The two records that could not be written were counted, and the next refused Hello's
+            // transaction reports them.
             let stranger = try gateway.client(token: forged)
             await expectStatus(.unauthenticated) { try await stranger.serverInfo() }
             await stranger.shutdown()
-            // ... and UNAVAILABLE when the store cannot be reached to record it (here the
-            // SQLSTATE of a server shutting down, as a failover raises it).
-            _ = try cluster.psql(
-                database,
-                """
-                CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN RAISE EXCEPTION 'the server is going away' USING ERRCODE = '57P01'; END $$
-                """
-            )
-            let another = try gateway.client(token: forged)
-            await expectStatus(.unavailable) { try await another.serverInfo() }
-            await another.shutdown()
-            _ = try cluster.psql(database, "DROP TRIGGER refuse_audit ON audit_log")
+            await gateway.app.handler.flushRefusedHelloAudit()
+            let later = try await admin.listAuditRecords(after: records.last?.sequence ?? 0, limit: 1000)
+            let drops = later.filter { $0.detail.hasPrefix("method=Hello reason=audit-queue-full ") }
+            #expect(drops.map(\.detail) == ["method=Hello reason=audit-queue-full dropped=2 malformed-token=2"])
         }
     }
 }

@@ -60,6 +60,7 @@ struct MutualTLSTests {
             #expect(await gatewayError({ try await rogue.serverInfo() }) != nil)
             await rogue.shutdown()
 
+            await gateway.app.handler.flushRefusedHelloAudit()
             let refusals = try await admin.listAuditRecords(limit: 1000).filter {
                 $0.operation == "access.authenticate"
             }
@@ -126,6 +127,7 @@ struct MutualTLSTests {
             #expect(try await again.hello().principal == "ops")
             await again.shutdown()
             // Refused before any Hello: no authentication was attempted, so none was audited.
+            await gateway.app.handler.flushRefusedHelloAudit()
             let attempts = try await ops.listAuditRecords(limit: 1000).filter { $0.operation == "access.authenticate" }
             #expect(attempts.isEmpty, "\(attempts)")
         }

@@ -115,6 +115,7 @@ struct MalformedFrameTests {
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .resourceExhausted)
             #expect(frames.first?.statusCode == .resourceExhausted)
+            #expect(frames.first?.statusMessage?.reason == "FRAME_TOO_LARGE_BEFORE_HELLO")
         }
     }
 

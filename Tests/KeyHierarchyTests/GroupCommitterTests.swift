@@ -139,6 +139,29 @@ struct GroupCommitterTests {
         #expect(!sharedWithFailure.isEmpty, "no batch mixed failing and committing units: \(snapshot.unitsPerAttempt)")
     }
 
+    @Test("a caller cancelled while its unit waits for a batch takes it out: it never runs; the others commit")
+    func cancelledWaitingUnitIsWithdrawn() async throws {
+        let gate = Gate()
+        let repository = InMemoryRepository(beforeBody: { attempt in if attempt == 1 { await gate.wait() } })
+        let committer = GroupCommitter(repository: repository)
+        // The first unit holds the only transaction open while the others queue behind it.
+        async let first = Self.commitConcurrently(committer, [0])
+        await repository.waitForAttempt(1)
+        let cancelled = Task { try await committer.commit(Self.unit(1)) }
+        let kept = Task { try await committer.commit(Self.unit(2)) }
+        try await Task.sleep(for: .milliseconds(50))
+        cancelled.cancel()
+        await #expect(throws: CancellationError.self) { try await cancelled.value }
+        gate.open()
+        #expect(try await kept.value.value == 2)
+        #expect(try #require(await first[0]).get().value == 0)
+        let snapshot = repository.snapshot
+        #expect(snapshot.tenants == [Self.tenantID(0), Self.tenantID(2)])
+        #expect(!snapshot.unitIDsPerAttempt.joined().contains(Self.tenantID(1)))
+        #expect(
+            AuditChain.verify(snapshot.audit, head: snapshot.head) == .verified(records: 1 + 3, head: snapshot.head))
+    }
+
     @Test("the observer sees every transaction: committed ones with their units, rolled-back ones as such")
     func observerSeesEveryTransaction() async throws {
         let gate = Gate()

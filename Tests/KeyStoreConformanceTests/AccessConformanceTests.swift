@@ -4,6 +4,7 @@ import PKCS11
 import PKCS11KeyToken
 import SQLiteKeyStore
 import SoftHSMTestSupport
+import Synchronization
 import Testing
 
 /// Principals, role bindings and API tokens: the repository methods on both stores, and the key
@@ -293,6 +294,48 @@ struct AccessConformanceTests {
         try expectNoTokenIn(records, token: token, hash: record.hash)
         // A successful authentication is not a change: no record for it.
         #expect(!records.contains { $0.event.operation == .authenticate })
+        #expect(try await service.verifyAuditLog().isVerified)
+    }
+
+    @Test(arguments: StoreKind.allCases)
+    func handedOffRefusalsAreWrittenApartIntoTheSameAnchoredChain(kind: StoreKind) async throws {
+        let harness = try await ServiceHarness.make(kind, "access_refusal_apart")
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        _ = try await service.createTenant(tenantID("acme"), request: admin)
+        let before = try await harness.auditRecords().count
+
+        // Handed off: `authenticate` refuses without writing anything itself.
+        let taken = Mutex<[AuditEvent]>([])
+        let handOff = RefusalAudit.handedOff { event in taken.withLock { $0.append(event) } }
+        for requestID in ["r-a", "r-b"] {
+            let result = try await service.authenticate(
+                apiToken: APIToken.generate().secret, requestID: requestID, refusalAudit: handOff)
+            guard case .refused(.unknownToken) = result else {
+                Issue.record("expected unknownToken, got \(result)")
+                return
+            }
+        }
+        _ = try await service.authenticate(certificateCommonName: "nobody", requestID: "r-c", refusalAudit: handOff)
+        let events = taken.withLock { $0 }
+        #expect(events.map(\.requestID) == ["r-a", "r-b", "r-c"])
+        #expect(events.first?.detail == "reason=unknown-token")
+        #expect(try await harness.auditRecords().count == before)
+
+        // Written apart from the group committer, while key operations go on: one chain that
+        // verifies against the HSM anchor.
+        async let keys = withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<20 {
+                group.addTask { _ = try await service.generateDataKey(tenantID("acme"), request: admin) }
+            }
+            try await group.waitForAll()
+        }
+        try await service.appendAuditRecordsApart(events)
+        try await service.appendAuditRecordsApart([])
+        try await keys
+        let records = try await harness.auditRecords()
+        #expect(records.filter { ["r-a", "r-b", "r-c"].contains($0.event.requestID) }.count == 3)
+        #expect(records.count == before + 3 + 20)
         #expect(try await service.verifyAuditLog().isVerified)
     }
 

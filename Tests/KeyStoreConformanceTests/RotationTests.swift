@@ -126,6 +126,55 @@ struct RotationTests {
         #expect(Set(batch.map(\.version)).count == 1)
     }
 
+    /// 1,000 concurrent GenerateDataKey calls across the invocation limit (issue 12: once, one got
+    /// INTERNAL from the token during the shared rotation): every call succeeds, the callers that
+    /// hit the limit together share one rotation each time, and every key decrypts.
+    @Test(arguments: StoreKind.allCases)
+    func rotationUnderLoadNeverFailsACaller(kind: StoreKind) async throws {
+        var configuration = KeyServiceConfiguration()
+        configuration.invocationLimit = 300
+        let harness = try await ServiceHarness.make(kind, "rotload", configuration: configuration)
+        defer { Task { await harness.close() } }
+        let service = harness.service
+        let tenant = tenantID("rotload")
+        _ = try await service.createTenant(tenant, request: admin)
+        let outcomes = await withTaskGroup(of: Result<GeneratedDataKey, KeyServiceError>.self) { group in
+            for _ in 0..<1000 {
+                group.addTask {
+                    do {
+                        return .success(try await service.generateDataKey(tenant, request: app))
+                    } catch let error as KeyServiceError {
+                        return .failure(error)
+                    } catch {
+                        return .failure(KeyServiceError(.internalError, "\(error)"))
+                    }
+                }
+            }
+            return await group.reduce(into: []) { $0.append($1) }
+        }
+        let failures = outcomes.compactMap { outcome -> KeyServiceError? in
+            if case .failure(let error) = outcome { return error }
+            return nil
+        }
+        #expect(failures.isEmpty, "\(failures.prefix(3))")
+        let keys = outcomes.compactMap { try? $0.get() }
+        let versions = try await service.masterKeyVersions(tenant)
+        // 1,000 wraps at 300 per version: at least four versions, every one within its limit.
+        #expect(versions.count >= 4)
+        #expect(versions.allSatisfy { $0.invocationsReserved <= 300 })
+        let rotations = try await harness.auditRecords().filter {
+            $0.event.operation == .rotateMasterKey && $0.event.detail.contains("reason=invocation-limit")
+        }
+        #expect(rotations.count == versions.count - 1)
+        // One master key per version on the token: no rotation left an orphan behind.
+        #expect(try await harness.masterKeyLabels().count == versions.count)
+        for key in keys.prefix(100) {
+            #expect(
+                try await service.decryptDataKey(tenant, id: key.id, request: app).plaintext.copyBytes()
+                    == key.plaintext?.copyBytes())
+        }
+    }
+
     @Test(arguments: StoreKind.allCases)
     func rewrapJobResumesAndRetiredVersionCanBeDestroyed(kind: StoreKind) async throws {
         let harness = try await ServiceHarness.make(kind, "rewrap")

@@ -130,6 +130,53 @@ public final class PostgresTestCluster: Sendable {
         return result.output
     }
 
+    /// Stops the server as an outage would (`immediate`: a crash, connections dropped at once;
+    /// `fast`: a clean shutdown) and keeps its data; `resume()` starts it again on the same port.
+    public func halt(mode: String = "immediate") throws {
+        let result = try ChildProcess.run(script, ["halt", directory, mode])
+        guard result.status == 0 else { throw PostgresTestClusterError("halt failed: \(result)") }
+    }
+
+    /// Starts a halted server again and waits until it accepts logins.
+    public func resume() throws {
+        let result = try ChildProcess.run(script, ["resume", directory], timeout: .seconds(120))
+        guard result.status == 0 else { throw PostgresTestClusterError("resume failed: \(result)") }
+    }
+
+    /// Freezes the server (SIGSTOP to the postmaster and every backend): it keeps its sockets open
+    /// and answers nothing, as behind a partition that drops packets. `thaw()` undoes it.
+    public func freeze() throws {
+        try signalServer("STOP")
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    public func thaw() throws {
+        try signalServer("CONT")
+    }
+
+    private func signalServer(_ signal: String) throws {
+        let pidFile = try String(contentsOfFile: "\(directory)/data/postmaster.pid", encoding: .utf8)
+        guard let pid = pidFile.split(separator: "\n").first.flatMap({ Int32($0) }) else {
+            throw PostgresTestClusterError("no postmaster pid in \(directory)/data/postmaster.pid")
+        }
+        // The postmaster last on STOP (so it forks nothing new meanwhile), first on CONT.
+        if signal == "CONT" { _ = try ChildProcess.run("/bin/kill", ["-\(signal)", "\(pid)"]) }
+        _ = try ChildProcess.run("/usr/bin/pkill", ["-\(signal)", "-P", "\(pid)"])
+        if signal == "STOP" { _ = try ChildProcess.run("/bin/kill", ["-\(signal)", "\(pid)"]) }
+    }
+
+    /// Terminates every backend connected to `database` (`pg_terminate_backend`), as an operator
+    /// or a crashing backend would; returns how many.
+    @discardableResult
+    public func terminateBackends(_ database: String) throws -> Int {
+        let output = try psql(
+            "postgres",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                + "WHERE datname = '\(database)' AND pid <> pg_backend_pid()"
+        )
+        return Int(output.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+    }
+
     /// `pg_dump` of `database` in the custom format to `file`: a consistent snapshot, taken while
     /// the database is in use, as an operator's backup is.
     public func dump(_ database: String, to file: String) throws {

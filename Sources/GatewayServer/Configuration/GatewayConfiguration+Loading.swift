@@ -352,6 +352,11 @@ struct SettingsReader {
         )
         limits.maxConnections = try integer(
             "limits.max_connections", in: ServerLimits.maxConnectionsRange, default: limits.maxConnections)
+        limits.maxConnectionsPerAddress = try integer(
+            "limits.max_connections_per_address",
+            in: ServerLimits.maxConnectionsPerAddressRange,
+            default: limits.maxConnectionsPerAddress
+        )
         limits.handshakeTimeout = try duration(
             "limits.handshake_timeout_ms", unit: .milliseconds(1), in: 10...86_400_000, default: limits.handshakeTimeout
         )

@@ -59,6 +59,7 @@ enum SettingKeys {
         SettingDefinition("limits.max_frame_bytes"),
         SettingDefinition("limits.max_requests_in_flight"),
         SettingDefinition("limits.max_connections"),
+        SettingDefinition("limits.max_connections_per_address"),
         SettingDefinition("limits.handshake_timeout_ms"),
         SettingDefinition("limits.idle_timeout_seconds"),
         SettingDefinition("limits.read_timeout_ms"),

@@ -9,27 +9,51 @@ extension GatewayHandler {
     static let authenticationFailed = RequestFailure(.unauthenticated, AuthenticationFailure.clientMessage)
 
     /// Authenticates a connection: the API token, the client certificate's CN, or both (then
-    /// they must name the same principal). Refusals are audited and answered UNAUTHENTICATED with
-    /// one message whatever the reason. An address with too many refusals in a row is answered
-    /// RESOURCE_EXHAUSTED (`AUTH_THROTTLED`) for a while, without a check or an audit record each.
+    /// they must name the same principal). Refusals are audited (through the bounded
+    /// `RefusedHelloAudit` path) and answered UNAUTHENTICATED with one message whatever the
+    /// reason. Every Hello takes a try from its source address's throttle before its credentials
+    /// are looked at; an address without tries left is answered RESOURCE_EXHAUSTED
+    /// (`AUTH_THROTTLED`) for a while, without a check or an audit record each.
     public func hello(_ request: IncomingRequest) async -> HelloOutcome {
         let requestID = Self.requestID(request)
         var logger = self.logger
         logger[metadataKey: "request-id"] = "\(requestID)"
         logger[metadataKey: "remote"] = "\(request.connection.remoteAddress)"
-        let address = AuthenticationThrottle.sourceAddress(request.connection.remoteAddress)
-        if let throttle, let wait = throttle.waitBeforeNextTry(address) {
-            let seconds = max(1, Int(wait.components.seconds) + (wait.components.attoseconds > 0 ? 1 : 0))
-            logger.info("handshake throttled", metadata: ["retry-after-s": "\(seconds)"])
-            return .refused(
-                RequestFailure(
-                    .resourceExhausted,
-                    "too many failed authentications from this address; retry in \(seconds) s",
-                    reason: StatusReason.authThrottled
-                ).response)
+        let address = SourceAddressGroup(remoteAddress: request.connection.remoteAddress)
+        var ticket: AuthenticationThrottle.Ticket?
+        if let throttle {
+            switch await throttle.admit(address) {
+            case .admitted(let admitted):
+                ticket = admitted
+            case .throttled(let wait, let startsThrottling):
+                let seconds = max(1, Int(wait.components.seconds) + (wait.components.attoseconds > 0 ? 1 : 0))
+                logger.info("handshake throttled", metadata: ["retry-after-s": "\(seconds)"])
+                if startsThrottling {
+                    logger.warning(
+                        "throttling an address after repeated failed authentications",
+                        metadata: ["source": "\(address)"])
+                    auditRefusedHello(
+                        principal: .unauthenticated,
+                        reason: "throttled source=\(address) burst=\(throttle.limit.burst) "
+                            + "per-minute=\(throttle.limit.perMinute)",
+                        method: request.method,
+                        requestID: requestID
+                    )
+                }
+                return .refused(
+                    RequestFailure(
+                        .resourceExhausted,
+                        "too many failed authentications from this address; retry in \(seconds) s",
+                        reason: StatusReason.authThrottled
+                    ).response)
+            case .cancelled:
+                // The transport has answered the caller already (cancel, deadline).
+                return .refused(RequestFailure(.cancelled, "the Hello was cancelled").response)
+            }
         }
         do {
             let accepted = try await authenticateHello(request, requestID: requestID, logger: logger)
+            ticket?.settle(refund: true)
             logger.info(
                 "connection authenticated",
                 metadata: [
@@ -40,21 +64,17 @@ extension GatewayHandler {
             )
             return .accepted(accepted.peer, response: WireMapping.ok(accepted.response))
         } catch let failure as RequestFailure {
+            // A Hello refused before any credential was looked at (malformed, a bad client name)
+            // cost nothing and gives its try back; every other refusal keeps it spent.
+            ticket?.settle(refund: failure.status == .invalidArgument)
             logger.info("handshake refused", metadata: ["status": "\(failure.status)"])
-            if failure.status == .unauthenticated, let throttle, throttle.recordFailure(address) {
-                logger.warning("throttling an address after repeated failed authentications")
-                await auditAuthenticationFailure(
-                    principal: .unauthenticated,
-                    reason: "throttled source=\(address) burst=\(throttle.limit.burst) "
-                        + "per-minute=\(throttle.limit.perMinute)",
-                    method: request.method,
-                    requestID: requestID
-                )
-            }
             return .refused(failure.response)
         } catch let error as KeyServiceError {
+            // Not checked (the store failed): still spent, or an outage would let a flood through.
+            ticket?.settle(refund: false)
             return .refused(failureResponse(error, logger: logger))
         } catch {
+            ticket?.settle(refund: false)
             logger.error("unexpected error in handshake", metadata: ["error-type": "\(type(of: error))"])
             return .refused(RequestFailure(.internalError, "internal error").response)
         }
@@ -80,14 +100,20 @@ extension GatewayHandler {
         let commonName = request.connection.clientCertificateCommonName
         var byToken: AuthenticatedCaller?
         var byCertificate: AuthenticatedCaller?
+        // Refusals are audited off the key operations' path (`RefusedHelloAudit`).
+        let refusalAudit = RefusalAudit.handedOff { [refusedHelloAudit] in refusedHelloAudit.enqueue($0) }
         if !hello.apiToken.isEmpty {
-            switch try await service.authenticate(apiToken: hello.apiToken, requestID: requestID) {
+            switch try await service.authenticate(
+                apiToken: hello.apiToken, requestID: requestID, refusalAudit: refusalAudit)
+            {
             case .authenticated(let caller): byToken = caller
             case .refused: throw Self.authenticationFailed  // audited by the service
             }
         }
         if let commonName {
-            switch try await service.authenticate(certificateCommonName: commonName, requestID: requestID) {
+            switch try await service.authenticate(
+                certificateCommonName: commonName, requestID: requestID, refusalAudit: refusalAudit)
+            {
             case .authenticated(let caller): byCertificate = caller
             case .refused: throw Self.authenticationFailed  // audited by the service
             }
@@ -95,12 +121,12 @@ extension GatewayHandler {
         let caller: AuthenticatedCaller
         switch (byToken, byCertificate) {
         case (nil, nil):
-            await auditAuthenticationFailure(
+            auditRefusedHello(
                 principal: .unauthenticated, reason: "no-credentials", method: request.method, requestID: requestID)
             throw Self.authenticationFailed
         case (let token?, let certificate?):
             guard token.principal.name == certificate.principal.name else {
-                await auditAuthenticationFailure(
+                auditRefusedHello(
                     principal: token.principal.name.principal,
                     reason: "token-and-certificate-differ",
                     method: request.method,
@@ -169,6 +195,20 @@ extension GatewayHandler {
             tokenID: peer.apiTokenID
         )
         throw RequestFailure(.unauthenticated, AuthenticationFailure.clientMessage, reason: reason)
+    }
+
+    /// Queues the audit record of a refused Hello on the bounded path (`RefusedHelloAudit`);
+    /// never waits.
+    func auditRefusedHello(principal: Principal, reason: String, method: GatewayWire.Method, requestID: String) {
+        refusedHelloAudit.enqueue(
+            KeyService.accessFailureEvent(
+                .authentication,
+                principal: principal,
+                tenant: nil,
+                operation: method.description,
+                reason: reason,
+                request: RequestContext(principal: principal, requestID: requestID)
+            ))
     }
 
     func auditAuthenticationFailure(

@@ -84,6 +84,8 @@ public final class GatewayHandler: GatewayRequestHandler {
     let options: Options
     let accessCache: AccessCache
     let throttle: AuthenticationThrottle?
+    /// Where the audit records of refused Hellos wait to be written, off the key operations' path.
+    let refusedHelloAudit: RefusedHelloAudit
     let rewrapJobs: RewrapJobRunner
     let admission: TenantAdmission
     let status: @Sendable () async -> ServerStatus
@@ -91,12 +93,14 @@ public final class GatewayHandler: GatewayRequestHandler {
     let startedAt = ContinuousClock.now
 
     /// A handler over `service`. `admission` runs tenant-scoped work (nil: run it at once);
-    /// `status` answers `ServerInfo`; `rewrapJobs` runs the jobs `StartRewrapJob` starts.
+    /// `status` answers `ServerInfo`; `rewrapJobs` runs the jobs `StartRewrapJob` starts;
+    /// `refusedHelloAudit` writes the records of refused Hellos (nil: one without metrics).
     init(
         service: KeyService,
         options: Options,
         rewrapJobs: RewrapJobRunner,
         admission: TenantAdmission? = nil,
+        refusedHelloAudit: RefusedHelloAudit? = nil,
         status: @escaping @Sendable () async -> ServerStatus,
         logger: Logger
     ) {
@@ -104,10 +108,19 @@ public final class GatewayHandler: GatewayRequestHandler {
         self.options = options
         self.accessCache = AccessCache(ttl: options.accessCacheTTL)
         self.throttle = options.failedAuthentications.map { AuthenticationThrottle(limit: $0) }
+        self.refusedHelloAudit =
+            refusedHelloAudit ?? RefusedHelloAudit(service: service, registry: nil, logger: logger)
         self.rewrapJobs = rewrapJobs
         self.admission = admission ?? { _, work in await work() }
         self.status = status
         self.logger = logger
+    }
+
+    /// Waits until the audit records of the Hellos refused so far are written (or counted as
+    /// dropped): they are written after the refusal is answered (`RefusedHelloAudit`). The server
+    /// calls it before it closes the store.
+    public func flushRefusedHelloAudit() async {
+        await refusedHelloAudit.flush()
     }
 
     /// One authenticated request on its way through: who asks and under which request id.
@@ -173,7 +186,9 @@ public final class GatewayHandler: GatewayRequestHandler {
     }
 
     /// Decodes the method's request message; a payload that does not decode is MALFORMED_PAYLOAD.
+    /// Repeated fields over their limits are refused before decoding (`RequestEntryLimits`).
     func decode<M: SwiftProtobuf.Message>(_ type: M.Type, _ call: Call) throws -> M {
+        try RequestEntryLimits.check(type, call.request.payload)
         do {
             return try M(wirePayload: call.request.payload)
         } catch {

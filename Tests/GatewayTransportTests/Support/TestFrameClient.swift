@@ -27,14 +27,19 @@ final class TestFrameClient: Sendable {
         self.events = events
     }
 
-    /// Connects to `address`, with TLS when `tls` is given.
+    /// Connects to `address`, with TLS when `tls` is given, from `source` when given (e.g.
+    /// 127.0.0.2, another loopback address than the default).
     static func connect(
         to address: SocketAddress,
+        from source: SocketAddress? = nil,
         tls: NIOSSLContext? = nil,
         serverHostname: String? = nil
     ) async throws -> TestFrameClient {
         let events = NIOLockedValueBox<[Event]>([])
-        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        if let source { bootstrap = bootstrap.bind(to: source) }
+        let channel =
+            try await bootstrap
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let pipeline = channel.pipeline.syncOperations

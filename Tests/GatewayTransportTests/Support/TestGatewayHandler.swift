@@ -15,11 +15,17 @@ import Prometheus
 /// - anything else: answered at once.
 ///
 /// Unknown method numbers are answered UNIMPLEMENTED, as the real handler does.
+///
+/// A Hello whose token is `slow:<ms>` takes that long, ignoring cancellation (as a credential
+/// check waiting on the store may), then is refused.
 final class TestGatewayHandler: GatewayRequestHandler {
     static let goodToken = "good-token"
 
     struct Log {
         var helloConnections: [ConnectionInfo] = []
+        /// Hello calls running now, and the most that ever ran at once.
+        var hellosRunning = 0
+        var maximumHellosRunning = 0
         var handled: [(method: UInt16, requestID: UInt32)] = []
         var running: Set<UInt32> = []
         var cancelled: Set<UInt32> = []
@@ -30,6 +36,16 @@ final class TestGatewayHandler: GatewayRequestHandler {
     func hello(_ request: IncomingRequest) async -> HelloOutcome {
         log.withLockedValue { $0.helloConnections.append(request.connection) }
         let hello = (try? Hsmgw_V1_HelloRequest(wirePayload: request.payload)) ?? Hsmgw_V1_HelloRequest()
+        log.withLockedValue {
+            $0.hellosRunning += 1
+            $0.maximumHellosRunning = max($0.maximumHellosRunning, $0.hellosRunning)
+        }
+        defer { log.withLockedValue { $0.hellosRunning -= 1 } }
+        if hello.apiToken.hasPrefix("slow:"), let milliseconds = Int(hello.apiToken.dropFirst(5)) {
+            let end = ContinuousClock.now + .milliseconds(milliseconds)
+            while ContinuousClock.now < end { try? await Task.sleep(until: end) }
+            return .refused(Self.failure(.unauthenticated, "unknown API token"))
+        }
         let principal: String
         if hello.apiToken == Self.goodToken {
             principal = "token-user"
