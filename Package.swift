@@ -208,12 +208,15 @@ let package = Package(
         // Child processes (posix_spawn, not Foundation's Process), temporary directories and a
         // throwaway PKI made with the openssl CLI, for the tests that start servers and tools.
         .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport"),
+        // The hex blocks of docs/*.md, for golden-byte tests of what the code builds.
+        .target(name: "DocumentTestSupport", path: "Tests/DocumentTestSupport"),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
         .testTarget(
             name: "GatewayTransportTests",
             dependencies: [
                 "GatewayTransport",
                 "GatewayWire",
+                "DocumentTestSupport",
                 "ProcessTestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -233,6 +236,7 @@ let package = Package(
             dependencies: [
                 "GatewayClient",
                 "GatewayWire",
+                "DocumentTestSupport",
                 "ProcessTestSupport",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -263,12 +267,16 @@ let package = Package(
             name: "GatewayWireTests",
             dependencies: [
                 "GatewayWire",
+                "DocumentTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
             ]
         ),
         // Pure unit tests of the domain's logic (encodings, state rules, audit chain).
-        .testTarget(name: "KeyHierarchyTests", dependencies: ["KeyHierarchy"]),
+        .testTarget(
+            name: "KeyHierarchyTests",
+            dependencies: ["KeyHierarchy", "DocumentTestSupport", .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // One conformance suite, run against both stores, on a real SoftHSM2 token.
         .testTarget(
             name: "KeyStoreConformanceTests",

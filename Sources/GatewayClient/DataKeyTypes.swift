@@ -11,7 +11,8 @@ public struct DataKey: Sendable, CustomStringConvertible {
     public var id: String
     /// The tenant's master-key version that wraps it.
     public var masterKeyVersion: UInt32
-    /// The wrapped key (the gateway keeps its own copy).
+    /// The wrapped key (the gateway keeps its own copy): from a generate, the stored copy; from a
+    /// decrypt, the current stored copy (a rewrap replaces it).
     public var wrapped: [UInt8]
     /// The 32-byte key, when the call asked for it.
     public var plaintext: SensitiveBytes?

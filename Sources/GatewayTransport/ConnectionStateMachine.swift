@@ -300,6 +300,14 @@ struct ConnectionStateMachine {
                 now: now
             )
         case .keepalive:
+            guard deadlines[.read] == nil else {
+                // A frame is partly received: the read timeout watches the peer now, and a ping
+                // would only precede its READ_TIMEOUT goaway (protocol §6.1). A frame completed
+                // meanwhile re-arms the keepalive anyway.
+                var actions: [Action] = []
+                arm(.keepalive, at: now + TimeAmount(limits.keepaliveInterval), &actions)
+                return actions
+            }
             let pingID = nextPingID
             nextPingID = nextPingID == .max ? 1 : nextPingID + 1
             outstandingPingID = pingID
@@ -634,7 +642,7 @@ struct ConnectionStateMachine {
     }
 
     static func goaway(_ code: StatusCode, _ message: String, reason: String) -> Frame {
-        Frame(kind: .goaway, payload: Hsmgw_V1_Status(code, message, reason: reason).wirePayload())
+        Frame.goaway(Hsmgw_V1_Status(code, message, reason: reason))
     }
 
     // MARK: Timers

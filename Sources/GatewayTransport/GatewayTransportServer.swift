@@ -362,7 +362,7 @@ private final class RefusedConnectionHandler: ChannelInboundHandler {
         sent = true
         let channel = context.channel
         let timeout = context.eventLoop.scheduleTask(in: closeAfter) { channel.close(promise: nil) }
-        let frame = Frame(kind: .goaway, payload: goaway.wirePayload())
+        let frame = Frame.goaway(goaway)
         context.writeAndFlush(wrapOutboundOut(frame)).whenComplete { _ in
             timeout.cancel()
             channel.close(promise: nil)

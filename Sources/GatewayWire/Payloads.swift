@@ -36,6 +36,15 @@ extension Hsmgw_V1_Status {
     public var statusCode: StatusCode { StatusCode(rawValue: UInt16(truncatingIfNeeded: code)) }
 }
 
+extension Frame {
+    /// A goaway carrying `status`: the header's `status` field holds the same code as the
+    /// payload's `Status.code` (docs/protocol.md §3.2), so a peer that reads only the header
+    /// learns why the connection is going away.
+    public static func goaway(_ status: Hsmgw_V1_Status) -> Frame {
+        Frame(kind: .goaway, status: UInt16(truncatingIfNeeded: status.code), payload: status.wirePayload())
+    }
+}
+
 /// Stable `Status.reason` values. A client may branch on these; they never change meaning.
 public enum StatusReason {
     /// `INVALID_ARGUMENT`: a ciphertext, wrapped key or encryption context does not authenticate.

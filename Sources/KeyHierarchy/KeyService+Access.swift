@@ -552,7 +552,11 @@ extension KeyService {
         )
     }
 
-    /// Audits a refused authentication and returns the refusal.
+    /// Audits a refused authentication (or hands its record to `audit`'s taker) and returns the
+    /// refusal. When a record committed here cannot be written, the caller is refused all the
+    /// same, unless the store cannot be reached: then `unavailable` (retry later), since the
+    /// refusal could not be recorded. Any other failure (a broken audit log, a storage error) is
+    /// logged and not told to a caller that has not authenticated.
     private func refuse(
         _ failure: AuthenticationFailure,
         principal: Principal,
@@ -572,7 +576,17 @@ extension KeyService {
         )
         switch audit {
         case .committed:
-            _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+            do {
+                _ = try await committer.commit { _ in UnitOutcome((), audit: [event]) }
+            } catch {
+                let mapped = Self.map(error)
+                // A Hello abandoned meanwhile (cancelled) has nobody to answer.
+                guard mapped.code != .unavailable, !(error is CancellationError) else { throw mapped }
+                logger.error(
+                    "could not audit a refused authentication; refused all the same",
+                    metadata: ["reason": "\(failure.name)", "error": "\(mapped.logDescription)"]
+                )
+            }
         case .handedOff(let take):
             take(event)
         }

@@ -14,6 +14,9 @@ public struct GeneratedDataKey: Sendable {
 public struct DecryptedDataKey: Sendable {
     public var id: DataKeyID
     public var version: MasterKeyVersionNumber
+    /// The stored `WrappedDataKey` encoding the plaintext was unwrapped from: the key's current
+    /// wrapped copy (a rewrap replaces it).
+    public var wrapped: [UInt8]
     public var plaintext: SecretBytes
 }
 
@@ -396,8 +399,11 @@ extension KeyService {
                 let entry = requests[position]
                 switch result {
                 case .unwrapped(let plaintext):
+                    let row = rows[entry.id]!
+                    // `usable` parsed this very blob, so `wrapped` is present.
                     results[position] = .success(
-                        DecryptedDataKey(id: entry.id, version: rows[entry.id]!.version, plaintext: plaintext)
+                        DecryptedDataKey(
+                            id: entry.id, version: row.version, wrapped: row.wrapped ?? [], plaintext: plaintext)
                     )
                 case .failed(let error):
                     results[position] = .failure(Self.map(error))
@@ -481,7 +487,8 @@ extension KeyService {
 
     /// Moves one data key to the tenant's primary version inside the gateway: unwrapped and
     /// wrapped again in one token lease, the plaintext zeroed before the lease ends. Needs the
-    /// exact context.
+    /// exact context. A key already under the primary is left as it is: an unwrap proves the
+    /// context, and the row comes back unchanged (no new wrapping, no write but the audit record).
     public func rewrapDataKey(
         _ tenant: TenantID,
         id: DataKeyID,
@@ -509,6 +516,10 @@ extension KeyService {
     /// never to the stored `context_hash` alone: for ReWrap the caller's context is proven by the
     /// unwrap, and the row's stored hash is rewritten from it (a changed stored hash is repaired
     /// and logged, since the database is not trusted for key binding).
+    ///
+    /// For ReWrap (`job == nil`), a row already under the primary is only unwrapped: that proves
+    /// the caller's context, and the row is returned as it is (protocol §9.3). The job is given
+    /// rows under other versions only, and wraps every row it is given.
     func rewrap(
         _ tenant: TenantID,
         _ rows: [DataKeyRecord],
@@ -523,8 +534,6 @@ extension KeyService {
             let versionByNumber = Dictionary(uniqueKeysWithValues: versions.map { ($0.version, $0) })
             var results: [Result<DataKeyRecord, KeyServiceError>?] = Array(repeating: nil, count: rows.count)
             var pending: [(position: Int, blob: WrappedDataKey)] = []
-            // A key already under the primary is wrapped again too (fresh IV): that proves the
-            // caller's context, as every ReWrap must.
             for (index, row) in rows.enumerated() {
                 guard let bytes = row.wrapped, let blob = WrappedDataKey(encoded: bytes), blob.dataKeyID == row.id,
                     blob.version == row.version
@@ -542,10 +551,26 @@ extension KeyService {
                 pending.append((index, blob))
             }
             if pending.isEmpty { return results.map { $0! } }
+            // Rows a ReWrap finds under the primary already: proven by an unwrap, left as they are.
+            let unwrapOnly = Set(
+                pending.map(\.position).filter { job == nil && rows[$0].version == primary })
             var operations: [TokenOperation] = []
             for item in pending {
                 let row = rows[item.position]
                 let contextHash = contextHashes[item.position]
+                if unwrapOnly.contains(item.position) {
+                    operations.append(
+                        .unwrap(
+                            key: TokenKeyReference(
+                                id: versionByNumber[row.version]!.tokenKeyID, tenant: tenant, version: row.version),
+                            iv: item.blob.iv,
+                            aad: WrappedDataKey.aad(
+                                tenant: tenant, dataKeyID: row.id, version: row.version, contextHash: contextHash),
+                            ciphertextAndTag: item.blob.ciphertextAndTag
+                        )
+                    )
+                    continue
+                }
                 operations.append(
                     .rewrap(
                         from: TokenKeyReference(
@@ -562,9 +587,22 @@ extension KeyService {
             }
             let tokenResults = try await performChecked(operations, request: request)
             var updates: [(position: Int, row: DataKeyRecord)] = []
+            var unchanged: [Int] = []
             let now = Timestamp.now()
             for (item, result) in zip(pending, tokenResults) {
                 switch result {
+                case .unwrapped:
+                    // The context is proven; the plaintext is released (and zeroed) right here.
+                    if rows[item.position].contextHash != contextHashes[item.position] {
+                        logger.warning(
+                            """
+                            the stored context hash of a data key differs from the one its unwrap proved; \
+                            left as stored until the key is rewrapped to a new primary
+                            """,
+                            metadata: ["tenant": "\(tenant)", "data_key": "\(rows[item.position].id)"]
+                        )
+                    }
+                    unchanged.append(item.position)
                 case .rewrapped(let iv, let ciphertextAndTag):
                     var row = rows[item.position]
                     let proven = contextHashes[item.position]
@@ -588,6 +626,7 @@ extension KeyService {
                 }
             }
             let plannedUpdates = updates
+            let provenUnchanged = unchanged
             let originalRows = rows
             let priorResults = results
             let committed = try await committer.commit {
@@ -623,17 +662,21 @@ extension KeyService {
                         )
                     }
                 }
+                // Still under the primary (checked above, under the tenant lock): as they are.
+                for position in provenUnchanged { results[position] = .success(originalRows[position]) }
+                let unchangedIDs = provenUnchanged.map { originalRows[$0].id.description }
                 var audit: [AuditEvent] = []
-                if !moved.isEmpty || job != nil {
+                if !moved.isEmpty || !unchangedIDs.isEmpty || job != nil {
                     audit.append(
                         AuditEvent(
                             time: now,
                             principal: request.principal,
                             tenant: tenant,
                             operation: job == nil ? .rewrapDataKey : .rewrapJob,
-                            keyIDs: moved,
+                            keyIDs: moved + unchangedIDs,
                             requestID: request.requestID,
                             detail: "to-version=\(primary) moved=\(moved.count)"
+                                + (unchangedIDs.isEmpty ? "" : " unchanged=\(unchangedIDs.count)")
                                 + (repaired > 0 ? " context-hash-repaired=\(repaired)" : "")
                         )
                     )

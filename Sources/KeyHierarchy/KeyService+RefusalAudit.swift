@@ -6,8 +6,9 @@
 /// Where ``KeyService/authenticate(apiToken:now:requestID:refusalAudit:)`` and its certificate
 /// twin put the audit record of a refusal.
 public enum RefusalAudit: Sendable {
-    /// Appended through the group committer before `authenticate` returns; when it cannot be
-    /// written, `authenticate` throws (the default).
+    /// Appended through the group committer before `authenticate` returns (the default). When it
+    /// cannot be written, `authenticate` throws `unavailable` if the store cannot be reached, and
+    /// otherwise logs the failure and returns the refusal all the same.
     case committed
     /// Handed to the closure, which must return at once; whoever passes it owns writing the record
     /// (for example with ``KeyService/appendAuditRecordsApart(_:)``).

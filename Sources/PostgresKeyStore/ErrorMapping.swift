@@ -26,6 +26,9 @@ enum PostgresErrorMapping {
         "57P01",  // admin_shutdown
         "57P02",  // crash_shutdown
         "57P03",  // cannot_connect_now (starting up, shutting down)
+        "57P04",  // database_dropped
+        "57P05",  // idle_session_timeout: the server ended the session
+        "25P03",  // idle_in_transaction_session_timeout: the server ended the session
         "25006",  // read_only_sql_transaction: a hot standby, not the primary
     ]
 

@@ -10,14 +10,20 @@ extension StorageError {
         switch error {
         case is StorageError, is CancellationError:
             return error
+        case let error as SQLiteError where error.reason == .misuse && error.message == threadPoolInactive:
+            // sqlite-nio's word for a thread pool that was shut down: the store is closing.
+            return StorageError(.unavailable, "\(operation): \(error.message) [\(error.reason)]")
         case let error as SQLiteError:
             return StorageError(kind(of: error.reason), "\(operation): \(error.message) [\(error.reason)]")
         default:
-            // Not SQLite's: the thread pool refused the work. Only the type, in case a message
-            // carried more than it should.
-            return StorageError(.other, "\(operation): \(type(of: error))")
+            // Not SQLite's: the thread pool refused the work (it is shutting down), so the store
+            // cannot be used now. Only the type, in case a message carried more than it should.
+            return StorageError(.unavailable, "\(operation): \(type(of: error))")
         }
     }
+
+    /// The message sqlite-nio gives (with `SQLITE_MISUSE`) when its thread pool no longer runs work.
+    static let threadPoolInactive = "Thread pool is inactive"
 
     /// The port's kind for an SQLite result code.
     static func kind(of reason: SQLiteError.Reason) -> StorageError.Kind {
@@ -32,8 +38,20 @@ extension StorageError {
         case .cantOpen, .cantOpenDirectory, .cantOpenInvalidPath, .cantOpenCygwinPath, .cantOpenUnfollowedSymlink,
             .permission, .readonlyDirectory, .readonlyCantLock:
             return .unavailable
-        case .corrupt, .corruptIndex, .corruptSequenceSchema, .corruptVirtualTable, .notADatabase:
+        case .corrupt, .corruptIndex, .corruptSequenceSchema, .corruptVirtualTable, .notADatabase,
+            .ioErrorBadDataChecksum, .ioErrorCorruptedFilesystem:
             return .corrupt
+        // The file cannot be read or written now (a failing disk or file system, a full disk, the
+        // file moved or made read-only underneath): the store cannot be used, as a database
+        // server that cannot be reached.
+        case .ioError, .ioErrorFailedRead, .ioErrorIncompleteRead, .ioErrorFailedWrite, .ioErrorFailedSync,
+            .ioErrorFailedDirSync, .ioErrorFailedTruncate, .ioErrorFailedStat, .ioErrorFailedUnlock,
+            .ioErrorFailedReadLock, .ioErrorFailedDelete, .ioErrorFailedAccess, .ioErrorFailedLockCheck,
+            .ioErrorFailedAdvisoryLock, .ioErrorFailedClose, .ioErrorFailedSharedMemOpen,
+            .ioErrorFailedSharedMemSize, .ioErrorFailedSharedMemMap, .ioErrorFailedDeleteNonexistent,
+            .ioErrorFailedMemoryMap, .ioErrorCantFindTempdir, .full, .readonlyInRecovery,
+            .readonlyInRollback, .readonlyBackingMoved:
+            return .unavailable
         default:
             return .other
         }

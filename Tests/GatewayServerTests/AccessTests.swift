@@ -41,7 +41,7 @@ struct AccessTests {
             #expect(refusals.contains { $0.detail.contains("reason=no-credentials") })
             #expect(refusals.contains { $0.detail.contains("reason=unknown-token") })
             #expect(refusals.contains { $0.detail.contains("reason=malformed-token") })
-            #expect(refusals.allSatisfy { $0.outcome.hasPrefix("failure") })
+            #expect(refusals.allSatisfy { $0.outcome == "error:unauthenticated" })
             // The presented token never reaches the audit log.
             #expect(refusals.allSatisfy { !$0.detail.contains(forged) })
         }
@@ -175,7 +175,7 @@ struct AccessTests {
             #expect(denials.contains { $0.principal == "user" && $0.tenant == "nowhere" })
             #expect(denials.contains { $0.principal == "user" && $0.detail.contains("method=RotateMasterKey") })
             #expect(denials.contains { $0.principal == "reader" && $0.detail.contains("method=GenerateDataKey") })
-            #expect(denials.allSatisfy { $0.outcome.hasPrefix("failure") })
+            #expect(denials.allSatisfy { $0.outcome == "error:permission denied" })
         }
     }
 }

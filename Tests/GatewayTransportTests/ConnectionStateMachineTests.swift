@@ -1,3 +1,4 @@
+import DocumentTestSupport
 import GatewayWire
 import NIOCore
 import Testing
@@ -118,12 +119,17 @@ extension Array where Element == ConnectionStateMachine.Action {
         }
     }
 
-    /// The goaways sent, as status and reason.
+    /// The goaways sent, as the header's status and the payload's reason. A goaway whose header
+    /// status is not its `Status.code` (protocol §3.2) shows as UNKNOWN, naming both, so every
+    /// test that expects a goaway also checks its header.
     fileprivate var goaways: [Said] {
         compactMap {
             guard case .send(let frame) = $0, frame.kind == .goaway else { return nil }
             let status = (try? Hsmgw_V1_Status(wirePayload: frame.payload)) ?? Hsmgw_V1_Status()
-            return Said(0, status.statusCode, status.reason)
+            guard UInt32(frame.status) == status.code else {
+                return Said(0, .unknown, "header status \(frame.status) != Status.code \(status.code)")
+            }
+            return Said(0, StatusCode(rawValue: frame.status), status.reason)
         }
     }
 
@@ -418,6 +424,52 @@ struct ConnectionStateMachineTests {
         let actions = c.fire(.pong)
         #expect(actions.goaways == [Said(0, .unavailable, "KEEPALIVE_TIMEOUT")])
         #expect(actions.closes)
+    }
+
+    @Test("keepalive: no ping while a frame is partly received; the read timeout's goaway comes alone")
+    func noPingDuringPartialFrame() {
+        var c = Transcript.authenticated()
+        c.advance(.seconds(25))
+        // The client starts a frame and stalls in it.
+        let begun = c.machine.readCompleted(partialFrameBuffered: true, now: c.now)
+        #expect(begun.timers[.read] == c.now + .seconds(30))
+        c.advance(.seconds(5))  // 30 s without a complete frame: keepalive time
+        let keepalive = c.fire(.keepalive)
+        #expect(keepalive.sent.isEmpty, "a ping went out in the middle of a partly received frame")
+        #expect(keepalive.timers[.keepalive] == c.now + .seconds(30))
+        #expect(c.fire(.pong).isEmpty)  // no ping, so no pong is awaited
+        c.advance(.seconds(25))  // the frame began 30 s ago
+        let timeout = c.fire(.read)
+        #expect(timeout.sent.map(\.kind) == [.goaway])
+        #expect(timeout.goaways == [Said(0, .invalidArgument, "READ_TIMEOUT")])
+        #expect(timeout.closes)
+    }
+
+    @Test("keepalive: once the partial frame completes, the next keepalive pings as usual")
+    func pingAfterPartialFrameCompletes() throws {
+        var c = Transcript.authenticated()
+        c.advance(.seconds(30))
+        _ = c.machine.readCompleted(partialFrameBuffered: true, now: c.now)
+        #expect(c.fire(.keepalive).sent.isEmpty)
+        c.advance(.seconds(2))
+        _ = c.client(Frame(kind: .cancel, requestID: 9))  // the frame completes
+        let done = c.machine.readCompleted(partialFrameBuffered: false, now: c.now)
+        #expect(done.isEmpty)
+        c.advance(.seconds(30))
+        let ping = try #require(c.fire(.keepalive).sent.first)
+        #expect(ping.kind == .ping)
+        #expect(ping.status == 0 && ping.method == 0)
+    }
+
+    @Test("the shutdown goaway is byte for byte the example of protocol.md §15.6")
+    func shutdownGoawayGoldenBytes() throws {
+        var c = Transcript.authenticated()
+        let actions = c.machine.shutdownRequested(now: c.now)
+        let goaway = try #require(actions.sent.first { $0.kind == .goaway })
+        var encoded = ByteBuffer()
+        try FrameEncoder().encode(data: goaway, out: &encoded)
+        let documented = try DocumentedBytes.document("docs/protocol.md").bytes("example", "goaway")
+        #expect(Array(encoded.readableBytesView) == documented)
     }
 
     @Test("a wake-up that comes early (frames arrived meanwhile) is rescheduled, not acted on")

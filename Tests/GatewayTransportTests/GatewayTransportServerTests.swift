@@ -210,6 +210,7 @@ struct GatewayTransportServerTests {
             let frames = try await third.framesUntilClosed()
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .resourceExhausted)
+            #expect(frames.first?.statusCode == .resourceExhausted, "the goaway's header status is not its code")
             #expect(frames.first?.statusMessage?.reason == "TOO_MANY_CONNECTIONS")
 
             try await first.request(2, .getDataKey, payload: ByteBuffer(string: "still here"))

@@ -94,6 +94,7 @@ struct MalformedFrameTests {
             #expect(frames.map(\.kind) == [.goaway, .response])
             let goaway = try #require(frames.first?.statusMessage)
             #expect(goaway.statusCode == input.code)
+            #expect(frames.first?.statusCode == input.code, "the goaway's header status is not its code")
             #expect(goaway.reason == input.reason)
             #expect(!goaway.message.isEmpty)
             #expect(frames.last?.requestID == 2 && frames.last?.statusCode == .unavailable)
@@ -113,6 +114,7 @@ struct MalformedFrameTests {
             let frames = try await client.framesUntilClosed(timeout: .seconds(2))
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .resourceExhausted)
+            #expect(frames.first?.statusCode == .resourceExhausted)
             #expect(frames.first?.statusMessage?.reason == "FRAME_TOO_LARGE_BEFORE_HELLO")
         }
     }
@@ -128,7 +130,35 @@ struct MalformedFrameTests {
             let frames = try await client.framesUntilClosed()
             #expect(frames.map(\.kind) == [.goaway])
             #expect(frames.first?.statusMessage?.statusCode == .invalidArgument)
+            #expect(frames.first?.statusCode == .invalidArgument)
             #expect(frames.first?.statusMessage?.reason == "READ_TIMEOUT")
+        }
+    }
+
+    @Test("a stalled partial frame gets the READ_TIMEOUT goaway alone: no keepalive ping before it")
+    func noKeepalivePingInsideAPartialFrame() async throws {
+        var limits = ServerLimits()
+        limits.keepaliveInterval = .milliseconds(100)
+        limits.readTimeout = .milliseconds(800)
+        try await withTestServer(limits: limits) { address, _ in
+            let client = try await TestFrameClient.connect(to: address)
+            // Hello and the start of the next frame in one write: from the Hello's answer on, the
+            // partial frame has begun, so a ping after that answer could only be one sent in the
+            // middle of it. (A ping may come first: the keepalive interval starts at accept, and
+            // the write can come later than 100 ms on a loaded machine.)
+            var hello = Hsmgw_V1_HelloRequest()
+            hello.apiToken = TestGatewayHandler.goodToken
+            var bytes = ByteBuffer()
+            try FrameEncoder().encode(
+                data: Frame(kind: .request, method: Method.hello.rawValue, requestID: 1, payload: hello.wirePayload()),
+                out: &bytes
+            )
+            try await client.sendRaw(Array(bytes.readableBytesView) + MalformedInput.prefix(40) + [1, 1, 0])
+            // Several keepalive intervals pass before the read timeout.
+            let frames = try await client.framesUntilClosed().drop { $0.kind == .ping }
+            #expect(frames.map(\.kind) == [.response, .goaway])
+            #expect(frames.first?.statusCode == .ok)
+            #expect(frames.last?.statusMessage?.reason == "READ_TIMEOUT")
         }
     }
 

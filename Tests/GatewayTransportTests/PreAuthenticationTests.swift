@@ -30,10 +30,16 @@ struct PreAuthenticationTests {
         }
     }
 
+    /// The reasons of the goaways sent; one whose header status is not its `Status.code`
+    /// (protocol §3.2) shows as a mismatch instead, so every test of a goaway checks its header.
     private static func goawayReasons(_ actions: [ConnectionStateMachine.Action]) -> [String] {
         actions.compactMap {
             guard case .send(let frame) = $0, frame.kind == .goaway else { return nil }
-            return (try? Hsmgw_V1_Status(wirePayload: frame.payload))?.reason
+            let status = (try? Hsmgw_V1_Status(wirePayload: frame.payload)) ?? Hsmgw_V1_Status()
+            guard UInt32(frame.status) == status.code else {
+                return "header status \(frame.status) != Status.code \(status.code)"
+            }
+            return status.reason
         }
     }
 
@@ -149,6 +155,7 @@ struct PreAuthenticationTests {
             let goaway = try #require(frames.first)
             #expect(goaway.kind == .goaway)
             #expect(goaway.statusMessage?.statusCode == .resourceExhausted)
+            #expect(goaway.statusCode == .resourceExhausted, "the goaway's header status is not its code")
             #expect(goaway.statusMessage?.reason == TransportStatusReason.frameTooLargeBeforeHello)
             #expect(goaway.statusMessage?.message.contains("4096") == true)
 
@@ -211,6 +218,7 @@ struct PreAuthenticationTests {
             let frames = try await third.framesUntilClosed()
             let goaway = try #require(frames.first)
             #expect(goaway.kind == .goaway && goaway.statusMessage?.statusCode == .resourceExhausted)
+            #expect(goaway.statusCode == .resourceExhausted, "the goaway's header status is not its code")
             #expect(goaway.statusMessage?.reason == TransportStatusReason.tooManyConnectionsFromAddress)
             #expect(goaway.statusMessage?.message.contains("maximum of 2 connections from this address") == true)
 

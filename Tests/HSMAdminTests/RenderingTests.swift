@@ -129,7 +129,7 @@ struct RenderingTests {
         record.principal = "admin"
         record.tenant = "acme"
         record.operation = "RotateMasterKey"
-        record.outcome = "success"
+        record.outcome = "ok"
         record.keyIds = ["k1", "k2"]
         record.hash = Data([0xAB, 0x01])
         record.previousHash = Data([0x00])
@@ -140,7 +140,7 @@ struct RenderingTests {
         #expect(decoded.keyIds == ["k1", "k2"])
         #expect(decoded.time == "2023-11-14T22:13:20.000Z")
         #expect(
-            view.cells == ["42", "2023-11-14 22:13:20Z", "admin", "acme", "RotateMasterKey", "success", "k1,k2", ""])
+            view.cells == ["42", "2023-11-14 22:13:20Z", "admin", "acme", "RotateMasterKey", "ok", "k1,k2", ""])
         #expect(AuditRecordView.columns.count == view.cells.count)
         #expect(AuditRecordView.columns.count == AuditTailCommand.followWidths.count)
     }

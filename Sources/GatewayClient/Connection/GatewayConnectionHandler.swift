@@ -226,7 +226,10 @@ final class GatewayConnectionHandler: ChannelInboundHandler, RemovableChannelHan
             break  // The client sends no pings of its own; a stray pong is harmless.
         case .goaway:
             let status = try? Hsmgw_V1_Status(wirePayload: frame.payload)
-            let note = [status?.statusCode.name, status?.reason].compactMap { $0 }.filter { !$0.isEmpty }
+            // The header's status is the goaway's code (protocol §3.2); earlier gateways left it
+            // 0, so the payload's code stands in for a 0.
+            let code = frame.status != 0 ? StatusCode(rawValue: frame.status) : status?.statusCode
+            let note = [code?.name, status?.reason].compactMap { $0 }.filter { !$0.isEmpty }
                 .joined(separator: " ")
             logger.debug("gateway sent goaway", metadata: ["status": "\(note)"])
             drain(note: note.isEmpty ? "goaway" : note)

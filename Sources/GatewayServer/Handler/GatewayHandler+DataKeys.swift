@@ -73,7 +73,8 @@ extension GatewayHandler {
         let context = try EncryptionContext(message.encryptionContext)
         let key = try await service.decryptDataKey(tenant, id: id, context: context, request: call.context)
         var response = Hsmgw_V1_DecryptDataKeyResponse()
-        response.key = WireMapping.dataKey(id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
+        response.key = WireMapping.dataKey(
+            id: key.id, version: key.version, wrapped: key.wrapped, plaintext: key.plaintext)
         return WireMapping.ok(response)
     }
 
@@ -100,7 +101,7 @@ extension GatewayHandler {
             switch result {
             case .success(let key):
                 entry.key = WireMapping.dataKey(
-                    id: key.id, version: key.version, wrapped: nil, plaintext: key.plaintext)
+                    id: key.id, version: key.version, wrapped: key.wrapped, plaintext: key.plaintext)
             case .failure(let error):
                 entry.error = RequestFailure(error).statusMessage
             }

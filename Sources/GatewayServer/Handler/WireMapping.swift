@@ -164,10 +164,9 @@ enum WireMapping {
         info.tenant = record.event.tenant?.rawValue ?? ""
         info.operation = record.event.operation.rawValue
         info.keyIds = record.event.keyIDs
-        switch record.event.outcome {
-        case .success: info.outcome = "success"
-        case .failure(let code): info.outcome = "failure: \(code)"
-        }
+        // The stored text, exactly as the record's hash covers it (`ok`, `error:<code>`), so an
+        // auditor can recompute the chain from these fields (protocol §16.4).
+        info.outcome = record.event.outcome.description
         info.requestID = record.event.requestID
         info.detail = record.event.detail
         info.previousHash = Data(record.previousHash)

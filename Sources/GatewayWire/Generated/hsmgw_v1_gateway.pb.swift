@@ -177,7 +177,9 @@ public nonisolated struct Hsmgw_V1_DataKey: Sendable {
 
   public var masterKeyVersion: UInt32 = 0
 
-  /// The wrapped data key (83 bytes); the gateway keeps its own copy, callers need only the id.
+  /// The wrapped data key (83 bytes): the copy stored when it was generated, or from
+  /// DecryptDataKey(s) the current stored copy (a rewrap replaces it). The gateway keeps its own
+  /// copy; callers need only the id.
   public var wrapped: Data = Data()
 
   /// The AES-256 key (32 bytes); empty unless asked for. Zero it after use.
@@ -419,7 +421,8 @@ public nonisolated struct Hsmgw_V1_DecryptResponse: Sendable {
   public init() {}
 }
 
-/// Method 16 (role key-user). Rewraps one data key under the tenant's primary master key.
+/// Method 16 (role key-user). Rewraps one data key under the tenant's primary master key. A key
+/// already under the primary is only unwrapped (proving the context) and left as it is.
 public nonisolated struct Hsmgw_V1_RewrapDataKeyRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -1226,7 +1229,9 @@ public nonisolated struct Hsmgw_V1_AuditRecordInfo: Sendable {
 
   public var keyIds: [String] = []
 
-  /// "success" or "failure: <code>".
+  /// "ok", or "error:<code>" (for example "error:decryption failed", "error:unauthenticated"):
+  /// the stored text, which the record's hash covers (docs/protocol.md §16.4). For people; do not
+  /// parse it.
   public var outcome: String = String()
 
   public var requestID: String = String()

@@ -83,8 +83,7 @@ struct FakeGateway {
         }
 
         func goaway(_ code: StatusCode, reason: String) async throws {
-            try await send(
-                Frame(kind: .goaway, payload: Hsmgw_V1_Status(code, "going away", reason: reason).wirePayload()))
+            try await send(Frame.goaway(Hsmgw_V1_Status(code, "going away", reason: reason)))
         }
 
         /// Answers a GetTenant with a tenant whose id is the requested one.

@@ -315,11 +315,42 @@ struct GatewayConnectionLoopbackTests {
             #expect(refused?.code == .unavailable)
             #expect(refused?.reason == GatewayError.LocalReason.notSent)
             #expect(refused?.requestProvablyNotProcessed == true)
+            #expect(refused?.message.contains("UNAVAILABLE SHUTTING_DOWN") == true, "\(refused?.message ?? "")")
             #expect(try await first.tenant.id == "one")
             #expect(try await second.tenant.id == "two")
             await closedByClient.wait()
         }
         #expect(afterGoaway.all.isEmpty)
+    }
+
+    @Test("a goaway's code is read from its header, as protocol §3.2 gives it, even when its payload is unreadable")
+    func goawayHeaderStatus() async throws {
+        let goawaySent = Signal()
+        try await FakeGateway.run { connection in
+            try await connection.acceptHello()
+            try await connection.send(
+                Frame(
+                    kind: .goaway, status: StatusCode.resourceExhausted.rawValue,
+                    payload: ByteBuffer(bytes: [0xFF, 0xFF])
+                )
+            )
+            goawaySent.fire()
+            while try await connection.next() != nil {}
+        } body: { port in
+            let connection = try await GatewayConnection.connect(configuration: fakeConfiguration(port: port))
+            await goawaySent.wait()
+            for _ in 0..<100 where connection.isAcceptingCalls { try await Task.sleep(for: .milliseconds(5)) }
+            let refused = await #expect(throws: GatewayError.self) {
+                try await connection.call(
+                    method: .getTenant,
+                    request: tenantRequest("late"),
+                    responseType: Hsmgw_V1_GetTenantResponse.self,
+                    deadline: nil
+                )
+            }
+            #expect(refused?.message.contains("RESOURCE_EXHAUSTED") == true, "\(refused?.message ?? "")")
+            await connection.close()
+        }
     }
 
     @Test("through the client, a goaway moves new calls to a new connection")

@@ -16,6 +16,7 @@ Secrets: the API token and data-key plaintext never appear in an exception or a 
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import socket
 import ssl
@@ -342,6 +343,88 @@ def status_error(frame: Frame) -> GatewayError:
 
 
 # --------------------------------------------------------------------------------------------
+# Byte-exact encodings (protocol.md section 16)
+# --------------------------------------------------------------------------------------------
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def _u64(n: int) -> bytes:
+    return struct.pack(">Q", n & 0xFFFFFFFFFFFFFFFF)  # two's complement for negative values
+
+
+def _str(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return _u32(len(data)) + data
+
+
+def _bin(data: bytes) -> bytes:
+    return _u32(len(data)) + data
+
+
+def canonical_context(context: Dict[str, str]) -> bytes:
+    """16.1: u32 pair count, then str(key) || str(value) in the order of the keys' UTF-8 bytes."""
+    pairs = sorted(((k.encode("utf-8"), v.encode("utf-8")) for k, v in context.items()), key=lambda kv: kv[0])
+    return _u32(len(pairs)) + b"".join(_bin(k) + _bin(v) for k, v in pairs)
+
+
+def context_hash(context: Dict[str, str]) -> bytes:
+    """16.1: SHA-256 of the canonical encoding."""
+    return hashlib.sha256(canonical_context(context)).digest()
+
+
+def uuid_bytes(text: str) -> bytes:
+    """A data key id in binary: the 16 bytes of the UUID in the order of its text form."""
+    return bytes.fromhex(text.replace("-", ""))
+
+
+def payload_aad(tenant: str, data_key_id: str, context: Dict[str, str]) -> bytes:
+    """16.2: the AAD of an Encrypt ciphertext."""
+    return _str("hsmgw-payload") + _u32(1) + _str(tenant) + _bin(uuid_bytes(data_key_id)) + _bin(context_hash(context))
+
+
+def wrapped_aad(tenant: str, data_key_id: str, version: int, context: Dict[str, str]) -> bytes:
+    """16.3: the AAD of a wrapped data key (checked inside the HSM)."""
+    return (
+        _str("hsmgw-data-key")
+        + _u32(1)
+        + _str(tenant)
+        + _bin(uuid_bytes(data_key_id))
+        + _u32(version)
+        + _bin(context_hash(context))
+    )
+
+
+def audit_record_encoding(record) -> bytes:
+    """16.4: the canonical encoding of an `AuditRecordInfo` (its fields as listed)."""
+    return (
+        _str("hsmgw-audit-v1")
+        + _u64(record.sequence)
+        + _u64(record.time_ms)
+        + _str(record.principal)
+        + _str(record.tenant)
+        + _str(record.operation)
+        + _u32(len(record.key_ids))
+        + b"".join(_str(key_id) for key_id in record.key_ids)
+        + _str(record.outcome)
+        + _str(record.request_id)
+        + _str(record.detail)
+    )
+
+
+def audit_record_hash(record, previous_hash: bytes) -> bytes:
+    """16.4: SHA-256(previous hash || the record's encoding)."""
+    return hashlib.sha256(previous_hash + audit_record_encoding(record)).digest()
+
+
+def checkpoint_message(sequence: int, record_hash: bytes) -> bytes:
+    """16.5: what the HSM's HMAC of an audit checkpoint covers."""
+    return _str("hsmgw-audit-anchor-v1") + _u64(sequence) + _bin(record_hash)
+
+
+# --------------------------------------------------------------------------------------------
 # The client
 # --------------------------------------------------------------------------------------------
 
@@ -552,6 +635,10 @@ class Client:
             if candidate not in self._in_flight and candidate not in self._answered:
                 return candidate
         raise RuntimeError("no free request id")
+
+    def send_raw(self, data: bytes) -> None:
+        """Writes bytes as they are, for tests of the server's checks of malformed input."""
+        self._sock.sendall(data)
 
     def _send(self, frame: Frame) -> None:
         data = frame.encode(self.max_frame_bytes)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import sys
+import time
 import traceback
 import uuid
 
@@ -127,6 +129,30 @@ def run(address: str, token: str, ca_file: str, server_name: str, checks: Checks
             "id %r, plaintext equal: %s" % (decrypted.id, decrypted.plaintext == generated.plaintext),
         )
 
+        check(
+            "DecryptDataKey returns the current wrapped copy (section 9.3)",
+            decrypted.wrapped == generated.wrapped,
+            "wrapped %d bytes, equal: %s" % (len(decrypted.wrapped), decrypted.wrapped == generated.wrapped),
+        )
+
+        before = client.call("GetDataKey", pb.GetDataKeyRequest(tenant=tenant, id=generated.id), deadline_ms=10000).key
+        time.sleep(0.01)
+        rewrapped = client.call(
+            "RewrapDataKey",
+            pb.RewrapDataKeyRequest(tenant=tenant, id=generated.id, encryption_context=context),
+            deadline_ms=30000,
+        ).key
+        again = client.call(
+            "DecryptDataKey",
+            pb.DecryptDataKeyRequest(tenant=tenant, id=generated.id, encryption_context=context),
+            deadline_ms=30000,
+        ).key
+        check(
+            "RewrapDataKey of a key under the primary leaves it as it is (same metadata, same wrapped copy)",
+            rewrapped == before and again.wrapped == generated.wrapped,
+            "updated_at %d -> %d, wrapped equal: %s" % (before.updated_at_ms, rewrapped.updated_at_ms, again.wrapped == generated.wrapped),
+        )
+
         checks.expect_error(
             "DecryptDataKey with another context -> INVALID_ARGUMENT DECRYPTION_FAILED",
             lambda: client.call(
@@ -159,9 +185,56 @@ def run(address: str, token: str, ca_file: str, server_name: str, checks: Checks
             "GetTenant %r, ServerInfo principal %r" % (got_first.tenant.id, got_second.principal),
         )
 
+        # Section 16: what this client computes from the document matches what the gateway made.
+        records, after = [], 0
+        while True:
+            page = client.call("ListAuditRecords", pb.ListAuditRecordsRequest(after=after, limit=1000), deadline_ms=30000)
+            records += page.records
+            if len(page.records) < 1000:
+                break
+            after = page.records[-1].sequence
+        expected_hash = "context-sha256=" + hc.context_hash(context).hex()
+        generate_records = [r for r in records if r.operation == "data-key.generate" and generated.id in r.key_ids]
+        check(
+            "the context hash computed as section 16.1 says is the one the gateway audited",
+            len(generate_records) == 1 and expected_hash in generate_records[0].detail.split(" "),
+            "%d records; %r" % (len(generate_records), generate_records[0].detail if generate_records else ""),
+        )
+        previous, broken = bytes(32), []
+        for record in records:
+            if record.previous_hash != previous or hc.audit_record_hash(record, previous) != record.hash:
+                broken.append(record.sequence)
+            previous = record.hash
+        check(
+            "every listed audit record re-hashes as section 16.4 says and links to the one before (%d records)"
+            % len(records),
+            bool(records) and records[0].sequence == 1 and not broken,
+            "first sequence %s, broken at %s" % (records[0].sequence if records else None, broken[:5]),
+        )
+        check(
+            "audit outcomes read ok or error:<code>",
+            all(r.outcome == "ok" or r.outcome.startswith("error:") for r in records),
+            str(sorted({r.outcome for r in records})),
+        )
+
         payload = os.urandom(16)
         check("ping -> pong with the same payload", client.ping(payload) == payload)
         check("the connection is still open after errors", client.goaway is None, str(client.goaway))
+
+    # Section 3.2: a goaway carries its code in the header as well as in its Status.
+    with hc.Client.connect_address(address, ca_file=ca_file or None, server_hostname=server_name or None) as raw:
+        raw.send_raw(struct.pack(">IBBHHHII", 16, 1, 1, 1, 2, 0, 9, 0))  # flags 1: reserved
+        raw.poll(5.0)
+        goaway = raw.goaway
+        check(
+            "reserved flags -> goaway whose header status and Status.code are INVALID_ARGUMENT, RESERVED_FLAGS",
+            goaway is not None
+            and goaway.code == Code.INVALID_ARGUMENT
+            and goaway.status_payload_code == Code.INVALID_ARGUMENT
+            and goaway.reason == "RESERVED_FLAGS",
+            "no goaway" if goaway is None else "header %s, Status.code %d, reason %s"
+            % (goaway.code_name, goaway.status_payload_code, goaway.reason),
+        )
 
 
 def main(argv) -> int:

@@ -121,6 +121,70 @@ class DocumentAgreementTests(unittest.TestCase):
         self.assertFalse(hc.is_api_token(EXAMPLE_TOKEN[:-1] + "="))
 
 
+def document_vectors() -> dict:
+    """The `<!-- vector: NAME -->` hex blocks of docs/protocol.md section 16."""
+    with open(PROTOCOL_MD, encoding="utf-8") as f:
+        text = f.read()
+    return {
+        match.group(1): bytes.fromhex(match.group(2))
+        for match in re.finditer(r"<!-- vector: ([a-z-]+) -->\n```hex\n(.*?)```", text, re.S)
+    }
+
+
+class DocumentedEncodingTests(unittest.TestCase):
+    """Section 16 computed by this client from the document's rules, against the document's hex."""
+
+    TENANT = "acme"
+    KEY_ID = "5f0c1a9e-3b7d-4c2a-9e8f-0123456789ab"
+    CONTEXT = {"purpose": "known-answer", "app": "billing"}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.vectors = document_vectors()
+
+    def test_the_document_holds_these_vectors(self):
+        self.assertEqual(
+            sorted(self.vectors),
+            sorted(["context", "context-hash", "payload-aad", "payload-ciphertext", "wrapped-aad", "audit-record",
+                    "audit-hash", "audit-checkpoint"]),
+        )
+
+    def test_context_and_its_hash(self):
+        self.assertEqual(hc.canonical_context(self.CONTEXT), self.vectors["context"])
+        self.assertEqual(hc.context_hash(self.CONTEXT), self.vectors["context-hash"])
+        self.assertEqual(hc.canonical_context({}), b"\x00\x00\x00\x00")
+        self.assertEqual(
+            hc.context_hash({}).hex(), "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119"
+        )
+
+    def test_payload_and_wrapped_aads(self):
+        self.assertEqual(hc.payload_aad(self.TENANT, self.KEY_ID, self.CONTEXT), self.vectors["payload-aad"])
+        self.assertEqual(hc.wrapped_aad(self.TENANT, self.KEY_ID, 1, self.CONTEXT), self.vectors["wrapped-aad"])
+
+    def test_payload_ciphertext_layout(self):
+        ciphertext = self.vectors["payload-ciphertext"]
+        self.assertEqual(ciphertext[:3], b"hc\x01")
+        self.assertEqual(ciphertext[3:19], hc.uuid_bytes(self.KEY_ID))
+        self.assertEqual(ciphertext[19:31], bytes(range(0xC0, 0xCC)))
+        self.assertEqual(len(ciphertext), 31 + len(b"hello, gateway") + 16)
+
+    def test_audit_record_hash_and_checkpoint(self):
+        record = pb.AuditRecordInfo(
+            sequence=1,
+            time_ms=1_767_225_600_000,
+            principal="admin",
+            tenant="acme",
+            operation="data-key.generate",
+            key_ids=[self.KEY_ID],
+            outcome="ok",
+            request_id="1-2",
+            detail="version=1 count=1 plaintext=true context-sha256=" + hc.context_hash(self.CONTEXT).hex(),
+        )
+        self.assertEqual(hc.audit_record_encoding(record), self.vectors["audit-record"])
+        self.assertEqual(hc.audit_record_hash(record, bytes(32)), self.vectors["audit-hash"])
+        self.assertEqual(hc.checkpoint_message(1, self.vectors["audit-hash"]), self.vectors["audit-checkpoint"])
+
+
 class DecodeExampleTests(unittest.TestCase):
     def test_hello_request_header_and_payload(self):
         frame = decode_one(EXAMPLES["hello-request"])
