@@ -13,7 +13,7 @@ import Testing
 struct DocumentedContractTests {
     @Test func dataKeysAuditAndRefusedHellos() async throws {
         let cluster = try PostgresTestCluster.shared()
-        let database = try cluster.createDatabase("documentedcontract")
+        let database = try await cluster.createDatabase("documentedcontract")
         let useDatabase: (inout GatewayConfiguration) -> Void = { configuration in
             if case .postgres(var settings) = configuration.store {
                 settings.database = database
@@ -81,7 +81,7 @@ struct DocumentedContractTests {
             // Hello is UNAUTHENTICATED, never INTERNAL or UNAVAILABLE.
             let forged = "hsmgw_" + String(repeating: "C", count: 43)
             for sqlState in ["P0001", "57P01"] {
-                _ = try cluster.psql(
+                _ = try await cluster.psql(
                     database,
                     """
                     CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -96,7 +96,7 @@ struct DocumentedContractTests {
                 // The record's write has been tried (and refused) before the trigger changes.
                 await gateway.app.handler.flushRefusedHelloAudit()
             }
-            _ = try cluster.psql(database, "DROP TRIGGER refuse_audit ON audit_log")
+            _ = try await cluster.psql(database, "DROP TRIGGER refuse_audit ON audit_log")
             // The two records that could not be written were counted, and the next refused Hello's
             // transaction reports them.
             let stranger = try gateway.client(token: forged)
