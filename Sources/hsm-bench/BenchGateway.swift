@@ -14,13 +14,20 @@ final class BenchGateway: Sendable {
     let adminToken: String
     let port: Int
     let trust: GatewayClientConfiguration.TransportSecurity
+    /// The CA certificate that signed the gateway's (nil: plaintext).
+    let caCertificatePath: String?
+    /// The throwaway directory (the token, the store, the certificates).
+    let directory: String
     private let server: Task<Void, any Error>
     private let cleanup: @Sendable () -> Void
 
     private init(
         app: GatewayServerApp, adminToken: String, port: Int, trust: GatewayClientConfiguration.TransportSecurity,
-        server: Task<Void, any Error>, cleanup: @escaping @Sendable () -> Void
+        caCertificatePath: String?, directory: String, server: Task<Void, any Error>,
+        cleanup: @escaping @Sendable () -> Void
     ) {
+        self.caCertificatePath = caCertificatePath
+        self.directory = directory
         self.app = app
         self.adminToken = adminToken
         self.port = port
@@ -72,10 +79,12 @@ final class BenchGateway: Sendable {
             configuration.metricsListen = nil
             configuration.auth.bootstrapTokenFile = directory + "/admin.token"
             var trust: GatewayClientConfiguration.TransportSecurity = .plaintext
+            var caCertificatePath: String?
             if !plaintext {
                 let pki = try BenchCertificates(directory: directory + "/pki")
                 configuration.tls = .init(certificateChainPath: pki.serverCertificate, privateKeyPath: pki.serverKey)
                 trust = .tls(.init(trustRoots: .pemFile(path: pki.caCertificate), serverHostnameOverride: "localhost"))
+                caCertificatePath = pki.caCertificate
             }
             adjust(&configuration)
             let app = try await GatewayServerApp.open(
@@ -88,7 +97,8 @@ final class BenchGateway: Sendable {
             let server = Task { try await app.run() }
             let port = try await app.listeningAddresses().first?.port ?? 0
             return BenchGateway(
-                app: app, adminToken: adminToken, port: port, trust: trust, server: server,
+                app: app, adminToken: adminToken, port: port, trust: trust, caCertificatePath: caCertificatePath,
+                directory: directory, server: server,
                 cleanup: { [cleanups] in for step in cleanups.reversed() { step() } })
         } catch {
             for step in cleanups.reversed() { step() }

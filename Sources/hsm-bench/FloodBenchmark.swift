@@ -46,6 +46,12 @@ struct FloodBenchmark: AsyncParsableCommand {
     @Flag(help: "Run the flooding client's tasks at low priority (it shares this process's threads).")
     var lowPriorityFlood = false
 
+    @Flag(
+        help:
+            "Run the flooding client as a process of its own at nice 19 (as if on another machine; this one has two cores)."
+    )
+    var floodProcess = false
+
     func validate() throws {
         guard (1...600).contains(seconds) else { throw ValidationError("--seconds must be from 1 to 600") }
         guard (1...4096).contains(floodTasks) else { throw ValidationError("--flood-tasks must be from 1 to 4096") }
@@ -129,32 +135,62 @@ struct FloodBenchmark: AsyncParsableCommand {
         // The flooding client's own work at low priority when asked: in production it runs on
         // other machines, here it shares the gateway's two cores and threads.
         let floodPriority: TaskPriority = lowPriorityFlood ? .low : .medium
-        let flood = Task {
-            await withTaskGroup(of: Void.self) { group in
-                for _ in 0..<floodTasks {
-                    group.addTask(priority: floodPriority) {
-                        while !state.stop.load(ordering: .relaxed) {
-                            do {
-                                _ = try await floodClient.generateDataKey(
-                                    tenant: "flood", context: context, includePlaintext: false)
-                                state.counts.withLock { $0.ok += 1 }
-                            } catch {
-                                state.counts.withLock { $0.refused[Self.describe(error), default: 0] += 1 }
-                                try? await Task.sleep(for: delay)
-                            }
-                        }
-                    }
-                }
+        var child: Process?
+        let childOutput = Pipe()
+        let flood: Task<Void, Never>
+        if floodProcess {
+            let tokenFile = gateway.directory + "/flood.token"
+            try gateway.adminToken.write(toFile: tokenFile, atomically: true, encoding: .utf8)
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/nice")
+            process.arguments =
+                [
+                    "-n", "19", CommandLine.arguments[0], "flood-load", "--port", "\(gateway.port)", "--token-file",
+                    tokenFile, "--tasks", "\(floodTasks)", "--connections", "\(floodConnections)", "--retry-delay",
+                    "\(retryDelay)", "--seconds", "\(seconds)",
+                ] + (gateway.caCertificatePath.map { ["--ca", $0] } ?? [])
+            process.standardOutput = childOutput
+            try process.run()
+            child = process
+            flood = Task {}
+        } else {
+            flood = Task {
+                await Self.flood(
+                    floodClient, tasks: floodTasks, delay: delay, priority: floodPriority, state: state)
             }
         }
-        try await Task.sleep(for: .seconds(2))
+        // The flood's warm-up (FloodLoad waits as long before it counts).
+        try await Task.sleep(for: FloodLoad.warmUp)
         state.counts.withLock { $0 = (0, [:]) }
         let started = ContinuousClock.now
+        // The learnt admission limit, as the metrics show it, once a second meanwhile.
+        let limits = Task {
+            var seen: [Int] = []
+            while !Task.isCancelled {
+                if let value = Self.metric(gateway, "hsmgw_admission_limit") { seen.append(value) }
+                try? await Task.sleep(for: .seconds(1))
+            }
+            return seen
+        }
         let flooded = await quietRun()
-        let (ok, refused) = state.counts.withLock { ($0.ok, $0.refused) }
-        let elapsed = GCMBenchmark.seconds(ContinuousClock.now - started)
+        limits.cancel()
+        let limitSamples = await limits.value
+        var (ok, refused) = state.counts.withLock { ($0.ok, $0.refused) }
+        var elapsed = GCMBenchmark.seconds(ContinuousClock.now - started)
         state.stop.store(true, ordering: .relaxed)
         await flood.value
+        if let child {
+            // Its counts, over its own measured seconds.
+            let text = String(decoding: childOutput.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            child.waitUntilExit()
+            (ok, refused) = (0, [:])
+            elapsed = seconds
+            for line in text.split(separator: "\n") {
+                let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+                guard parts.count == 2, let count = Int(parts[1]) else { continue }
+                if parts[0] == "ok" { ok = count } else { refused[parts[0], default: 0] += count }
+            }
+        }
         Self.report("quiet DecryptDataKey, flooded", flooded)
         let refusals = refused.sorted { $0.key < $1.key }.map {
             "\($0.key): \(GCMBenchmark.format(Double($0.value) / elapsed))/s"
@@ -163,9 +199,44 @@ struct FloodBenchmark: AsyncParsableCommand {
             "flood GenerateDataKey: \(GCMBenchmark.format(Double(ok) / elapsed)) ok/s   refused: "
                 + (refusals.isEmpty ? "none" : refusals.joined(separator: ", "))
         )
+        print(
+            "admission limit while flooded (once a second): \(limitSamples.map(String.init).joined(separator: " "))"
+                + "   connection read pauses: \(Self.metric(gateway, "hsmgw_connection_read_pauses_total") ?? 0)"
+        )
         await quietClient.shutdown()
         await floodClient.shutdown()
         await gateway.shutdown()
+    }
+
+    /// Loops of GenerateDataKey on tenant "flood" until `state.stop`, each waiting `delay` after
+    /// a refusal.
+    static func flood(
+        _ client: GatewayClient, tasks: Int, delay: Duration, priority: TaskPriority, state: FloodState
+    ) async {
+        await withTaskGroup(of: Void.self) { group in
+            for _ in 0..<tasks {
+                group.addTask(priority: priority) {
+                    while !state.stop.load(ordering: .relaxed) {
+                        do {
+                            _ = try await client.generateDataKey(
+                                tenant: "flood", context: ["service": "bench"], includePlaintext: false)
+                            state.counts.withLock { $0.ok += 1 }
+                        } catch {
+                            state.counts.withLock { $0.refused[Self.describe(error), default: 0] += 1 }
+                            try? await Task.sleep(for: delay)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A metric of the gateway without labels, as its registry shows it now.
+    static func metric(_ gateway: BenchGateway, _ name: String) -> Int? {
+        var buffer: [UInt8] = []
+        gateway.app.metricsRegistry.emit(into: &buffer)
+        let line = String(decoding: buffer, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return line.flatMap { Double($0.split(separator: " ").last ?? "") }.map { Int($0) }
     }
 
     /// The code and reason of a gateway error (the type of any other).
@@ -182,5 +253,58 @@ struct FloodBenchmark: AsyncParsableCommand {
                 + "\(run.latencies.count) calls   p50 \(measurement.percentile(0.5))   p99 \(measurement.percentile(0.99))"
                 + "   errors: \(errors)"
         )
+    }
+}
+
+/// The flooding side of `flood` as a process of its own: GenerateDataKey loops on tenant "flood"
+/// of a running gateway; after a warm-up it counts for `--seconds` and prints `ok=N` and one
+/// `<code> <reason>=N` line per kind of refusal.
+struct FloodLoad: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "flood-load", abstract: "The flooding client of `flood`, run by it as a process of its own.",
+        shouldDisplay: false)
+    /// How long the loops run before counting.
+    static let warmUp: Duration = .seconds(2)
+
+    @Option var port: Int
+    @Option var tokenFile: String
+    @Option var ca: String?
+    @Option var tasks = 960
+    @Option var connections = 8
+    @Option var retryDelay = 10
+    @Option var seconds: Double = 10
+
+    func validate() throws {
+        guard (1...65_535).contains(port), (1...4096).contains(tasks), (1...16).contains(connections),
+            (0...10_000).contains(retryDelay), (1...600).contains(seconds)
+        else { throw ValidationError("an option is out of range") }
+    }
+
+    func run() async throws {
+        let token = try String(contentsOfFile: tokenFile, encoding: .utf8).trimmingCharacters(
+            in: .whitespacesAndNewlines)
+        var configuration = GatewayClientConfiguration(
+            target: .host("127.0.0.1", port: port),
+            transportSecurity: ca.map {
+                .tls(.init(trustRoots: .pemFile(path: $0), serverHostnameOverride: "localhost"))
+            }
+                ?? .plaintext,
+            apiToken: APIToken(token), clientName: "flood", poolSize: connections, defaultDeadline: .seconds(60))
+        configuration.retryPolicy = .none
+        let client = try GatewayClient(configuration: configuration)
+        let state = FloodBenchmark.FloodState()
+        let flood = Task {
+            await FloodBenchmark.flood(
+                client, tasks: tasks, delay: .milliseconds(retryDelay), priority: .medium, state: state)
+        }
+        try await Task.sleep(for: Self.warmUp)
+        state.counts.withLock { $0 = (0, [:]) }
+        try await Task.sleep(for: .milliseconds(Int(seconds * 1000)))
+        let (ok, refused) = state.counts.withLock { ($0.ok, $0.refused) }
+        state.stop.store(true, ordering: .relaxed)
+        await flood.value
+        print("ok=\(ok)")
+        for (kind, count) in refused { print("\(kind)=\(count)") }
+        await client.shutdown()
     }
 }

@@ -9,7 +9,7 @@ struct HSMBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "hsm-bench",
         abstract: "Benchmarks on a throwaway SoftHSM2 token.",
-        subcommands: [GCMBenchmark.self, KeysBenchmark.self, WireBenchmark.self, FloodBenchmark.self],
+        subcommands: [GCMBenchmark.self, KeysBenchmark.self, WireBenchmark.self, FloodBenchmark.self, FloodLoad.self],
         defaultSubcommand: GCMBenchmark.self
     )
 }
