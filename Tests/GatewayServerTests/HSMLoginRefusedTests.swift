@@ -11,7 +11,7 @@ import Testing
 /// A PIN the HSM refuses stops every login of a running gateway until an operator acts. The
 /// gateway runs on the tests' fault-injecting module (forwarding to SoftHSM2), whose trace
 /// counts every real `C_Login`.
-@Suite("A PIN the HSM refuses", .serialized)
+@Suite("Through the fault-injecting module: a refused PIN, HSM faults under load", .serialized)
 struct HSMLoginRefusedTests {
     @Test("PIN changed under a running gateway: one failed C_Login, /readyz 503 naming the login, UNAVAILABLE, metric")
     func pinChangedUnderRunningGateway() async throws {
@@ -114,5 +114,77 @@ struct HSMLoginRefusedTests {
             try await Task.sleep(for: .milliseconds(250))
         }
         return value
+    }
+
+    /// The fault-injecting module switched to a fault for 3 s under load (16 callers, 2 s
+    /// deadline), then back: errors are UNAVAILABLE (or DEADLINE_EXCEEDED for a hung HSM), never
+    /// DATA_LOSS or INTERNAL; service resumes by itself; every acknowledged key decrypts.
+    @Test(
+        "HSM faults under load, then recovery",
+        arguments: [
+            "* rv=CKR_DEVICE_ERROR", "* rv=CKR_TOKEN_NOT_PRESENT", "C_Encrypt rv=CKR_SESSION_HANDLE_INVALID",
+            "C_Encrypt delay_ms=3000",
+        ])
+    func faultUnderLoad(rule: String) async throws {
+        let fixture = try SoftHSMFixture.shared()
+        let fault = try FaultInjectingModule.shared()
+        try fault.clearRules()
+        defer { try? fault.clearRules() }
+        let token = try fixture.makeToken("hsm-fault")
+        let useToken: (inout GatewayConfiguration) -> Void = {
+            $0.hsm.tokenLabel = token.label
+            $0.hsm.pin = .file(token.pinFile)
+        }
+        try await withGateway(
+            .sqlite, "hsm-fault", security: .plaintext, module: fault.module, configure: useToken
+        ) { gateway in
+            let admin = try gateway.client(token: gateway.adminToken)
+            defer { Task { await admin.shutdown() } }
+            _ = try await admin.createTenant("acme")
+            let timeline = PostgresFaultTests.Timeline()
+            let stop = PostgresFaultTests.Flag()
+            let load = Task {
+                await PostgresFaultTests.load(
+                    admin, tenant: "acme", deadline: .seconds(2), timeline: timeline, stop: stop)
+            }
+            try await Task.sleep(for: .seconds(1))
+            let faultAt = ContinuousClock.now
+            try fault.setRules(rule)
+            try await Task.sleep(for: .seconds(3))
+            let healAt = ContinuousClock.now
+            try fault.clearRules()
+            var recovered: ContinuousClock.Instant?
+            while ContinuousClock.now - healAt < .seconds(30) {
+                if let first = timeline.events.first(where: { $0.ok && $0.at > healAt }) {
+                    recovered = first.at
+                    break
+                }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            try await Task.sleep(for: .seconds(1))
+            stop.set()
+            await load.value
+
+            let events = timeline.events
+            var codes: [String: Int] = [:]
+            for event in events where !event.ok && event.at >= faultAt { codes[event.code, default: 0] += 1 }
+            let firstError = events.first { !$0.ok && $0.at >= faultAt }
+            var lost = 0
+            for key in timeline.keys {
+                let decrypted = try? await admin.decryptDataKey(tenant: "acme", id: key.id, deadline: .seconds(30))
+                if decrypted?.plaintext?.copyBytes() != key.plaintext { lost += 1 }
+            }
+            print(
+                "HSM fault \(rule) for 3 s: first error \(firstError.map { "\($0.at - faultAt)" } ?? "none") "
+                    + "(\(firstError?.code ?? "-")), errors \(codes), first success "
+                    + "\(recovered.map { "\($0 - healAt)" } ?? "never") after it ended, "
+                    + "acknowledged \(timeline.keys.count), lost \(lost)")
+            #expect(lost == 0)
+            #expect(firstError != nil, "the fault was never seen")
+            #expect(codes["\(StatusCode.dataLoss)"] == nil, "\(codes)")
+            #expect(codes["\(StatusCode.internalError)"] == nil, "\(codes)")
+            #expect(recovered != nil, "service never resumed")
+            #expect(try await admin.verifyAuditLog().intact)
+        }
     }
 }
