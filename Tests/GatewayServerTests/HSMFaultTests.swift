@@ -99,8 +99,21 @@ struct HSMFaultTests {
         try FileManager.default.moveItem(atPath: directory, toPath: away)
         var ready = try await HTTPProbe.get("127.0.0.1", gateway.metricsPort, "/readyz")
         var notReadyAfter: Duration?
+        // ServerInfo's token_reachable and the metric say it too.
+        var serverInfoAfter: Duration?
+        var metricAfter: Duration?
         while ContinuousClock.now - faultAt < .seconds(5) {
-            if notReadyAfter == nil, ready.status == 503 { notReadyAfter = ContinuousClock.now - faultAt }
+            let now = ContinuousClock.now - faultAt
+            if notReadyAfter == nil, ready.status == 503 { notReadyAfter = now }
+            if serverInfoAfter == nil, let info = try? await admin.serverInfo(), !info.tokenReachable {
+                serverInfoAfter = now
+            }
+            let metrics = try await HTTPProbe.get("127.0.0.1", gateway.metricsPort, "/metrics").body
+            let reachable = metrics.split(separator: "\n").first { $0.hasPrefix("hsmgw_hsm_token_reachable ") }
+                .flatMap { Double($0.split(separator: " ").last ?? "") }
+            if metricAfter == nil, reachable == 0 {
+                metricAfter = now
+            }
             try await Task.sleep(for: .milliseconds(200))
             ready = try await HTTPProbe.get("127.0.0.1", gateway.metricsPort, "/readyz")
         }
@@ -132,6 +145,8 @@ struct HSMFaultTests {
         print(
             "HSM token directory moved away for 5 s: first error \(firstError.map { "\($0.at - faultAt)" } ?? "none") "
                 + "(\(firstError?.code ?? "-")), errors \(codes), /readyz 503 after \(notReadyAfter.map { "\($0)" } ?? "never"), "
+                + "ServerInfo token_reachable=false after \(serverInfoAfter.map { "\($0)" } ?? "never"), metric 0 after "
+                + "\(metricAfter.map { "\($0)" } ?? "never"), "
                 + "ready again \(readyAgainAfter.map { "\($0)" } ?? "never") after it came back, first success "
                 + "\(recovered.map { "\($0.at - healAt)" } ?? "never") after, acknowledged \(timeline.keys.count), lost \(lost)"
         )
@@ -139,6 +154,8 @@ struct HSMFaultTests {
         #expect(codes["\(StatusCode.dataLoss)"] == nil, "\(codes)")
         #expect(codes["\(StatusCode.internalError)"] == nil, "\(codes)")
         #expect(notReadyAfter != nil, "/readyz never said the HSM was gone")
+        #expect(serverInfoAfter != nil, "ServerInfo never said the token was unreachable")
+        #expect(metricAfter != nil, "hsmgw_hsm_token_reachable never went to 0")
         #expect(readyAgainAfter != nil, "/readyz never recovered")
         #expect(recovered != nil, "service never resumed")
         #expect(try await admin.verifyAuditLog().intact)
