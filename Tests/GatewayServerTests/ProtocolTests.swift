@@ -4,6 +4,7 @@ import GatewayWire
 import NIOCore
 import NIOPosix
 import ProcessTestSupport
+import Synchronization
 import Testing
 
 @testable import GatewayClient
@@ -107,6 +108,76 @@ struct ProtocolTests {
             #expect(outcomes.count - refused.count >= 3)
             // The tenant is served again once the flood is over.
             _ = try await client.generateDataKey(tenant: "acme")
+        }
+    }
+
+    /// What the flooding loops got.
+    final class FloodCounts: Sendable {
+        let value = Mutex((served: 0, refused: 0))
+    }
+
+    /// One tenant floods (400 GenerateDataKey loops on connections of their own, each sending
+    /// again 10 ms after a refusal) while another decrypts one key at a time: the quiet tenant
+    /// gets no error and its plaintexts, on both stores; the flood is refused OVERLOADED in part
+    /// and served in part. (Latency under a flood is measured by `hsm-bench flood`, not here.)
+    @Test(arguments: StoreKind.allCases)
+    func floodingTenantNeverFailsAQuietOne(kind: StoreKind) async throws {
+        try await withGateway(kind, "flood-\(kind)", configure: { $0.limits.maxQueuedRequestsPerTenant = 32 }) {
+            gateway in
+            let admin = try gateway.client(token: gateway.adminToken)
+            let flooder = try gateway.client(token: gateway.adminToken, poolSize: 4)
+            defer {
+                Task {
+                    await admin.shutdown()
+                    await flooder.shutdown()
+                }
+            }
+            _ = try await admin.createTenant("quiet")
+            _ = try await admin.createTenant("flood")
+            let key = try await admin.generateDataKey(tenant: "quiet")
+            let stop = PostgresFaultTests.Flag()
+            let counts = FloodCounts()
+            let flood = Task {
+                await withTaskGroup(of: Void.self) { group in
+                    for _ in 0..<400 {
+                        group.addTask {
+                            while !stop.isSet {
+                                do {
+                                    _ = try await flooder.generateDataKey(tenant: "flood", includePlaintext: false)
+                                    counts.value.withLock { $0.served += 1 }
+                                } catch {
+                                    counts.value.withLock { $0.refused += 1 }
+                                    try? await Task.sleep(for: .milliseconds(10))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // The flood is being refused before the quiet tenant starts.
+            let clock = ContinuousClock()
+            let waitEnd = clock.now + .seconds(30)
+            while counts.value.withLock({ $0.refused }) == 0, clock.now < waitEnd {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            var quietFailures: [String] = []
+            for _ in 0..<100 {
+                do {
+                    let decrypted = try await admin.decryptDataKey(tenant: "quiet", id: key.id)
+                    if decrypted.plaintext?.copyBytes() != key.plaintext?.copyBytes() {
+                        quietFailures.append("wrong plaintext")
+                    }
+                } catch {
+                    quietFailures.append("\(error)")
+                }
+            }
+            stop.set()
+            await flood.value
+            let (served, refused) = counts.value.withLock { ($0.served, $0.refused) }
+            #expect(
+                quietFailures.isEmpty, "\(quietFailures.count) quiet calls failed, first: \(quietFailures.first ?? "")")
+            #expect(refused > 0, "the flood was never refused")
+            #expect(served > 0, "the flood was never served")
         }
     }
 
