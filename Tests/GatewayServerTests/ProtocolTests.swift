@@ -122,8 +122,8 @@ struct ProtocolTests {
     /// and served in part. (Latency under a flood is measured by `hsm-bench flood`, not here.)
     @Test(arguments: StoreKind.allCases)
     func floodingTenantNeverFailsAQuietOne(kind: StoreKind) async throws {
-        try await withGateway(kind, "flood-\(kind)", configure: { $0.limits.maxQueuedRequestsPerTenant = 32 }) {
-            gateway in
+        let shortQueue: (inout GatewayConfiguration) -> Void = { $0.limits.maxQueuedRequestsPerTenant = 32 }
+        try await withGateway(kind, "flood-\(kind)", configure: shortQueue) { gateway in
             let admin = try gateway.client(token: gateway.adminToken)
             let flooder = try gateway.client(token: gateway.adminToken, poolSize: 4)
             defer {
