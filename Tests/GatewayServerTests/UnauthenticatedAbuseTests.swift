@@ -92,9 +92,10 @@ struct UnauthenticatedAbuseTests {
         try await withGateway(
             .postgres, "abandoned-hellos", security: .plaintext, configure: Self.limit(burst: 3, perMinute: 1)
         ) { gateway in
-            // The store holds every credential check for 1.5 s: a Hello with a 1 ms deadline is
-            // answered DEADLINE_EXCEEDED while its check runs on.
-            let lock = try await Self.lockTokens(gateway, seconds: 1.5)
+            // The store holds every credential check for 5 s: a Hello with a 1 ms deadline is
+            // answered DEADLINE_EXCEEDED while its check runs on. (1.5 s was too short for the 13
+            // Hellos and the checks below on a machine at load 7.)
+            let lock = try await Self.lockTokens(gateway, seconds: 5)
             var answers: [StatusCode] = []
             for _ in 0..<13 {
                 let answer = try await RawHello.send(to: gateway.port, token: Self.forged, deadlineMilliseconds: 1)
