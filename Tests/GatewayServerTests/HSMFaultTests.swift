@@ -132,16 +132,9 @@ struct HSMFaultTests {
         stop.set()
         await load.value
 
-        let events = timeline.events
-        var codes: [String: Int] = [:]
-        for event in events where !event.ok && event.at >= faultAt { codes[event.code, default: 0] += 1 }
-        let firstError = events.first { !$0.ok && $0.at >= faultAt }
-        let recovered = events.first { $0.ok && $0.at > healAt }
-        var lost = 0
-        for key in timeline.keys {
-            let decrypted = try? await admin.decryptDataKey(tenant: "acme", id: key.id, deadline: .seconds(30))
-            if decrypted?.plaintext?.copyBytes() != key.plaintext { lost += 1 }
-        }
+        let (firstError, codes) = timeline.failures(since: faultAt)
+        let recovered = timeline.events.first { $0.ok && $0.at > healAt }
+        let lost = await timeline.lostKeys(admin, tenant: "acme")
         print(
             "HSM token directory moved away for 5 s: first error \(firstError.map { "\($0.at - faultAt)" } ?? "none") "
                 + "(\(firstError?.code ?? "-")), errors \(codes), /readyz 503 after \(notReadyAfter.map { "\($0)" } ?? "never"), "

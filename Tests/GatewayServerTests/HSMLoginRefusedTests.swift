@@ -165,15 +165,8 @@ struct HSMLoginRefusedTests {
             stop.set()
             await load.value
 
-            let events = timeline.events
-            var codes: [String: Int] = [:]
-            for event in events where !event.ok && event.at >= faultAt { codes[event.code, default: 0] += 1 }
-            let firstError = events.first { !$0.ok && $0.at >= faultAt }
-            var lost = 0
-            for key in timeline.keys {
-                let decrypted = try? await admin.decryptDataKey(tenant: "acme", id: key.id, deadline: .seconds(30))
-                if decrypted?.plaintext?.copyBytes() != key.plaintext { lost += 1 }
-            }
+            let (firstError, codes) = timeline.failures(since: faultAt)
+            let lost = await timeline.lostKeys(admin, tenant: "acme")
             print(
                 "HSM fault \(rule) for 3 s: first error \(firstError.map { "\($0.at - faultAt)" } ?? "none") "
                     + "(\(firstError?.code ?? "-")), errors \(codes), first success "

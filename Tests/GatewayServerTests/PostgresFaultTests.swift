@@ -33,6 +33,22 @@ struct PostgresFaultTests {
         var events: [Event] { state.withLock { $0.events } }
         var keys: [(id: String, plaintext: [UInt8])] { state.withLock { $0.keys } }
         func randomKey() -> (id: String, plaintext: [UInt8])? { state.withLock { $0.keys.randomElement() } }
+
+        /// The first failure at or after `since`, and the failures since then by code.
+        func failures(since: ContinuousClock.Instant) -> (first: Event?, codes: [String: Int]) {
+            let failed = events.filter { !$0.ok && $0.at >= since }
+            return (failed.first, failed.reduce(into: [:]) { $0[$1.code, default: 0] += 1 })
+        }
+
+        /// How many acknowledged keys no longer decrypt to what the caller was given.
+        func lostKeys(_ client: GatewayClient, tenant: String) async -> Int {
+            var lost = 0
+            for key in keys {
+                let decrypted = try? await client.decryptDataKey(tenant: tenant, id: key.id, deadline: .seconds(30))
+                if decrypted?.plaintext?.copyBytes() != key.plaintext { lost += 1 }
+            }
+            return lost
+        }
     }
 
     /// A flag shared by tasks.
@@ -145,15 +161,8 @@ struct PostgresFaultTests {
             stop.set()
             await loadTask.value
 
-            let events = timeline.events
-            let firstError = events.first { !$0.ok && $0.at >= faultAt }
-            var codes: [String: Int] = [:]
-            for event in events where !event.ok && event.at >= faultAt { codes[event.code, default: 0] += 1 }
-            var lost = 0
-            for key in timeline.keys {
-                let decrypted = try? await admin.decryptDataKey(tenant: "acme", id: key.id, deadline: .seconds(30))
-                if decrypted?.plaintext?.copyBytes() != key.plaintext { lost += 1 }
-            }
+            let (firstError, codes) = timeline.failures(since: faultAt)
+            let lost = await timeline.lostKeys(admin, tenant: "acme")
             #expect(try await admin.verifyAuditLog().intact)
             return Outcome(
                 firstErrorAfterFault: firstError.map { $0.at - faultAt },
