@@ -74,7 +74,7 @@ final class MaintenanceService: Service, Sendable {
         pool: SessionPool,
         readiness: ReadinessProbe,
         rewrapJobs: RewrapJobRunner,
-        admissionLimit: @escaping @Sendable () -> Int = { 0 },
+        admissionLimit: @escaping @Sendable () -> Int,
         registry: PrometheusCollectorRegistry,
         logger: Logger
     ) {

@@ -65,8 +65,7 @@ struct AdaptiveConcurrencyLimit: Sendable {
     /// A request finished after `latency`; `inFlight` requests (itself included) ran when it was
     /// admitted, `running` still run now, and `now` is the time on the caller's clock.
     mutating func record(latency: Duration, inFlight: Int, running: Int, now: Duration) {
-        let seconds = Double(latency.components.seconds) + Double(latency.components.attoseconds) * 1e-18
-        let sample = max(seconds, 1e-6)
+        let sample = max(latency.inSeconds, 1e-6)
         recentLatency = recentLatency.map { $0 * 0.9 + sample * 0.1 } ?? sample
         if inFlight <= settings.lowLoadInFlight {
             idleLatency = idleLatency.map { $0 * 0.8 + sample * 0.2 } ?? sample
@@ -93,4 +92,9 @@ struct AdaptiveConcurrencyLimit: Sendable {
         }
         estimate = min(max(estimate * 0.8 + target * 0.2, Double(settings.minimum)), Double(settings.maximum))
     }
+}
+
+extension Duration {
+    /// The duration in seconds, as the limiter's averages keep it.
+    var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
 }

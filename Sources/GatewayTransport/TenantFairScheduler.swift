@@ -261,7 +261,7 @@ struct TenantAdmissionStateMachine {
     init(limit: AdaptiveConcurrencyLimit.Settings, maxQueuedPerTenant: Int, maxWait: Duration? = nil) {
         self.limiter = AdaptiveConcurrencyLimit(settings: limit)
         self.maxQueuedPerTenant = maxQueuedPerTenant
-        self.maxWait = maxWait.map { Double($0.components.seconds) + Double($0.components.attoseconds) * 1e-18 }
+        self.maxWait = maxWait?.inSeconds
     }
 
     /// A fixed limit of `concurrency` (for tests of the queueing alone).

@@ -5,6 +5,33 @@ import GatewayConfig
 import GatewayServer
 import Logging
 
+/// What a benchmark's gateway runs on (`wire`, `flood`).
+struct BenchGatewayOptions: ParsableArguments {
+    @Option(help: "PKCS#11 module.")
+    var module = "/usr/lib/softhsm/libsofthsm2.so"
+
+    @Option(help: "Store: sqlite or postgres.")
+    var store: KeysBenchmark.Store = .sqlite
+
+    @Option(help: "HSM sessions in the pool (1 to 64).")
+    var sessions = 4
+
+    @Option(help: "The throwaway-cluster script (for --store postgres).")
+    var postgresScript = "scripts/throwaway-postgres.sh"
+
+    @Flag(help: "Plaintext on loopback instead of TLS.")
+    var plaintext = false
+
+    /// The first words of a benchmark's heading.
+    var summary: String {
+        "store: \(store.rawValue)   \(plaintext ? "plaintext" : "TLS")   HSM sessions: \(sessions)"
+    }
+
+    func validate() throws {
+        guard (1...64).contains(sessions) else { throw ValidationError("--sessions must be from 1 to 64") }
+    }
+}
+
 /// A gateway run in this process for a benchmark: one `GatewayServerApp` on 127.0.0.1 (port
 /// chosen by the system) on a throwaway SoftHSM2 token and a throwaway store (a SQLite file, or a
 /// PostgreSQL cluster made by the project's script), TLS on unless asked otherwise. `stop()`
@@ -37,9 +64,11 @@ final class BenchGateway: Sendable {
     }
 
     static func start(
-        module: String, store: KeysBenchmark.Store, sessions: Int, plaintext: Bool, postgresScript: String,
-        label: String, adjust: (inout GatewayConfiguration) -> Void = { _ in }
+        _ options: BenchGatewayOptions, label: String, adjust: (inout GatewayConfiguration) -> Void = { _ in }
     ) async throws -> BenchGateway {
+        let (module, store, sessions, plaintext, postgresScript) = (
+            options.module, options.store, options.sessions, options.plaintext, options.postgresScript
+        )
         var logger = Logger(label: "hsm-bench")
         logger.logLevel = .error
         let throwaway = try ThrowawayToken(module: module, label: label)

@@ -13,11 +13,7 @@ struct FloodBenchmark: AsyncParsableCommand {
         abstract: "A quiet tenant's latency and errors, alone and while another tenant floods the gateway."
     )
 
-    @Option(help: "PKCS#11 module.")
-    var module = "/usr/lib/softhsm/libsofthsm2.so"
-
-    @Option(help: "Store: sqlite or postgres.")
-    var store: KeysBenchmark.Store = .sqlite
+    @OptionGroup var gatewayOptions: BenchGatewayOptions
 
     @Option(help: "Seconds per measurement (1 to 600).")
     var seconds: Double = 10
@@ -33,18 +29,6 @@ struct FloodBenchmark: AsyncParsableCommand {
 
     @Option(help: "A fixed admission limit (fair_queue.min_concurrent = max_concurrent), instead of the learnt one.")
     var fixedLimit: Int?
-
-    @Option(help: "HSM sessions in the pool (1 to 64).")
-    var sessions = 4
-
-    @Option(help: "The throwaway-cluster script (for --store postgres).")
-    var postgresScript = "scripts/throwaway-postgres.sh"
-
-    @Flag(help: "Plaintext on loopback instead of TLS.")
-    var plaintext = false
-
-    @Flag(help: "Run the flooding client's tasks at low priority (it shares this process's threads).")
-    var lowPriorityFlood = false
 
     @Flag(
         help:
@@ -62,7 +46,6 @@ struct FloodBenchmark: AsyncParsableCommand {
         if let fixedLimit, !(1...100_000).contains(fixedLimit) {
             throw ValidationError("--fixed-limit must be from 1 to 100000")
         }
-        guard (1...64).contains(sessions) else { throw ValidationError("--sessions must be from 1 to 64") }
     }
 
     /// What the flooding loops share: when to stop, and what they got.
@@ -79,10 +62,7 @@ struct FloodBenchmark: AsyncParsableCommand {
 
     func run() async throws {
         let fixedLimit = self.fixedLimit
-        let gateway = try await BenchGateway.start(
-            module: module, store: store, sessions: sessions, plaintext: plaintext, postgresScript: postgresScript,
-            label: "hsm-bench-flood"
-        ) { configuration in
+        let gateway = try await BenchGateway.start(gatewayOptions, label: "hsm-bench-flood") { configuration in
             if let fixedLimit {
                 configuration.fairQueue.maximumConcurrent = fixedLimit
                 configuration.fairQueue.minimumConcurrent = fixedLimit
@@ -103,7 +83,7 @@ struct FloodBenchmark: AsyncParsableCommand {
         let duration = Duration.milliseconds(Int(seconds * 1000))
         let limitText = fixedLimit.map { "fixed limit \($0)" } ?? "learnt limit"
         print(
-            "store: \(store.rawValue)   \(plaintext ? "plaintext" : "TLS")   \(limitText)   HSM sessions: \(sessions)"
+            "\(gatewayOptions.summary)   \(limitText)"
                 + "   flood: \(floodTasks) GenerateDataKey loops on \(floodConnections) connections,"
                 + " \(retryDelay) ms after a refusal   \(seconds) s per figure"
         )
@@ -132,9 +112,6 @@ struct FloodBenchmark: AsyncParsableCommand {
 
         let state = FloodState()
         let delay = Duration.milliseconds(retryDelay)
-        // The flooding client's own work at low priority when asked: in production it runs on
-        // other machines, here it shares the gateway's two cores and threads.
-        let floodPriority: TaskPriority = lowPriorityFlood ? .low : .medium
         var child: Process?
         let childOutput = Pipe()
         let flood: Task<Void, Never>
@@ -156,7 +133,7 @@ struct FloodBenchmark: AsyncParsableCommand {
         } else {
             flood = Task {
                 await Self.flood(
-                    floodClient, tasks: floodTasks, delay: delay, priority: floodPriority, state: state)
+                    floodClient, tasks: floodTasks, delay: delay, state: state)
             }
         }
         // The flood's warm-up (FloodLoad waits as long before it counts).
@@ -211,11 +188,11 @@ struct FloodBenchmark: AsyncParsableCommand {
     /// Loops of GenerateDataKey on tenant "flood" until `state.stop`, each waiting `delay` after
     /// a refusal.
     static func flood(
-        _ client: GatewayClient, tasks: Int, delay: Duration, priority: TaskPriority, state: FloodState
+        _ client: GatewayClient, tasks: Int, delay: Duration, state: FloodState
     ) async {
         await withTaskGroup(of: Void.self) { group in
             for _ in 0..<tasks {
-                group.addTask(priority: priority) {
+                group.addTask {
                     while !state.stop.load(ordering: .relaxed) {
                         do {
                             _ = try await client.generateDataKey(
@@ -295,7 +272,7 @@ struct FloodLoad: AsyncParsableCommand {
         let state = FloodBenchmark.FloodState()
         let flood = Task {
             await FloodBenchmark.flood(
-                client, tasks: tasks, delay: .milliseconds(retryDelay), priority: .medium, state: state)
+                client, tasks: tasks, delay: .milliseconds(retryDelay), state: state)
         }
         try await Task.sleep(for: Self.warmUp)
         state.counts.withLock { $0 = (0, [:]) }

@@ -16,11 +16,7 @@ struct WireBenchmark: AsyncParsableCommand {
         abstract: "GenerateDataKey / DecryptDataKey ops/s through the client, over TLS on loopback."
     )
 
-    @Option(help: "PKCS#11 module.")
-    var module = "/usr/lib/softhsm/libsofthsm2.so"
-
-    @Option(help: "Store: sqlite or postgres.")
-    var store: KeysBenchmark.Store = .sqlite
+    @OptionGroup var gatewayOptions: BenchGatewayOptions
 
     @Option(help: "Seconds per measurement (1 to 600).")
     var seconds: Double = 5
@@ -31,15 +27,6 @@ struct WireBenchmark: AsyncParsableCommand {
     @Option(help: "Client connections in the pool (1 to 16).")
     var connections = 2
 
-    @Option(help: "HSM sessions in the pool (1 to 64).")
-    var sessions = 4
-
-    @Option(help: "The throwaway-cluster script (for --store postgres).")
-    var postgresScript = "scripts/throwaway-postgres.sh"
-
-    @Flag(help: "Plaintext on loopback instead of TLS.")
-    var plaintext = false
-
     var levels: [Int] { concurrency.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
 
     func validate() throws {
@@ -48,20 +35,16 @@ struct WireBenchmark: AsyncParsableCommand {
             throw ValidationError("--concurrency must list numbers from 1 to 1024")
         }
         guard (1...16).contains(connections) else { throw ValidationError("--connections must be from 1 to 16") }
-        guard (1...64).contains(sessions) else { throw ValidationError("--sessions must be from 1 to 64") }
     }
 
     func run() async throws {
-        let gateway = try await BenchGateway.start(
-            module: module, store: store, sessions: sessions, plaintext: plaintext, postgresScript: postgresScript,
-            label: "hsm-bench-wire")
+        let gateway = try await BenchGateway.start(gatewayOptions, label: "hsm-bench-wire")
         defer { gateway.stop() }
         let client = try gateway.client(connections: connections)
         _ = try await client.createTenant("bench")
         let context = ["service": "bench"]
         print(
-            "store: \(store.rawValue)   \(plaintext ? "plaintext" : "TLS")   client connections: \(connections)"
-                + "   HSM sessions: \(sessions)   \(seconds) s per figure"
+            "\(gatewayOptions.summary)   client connections: \(connections)   \(seconds) s per figure"
         )
         let duration = Duration.milliseconds(Int(seconds * 1000))
         let ids = Mutex<[String]>([])
