@@ -158,7 +158,7 @@ public final class TenantFairScheduler: Sendable {
                 let arrival = state.withLock { state -> TenantAdmissionStateMachine.Arrival? in
                     // Checked under the lock: a cancellation after this finds the waiter.
                     guard !Task.isCancelled else { return nil }
-                    let arrival = state.machine.arrive(id, tenant: tenant)
+                    let arrival = state.machine.arrive(id, tenant: tenant, now: clock.now - epoch)
                     if arrival == .queued { state.waiters[id] = Waiter(continuation: continuation) }
                     return arrival
                 }
@@ -233,6 +233,7 @@ struct TenantAdmissionStateMachine {
     /// A body admitted to run: what its completion reports back.
     struct Admission: Equatable, Sendable {
         var id: WaiterID
+        var tenant: String
         /// Bodies running when it was admitted, itself included.
         var inFlight: Int
     }
@@ -248,6 +249,9 @@ struct TenantAdmissionStateMachine {
         case wouldWaitTooLong
     }
 
+    /// How recently a tenant must have arrived to count as active for the reserve (1 s).
+    static let activeWindow = 1.0
+
     let maxQueuedPerTenant: Int
     /// The longest wait in seconds, for shedding at arrival (nil: never shed by expected wait).
     let maxWait: Double?
@@ -257,6 +261,11 @@ struct TenantAdmissionStateMachine {
     /// Tenants with waiters, in the order they get the next slots.
     private var rotation: Deque<String> = []
     private var tenantOf: [WaiterID: String] = [:]
+    /// Bodies running per tenant (only tenants with some).
+    private var runningBy: [String: Int] = [:]
+    /// When each tenant last arrived (seconds on the caller's clock), for the active count.
+    private var lastArrival: [String: Double] = [:]
+    private var lastPruned = 0.0
 
     init(limit: AdaptiveConcurrencyLimit.Settings, maxQueuedPerTenant: Int, maxWait: Duration? = nil) {
         self.limiter = AdaptiveConcurrencyLimit(settings: limit)
@@ -277,18 +286,51 @@ struct TenantAdmissionStateMachine {
     /// Waiters in `tenant`'s queue.
     func waiting(_ tenant: String) -> Int { queues[tenant]?.count ?? 0 }
 
-    mutating func arrive(_ id: WaiterID, tenant: String) -> Arrival {
-        if running < limit, rotation.isEmpty {
-            running += 1
-            return .admitted(Admission(id: id, inFlight: running))
+    /// The most bodies `tenant` may run at once: the whole limit while it is the only active
+    /// tenant; otherwise one slot fewer for each other active tenant (at most half the limit
+    /// kept back), so a tenant that sends one request at a time finds a slot free instead of
+    /// waiting for the busy tenant's next body to finish. Work-conserving for a tenant alone.
+    func share(of tenant: String) -> Int {
+        let others = lastArrival.count - (lastArrival[tenant] == nil ? 0 : 1)
+        return max(1, limit - min(others, limit / 2))
+    }
+
+    /// Tenants counted as active now: arrived within ``activeWindow``, or running, or waiting.
+    private mutating func noteArrival(_ tenant: String, now: Double) {
+        lastArrival[tenant] = now
+        guard now - lastPruned >= Self.activeWindow / 4 else { return }
+        lastPruned = now
+        lastArrival = lastArrival.filter { tenant, arrived in
+            now - arrived < Self.activeWindow || runningBy[tenant] != nil || queues[tenant] != nil
+        }
+    }
+
+    private func mayRun(_ tenant: String) -> Bool {
+        running < limit && runningBy[tenant, default: 0] < share(of: tenant)
+    }
+
+    private mutating func start(_ id: WaiterID, tenant: String) -> Admission {
+        running += 1
+        runningBy[tenant, default: 0] += 1
+        return Admission(id: id, tenant: tenant, inFlight: running)
+    }
+
+    mutating func arrive(_ id: WaiterID, tenant: String, now: Duration) -> Arrival {
+        noteArrival(tenant, now: now.inSeconds)
+        // A free slot with waiters left is one no waiter may take (their tenants are at their
+        // share): it goes to a tenant with nobody of its own waiting.
+        if queues[tenant] == nil, mayRun(tenant) {
+            return .admitted(start(id, tenant: tenant))
         }
         let queued = queues[tenant]?.count ?? 0
         guard queued < maxQueuedPerTenant else { return .queueFull }
         // Slots come free at about limit / latency a second and go round-robin over the tenants
-        // that wait, this one's next after the others ahead of it.
+        // that wait, this one's next after the others ahead of it; a tenant over its share gets
+        // only its share.
         if let maxWait, let latency = limiter.recentLatency {
             let tenantsWaiting = rotation.count + (queued == 0 ? 1 : 0)
-            let expected = Double(queued + 1) * Double(tenantsWaiting) * latency / Double(limit)
+            let slots = min(limit, share(of: tenant))
+            let expected = Double(queued + 1) * Double(tenantsWaiting) * latency / Double(slots)
             if expected > maxWait { return .wouldWaitTooLong }
         }
         if queued == 0 { rotation.append(tenant) }
@@ -303,9 +345,17 @@ struct TenantAdmissionStateMachine {
     mutating func finished(_ admission: Admission, latency: Duration, now: Duration) -> [Admission] {
         precondition(running > 0, "finished without a running body")
         running -= 1
+        if let count = runningBy[admission.tenant], count > 1 {
+            runningBy[admission.tenant] = count - 1
+        } else {
+            runningBy[admission.tenant] = nil
+        }
         limiter.record(latency: latency, inFlight: admission.inFlight, running: running, now: now)
         var admitted: [Admission] = []
-        while running < limit, let tenant = rotation.popFirst() {
+        // The first tenant in the rotation below its share gets the slot; the ones passed over
+        // keep their places.
+        while running < limit, let position = rotation.firstIndex(where: mayRun) {
+            let tenant = rotation.remove(at: position)
             let id = queues[tenant]!.removeFirst()
             tenantOf[id] = nil
             if queues[tenant]!.isEmpty {
@@ -313,8 +363,7 @@ struct TenantAdmissionStateMachine {
             } else {
                 rotation.append(tenant)
             }
-            running += 1
-            admitted.append(Admission(id: id, inFlight: running))
+            admitted.append(start(id, tenant: tenant))
         }
         return admitted
     }

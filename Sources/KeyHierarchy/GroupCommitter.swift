@@ -29,6 +29,10 @@ public struct Committed<Value: Sendable>: Sendable {
 ///
 /// The first caller to find no batch running leads: it drains the queue batch by batch in a
 /// task of its own; later callers only enqueue and wait.
+///
+/// Units that only append audit records (``append(lane:_:)``: the record of a decrypt) also join
+/// the batch in flight as long as it has not yet locked the audit head, so under a stream of
+/// write batches they wait for the rest of one batch, not for the rest of one and all of the next.
 public final class GroupCommitter: Sendable {
     /// Told about every transaction a batch ran (the server turns it into the audit-write latency
     /// metric: each batch's transaction is where the audit records become durable).
@@ -45,6 +49,8 @@ public final class GroupCommitter: Sendable {
         let isolated: Bool
         /// The fairness lane (a tenant): batches take units round-robin over lanes.
         let lane: String
+        /// Appends audit records and touches nothing else: may join the batch in flight.
+        let auditOnly: Bool
         let execute: @Sendable (any KeyRepositoryTransaction) async throws -> Executed
         let fail: @Sendable (any Error) -> Void
     }
@@ -69,6 +75,12 @@ public final class GroupCommitter: Sendable {
 
     /// Units waiting for a batch now (for tests that wait until callers have queued).
     var queuedUnits: Int { state.withLock { $0.queue.count } }
+
+    /// Appends `events` to the audit log and returns their records once durable: a unit that
+    /// touches nothing else, so it may join the batch in flight (see the type's comment).
+    public func append(lane: String = "", _ events: [AuditEvent]) async throws -> [AuditRecord] {
+        try await enqueue(isolated: false, auditOnly: true, lane: lane) { _ in UnitOutcome((), audit: events) }.records
+    }
 
     public init(
         repository: any KeyRepository,
@@ -99,6 +111,15 @@ public final class GroupCommitter: Sendable {
         lane: String = "",
         _ unit: @escaping @Sendable (any KeyRepositoryTransaction) async throws -> UnitOutcome<Value>
     ) async throws -> Committed<Value> {
+        try await enqueue(isolated: isolated, auditOnly: false, lane: lane, unit)
+    }
+
+    private func enqueue<Value: Sendable>(
+        isolated: Bool,
+        auditOnly: Bool,
+        lane: String,
+        _ unit: @escaping @Sendable (any KeyRepositoryTransaction) async throws -> UnitOutcome<Value>
+    ) async throws -> Committed<Value> {
         let id = state.withLock { state in
             defer { state.nextID += 1 }
             return state.nextID
@@ -114,6 +135,7 @@ public final class GroupCommitter: Sendable {
                     id: id,
                     isolated: isolated,
                     lane: lane,
+                    auditOnly: auditOnly,
                     execute: { transaction in
                         let outcome = try await unit(transaction)
                         return Executed(events: outcome.audit) { records in
@@ -201,15 +223,29 @@ public final class GroupCommitter: Sendable {
         var attempt = 0
         while !batch.isEmpty {
             let started = ContinuousClock.now
-            let units = batch.count
+            // Audit-only units that joined this attempt on its way (they belong to the batch from
+            // then on: rerun with it, failed with it).
+            let joined = Mutex<[Pending]>([])
             let observe = { [observer] (committed: Bool) in
                 observer?(
-                    GroupCommitObservation(duration: ContinuousClock.now - started, units: units, committed: committed)
+                    GroupCommitObservation(
+                        duration: ContinuousClock.now - started,
+                        units: batch.count + joined.withLock(\.count),
+                        committed: committed
+                    )
                 )
             }
+            let current = batch
             do {
                 let results = try await repository.transaction { transaction in
-                    try await Self.execute(batch, in: transaction, anchoring: self.anchoring)
+                    // Should the store run the body again, the units that joined the first run
+                    // join the next one too.
+                    try await Self.execute(current, in: transaction, anchoring: self.anchoring) {
+                        joined.withLock { joined in
+                            joined += self.takeAuditOnly(maximum: self.maximumBatch - joined.count)
+                            return joined
+                        }
+                    }
                 }
                 observe(true)
                 for linked in results {
@@ -221,14 +257,29 @@ public final class GroupCommitter: Sendable {
                 // One unit refused: the transaction rolled back; the others run again without it.
                 refused.append((batch[failure.index], failure.error))
                 batch.remove(at: failure.index)
+                batch += joined.withLock { $0 }
             } catch let error as StorageError where error.kind == .conflict && attempt < Self.conflictRetries {
                 observe(false)
                 attempt += 1
+                batch += joined.withLock { $0 }
             } catch {
                 observe(false)
-                for pending in batch { pending.fail(error) }
+                for pending in batch + joined.withLock({ $0 }) { pending.fail(error) }
                 return
             }
+        }
+    }
+
+    /// Takes up to `maximum` queued audit-only units, oldest first, to join the batch in flight.
+    private func takeAuditOnly(maximum: Int) -> [Pending] {
+        state.withLock { state in
+            var taken: [Pending] = []
+            state.queue.removeAll { pending in
+                guard pending.auditOnly, !pending.isolated, taken.count < maximum else { return false }
+                taken.append(pending)
+                return true
+            }
+            return taken
         }
     }
 
@@ -245,10 +296,13 @@ public final class GroupCommitter: Sendable {
         let records: [AuditRecord]
     }
 
+    /// Runs the batch's units, then `lateJoiners` (audit-only units that queued meanwhile: they
+    /// cannot fail), then appends every unit's audit events under the head lock.
     private static func execute(
         _ batch: [Pending],
         in transaction: any KeyRepositoryTransaction,
-        anchoring: AuditAnchoring?
+        anchoring: AuditAnchoring?,
+        lateJoiners: @Sendable () -> [Pending]
     ) async throws -> [Linked] {
         var executed: [Executed] = []
         executed.reserveCapacity(batch.count)
@@ -263,6 +317,9 @@ public final class GroupCommitter: Sendable {
                 if batch.count == 1 { throw error }
                 throw UnitFailure(index: index, error: error)
             }
+        }
+        for pending in lateJoiners() {
+            executed.append(try await pending.execute(transaction))
         }
         let events = executed.flatMap(\.events)
         var records: [AuditRecord] = []

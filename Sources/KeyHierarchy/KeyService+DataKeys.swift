@@ -479,8 +479,7 @@ extension KeyService {
                 )
             )
         }
-        let recorded = events
-        _ = try await committer.commit(lane: tenant.rawValue) { _ in UnitOutcome((), audit: recorded) }
+        _ = try await committer.append(lane: tenant.rawValue, events)
     }
 
     // MARK: ReWrap

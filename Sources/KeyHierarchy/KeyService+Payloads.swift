@@ -134,21 +134,19 @@ extension KeyService {
             let contextHash = context.hash
             let aad = PayloadCiphertext.aad(tenant: tenant, dataKeyID: parsed.dataKeyID, contextHash: contextHash)
             let plaintext = try Self.open(parsed, key: key.plaintext, aad: aad)
-            _ = try await self.committer.commit(lane: tenant.rawValue) { _ in
-                UnitOutcome(
-                    (),
-                    audit: [
-                        AuditEvent(
-                            principal: request.principal,
-                            tenant: tenant,
-                            operation: .decrypt,
-                            keyIDs: [parsed.dataKeyID.description],
-                            requestID: request.requestID,
-                            detail: "context-sha256=\(contextHash.hexString)"
-                        )
-                    ]
-                )
-            }
+            _ = try await self.committer.append(
+                lane: tenant.rawValue,
+                [
+                    AuditEvent(
+                        principal: request.principal,
+                        tenant: tenant,
+                        operation: .decrypt,
+                        keyIDs: [parsed.dataKeyID.description],
+                        requestID: request.requestID,
+                        detail: "context-sha256=\(contextHash.hexString)"
+                    )
+                ]
+            )
             return plaintext
         }
     }

@@ -18,7 +18,7 @@ private struct Driver {
 
     /// "admitted", "queued", "full" or "shed".
     mutating func arrive(_ id: UInt64, tenant: String) -> String {
-        switch machine.arrive(id, tenant: tenant) {
+        switch machine.arrive(id, tenant: tenant, now: now) {
         case .admitted(let admission):
             running[id] = admission
             return "admitted"
@@ -129,10 +129,47 @@ struct TenantAdmissionStateMachineTests {
         for id in UInt64(10)..<40 { outcomes.append(driver.arrive(id, tenant: "a")) }
         #expect(outcomes.filter { $0 == "queued" }.count == 20)
         #expect(outcomes.filter { $0 == "shed" }.count == 10)
-        // Tenant b arrives behind a's 20: it waits two turns at most, so it is queued.
+        // Tenant b arrives behind a's 20: it waits two turns at most, so it is queued; with two
+        // tenants active, a's share is one slot, so the first slot to come free is b's.
         #expect(driver.arrive(100, tenant: "b") == "queued")
-        #expect(driver.finish(2, latency: .milliseconds(100)) == [10])
-        #expect(driver.finish(3, latency: .milliseconds(100)) == [100])
+        #expect(driver.finish(2, latency: .milliseconds(100)) == [100])
+        #expect(driver.finish(3, latency: .milliseconds(100)) == [10])
+    }
+
+    @Test("a tenant alone uses the whole limit; once another is active, a slot is kept for it")
+    func reserveForOtherTenants() {
+        var driver = Driver(concurrency: 4, maxQueuedPerTenant: 256)
+        for id in UInt64(1)...4 { #expect(driver.arrive(id, tenant: "flood") == "admitted") }
+        for id in UInt64(5)...20 { #expect(driver.arrive(id, tenant: "flood") == "queued") }
+        // The quiet tenant waits for the next slot once, then always finds one free: the flood
+        // runs at most 3 of the 4 while the quiet tenant is active.
+        #expect(driver.arrive(100, tenant: "quiet") == "queued")
+        #expect(driver.finish(1) == [100])
+        #expect(driver.finish(2) == [5])
+        #expect(driver.finish(100) == [])
+        #expect(driver.arrive(101, tenant: "quiet") == "admitted")
+        #expect(driver.finish(101) == [])
+        #expect(driver.arrive(102, tenant: "quiet") == "admitted")
+        #expect(driver.finish(102) == [])
+        // The quiet tenant's reserve lapses a second after its last arrival: the flood gets
+        // the whole limit back.
+        driver.now += .seconds(2)
+        #expect(driver.arrive(21, tenant: "flood") == "queued")
+        #expect(driver.finish(3) == [6, 7])
+        #expect(driver.running.count == 4)
+    }
+
+    @Test("at most half the limit is kept back, whatever the number of active tenants")
+    func reserveIsAtMostHalf() {
+        var machine = TenantAdmissionStateMachine(concurrency: 8, maxQueuedPerTenant: 256)
+        for (index, tenant) in (0..<20).map({ "t\($0)" }).enumerated() {
+            _ = machine.arrive(UInt64(index), tenant: tenant, now: .zero)
+        }
+        #expect(machine.share(of: "t0") == 4)
+        #expect(machine.share(of: "new") == 4)
+        var alone = TenantAdmissionStateMachine(concurrency: 8, maxQueuedPerTenant: 256)
+        _ = alone.arrive(1, tenant: "only", now: .zero)
+        #expect(alone.share(of: "only") == 8)
     }
 }
 

@@ -191,6 +191,74 @@ struct GroupCommitterTests {
         #expect(attempts[1].contains(Self.tenantID(99)), "\(attempts)")
     }
 
+    static func auditEvent(_ name: String) -> AuditEvent {
+        AuditEvent(
+            time: Timestamp(millisecondsSinceEpoch: 1_700_000_000_000),
+            principal: Principal("reader"),
+            tenant: tenantID(0),
+            operation: .decryptDataKey,
+            keyIDs: [name],
+            requestID: name
+        )
+    }
+
+    @Test(
+        "an audit-only unit joins the batch in flight before it locks the audit head; a write unit waits for the next",
+        arguments: [0, 1] as [Int]
+    )
+    func auditOnlyUnitsJoinTheBatchInFlight(conflicts: Int) async throws {
+        let gate = Gate()
+        let repository = InMemoryRepository(
+            beforeBody: { attempt in if attempt == 1 { await gate.wait() } },
+            conflictInAttempts: conflicts == 0 ? [] : [1]
+        )
+        let committer = GroupCommitter(repository: repository)
+        async let first = Self.commitConcurrently(committer, [0])
+        await repository.waitForAttempt(1)
+        // The write unit queues first: in the next batch it would come before the audit-only one.
+        let written = Task { try await committer.commit(lane: "quiet", Self.unit(1)) }
+        await Self.waitUntilQueued(committer, 1)
+        let appended = Task { try await committer.append(lane: "quiet", [Self.auditEvent("late")]) }
+        await Self.waitUntilQueued(committer, 2)
+        gate.open()
+        let records = try await appended.value
+        _ = try await written.value
+        _ = try #require(await first[0]).get()
+        let snapshot = repository.snapshot
+        // The audit-only unit was appended right after unit 0's record, by the transaction that
+        // carried unit 0 (after a conflict, by its rerun); unit 1 came in a transaction of its own.
+        #expect(records.map(\.sequence) == [2])
+        #expect(records.map(\.event.requestID) == ["late"])
+        #expect(
+            snapshot.unitIDsPerAttempt == Array(repeating: [Self.tenantID(0)], count: 1 + conflicts) + [
+                [Self.tenantID(1)]
+            ])
+        #expect(snapshot.audit.map(\.event.requestID) == ["request-0", "late", "request-1", "request-1"])
+        #expect(
+            AuditChain.verify(snapshot.audit, head: snapshot.head) == .verified(records: 4, head: snapshot.head))
+    }
+
+    @Test("an audit-only unit that joined a batch fails with it when its append fails")
+    func joinedUnitFailsWithItsBatch() async throws {
+        let gate = Gate()
+        let repository = InMemoryRepository(
+            beforeBody: { attempt in if attempt == 1 { await gate.wait() } },
+            failAppendInAttempt: 1
+        )
+        let committer = GroupCommitter(repository: repository)
+        async let first = Self.commitConcurrently(committer, [0])
+        await repository.waitForAttempt(1)
+        let appended = Task { try await committer.append([Self.auditEvent("late")]) }
+        await Self.waitUntilQueued(committer, 1)
+        gate.open()
+        let error = await #expect(throws: StorageError.self) { try await appended.value }
+        #expect(error?.kind == .unavailable)
+        let firstResult = try #require(await first[0])
+        #expect(throws: StorageError.self) { try firstResult.get() }
+        #expect(repository.snapshot.audit.isEmpty)
+        #expect(repository.snapshot.unitIDsPerAttempt.count == 1)
+    }
+
     @Test("batch selection: an isolated unit at the head goes alone; otherwise round-robin over lanes, oldest first")
     func batchSelection() {
         #expect(GroupCommitter.selectBatch(lanes: [], isolated: [], maximum: 4) == [])
