@@ -34,6 +34,8 @@ final class InstrumentedRepository: KeyRepository {
 
     func close() async { await base.close() }
 
+    var concurrentWriteTransactions: Bool { base.concurrentWriteTransactions }
+
     private func enter() {
         inUse.set(Int64(inFlight.add(1, ordering: .relaxed).newValue))
     }

@@ -305,8 +305,15 @@ struct TenantAdmissionStateMachine {
         }
     }
 
+    /// Whether `tenant` may start a body now: below its share, and below the limit, or, for a
+    /// tenant with nothing running while others are active, below the limit plus the slots kept
+    /// back (when the limit shrinks, the busy tenant's bodies above it have yet to finish; the
+    /// slot kept for a quiet tenant must not wait for them).
     private func mayRun(_ tenant: String) -> Bool {
-        running < limit && runningBy[tenant, default: 0] < share(of: tenant)
+        let mine = runningBy[tenant, default: 0]
+        guard mine < share(of: tenant) else { return false }
+        if running < limit { return true }
+        return mine == 0 && lastArrival.count > 1 && running < limit + limit / 2
     }
 
     private mutating func start(_ id: WaiterID, tenant: String) -> Admission {
@@ -354,7 +361,7 @@ struct TenantAdmissionStateMachine {
         var admitted: [Admission] = []
         // The first tenant in the rotation below its share gets the slot; the ones passed over
         // keep their places.
-        while running < limit, let position = rotation.firstIndex(where: mayRun) {
+        while let position = rotation.firstIndex(where: mayRun) {
             let tenant = rotation.remove(at: position)
             let id = queues[tenant]!.removeFirst()
             tenantOf[id] = nil

@@ -30,9 +30,13 @@ public struct Committed<Value: Sendable>: Sendable {
 /// The first caller to find no batch running leads: it drains the queue batch by batch in a
 /// task of its own; later callers only enqueue and wait.
 ///
-/// Units that only append audit records (``append(lane:_:)``: the record of a decrypt) also join
-/// the batch in flight as long as it has not yet locked the audit head, so under a stream of
-/// write batches they wait for the rest of one batch, not for the rest of one and all of the next.
+/// Units that only append audit records (``append(lane:_:)``: the record of a decrypt) do not wait
+/// behind write batches for longer than the audit chain requires. On a store with one writer
+/// (SQLite) they join the batch in flight as long as it has not yet locked the audit head, so they
+/// wait for the rest of one batch, not for that and all of the next. On a store whose write
+/// transactions run side by side (PostgreSQL) they are committed by a second drain of their own,
+/// in batches among themselves, and meet the write batches only at the audit head lock, which a
+/// batch holds only from its audit append to its commit.
 public final class GroupCommitter: Sendable {
     /// Told about every transaction a batch ran (the server turns it into the audit-write latency
     /// metric: each batch's transaction is where the audit records become durable).
@@ -63,18 +67,23 @@ public final class GroupCommitter: Sendable {
     private struct State: ~Copyable {
         var queue: [Pending] = []
         var leading = false
+        /// Audit-only units, when they have a drain of their own.
+        var auditQueue: [Pending] = []
+        var auditLeading = false
         var nextID = 0
     }
 
     private let repository: any KeyRepository
     private let maximumBatch: Int
+    /// Audit-only units are drained apart (the store runs write transactions side by side).
+    private let auditLane: Bool
     private let observer: Observer?
     /// Anchors each batch's new head in the HSM; nil appends unanchored (unit tests of the logic).
     let anchoring: AuditAnchoring?
     private let state = Mutex(State())
 
     /// Units waiting for a batch now (for tests that wait until callers have queued).
-    var queuedUnits: Int { state.withLock { $0.queue.count } }
+    var queuedUnits: Int { state.withLock { $0.queue.count + $0.auditQueue.count } }
 
     /// Appends `events` to the audit log and returns their records once durable: a unit that
     /// touches nothing else, so it may join the batch in flight (see the type's comment).
@@ -91,6 +100,7 @@ public final class GroupCommitter: Sendable {
         precondition(maximumBatch >= 1, "a batch holds at least one unit")
         self.repository = repository
         self.maximumBatch = maximumBatch
+        self.auditLane = repository.concurrentWriteTransactions
         self.anchoring = anchoring
         self.observer = observer
     }
@@ -144,14 +154,21 @@ public final class GroupCommitter: Sendable {
                     },
                     fail: { continuation.resume(throwing: $0) }
                 )
+                let apart = auditOnly && auditLane
                 let lead = state.withLock { state in
+                    if apart {
+                        state.auditQueue.append(pending)
+                        if state.auditLeading { return false }
+                        state.auditLeading = true
+                        return true
+                    }
                     state.queue.append(pending)
                     if state.leading { return false }
                     state.leading = true
                     return true
                 }
                 if lead {
-                    Task { await self.drain() }
+                    Task { await self.drain(auditLane: apart) }
                 }
                 // A cancellation that came before the unit was queued found nothing to take out.
                 if Task.isCancelled { withdraw(id) }
@@ -164,15 +181,24 @@ public final class GroupCommitter: Sendable {
     /// Takes unit `id` out of the queue, if it is still there, and fails it as cancelled.
     private func withdraw(_ id: Int) {
         let withdrawn = state.withLock { state -> Pending? in
-            guard let index = state.queue.firstIndex(where: { $0.id == id }) else { return nil }
-            return state.queue.remove(at: index)
+            if let index = state.queue.firstIndex(where: { $0.id == id }) { return state.queue.remove(at: index) }
+            if let index = state.auditQueue.firstIndex(where: { $0.id == id }) {
+                return state.auditQueue.remove(at: index)
+            }
+            return nil
         }
         withdrawn?.fail(CancellationError())
     }
 
-    private func drain() async {
+    private func drain(auditLane: Bool) async {
         while true {
             let batch: [Pending] = state.withLock { state in
+                if auditLane {
+                    let batch = Array(state.auditQueue.prefix(maximumBatch))
+                    state.auditQueue.removeFirst(batch.count)
+                    if batch.isEmpty { state.auditLeading = false }
+                    return batch
+                }
                 let chosen = Self.selectBatch(
                     lanes: state.queue.map(\.lane), isolated: state.queue.map(\.isolated), maximum: maximumBatch)
                 let batch = chosen.map { state.queue[$0] }
@@ -181,7 +207,7 @@ public final class GroupCommitter: Sendable {
                 return batch
             }
             if batch.isEmpty { return }
-            await run(batch)
+            await run(batch, auditLane: auditLane)
         }
     }
 
@@ -213,7 +239,7 @@ public final class GroupCommitter: Sendable {
         return chosen
     }
 
-    private func run(_ batch: [Pending]) async {
+    private func run(_ batch: [Pending], auditLane: Bool) async {
         var batch = batch
         // Units refused on the way are answered only once the rest is committed (or failed), so
         // a caller that reacts to its refusal (an idempotency retry reading the winner's result)
@@ -242,7 +268,8 @@ public final class GroupCommitter: Sendable {
                     // join the next one too.
                     try await Self.execute(current, in: transaction, anchoring: self.anchoring) {
                         joined.withLock { joined in
-                            joined += self.takeAuditOnly(maximum: self.maximumBatch - joined.count)
+                            joined += self.takeAuditOnly(
+                                maximum: self.maximumBatch - joined.count, fromAuditLane: auditLane)
                             return joined
                         }
                     }
@@ -270,9 +297,15 @@ public final class GroupCommitter: Sendable {
         }
     }
 
-    /// Takes up to `maximum` queued audit-only units, oldest first, to join the batch in flight.
-    private func takeAuditOnly(maximum: Int) -> [Pending] {
+    /// Takes up to `maximum` queued audit-only units, oldest first, to join the batch in flight
+    /// (from the audit lane's queue for a batch of that lane).
+    private func takeAuditOnly(maximum: Int, fromAuditLane: Bool) -> [Pending] {
         state.withLock { state in
+            if fromAuditLane {
+                let taken = Array(state.auditQueue.prefix(maximum))
+                state.auditQueue.removeFirst(taken.count)
+                return taken
+            }
             var taken: [Pending] = []
             state.queue.removeAll { pending in
                 guard pending.auditOnly, !pending.isolated, taken.count < maximum else { return false }

@@ -131,6 +131,16 @@ public protocol KeyRepository: Sendable {
 
     /// Closes connections; later calls fail with `StorageError(.unavailable)`.
     func close() async
+
+    /// Whether write transactions run side by side (PostgreSQL) rather than one at a time
+    /// (SQLite's single writer). The group committer then commits audit-only units in a lane of
+    /// their own, meeting write batches only at the audit head lock.
+    var concurrentWriteTransactions: Bool { get }
+}
+
+extension KeyRepository {
+    /// One writer at a time, unless the store says otherwise.
+    public var concurrentWriteTransactions: Bool { false }
 }
 
 /// The statements the key service runs inside a transaction. All methods are scoped by tenant

@@ -158,6 +158,9 @@ public final class PostgresKeyStore: KeyRepository {
         }
     }
 
+    /// Write transactions run side by side on the pool's connections.
+    public var concurrentWriteTransactions: Bool { true }
+
     /// Cancels the pool's task and waits for it: connections close; later calls throw
     /// `StorageError(.unavailable)`.
     public func close() async {

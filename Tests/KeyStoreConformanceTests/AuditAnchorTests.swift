@@ -78,6 +78,48 @@ struct AuditAnchorTests {
         #expect(try await harness.restarted().checkAuditAnchor() == .anchored(through: 31))
     }
 
+    /// Decrypt records take a path of their own to the log (joining the batch in flight on
+    /// SQLite, their own transactions beside the write batches on PostgreSQL): under concurrent
+    /// generates and decrypts the chain stays gapless, anchored and complete.
+    @Test(arguments: StoreKind.allCases)
+    func decryptRecordsBesideWriteBatchesKeepTheChain(kind: StoreKind) async throws {
+        let harness = try await Self.harness(kind, "anchor-lanes", interval: 50)
+        defer { Task { await harness.close() } }
+        let tenant = tenantID("lanes")
+        _ = try await harness.service.createTenant(tenant, request: admin)
+        var keys: [DataKeyID] = []
+        for _ in 0..<8 { keys.append(try await harness.service.generateDataKey(tenant, request: app).id) }
+        let known = keys
+        let service = harness.service
+        let (generated, decrypted) = try await withThrowingTaskGroup(of: (Int, Int).self) { group in
+            for caller in 0..<16 {
+                group.addTask {
+                    var counts = (0, 0)
+                    for round in 0..<25 {
+                        if caller % 2 == 0 {
+                            _ = try await service.generateDataKey(tenant, request: app)
+                            counts.0 += 1
+                        } else {
+                            _ = try await service.decryptDataKey(
+                                tenant, id: known[(caller + round) % known.count], request: app)
+                            counts.1 += 1
+                        }
+                    }
+                    return counts
+                }
+            }
+            return try await group.reduce((0, 0)) { ($0.0 + $1.0, $0.1 + $1.1) }
+        }
+        #expect(generated == 200 && decrypted == 200)
+        let verification = try await harness.service.verifyAuditLog()
+        #expect(verification.isVerified)
+        let records = try await harness.auditRecords()
+        #expect(records.map(\.sequence) == Array(1...Int64(records.count)))
+        #expect(verification.anchoredThrough == Int64(records.count))
+        #expect(records.filter { $0.event.operation == .decryptDataKey }.count == 200)
+        #expect(records.filter { $0.event.operation == .generateDataKey }.count == 208)
+    }
+
     /// The key is made by the gateway, inside the token, and can do nothing but MACs.
     @Test(arguments: StoreKind.allCases)
     func auditKeyFollowsThePolicy(kind: StoreKind) async throws {
