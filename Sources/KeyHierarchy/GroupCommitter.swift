@@ -36,7 +36,7 @@ public struct Committed<Value: Sendable>: Sendable {
 /// wait for the rest of one batch, not for that and all of the next. On a store whose write
 /// transactions run side by side (PostgreSQL) they are committed by a second drain of their own,
 /// in batches among themselves, and meet the write batches only at the audit head lock, which a
-/// batch holds only from its audit append to its commit.
+/// batch takes only after its units have run and holds until its commit.
 public final class GroupCommitter: Sendable {
     /// Told about every transaction a batch ran (the server turns it into the audit-write latency
     /// metric: each batch's transaction is where the audit records become durable).
