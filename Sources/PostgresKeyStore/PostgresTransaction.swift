@@ -595,22 +595,19 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         keepCheckpoint: Bool
     ) async throws {
         try requireWritable("appendAuditRecords")
+        // The head is locked while this runs, so it costs every other batch: records and head go
+        // in one statement, one round trip. A batch of over `maximumRowsPerStatement` records goes
+        // in chunks, each moving the head to its last record; the last chunk sets the anchor.
         var start = records.startIndex
-        while start < records.endIndex {
+        var rows = 0
+        repeat {
             let end = min(start + Self.maximumRowsPerStatement, records.endIndex)
-            try await insertAuditBatch(records[start..<end])
+            let isLast = end == records.endIndex
+            let chunkHead = isLast ? head : AuditHead(sequence: records[end - 1].sequence, hash: records[end - 1].hash)
+            rows = try await appendAuditChunk(records[start..<end], head: chunkHead, anchor: isLast ? anchor : nil)
             start = end
-        }
-        let result = try await run(
-            """
-            UPDATE audit_head SET seq = \(head.sequence), hash = \(ByteBuffer(bytes: head.hash)), \
-            anchor_key_id = \(anchor.map { ByteBuffer(bytes: $0.keyID.bytes) }), \
-            anchor_mac = \(anchor.map { ByteBuffer(bytes: $0.mac) }), \
-            anchor_time = \(anchor?.time.millisecondsSinceEpoch) WHERE id = 1
-            """,
-            "appendAuditRecords: head"
-        )
-        guard result.metadata.rows == 1 else {
+        } while start < records.endIndex
+        guard rows == 1 else {
             throw StorageError(.corrupt, "appendAuditRecords: the audit_head row is missing")
         }
         if keepCheckpoint, let anchor {
@@ -635,7 +632,9 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         ).map(Rows.checkpoint)
     }
 
-    private func insertAuditBatch(_ records: ArraySlice<AuditRecord>) async throws {
+    /// The audit columns of `records` as parallel arrays, for `UNNEST` (NULL tenants flagged in
+    /// `tenantIsNull`).
+    private struct AuditColumns {
         var sequences: [Int64] = []
         var times: [Int64] = []
         var principals: [String] = []
@@ -648,32 +647,48 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         var details: [String] = []
         var previousHashes: [ByteBuffer] = []
         var hashes: [ByteBuffer] = []
-        for record in records {
-            let event = record.event
-            sequences.append(record.sequence)
-            times.append(event.time.millisecondsSinceEpoch)
-            principals.append(event.principal.name)
-            tenants.append(event.tenant?.rawValue ?? "")
-            tenantIsNull.append(event.tenant == nil)
-            operations.append(event.operation.rawValue)
-            keyIDs.append(event.keyIDs.joined(separator: ","))
-            outcomes.append(event.outcome.description)
-            requestIDs.append(event.requestID)
-            details.append(event.detail)
-            previousHashes.append(ByteBuffer(bytes: record.previousHash))
-            hashes.append(ByteBuffer(bytes: record.hash))
+
+        init(_ records: ArraySlice<AuditRecord>) {
+            for record in records {
+                let event = record.event
+                sequences.append(record.sequence)
+                times.append(event.time.millisecondsSinceEpoch)
+                principals.append(event.principal.name)
+                tenants.append(event.tenant?.rawValue ?? "")
+                tenantIsNull.append(event.tenant == nil)
+                operations.append(event.operation.rawValue)
+                keyIDs.append(event.keyIDs.joined(separator: ","))
+                outcomes.append(event.outcome.description)
+                requestIDs.append(event.requestID)
+                details.append(event.detail)
+                previousHashes.append(ByteBuffer(bytes: record.previousHash))
+                hashes.append(ByteBuffer(bytes: record.hash))
+            }
         }
-        try await run(
+    }
+
+    /// Appends `records` and sets the head row, in one statement; returns the head rows updated
+    /// (1 unless the row is missing).
+    private func appendAuditChunk(
+        _ records: ArraySlice<AuditRecord>, head: AuditHead, anchor: AuditCheckpoint?
+    ) async throws -> Int {
+        let columns = AuditColumns(records)
+        return try await run(
             """
-            INSERT INTO audit_log (\(unescaped: Columns.audit)) \
+            WITH appended AS (INSERT INTO audit_log (\(unescaped: Columns.audit)) \
             SELECT s, t, p, CASE WHEN tn THEN NULL ELSE te END, o, k, r, q, d, ph, h \
-            FROM UNNEST(\(sequences)::bigint[], \(times)::bigint[], \(principals)::text[], \(tenants)::text[], \
-            \(tenantIsNull)::bool[], \(operations)::text[], \(keyIDs)::text[], \(outcomes)::text[], \
-            \(requestIDs)::text[], \(details)::text[], \(previousHashes)::bytea[], \(hashes)::bytea[]) \
-            AS a (s, t, p, te, tn, o, k, r, q, d, ph, h)
+            FROM UNNEST(\(columns.sequences)::bigint[], \(columns.times)::bigint[], \(columns.principals)::text[], \
+            \(columns.tenants)::text[], \(columns.tenantIsNull)::bool[], \(columns.operations)::text[], \
+            \(columns.keyIDs)::text[], \(columns.outcomes)::text[], \(columns.requestIDs)::text[], \
+            \(columns.details)::text[], \(columns.previousHashes)::bytea[], \(columns.hashes)::bytea[]) \
+            AS a (s, t, p, te, tn, o, k, r, q, d, ph, h)) \
+            UPDATE audit_head SET seq = \(head.sequence), hash = \(ByteBuffer(bytes: head.hash)), \
+            anchor_key_id = \(anchor.map { ByteBuffer(bytes: $0.keyID.bytes) }), \
+            anchor_mac = \(anchor.map { ByteBuffer(bytes: $0.mac) }), \
+            anchor_time = \(anchor?.time.millisecondsSinceEpoch) WHERE id = 1
             """,
             "appendAuditRecords"
-        )
+        ).metadata.rows ?? 0
     }
 
     func auditRecords(after: Int64, limit: Int) async throws -> [AuditRecord] {

@@ -686,6 +686,42 @@ struct RepositoryConformanceTests {
         }
     }
 
+    /// More records than one statement carries (PostgreSQL appends in chunks of 1,000, each
+    /// moving the head): every record stored once, in order, and the head and its anchor are the
+    /// batch's own.
+    @Test(arguments: StoreKind.allCases)
+    func auditAppendLargerThanOneStatement(kind: StoreKind) async throws {
+        try await withStore(kind, "audit-large") { store in
+            let events = (0..<2_345).map { index in
+                AuditEvent(
+                    time: t0, principal: Principal("svc"), tenant: index % 7 == 0 ? nil : TenantID(trusted: "acme"),
+                    operation: .decryptDataKey, requestID: "r-\(index)")
+            }
+            let linked = AuditChain.link(events, after: .genesis)
+            let anchor = AuditCheckpoint(
+                sequence: linked.head.sequence, hash: linked.head.hash, keyID: TokenKeyID.random(),
+                mac: Array(repeating: 7, count: 32), time: later)
+            try await store.transaction { transaction in
+                _ = try await transaction.lockAuditHead()
+                try await transaction.appendAuditRecords(
+                    linked.records, head: linked.head, anchor: anchor, keepCheckpoint: true)
+            }
+            let head = try await store.read { try await $0.auditHead() }
+            #expect(head.head == linked.head)
+            #expect(head.anchor == anchor)
+            var stored: [AuditRecord] = []
+            while stored.count < events.count {
+                let page = try await store.read {
+                    try await $0.auditRecords(after: stored.last?.sequence ?? 0, limit: 1_000)
+                }
+                if page.isEmpty { break }
+                stored += page
+            }
+            #expect(stored == linked.records)
+            #expect(try await store.read { try await $0.auditCheckpoints(after: 0, limit: 10) } == [anchor])
+        }
+    }
+
     @Test(arguments: StoreKind.allCases)
     func concurrentAuditAppendsStayOneChain(kind: StoreKind) async throws {
         try await withStore(kind, "audit_concurrent") { store in
