@@ -165,6 +165,23 @@ struct LoadToolTests {
         }
     }
 
+    @Test("TLS to a plaintext gateway, and a CA file that holds no certificate: clear errors, no report")
+    func transportErrors() async throws {
+        let gateway = try await HSMFaultTests.DevGateway.start("load-tls")
+        defer { gateway.process.send(SIGKILL) }
+        let target = ["--target", "127.0.0.1:\(gateway.port)", "--token-file", gateway.data + "/admin.token"]
+        let handshake = try await Self.load(target + ["--tls", "--server-name", "localhost", "--duration", "1"])
+        #expect(handshake.status != 0, "\(handshake)")
+        #expect(handshake.output.isEmpty, "\(handshake)")
+        #expect(handshake.error.contains("UNAVAILABLE"), "\(handshake)")
+
+        let notPEM = try makeTemporaryDirectory("load-ca") + "/ca.pem"
+        try "not a certificate\n".write(toFile: notPEM, atomically: true, encoding: .utf8)
+        let badCA = try await Self.load(target + ["--tls", "--ca-file", notPEM, "--duration", "1"])
+        #expect(badCA.status != 0, "\(badCA)")
+        #expect(badCA.error.contains("tls.trustRoots"), "\(badCA)")
+    }
+
     @Test("nobody listening: a clear error and a non-zero exit, not a report")
     func nobodyListening() async throws {
         let port = try HSMFaultTests.freeLoopbackPort()
