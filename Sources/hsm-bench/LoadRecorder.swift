@@ -198,7 +198,7 @@ struct LoadReport: Encodable {
         var lines: [String] = []
         let shape =
             mode == "closed"
-            ? "closed loop, \(concurrency ?? 0) workers"
+            ? "closed loop, \(concurrency ?? 0) worker\(concurrency == 1 ? "" : "s")"
             : "open loop, \(Self.number(rate ?? 0)) req/s, at most \(maxOutstanding ?? 0) outstanding"
         lines.append(
             "target \(target) (\(transport)), tenant \(tenant), \(shape) over \(connections) connection"
