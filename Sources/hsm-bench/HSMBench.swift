@@ -9,7 +9,10 @@ struct HSMBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "hsm-bench",
         abstract: "Benchmarks on a throwaway SoftHSM2 token.",
-        subcommands: [GCMBenchmark.self, KeysBenchmark.self, WireBenchmark.self, FloodBenchmark.self, FloodLoad.self],
+        subcommands: [
+            GCMBenchmark.self, KeysBenchmark.self, WireBenchmark.self, FloodBenchmark.self, FloodLoad.self,
+            LoadBenchmark.self,
+        ],
         defaultSubcommand: GCMBenchmark.self
     )
 }
