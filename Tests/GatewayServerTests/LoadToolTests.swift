@@ -1,4 +1,5 @@
 import Foundation
+import GatewayWire
 import ProcessTestSupport
 import Testing
 
@@ -80,6 +81,51 @@ struct LoadToolTests {
             .trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(!result.output.contains(token) && !result.error.contains(token))
         #expect(!result.output.contains("plaintext\":\""))
+    }
+
+    /// TLS verified against the test CA by name, with an API token; and mutual TLS with the
+    /// certificate alone, of a principal bound to its common name: the paths `--dev` (plaintext)
+    /// cannot show.
+    @Test(
+        "over TLS with a token, and over mutual TLS with a client certificate alone: a clean run",
+        arguments: [false, true]
+    )
+    func overTLS(clientCertificate: Bool) async throws {
+        let pki = try TestCertificates.shared()
+        let security: GatewayHarness.Security = clientCertificate ? .mutualTLS(.optional) : .tls
+        try await withGateway(.sqlite, "load-tls-\(clientCertificate)", security: security) { gateway in
+            var arguments = [
+                "--target", "127.0.0.1:\(gateway.port)", "--tls", "--ca-file", pki.caCertificate,
+                "--server-name", "localhost", "--json", "--duration", "1", "--warmup", "0.2", "--concurrency", "2",
+                "--mix", "decrypt=1,generate=1", "--preload", "10", "--tenant", "load-tls",
+            ]
+            if clientCertificate {
+                let admin = try gateway.client(token: gateway.adminToken)
+                defer { Task { await admin.shutdown() } }
+                _ = try await admin.createTenant("load-tls")
+                var request = Hsmgw_V1_CreatePrincipalRequest()
+                request.name = "loader"
+                request.certificateCommonName = "load-tool"
+                var binding = Hsmgw_V1_RoleBinding()
+                binding.tenant = "load-tls"
+                binding.role = "key-user"
+                request.roles = [binding]
+                let _: Hsmgw_V1_PrincipalResponse = try await admin.call(method: .createPrincipal, request: request)
+                let client = try pki.client(commonName: "load-tool")
+                arguments += ["--client-cert", client.certificate, "--client-key", client.key]
+            } else {
+                let tokenFile = gateway.directory + "/load.token"
+                try Data((gateway.adminToken + "\n").utf8).write(to: URL(fileURLWithPath: tokenFile))
+                arguments += ["--token-file", tokenFile, "--create-tenant"]
+            }
+            let result = try await Self.load(arguments)
+            #expect(result.status == 0, "\(result)")
+            let report = try Self.report(result)
+            #expect(report["transport"] as? String == "tls")
+            for name in ["generate", "decrypt"] {
+                try Self.expectClean(try Self.operation(report, name), name)
+            }
+        }
     }
 
     @Test("open loop: every due send is either made or counted as not sent, latency from the due time")
