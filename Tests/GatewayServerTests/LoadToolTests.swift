@@ -1,5 +1,4 @@
 import Foundation
-import GatewayWire
 import ProcessTestSupport
 import Testing
 
@@ -103,14 +102,7 @@ struct LoadToolTests {
                 let admin = try gateway.client(token: gateway.adminToken)
                 defer { Task { await admin.shutdown() } }
                 _ = try await admin.createTenant("load-tls")
-                var request = Hsmgw_V1_CreatePrincipalRequest()
-                request.name = "loader"
-                request.certificateCommonName = "load-tool"
-                var binding = Hsmgw_V1_RoleBinding()
-                binding.tenant = "load-tls"
-                binding.role = "key-user"
-                request.roles = [binding]
-                let _: Hsmgw_V1_PrincipalResponse = try await admin.call(method: .createPrincipal, request: request)
+                _ = try await admin.createCertificatePrincipal("loader", commonName: "load-tool", tenant: "load-tls")
                 let client = try pki.client(commonName: "load-tool")
                 arguments += ["--client-cert", client.certificate, "--client-key", client.key]
             } else {

@@ -18,14 +18,8 @@ struct MutualTLSTests {
             let admin = try gateway.client(token: gateway.adminToken)
             defer { Task { await admin.shutdown() } }
             _ = try await admin.createTenant("acme")
-            var request = Hsmgw_V1_CreatePrincipalRequest()
-            request.name = "billing"
-            request.certificateCommonName = "billing-service"
-            var binding = Hsmgw_V1_RoleBinding()
-            binding.tenant = "acme"
-            binding.role = "key-user"
-            request.roles = [binding]
-            let created: Hsmgw_V1_PrincipalResponse = try await admin.call(method: .createPrincipal, request: request)
+            let created = try await admin.createCertificatePrincipal(
+                "billing", commonName: "billing-service", tenant: "acme")
             #expect(created.principal.certificateCommonName == "billing-service")
 
             // The certificate alone.

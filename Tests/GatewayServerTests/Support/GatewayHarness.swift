@@ -217,3 +217,20 @@ func withGateway<T>(
         throw error
     }
 }
+
+extension GatewayClient {
+    /// Creates principal `name`, authenticated by a client certificate with subject CN
+    /// `commonName`, holding `role` on `tenant`.
+    func createCertificatePrincipal(
+        _ name: String, commonName: String, tenant: String, role: String = "key-user"
+    ) async throws -> Hsmgw_V1_PrincipalResponse {
+        var request = Hsmgw_V1_CreatePrincipalRequest()
+        request.name = name
+        request.certificateCommonName = commonName
+        var binding = Hsmgw_V1_RoleBinding()
+        binding.tenant = tenant
+        binding.role = role
+        request.roles = [binding]
+        return try await call(method: .createPrincipal, request: request)
+    }
+}
