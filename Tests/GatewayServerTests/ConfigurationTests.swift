@@ -78,6 +78,7 @@ struct ConfigurationTests {
         #expect(configuration.limits.maxConnectionsPerAddress == 64)
         #expect(configuration.limits.maxTenantQueueWait == .seconds(5))
         #expect(configuration.fairQueue.maximumConcurrent == 64)
+        #expect(configuration.fairQueue.minimumConcurrent == 4)
         #expect(configuration.logLevel == .info)
     }
 
