@@ -161,6 +161,45 @@ struct TenantAdmissionStateMachineTests {
         #expect(driver.running.count == 4)
     }
 
+    @Test("the learnt limit binds only while another tenant is active; a tenant alone may run the maximum")
+    func learntLimitBindsWithTwoTenants() {
+        // Learnt between 2 and 8; starts at 8, taught to shrink by slow bodies.
+        var driver = Driver(
+            TenantAdmissionStateMachine(
+                limit: AdaptiveConcurrencyLimit.Settings(minimum: 2, maximum: 8, initial: 8),
+                maxQueuedPerTenant: 256))
+        _ = driver.arrive(1, tenant: "alone")
+        driver.finish(1, latency: .milliseconds(1))
+        for id in UInt64(10)..<18 { #expect(driver.arrive(id, tenant: "alone") == "admitted") }
+        // 200 bodies 50 times slower than the idle one, the tenant keeping 8 in flight.
+        for next in UInt64(1000)..<1200 {
+            driver.finish(driver.running.keys.min()!, latency: .milliseconds(50))
+            _ = driver.arrive(next, tenant: "alone")
+        }
+        #expect(driver.machine.limiter.current == 2)
+        #expect(driver.machine.limit == 8)
+        #expect(driver.machine.running == 8)
+        // A second tenant: the learnt limit applies to both from now on. The newcomer, with
+        // nothing running, starts at once (up to one and a half times the maximum in all); the
+        // busy tenant waits until its bodies are below its share.
+        #expect(driver.arrive(200, tenant: "other") == "admitted")
+        for (id, tenant) in [(203, "third"), (204, "fourth"), (205, "fifth")] {
+            #expect(driver.arrive(UInt64(id), tenant: tenant) == "admitted")
+        }
+        #expect(driver.arrive(206, tenant: "sixth") == "queued")
+        driver.machine.leave(206)
+        driver.finish(203, latency: .milliseconds(1))
+        driver.finish(204, latency: .milliseconds(1))
+        driver.finish(205, latency: .milliseconds(1))
+        #expect(driver.machine.limit == 2)
+        #expect(driver.arrive(201, tenant: "alone") == "queued")
+        // A second without the other tenant: the maximum again.
+        driver.finish(200, latency: .milliseconds(1))
+        driver.now += .seconds(2)
+        #expect(driver.arrive(202, tenant: "alone") == "queued")
+        #expect(driver.machine.limit == 8)
+    }
+
     @Test("at most half the limit is kept back, whatever the number of active tenants")
     func reserveIsAtMostHalf() {
         var machine = TenantAdmissionStateMachine(concurrency: 8, maxQueuedPerTenant: 256)
