@@ -51,13 +51,14 @@ public struct TenantAdmissionError: Error, Sendable, Hashable, CustomStringConve
 /// An admission gate for tenant-scoped work: at most a limit of bodies run at once, learnt from
 /// their latency while more than one tenant is active (``AdaptiveConcurrencyLimit``: it grows
 /// while bodies finish about as fast as on an idle gateway and shrinks when they slow down,
-/// between `minimumConcurrency` and `concurrency`; a tenant alone may run `concurrency`); others wait in one queue per tenant, and free slots go round-robin over the
-/// tenants that wait, so one tenant's flood queues behind itself and cannot starve another. A
-/// waiter is refused at once when its tenant's queue is full (`maxQueuedPerTenant`) or when the
-/// wait it can expect (its place in its tenant's queue, times the tenants that wait, times the
-/// recent latency, over the limit) is longer than `maxWait`, so a flood is shed at once instead
-/// of waiting out its deadline. A waiter still queued after `maxWait` is refused; a cancelled
-/// waiter leaves its queue.
+/// between `minimumConcurrency` and `concurrency`; a tenant alone may run `concurrency`); others
+/// wait in one queue per tenant, and free slots go round-robin over the tenants that wait, so
+/// one tenant's flood queues behind itself and cannot starve another. A waiter is refused at
+/// once when its tenant's queue is full (`maxQueuedPerTenant`) or when the wait it can expect
+/// (its place in its tenant's queue, times the tenants that wait, times the recent latency, over
+/// the limit) is longer than `maxWait`, so a flood is shed at once instead of waiting out its
+/// deadline. A waiter still queued after `maxWait` is refused; a cancelled waiter leaves its
+/// queue.
 public final class TenantFairScheduler: Sendable {
     /// The gate's bounds.
     public struct Configuration: Sendable, Hashable {
@@ -286,7 +287,10 @@ struct TenantAdmissionStateMachine {
     /// more of its calls in flight make bigger batches (twice the GenerateDataKey throughput at
     /// c=64 on SQLite, and a lower p99, than the learnt limit gave it). It keeps learning either
     /// way, so a second tenant meets a limit that fits the load.
-    var limit: Int { lastArrival.count > 1 ? limiter.current : limiter.settings.maximum }
+    var limit: Int { severalActive ? limiter.current : limiter.settings.maximum }
+
+    /// Whether more than one tenant is active (see ``noteArrival(_:now:)``).
+    private var severalActive: Bool { lastArrival.count > 1 }
 
     /// Waiters in `tenant`'s queue.
     func waiting(_ tenant: String) -> Int { queues[tenant]?.count ?? 0 }
@@ -300,7 +304,8 @@ struct TenantAdmissionStateMachine {
         return max(1, limit - min(others, limit / 2))
     }
 
-    /// Tenants counted as active now: arrived within ``activeWindow``, or running, or waiting.
+    /// Records `tenant`'s arrival and, four times a second, forgets the tenants that are no
+    /// longer active: active is arrived within ``activeWindow``, or running, or waiting.
     private mutating func noteArrival(_ tenant: String, now: Double) {
         lastArrival[tenant] = now
         guard now - lastPruned >= Self.activeWindow / 4 else { return }
@@ -311,14 +316,15 @@ struct TenantAdmissionStateMachine {
     }
 
     /// Whether `tenant` may start a body now: below its share, and below the limit; or, for a
-    /// tenant with nothing running while others are active, at once, up to ``overLimitCap``. When the limit shrinks (a second tenant
-    /// arrives, or the learnt limit falls) the busy tenant's bodies above it have yet to finish;
-    /// the slot kept for a quiet tenant must not wait for them.
+    /// tenant with nothing running while others are active, at once, up to ``overLimitCap``.
+    /// When the limit shrinks (a second tenant arrives, or the learnt limit falls) the busy
+    /// tenant's bodies above it have yet to finish; the slot kept for a quiet tenant must not
+    /// wait for them.
     private func mayRun(_ tenant: String) -> Bool {
         let mine = runningBy[tenant, default: 0]
         guard mine < share(of: tenant) else { return false }
         if running < limit { return true }
-        return mine == 0 && lastArrival.count > 1 && running < overLimitCap
+        return mine == 0 && severalActive && running < overLimitCap
     }
 
     /// The most bodies that may run when tenants with nothing running start over the limit: one
