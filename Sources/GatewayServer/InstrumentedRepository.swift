@@ -36,6 +36,8 @@ final class InstrumentedRepository: KeyRepository {
 
     var concurrentWriteTransactions: Bool { base.concurrentWriteTransactions }
 
+    var statementsRun: Int? { base.statementsRun }
+
     private func enter() {
         inUse.set(Int64(inFlight.add(1, ordering: .relaxed).newValue))
     }

@@ -1,4 +1,5 @@
 import SecretMemory
+import Synchronization
 
 // The ports: what the key service needs from a token and from storage. Adapters implement
 // them (`PKCS11KeyToken`, `PostgresKeyStore`, `SQLiteKeyStore`); the service never sees a
@@ -136,11 +137,28 @@ public protocol KeyRepository: Sendable {
     /// (SQLite's single writer). The group committer then commits audit-only units in a lane of
     /// their own, meeting write batches only at the audit head lock.
     var concurrentWriteTransactions: Bool { get }
+
+    /// Statements sent to the database since the store opened (each a round trip, `BEGIN` and
+    /// `COMMIT` included), or nil when the store does not count them. For the
+    /// `hsmgw_store_statements_total` metric and the tests that check a batch's round trips.
+    var statementsRun: Int? { get }
 }
 
 extension KeyRepository {
     /// One writer at a time, unless the store says otherwise.
     public var concurrentWriteTransactions: Bool { false }
+    public var statementsRun: Int? { nil }
+}
+
+/// A count of statements sent to a database, shared by a store and its transactions.
+public final class StatementCounter: Sendable {
+    private let count = Atomic<Int>(0)
+
+    public init() {}
+
+    public func add(_ statements: Int = 1) { count.add(statements, ordering: .relaxed) }
+
+    public var value: Int { count.load(ordering: .relaxed) }
 }
 
 /// The statements the key service runs inside a transaction. All methods are scoped by tenant
@@ -191,6 +209,10 @@ public protocol KeyRepositoryTransaction: Sendable {
     func dataKey(_ tenant: TenantID, _ id: DataKeyID) async throws -> DataKeyRecord?
     /// The rows among `ids` (at most 1,000) that exist for `tenant`, in any order.
     func dataKeys(_ tenant: TenantID, ids: [DataKeyID]) async throws -> [DataKeyRecord]
+    /// Everything a use of the keys `ids` (at most 1,000) checks: the tenant, the rows among `ids`
+    /// that exist, and the master-key version each of them names. One statement where the store
+    /// can (a join), so a decrypt costs one round trip; nil when the tenant does not exist.
+    func dataKeysForUse(_ tenant: TenantID, ids: [DataKeyID]) async throws -> DataKeysForUse?
     /// A tenant's data keys ordered by id, after `after` (exclusive), optionally one state only.
     func dataKeys(_ tenant: TenantID, state: DataKeyState?, after: DataKeyID?, limit: Int) async throws
         -> [DataKeyRecord]
@@ -302,6 +324,32 @@ public protocol KeyRepositoryTransaction: Sendable {
     func apiTokens(principal: PrincipalName?, after: APITokenID?, limit: Int) async throws -> [APITokenRecord]
     /// Sets `revokedAt` when the token is not revoked yet. Returns whether a row changed.
     func revokeAPIToken(_ id: APITokenID, at time: Timestamp) async throws -> Bool
+}
+
+/// What `dataKeysForUse` found.
+public struct DataKeysForUse: Sendable, Hashable {
+    public var tenant: TenantRecord
+    /// The rows among the ids asked for that exist, in any order.
+    public var keys: [DataKeyRecord]
+    /// The versions those rows name (a version whose row is missing is absent).
+    public var versions: [MasterKeyVersionRecord]
+
+    public init(tenant: TenantRecord, keys: [DataKeyRecord], versions: [MasterKeyVersionRecord]) {
+        self.tenant = tenant
+        self.keys = keys
+        self.versions = versions
+    }
+}
+
+extension KeyRepositoryTransaction {
+    /// Three statements: the tenant, the rows, the tenant's versions. The stores answer in one.
+    public func dataKeysForUse(_ tenant: TenantID, ids: [DataKeyID]) async throws -> DataKeysForUse? {
+        guard let record = try await self.tenant(tenant, forUpdate: false) else { return nil }
+        let keys = try await dataKeys(tenant, ids: ids)
+        let named = Set(keys.map(\.version))
+        let versions = try await masterKeyVersions(tenant).filter { named.contains($0.version) }
+        return DataKeysForUse(tenant: record, keys: keys, versions: versions)
+    }
 }
 
 /// Access-control storage is newer than the rest of the port: these defaults let an

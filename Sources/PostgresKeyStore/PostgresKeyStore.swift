@@ -31,6 +31,9 @@ public final class PostgresKeyStore: KeyRepository {
     private let pool: PostgresPool
     private let logger: Logger
     private let isClosed = Atomic<Bool>(false)
+    private let statements = StatementCounter()
+
+    public var statementsRun: Int? { statements.value }
 
     private init(pool: PostgresPool, logger: Logger) {
         self.pool = pool
@@ -133,7 +136,8 @@ public final class PostgresKeyStore: KeyRepository {
     ) async throws -> T {
         try requireOpen()
         return try await withLeasedConnection(operation: "transaction") { connection in
-            let transaction = PostgresTransaction(connection: connection, logger: logger, mode: .readWrite)
+            let transaction = PostgresTransaction(
+                connection: connection, logger: logger, mode: .readWrite, statements: statements)
             try await transaction.begin()
             let value: T
             do {
@@ -152,7 +156,8 @@ public final class PostgresKeyStore: KeyRepository {
     public func read<T: Sendable>(_ body: (any KeyRepositoryTransaction) async throws -> T) async throws -> T {
         try requireOpen()
         return try await withLeasedConnection(operation: "read") { connection in
-            let transaction = PostgresTransaction(connection: connection, logger: logger, mode: .readOnly)
+            let transaction = PostgresTransaction(
+                connection: connection, logger: logger, mode: .readOnly, statements: statements)
             defer { transaction.finish() }
             return try await body(transaction)
         }

@@ -33,12 +33,14 @@ final class PostgresTransaction: KeyRepositoryTransaction {
     private let connection: PostgresConnection
     private let logger: Logger
     private let mode: Mode
+    private let statements: StatementCounter
     private let state = Mutex(State())
 
-    init(connection: PostgresConnection, logger: Logger, mode: Mode) {
+    init(connection: PostgresConnection, logger: Logger, mode: Mode, statements: StatementCounter) {
         self.connection = connection
         self.logger = logger
         self.mode = mode
+        self.statements = statements
     }
 
     // MARK: Life cycle (called by PostgresKeyStore)
@@ -148,6 +150,7 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         guard !finished else {
             throw StorageError(.other, "\(operation): used after its transaction ended")
         }
+        statements.add()
         do {
             return try await Self.execute(query, on: connection, logger: logger, operation: operation)
         } catch {
@@ -399,6 +402,14 @@ final class PostgresTransaction: KeyRepositoryTransaction {
             start = end
         }
         return records
+    }
+
+    func dataKeysForUse(_ tenant: TenantID, ids: [DataKeyID]) async throws -> DataKeysForUse? {
+        guard ids.count <= Self.maximumRowsPerStatement else {
+            throw StorageError(.other, "dataKeysForUse: more than \(Self.maximumRowsPerStatement) ids")
+        }
+        let rows = try await run(SQL.dataKeysForUse(tenant.rawValue, ids.map(\.uuid)), "dataKeysForUse")
+        return try Rows.dataKeysForUse(tenant, rows)
     }
 
     func dataKeys(

@@ -28,6 +28,21 @@ enum SQL {
         "SELECT \(unescaped: Columns.dataKey) FROM data_keys WHERE tenant_id = \(tenant) AND id = ANY(\(ids)::uuid[])"
     }
 
+    /// The tenant, the rows among `ids` and the version each names, in one statement: one row per
+    /// key found (the tenant's columns repeated), or one row of NULL key columns when none is, and
+    /// none when the tenant does not exist.
+    static func dataKeysForUse(_ tenant: String, _ ids: [UUID]) -> PostgresQuery {
+        """
+        SELECT t.state, t.primary_version, t.created_at, t.updated_at, \
+        d.id, d.version, d.state, d.wrapped, d.context_hash, d.encryptions, d.created_at, d.updated_at, \
+        v.state, v.token_key_id, v.invocations_reserved, v.created_at, v.updated_at, v.destroy_after, v.destroyed_at \
+        FROM tenants t \
+        LEFT JOIN data_keys d ON d.tenant_id = t.id AND d.id = ANY(\(ids)::uuid[]) \
+        LEFT JOIN master_key_versions v ON v.tenant_id = t.id AND v.version = d.version \
+        WHERE t.id = \(tenant)
+        """
+    }
+
     static func countLiveDataKeys(_ tenant: String) -> PostgresQuery {
         "SELECT count(*) FROM data_keys WHERE tenant_id = \(tenant) AND state <> 'destroyed'"
     }
@@ -139,6 +154,75 @@ enum Rows {
             createdAt: Timestamp(millisecondsSinceEpoch: created),
             updatedAt: Timestamp(millisecondsSinceEpoch: updated)
         )
+    }
+
+    /// The rows of `SQL.dataKeysForUse`.
+    static func dataKeysForUse(_ tenant: TenantID, _ rows: PostgresQueryResult) throws -> DataKeysForUse? {
+        var found: DataKeysForUse?
+        var versions: [Int: MasterKeyVersionRecord] = [:]
+        for row in rows {
+            let (
+                tenantState, primary, tenantCreated, tenantUpdated,
+                id, version, state, wrapped, contextHash, encryptions, created, updated,
+                versionState, tokenKeyID, reserved, versionCreated, versionUpdated, destroyAfter, destroyedAt
+            ) = try decodeRow(
+                row,
+                as: (
+                    String, Int, Int64, Int64,
+                    UUID?, Int?, String?, ByteBuffer?, ByteBuffer?, Int64?, Int64?, Int64?,
+                    String?, ByteBuffer?, Int64?, Int64?, Int64?, Int64?, Int64?
+                ).self,
+                operation: "dataKeysForUse"
+            )
+            if found == nil {
+                found = DataKeysForUse(
+                    tenant: TenantRecord(
+                        id: tenant,
+                        state: try parse(TenantState.self, tenantState, "tenants.state"),
+                        primaryVersion: primary,
+                        createdAt: Timestamp(millisecondsSinceEpoch: tenantCreated),
+                        updatedAt: Timestamp(millisecondsSinceEpoch: tenantUpdated)
+                    ),
+                    keys: [],
+                    versions: []
+                )
+            }
+            guard let id, let version, let state, let contextHash, let encryptions, let created, let updated else {
+                continue
+            }
+            found?.keys.append(
+                DataKeyRecord(
+                    tenant: tenant,
+                    id: DataKeyID(uuid: id),
+                    version: version,
+                    state: try parse(DataKeyState.self, state, "data_keys.state"),
+                    wrapped: wrapped.map { Array($0.readableBytesView) },
+                    contextHash: Array(contextHash.readableBytesView),
+                    encryptions: encryptions,
+                    createdAt: Timestamp(millisecondsSinceEpoch: created),
+                    updatedAt: Timestamp(millisecondsSinceEpoch: updated)
+                )
+            )
+            guard versions[version] == nil, let versionState, let tokenKeyID, let reserved, let versionCreated,
+                let versionUpdated
+            else { continue }
+            guard let keyID = TokenKeyID(bytes: Array(tokenKeyID.readableBytesView)) else {
+                throw StorageError(.corrupt, "master_key_versions.token_key_id is not \(TokenKeyID.byteCount) bytes")
+            }
+            versions[version] = MasterKeyVersionRecord(
+                tenant: tenant,
+                version: version,
+                state: try parse(MasterKeyState.self, versionState, "master_key_versions.state"),
+                tokenKeyID: keyID,
+                invocationsReserved: reserved,
+                createdAt: Timestamp(millisecondsSinceEpoch: versionCreated),
+                updatedAt: Timestamp(millisecondsSinceEpoch: versionUpdated),
+                destroyAfter: destroyAfter.map(Timestamp.init(millisecondsSinceEpoch:)),
+                destroyedAt: destroyedAt.map(Timestamp.init(millisecondsSinceEpoch:))
+            )
+        }
+        found?.versions = versions.keys.sorted().map { versions[$0]! }
+        return found
     }
 
     static func idempotency(_ row: PostgresRow) throws -> IdempotencyRecord {

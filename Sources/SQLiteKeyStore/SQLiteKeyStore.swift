@@ -54,6 +54,9 @@ public final class SQLiteKeyStore: KeyRepository {
     private let readers: ConnectionQueue
     /// Set once `close()` starts.
     private let closed = Atomic<Bool>(false)
+    private let statements = StatementCounter()
+
+    public var statementsRun: Int? { statements.value }
 
     private init(
         path: String,
@@ -300,8 +303,11 @@ public final class SQLiteKeyStore: KeyRepository {
         writable: Bool,
         begin: String
     ) async throws -> T {
+        // BEGIN and COMMIT (or ROLLBACK).
+        statements.add(2)
         try await SQLiteTransaction.control(connection, begin)
-        let transaction = SQLiteTransaction(connection: connection, writable: writable, logger: logger)
+        let transaction = SQLiteTransaction(
+            connection: connection, writable: writable, logger: logger, statements: statements)
         let value: T
         do {
             value = try await body(transaction)

@@ -21,6 +21,7 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
     let connection: SQLiteConnection
     let writable: Bool
     private let logger: Logger
+    private let statements: StatementCounter
     private let state = Mutex(State())
 
     private struct State {
@@ -35,9 +36,10 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
         var fatal: StorageError?
     }
 
-    init(connection: SQLiteConnection, writable: Bool, logger: Logger) {
+    init(connection: SQLiteConnection, writable: Bool, logger: Logger, statements: StatementCounter) {
         self.connection = connection
         self.writable = writable
+        self.statements = statements
         self.logger = logger
     }
 
@@ -47,6 +49,7 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
     @discardableResult
     func run(_ operation: String, _ sql: String, _ binds: [SQLiteData] = []) async throws -> [SQLiteRow] {
         try checkUsable(operation)
+        statements.add()
         do {
             return try await connection.query(sql, binds)
         } catch {
@@ -305,6 +308,52 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
             start = end
         }
         return records
+    }
+
+    func dataKeysForUse(_ tenant: TenantID, ids: [DataKeyID]) async throws -> DataKeysForUse? {
+        let unique = Array(Set(ids))
+        guard unique.count <= Self.maximumIDsPerLookup else {
+            throw StorageError(.other, "dataKeysForUse: more than \(Self.maximumIDsPerLookup) ids")
+        }
+        var binds: [SQLiteData] = unique.map { .text($0.description) }
+        binds.append(.text(tenant.rawValue))
+        let rows = try await run("dataKeysForUse", SQL.dataKeysForUse(count: unique.count), binds)
+        var found: DataKeysForUse?
+        var versions: [Int: MasterKeyVersionRecord] = [:]
+        for row in rows {
+            if found == nil {
+                let t = RowReader(row: row, table: "tenants")
+                found = DataKeysForUse(
+                    tenant: TenantRecord(
+                        id: tenant,
+                        state: try t.rawValue("t_state", as: TenantState.self),
+                        primaryVersion: try t.int("t_primary_version"),
+                        createdAt: try t.time("t_created_at"),
+                        updatedAt: try t.time("t_updated_at")
+                    ),
+                    keys: [],
+                    versions: []
+                )
+            }
+            guard try RowReader(row: row, table: "data_keys").optionalText("id") != nil else { continue }
+            let key = try DataKeyRecord(row: row)
+            found?.keys.append(key)
+            let v = RowReader(row: row, table: "master_key_versions")
+            guard versions[key.version] == nil, try v.optionalText("v_state") != nil else { continue }
+            versions[key.version] = MasterKeyVersionRecord(
+                tenant: tenant,
+                version: key.version,
+                state: try v.rawValue("v_state", as: MasterKeyState.self),
+                tokenKeyID: try v.tokenKeyID("v_token_key_id"),
+                invocationsReserved: try v.int64("v_invocations_reserved"),
+                createdAt: try v.time("v_created_at"),
+                updatedAt: try v.time("v_updated_at"),
+                destroyAfter: try v.optionalTime("v_destroy_after"),
+                destroyedAt: try v.optionalTime("v_destroyed_at")
+            )
+        }
+        found?.versions = versions.keys.sorted().map { versions[$0]! }
+        return found
     }
 
     func dataKeys(_ tenant: TenantID, state: DataKeyState?, after: DataKeyID?, limit: Int) async throws

@@ -324,6 +324,43 @@ struct RepositoryConformanceTests {
         }
     }
 
+    /// The joined read a decrypt makes (one statement) answers exactly what the three separate
+    /// reads answer: the tenant, the rows among the ids (scoped by tenant, duplicates once), the
+    /// versions they name; nil for a tenant that does not exist.
+    @Test(arguments: StoreKind.allCases)
+    func dataKeysForUseIsOneStatementAndMatchesTheSeparateReads(kind: StoreKind) async throws {
+        try await withStore(kind, "data_keys_for_use") { store in
+            let a = try await seedTenant(store, "a", versions: 3)
+            let b = try await seedTenant(store, "b", versions: 1)
+            let underOne = dataKey(a, version: 1)
+            let underThree = dataKey(a, version: 3)
+            let disabled = dataKey(a, version: 3, state: .disabled)
+            let keyOfB = dataKey(b, version: 1)
+            try await store.transaction { try await $0.insertDataKeys([underOne, underThree, disabled, keyOfB]) }
+            let missing = DataKeyID.random()
+            let ids = [underThree.id, missing, underOne.id, keyOfB.id, disabled.id, underOne.id]
+
+            let before = try #require(store.statementsRun)
+            let joined = try #require(try await store.read { try await $0.dataKeysForUse(a, ids: ids) })
+            // BEGIN (SQLite's read snapshot), the statement, COMMIT; PostgreSQL reads need no BEGIN.
+            #expect(try #require(store.statementsRun) - before <= 3)
+
+            let tenant = try #require(try await store.read { try await $0.tenant(a, forUpdate: false) })
+            #expect(joined.tenant == tenant)
+            #expect(Set(joined.keys) == [underOne, underThree, disabled])
+            #expect(joined.keys.count == 3)
+            let versions = try await store.read { try await $0.masterKeyVersions(a) }
+            #expect(joined.versions == versions.filter { $0.version == 1 || $0.version == 3 })
+
+            let none = try #require(try await store.read { try await $0.dataKeysForUse(a, ids: [missing]) })
+            #expect(none.tenant == tenant)
+            #expect(none.keys.isEmpty && none.versions.isEmpty)
+            let empty = try #require(try await store.read { try await $0.dataKeysForUse(b, ids: []) })
+            #expect(empty.keys.isEmpty)
+            #expect(try await store.read { try await $0.dataKeysForUse(TenantID(trusted: "nobody"), ids: ids) } == nil)
+        }
+    }
+
     @Test(arguments: StoreKind.allCases)
     func dataKeyListingsAreOrderedAndPagedByID(kind: StoreKind) async throws {
         try await withStore(kind, "data_key_paging") { store in
