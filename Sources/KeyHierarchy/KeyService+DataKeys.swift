@@ -173,15 +173,21 @@ extension KeyService {
                         )
                     }
                     let recordsToInsert = records
-                    let stored = try await self.committer.commit(lane: tenant.rawValue) {
-                        transaction -> UnitOutcome<WriteOutcome> in
-                        guard try await self.checkPrimary(transaction, tenant, primary) else {
+                    // Set-based: the tenant lock, the version read, the invocation count and the
+                    // insert are shared with the other GenerateDataKey calls of the batch.
+                    let stored = try await self.committer.commitInScope(lane: tenant.rawValue) {
+                        transaction, scope -> UnitOutcome<WriteOutcome> in
+                        guard try await self.checkPrimary(transaction, tenant, primary, scope: scope) else {
                             return UnitOutcome(.primaryMoved, audit: [])
                         }
-                        guard try await self.countInvocations(transaction, tenant, primary, Int64(count)) else {
+                        guard
+                            try await scope.reserveInvocations(
+                                tenant, primary, count: Int64(count), limit: self.configuration.invocationLimit,
+                                in: transaction)
+                        else {
                             return UnitOutcome(.invocationLimitReached, audit: [])
                         }
-                        try await transaction.insertDataKeys(recordsToInsert)
+                        scope.insertDataKeys(recordsToInsert)
                         if let key = idempotencyKey {
                             try await self.rememberIdempotent(
                                 transaction,
@@ -246,13 +252,21 @@ extension KeyService {
     /// Inside a write transaction: the tenant is enabled, `version` is still its primary (the row
     /// is locked, so a rotation waits for this transaction) and active. False when the primary
     /// moved on; throws when the tenant or version state forbids new keys.
+    /// With `scope`, the rows are read once per batch through it.
     func checkPrimary(
         _ transaction: any KeyRepositoryTransaction,
         _ tenant: TenantID,
         _ version: MasterKeyVersionNumber,
-        allowDisabledTenant: Bool = false
+        allowDisabledTenant: Bool = false,
+        scope: BatchScope? = nil
     ) async throws -> Bool {
-        guard let record = try await transaction.tenant(tenant, forUpdate: true) else {
+        let locked =
+            if let scope {
+                try await scope.lockedTenant(tenant, in: transaction)
+            } else {
+                try await transaction.tenant(tenant, forUpdate: true)
+            }
+        guard let record = locked else {
             throw KeyServiceError(.notFound, "tenant \(tenant) not found")
         }
         // Moving keys (rewrap) is maintenance and may run while the tenant is disabled.
@@ -260,8 +274,13 @@ extension KeyService {
             throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(record.state.rawValue)")
         }
         guard record.primaryVersion == version else { return false }
-        guard let versionRecord = try await transaction.masterKeyVersion(tenant, version),
-            versionRecord.state == .active
+        let read =
+            if let scope {
+                try await scope.masterKeyVersion(tenant, version, in: transaction)
+            } else {
+                try await transaction.masterKeyVersion(tenant, version)
+            }
+        guard let versionRecord = read, versionRecord.state == .active
         else {
             throw KeyServiceError(
                 .failedPrecondition,
@@ -349,15 +368,13 @@ extension KeyService {
         _ requests: [DataKeyRequest],
         request: RequestContext
     ) async throws -> [Result<DecryptedDataKey, KeyServiceError>] {
-        let (found, tenantRecord, versions) = try await repository.read { transaction in
-            (
-                try await transaction.dataKeys(tenant, ids: requests.map(\.id)),
-                try await transaction.tenant(tenant, forUpdate: false),
-                try await transaction.masterKeyVersions(tenant)
-            )
-        }
-        let rows = Dictionary(found.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
-        guard let tenantRecord else { throw KeyServiceError(.notFound, "tenant \(tenant) not found") }
+        // One statement on both stores: the tenant, the rows and their versions, fresh (nothing a
+        // decrypt checks is cached, so a disabled tenant or version refuses the next call).
+        let use = try await useReads.submit(UseRead(tenant: tenant, ids: requests.map(\.id)))
+        guard let use else { throw KeyServiceError(.notFound, "tenant \(tenant) not found") }
+        let tenantRecord = use.tenant
+        let versions = use.versions
+        let rows = Dictionary(use.keys.map { ($0.id, $0) }, uniquingKeysWith: { first, _ in first })
         guard tenantRecord.state == .enabled else {
             throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(tenantRecord.state.rawValue)")
         }
@@ -413,6 +430,33 @@ extension KeyService {
             }
         }
         return results.map { $0! }
+    }
+
+    /// One round of `useReads`: one read, one statement per tenant (the ids of all its requests),
+    /// each request answered with its own keys and the versions they name.
+    static func readForUse(_ requests: [UseRead], _ repository: any KeyRepository) async throws
+        -> [Result<DataKeysForUse?, any Error>]
+    {
+        var idsByTenant: [TenantID: Set<DataKeyID>] = [:]
+        for request in requests { idsByTenant[request.tenant, default: []].formUnion(request.ids) }
+        let found = try await repository.read { transaction in
+            var found: [TenantID: DataKeysForUse?] = [:]
+            for (tenant, ids) in idsByTenant {
+                found[tenant] = try await transaction.dataKeysForUse(tenant, ids: Array(ids))
+            }
+            return found
+        }
+        return requests.map { request in
+            guard let use = found[request.tenant] ?? nil else { return .success(nil) }
+            // Alone in its round: everything read is its own.
+            if requests.count == 1 { return .success(use) }
+            let mine = Set(request.ids)
+            let keys = use.keys.filter { mine.contains($0.id) }
+            let named = Set(keys.map(\.version))
+            return .success(
+                DataKeysForUse(
+                    tenant: use.tenant, keys: keys, versions: use.versions.filter { named.contains($0.version) }))
+        }
     }
 
     /// A stored row that can be used for a caller: exists, enabled, and holds a parseable blob
@@ -708,7 +752,7 @@ extension KeyService {
     /// transaction of its own, so it stays even though the call fails). The operations concerned
     /// come back as failures, which callers map to `dataLoss`.
     func performChecked(_ operations: [TokenOperation], request: RequestContext) async throws -> [TokenResult] {
-        let results = try await token.perform(operations)
+        let results = try await tokenRounds.submit(operations)
         var violated: [TokenKeyID: (version: VersionRef?, detail: String)] = [:]
         for (operation, result) in zip(operations, results) {
             guard case .failed(let error) = result, error.kind == .bindingViolation, let key = error.key else {

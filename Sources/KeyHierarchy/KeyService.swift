@@ -26,6 +26,20 @@ public final class KeyService: Sendable {
     let primaryVersions = Mutex<[TenantID: MasterKeyVersionNumber]>([:])
     /// Automatic rotations running, by the version that reached its limit: callers share one.
     let automaticRotations = Mutex<[VersionRef: Task<Void, any Error>]>([:])
+    /// Token operations of concurrent calls, performed together in one session lease per round.
+    let tokenRounds: Coalescer<[TokenOperation], [TokenResult]>
+    /// The reads of concurrent decrypts, made together in one statement per tenant per round.
+    let useReads: Coalescer<UseRead, DataKeysForUse?>
+
+    /// Rounds of coalesced token operations or reads running at once: the session pool's default
+    /// size (more would only queue for a session) and the SQLite store's reader count.
+    static let roundsInFlight = 4
+
+    /// What one decrypt reads: the keys `ids` of `tenant`, with the tenant and their versions.
+    struct UseRead: Sendable {
+        let tenant: TenantID
+        let ids: [DataKeyID]
+    }
 
     struct VersionRef: Hashable, Sendable {
         let tenant: TenantID
@@ -45,6 +59,25 @@ public final class KeyService: Sendable {
         self.configuration = configuration
         self.logger = logger
         self.anchoring = AuditAnchoring(token: token, checkpointInterval: configuration.auditCheckpointInterval)
+        self.tokenRounds = Coalescer(
+            maximumRounds: Self.roundsInFlight,
+            maximumWeight: KeyServiceConfiguration.maximumBatchSize,
+            weight: { $0.count },
+            run: { [token] requests in
+                let results = try await token.perform(requests.flatMap { $0 })
+                var offset = 0
+                return requests.map { operations in
+                    defer { offset += operations.count }
+                    return .success(Array(results[offset..<offset + operations.count]))
+                }
+            }
+        )
+        self.useReads = Coalescer(
+            maximumRounds: Self.roundsInFlight,
+            maximumWeight: KeyServiceConfiguration.maximumBatchSize,
+            weight: { max(1, $0.ids.count) },
+            run: { [repository] requests in try await Self.readForUse(requests, repository) }
+        )
         self.committer = GroupCommitter(
             repository: repository,
             maximumBatch: configuration.groupCommitMaximumBatch,

@@ -1,0 +1,113 @@
+import Synchronization
+
+/// Runs the requests of concurrent callers together: a caller that finds a free round runs its
+/// request at once (no added wait when idle); requests that arrive while every round is busy
+/// queue, and the next round takes all of them (up to `maximumWeight`) in one go. So N callers
+/// cost about one round trip to the database, or one session lease on the token, per round rather
+/// than one each, and a single caller costs what it did before.
+///
+/// Each request gets its own result: `run` answers one `Result` per request, in order; when `run`
+/// throws, every request of the round gets the error (what each would have got alone, since a
+/// round fails only when the database or the token does).
+///
+/// Written here rather than taken from a library: the shape is group commit's (``GroupCommitter``)
+/// without the transaction, and neither swift-nio nor swift-async-algorithms has a batching
+/// primitive that starts the first request at once.
+final class Coalescer<Request: Sendable, Response: Sendable>: Sendable {
+    typealias Run = @Sendable ([Request]) async throws -> [Result<Response, any Error>]
+
+    private struct Waiting: Sendable {
+        let request: Request
+        let weight: Int
+        let continuation: CheckedContinuation<Response, any Error>
+    }
+
+    private struct State: Sendable {
+        var queue: [Waiting] = []
+        var rounds = 0
+    }
+
+    private let maximumRounds: Int
+    private let maximumWeight: Int
+    private let weight: @Sendable (Request) -> Int
+    private let run: Run
+    private let state = Mutex(State())
+
+    /// - Parameters:
+    ///   - maximumRounds: rounds running at once (the connections or sessions worth using).
+    ///   - maximumWeight: the most weight one round takes (a request heavier than it runs alone).
+    init(maximumRounds: Int, maximumWeight: Int, weight: @escaping @Sendable (Request) -> Int, run: @escaping Run) {
+        precondition(maximumRounds >= 1 && maximumWeight >= 1)
+        self.maximumRounds = maximumRounds
+        self.maximumWeight = maximumWeight
+        self.weight = weight
+        self.run = run
+    }
+
+    /// Requests queued now (for tests).
+    var queued: Int { state.withLock { $0.queue.count } }
+
+    func submit(_ request: Request) async throws -> Response {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Response, any Error>) in
+            let waiting = Waiting(request: request, weight: weight(request), continuation: continuation)
+            let round: [Waiting]? = state.withLock { state in
+                state.queue.append(waiting)
+                guard state.rounds < maximumRounds else { return nil }
+                state.rounds += 1
+                return Self.take(&state.queue, maximumWeight)
+            }
+            if let round {
+                Task { await self.drain(first: round) }
+            }
+        }
+    }
+
+    /// Runs `first`, then further rounds while requests wait; gives the round back when none does.
+    private func drain(first: [Waiting]) async {
+        var round = first
+        while !round.isEmpty {
+            await execute(round)
+            round = state.withLock { state in
+                let next = Self.take(&state.queue, maximumWeight)
+                if next.isEmpty { state.rounds -= 1 }
+                return next
+            }
+        }
+    }
+
+    private func execute(_ round: [Waiting]) async {
+        do {
+            let results = try await run(round.map(\.request))
+            guard results.count == round.count else {
+                for waiting in round {
+                    waiting.continuation.resume(throwing: CoalescerError.resultCountMismatch)
+                }
+                return
+            }
+            for (waiting, result) in zip(round, results) {
+                waiting.continuation.resume(with: result)
+            }
+        } catch {
+            for waiting in round { waiting.continuation.resume(throwing: error) }
+        }
+    }
+
+    /// The oldest requests up to `maximumWeight` in all, at least one.
+    private static func take(_ queue: inout [Waiting], _ maximumWeight: Int) -> [Waiting] {
+        var total = 0
+        var count = 0
+        for waiting in queue {
+            if count > 0 && total + waiting.weight > maximumWeight { break }
+            total += waiting.weight
+            count += 1
+        }
+        let taken = Array(queue.prefix(count))
+        queue.removeFirst(count)
+        return taken
+    }
+}
+
+/// A round's `run` broke its contract (a programming error, reported rather than trapped).
+enum CoalescerError: Error {
+    case resultCountMismatch
+}
