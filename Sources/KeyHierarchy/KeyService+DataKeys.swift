@@ -226,10 +226,10 @@ extension KeyService {
                         // first) and generate under the new primary.
                         try await self.rotateAtInvocationLimit(tenant, primary: primary, request: request)
                     }
-                    self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                    self.cache.forgetPrimary(tenant)
                 } catch let error as StorageError where error.kind == .conflict {
                     // Lost a lock race to another gateway instance: nothing was stored; go again.
-                    self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+                    self.cache.forgetPrimary(tenant)
                 } catch  where idempotencyKey != nil && Self.isDuplicate(error) {
                     // A concurrent call with the same idempotency key committed first.
                     guard let key = idempotencyKey,
@@ -292,14 +292,14 @@ extension KeyService {
 
     /// The tenant's primary version (cached), failing when the tenant cannot use keys.
     func primaryVersion(_ tenant: TenantID) async throws -> MasterKeyVersionNumber {
-        if let cached = primaryVersions.withLock({ $0[tenant] }) { return cached }
+        if let cached = cache.primary(tenant) { return cached }
         guard let record = try await repository.read({ try await $0.tenant(tenant, forUpdate: false) }) else {
             throw KeyServiceError(.notFound, "tenant \(tenant) not found")
         }
         guard record.state == .enabled else {
             throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(record.state.rawValue)")
         }
-        primaryVersions.withLock { $0[tenant] = record.primaryVersion }
+        cache.setPrimary(tenant, record.primaryVersion)
         return record.primaryVersion
     }
 
@@ -741,7 +741,7 @@ extension KeyService {
             case .invocationLimitReached:
                 try await rotateAtInvocationLimit(tenant, primary: primary, request: request)
             }
-            primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+            cache.forgetPrimary(tenant)
         }
         throw KeyServiceError(.aborted, "the primary version kept changing; retry")
     }
@@ -768,7 +768,7 @@ extension KeyService {
         guard !violated.isEmpty else { return results }
         for (key, (version, detail)) in violated.sorted(by: { $0.key.description < $1.key.description }) {
             if let version {
-                masterKeys.withLock { _ = $0.removeValue(forKey: version) }
+                cache.forgetTokenKey(version)
             }
             logger.error(
                 "master key binding violated: the key store names a token object that is not this version's key",

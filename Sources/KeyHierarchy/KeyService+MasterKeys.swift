@@ -183,11 +183,10 @@ extension KeyService {
                     _ = try? await token.destroyMasterKey(id: tokenKeyID)
                     continue
                 }
-                masterKeys.withLock {
-                    $0[VersionRef(tenant: tenant, version: number)] = TokenKeyReference(
-                        id: tokenKeyID, tenant: tenant, version: number)
-                }
-                if activate { primaryVersions.withLock { $0[tenant] = number } }
+                cache.setTokenKey(
+                    VersionRef(tenant: tenant, version: number),
+                    TokenKeyReference(id: tokenKeyID, tenant: tenant, version: number))
+                if activate { cache.setPrimary(tenant, number) }
                 logger.info(
                     "master key rotated",
                     metadata: ["tenant": "\(tenant)", "version": "\(number)", "request": "\(request.requestID)"]
@@ -366,9 +365,7 @@ extension KeyService {
                 if candidate.state != .destroying {
                     guard try await self.beginDestruction(candidate, now: now, request: request) else { continue }
                 }
-                self.masterKeys.withLock {
-                    _ = $0.removeValue(forKey: VersionRef(tenant: candidate.tenant, version: candidate.version))
-                }
+                self.cache.forgetTokenKey(VersionRef(tenant: candidate.tenant, version: candidate.version))
                 if let record = try await self.finishDestruction(
                     candidate.tenant, candidate.version, tokenKeyID: candidate.tokenKeyID, request: request)
                 {
@@ -518,7 +515,7 @@ extension KeyService {
                     ]
                 )
             }.value
-            self.primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
+            self.cache.forgetPrimary(tenant)
             return record
         }
     }
@@ -526,13 +523,13 @@ extension KeyService {
     /// The token object of a version: its stored `CKA_ID` and the label it must carry (cached;
     /// versions never change their key object).
     func masterKey(_ version: VersionRef) async throws -> TokenKeyReference {
-        if let cached = masterKeys.withLock({ $0[version] }) { return cached }
+        if let cached = cache.tokenKey(version) { return cached }
         guard let record = try await repository.read({ try await $0.masterKeyVersion(version.tenant, version.version) })
         else {
             throw KeyServiceError(.notFound, "version \(version.version) of tenant \(version.tenant) not found")
         }
         let reference = TokenKeyReference(id: record.tokenKeyID, tenant: version.tenant, version: version.version)
-        masterKeys.withLock { $0[version] = reference }
+        cache.setTokenKey(version, reference)
         return reference
     }
 }

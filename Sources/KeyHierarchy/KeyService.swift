@@ -18,12 +18,8 @@ public final class KeyService: Sendable {
     /// Anchors the audit chain in the HSM (every batch of the committer).
     let anchoring: AuditAnchoring
     let logger: Logger
-    /// The token object of each version (`CKA_ID` and the label it must carry): fixed once a
-    /// version exists, so it is cached until a binding check fails or the tenant is shredded.
-    let masterKeys = Mutex<[VersionRef: TokenKeyReference]>([:])
-    /// Each tenant's primary version as last seen; every write re-checks it in its transaction,
-    /// so a stale entry costs one retry, never a key under a non-primary version.
-    let primaryVersions = Mutex<[TenantID: MasterKeyVersionNumber]>([:])
+    /// Each tenant's primary version and the token object of each version, as last seen.
+    public let cache = TenantKeyCache()
     /// Automatic rotations running, by the version that reached its limit: callers share one.
     let automaticRotations = Mutex<[VersionRef: Task<Void, any Error>]>([:])
     /// Token operations of concurrent calls, performed together in one session lease per round.
@@ -41,10 +37,7 @@ public final class KeyService: Sendable {
         let ids: [DataKeyID]
     }
 
-    struct VersionRef: Hashable, Sendable {
-        let tenant: TenantID
-        let version: MasterKeyVersionNumber
-    }
+    typealias VersionRef = TenantKeyCache.VersionRef
 
     public init(
         token: any MasterKeyToken,
@@ -149,10 +142,9 @@ public final class KeyService: Sendable {
                         ]
                     )
                 }
-                masterKeys.withLock {
-                    $0[VersionRef(tenant: id, version: 1)] = TokenKeyReference(id: tokenKeyID, tenant: id, version: 1)
-                }
-                primaryVersions.withLock { $0[id] = 1 }
+                cache.setTokenKey(
+                    VersionRef(tenant: id, version: 1), TokenKeyReference(id: tokenKeyID, tenant: id, version: 1))
+                cache.setPrimary(id, 1)
                 return committed.value
             } catch {
                 // The row was not written: the new token object would be an orphan.
@@ -613,8 +605,7 @@ public final class KeyService: Sendable {
     }
 
     func forget(tenant: TenantID) {
-        primaryVersions.withLock { _ = $0.removeValue(forKey: tenant) }
-        masterKeys.withLock { keys in keys = keys.filter { $0.key.tenant != tenant } }
+        cache.invalidate(tenant)
     }
 
     // MARK: Idempotency
