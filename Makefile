@@ -14,9 +14,10 @@ SHELL := /bin/bash
 SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
 # openssl makes the test PKI; protobuf-compiler and python3-venv serve the Python interop client;
-# gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time.
+# gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time;
+# jq, curl and procps (pgrep) serve scripts/bench-deployment.sh.
 APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
-    python3 python3-venv gcc
+    python3 python3-venv gcc jq curl procps
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev
 DEV_TOKEN_LABEL ?= hsmgw-dev
@@ -25,12 +26,14 @@ SOFTHSM2_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 LISTEN ?= 127.0.0.1:7700
 METRICS_LISTEN ?= 127.0.0.1:7701
 
-.PHONY: help deps build run dev-token preflight test interop bench format lint clean
+.PHONY: help deps build run dev-token preflight test interop bench bench-deployment format lint clean
 
 help:
 	@echo "make run    build and start hsm-gateway --dev (token and SQLite in $(DATA_DIR)/, $(LISTEN))"
 	@echo "make test   install dependencies, build, run every test"
 	@echo "make bench  release build; AES-GCM and key-service benchmarks on throwaway tokens and stores (docs/benchmarks.md)"
+	@echo "make bench-deployment  release build; the gateway as its own process over TLS on both stores, driven by"
+	@echo "            hsm-bench load, with CPU per call and the token's and PostgreSQL's ceilings (docs/benchmarks.md)"
 
 # Installs only what is missing, so a machine that has everything never needs root or the network.
 deps:
@@ -90,6 +93,11 @@ bench: deps
 	.build/release/hsm-bench keys --module "$(SOFTHSM2_MODULE)" --store postgres --tasks 16
 	.build/release/hsm-bench wire --module "$(SOFTHSM2_MODULE)" --store sqlite --concurrency 16,64
 	.build/release/hsm-bench wire --module "$(SOFTHSM2_MODULE)" --store postgres --concurrency 16,64
+
+# The gateway as it is deployed; the script builds, and takes its settings from the environment
+# (STORES, MIXES, CONCURRENCY, DURATION, WARMUP, OUT, …; its header lists them all).
+bench-deployment: deps
+	SOFTHSM2_MODULE="$(SOFTHSM2_MODULE)" scripts/bench-deployment.sh
 
 format:
 	$(SWIFT) format -i -r Package.swift Sources Tests

@@ -45,16 +45,19 @@ final class BenchGateway: Sendable {
     let caCertificatePath: String?
     /// The throwaway directory (the token, the store, the certificates).
     let directory: String
+    /// The gateway's token, for measurements beside it on the same token (`compare`).
+    let token: ThrowawayToken
     private let server: Task<Void, any Error>
     private let cleanup: @Sendable () -> Void
 
     private init(
         app: GatewayServerApp, adminToken: String, port: Int, trust: GatewayClientConfiguration.TransportSecurity,
-        caCertificatePath: String?, directory: String, server: Task<Void, any Error>,
+        caCertificatePath: String?, directory: String, token: ThrowawayToken, server: Task<Void, any Error>,
         cleanup: @escaping @Sendable () -> Void
     ) {
         self.caCertificatePath = caCertificatePath
         self.directory = directory
+        self.token = token
         self.app = app
         self.adminToken = adminToken
         self.port = port
@@ -127,7 +130,7 @@ final class BenchGateway: Sendable {
             let port = try await app.listeningAddresses().first?.port ?? 0
             return BenchGateway(
                 app: app, adminToken: adminToken, port: port, trust: trust, caCertificatePath: caCertificatePath,
-                directory: directory, server: server,
+                directory: directory, token: throwaway, server: server,
                 cleanup: { [cleanups] in for step in cleanups.reversed() { step() } })
         } catch {
             for step in cleanups.reversed() { step() }

@@ -11,7 +11,7 @@ struct HSMBench: AsyncParsableCommand {
         abstract: "Benchmarks on a throwaway SoftHSM2 token.",
         subcommands: [
             GCMBenchmark.self, KeysBenchmark.self, WireBenchmark.self, FloodBenchmark.self, FloodLoad.self,
-            LoadBenchmark.self,
+            LoadBenchmark.self, CompareBenchmark.self,
         ],
         defaultSubcommand: GCMBenchmark.self
     )

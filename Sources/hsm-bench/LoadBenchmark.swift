@@ -64,6 +64,10 @@ struct LoadBenchmark: AsyncParsableCommand {
     /// Keys per preload call: the protocol's batch limit.
     static let preloadBatchSize = 1000
 
+    /// The stderr lines of `--mark-window`, exactly (scripts match them).
+    static let windowOpenLine = "hsm-bench load: window open"
+    static let windowClosedLine = "hsm-bench load: window closed"
+
     // MARK: Options
 
     @Option(help: "The running gateway: host:port, [IPv6]:port, or unix:PATH.")
@@ -134,6 +138,12 @@ struct LoadBenchmark: AsyncParsableCommand {
 
     @Flag(help: "Print the result as one JSON object on stdout instead of the table.")
     var json = false
+
+    @Flag(
+        help:
+            "Print \"\(LoadBenchmark.windowOpenLine)\" and \"\(LoadBenchmark.windowClosedLine)\" on stderr as the measured window opens and closes (for a script that samples CPU time around it)."
+    )
+    var markWindow = false
 
     // MARK: Validation
 
@@ -247,6 +257,7 @@ struct LoadBenchmark: AsyncParsableCommand {
             let window = windowStart..<(windowStart + .milliseconds(Int(duration * 1000)))
             let recorder = LoadRecorder(operations: mix.entries.count, window: window)
             let progressLine = showProgress ? Self.progressLoop(recorder, start: start) : nil
+            let windowCPU = Self.windowCPU(window, marked: markWindow)
             if let rate {
                 await Self.openLoop(
                     rate: rate, maxOutstanding: maxOutstanding, mix: mix, fixtures: fixtures, clients: clients,
@@ -256,6 +267,8 @@ struct LoadBenchmark: AsyncParsableCommand {
                     concurrency: concurrency, mix: mix, fixtures: fixtures, clients: clients, recorder: recorder)
             }
             progressLine?.cancel()
+            // The window has closed once the loop returns; this only waits for the task to see it.
+            let cpuSeconds = await windowCPU.value
             let (tallies, notSent) = recorder.result
             report = LoadReport(
                 settings: LoadSettings(
@@ -263,7 +276,7 @@ struct LoadBenchmark: AsyncParsableCommand {
                     concurrency: concurrency, maxOutstanding: maxOutstanding, connections: connections, warmup: warmup,
                     duration: duration, deadlineMilliseconds: deadlineMs, payloadBytes: payloadBytes,
                     batchSize: batchSize, preload: fixtures.keyIDs.count),
-                mix: mix, tallies: tallies, notSent: notSent)
+                mix: mix, tallies: tallies, notSent: notSent, cpuSeconds: cpuSeconds)
         } catch {
             for client in clients { await client.shutdown(drainLimit: .seconds(1)) }
             throw LoadError("\(error)")
@@ -450,6 +463,27 @@ struct LoadBenchmark: AsyncParsableCommand {
                 last = now
             }
         }
+    }
+
+    /// The CPU seconds this process uses while `window` is open, read at each bound; with
+    /// `marked`, the `--mark-window` line is printed right after each reading.
+    static func windowCPU(_ window: Range<ContinuousClock.Instant>, marked: Bool) -> Task<Double, Never> {
+        Task {
+            try? await Task.sleep(until: window.lowerBound, clock: .continuous)
+            let opened = processCPUSeconds()
+            if marked { printError(windowOpenLine) }
+            try? await Task.sleep(until: window.upperBound, clock: .continuous)
+            let closed = processCPUSeconds()
+            if marked { printError(windowClosedLine) }
+            return closed - opened
+        }
+    }
+
+    /// User and system CPU time of the whole process (every thread) so far.
+    static func processCPUSeconds() -> Double {
+        var now = timespec()
+        guard clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now) == 0 else { return 0 }
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
     }
 
     static func printError(_ line: String) {

@@ -30,18 +30,24 @@ struct LoadMeasurement {
         return LoadMeasurement(elapsed: ContinuousClock.now - started, latencies: latencies)
     }
 
+    /// Completed operations per second over the whole run.
+    var opsPerSecond: Double { Double(latencies.count) / GCMBenchmark.seconds(elapsed) }
+
+    /// The latency at quantile `p` (0.5 for the median) in milliseconds; nil when nothing completed.
+    func milliseconds(atQuantile p: Double) -> Double? {
+        let sorted = latencies.sorted()
+        guard !sorted.isEmpty else { return nil }
+        return GCMBenchmark.seconds(sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) * 1000
+    }
+
     /// The latency at quantile `p` (0.5 for the median), in milliseconds with two decimals.
     func percentile(_ p: Double) -> String {
-        let sorted = latencies.sorted()
-        guard !sorted.isEmpty else { return "-" }
-        let value = sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-        return String(format: "%.2f ms", GCMBenchmark.seconds(value) * 1000)
+        milliseconds(atQuantile: p).map { String(format: "%.2f ms", $0) } ?? "-"
     }
 
     /// Prints ops/s, p50 and p99 on one line.
     func report(_ name: String, concurrency: Int? = nil) {
-        let sorted = latencies
-        let rate = Double(sorted.count) / GCMBenchmark.seconds(elapsed)
+        let rate = opsPerSecond
         let label = name.padding(toLength: 16, withPad: " ", startingAt: 0) + (concurrency.map { " x\($0)\t" } ?? " ")
         print("\(label)\(GCMBenchmark.format(rate)) ops/s   p50 \(percentile(0.5))   p99 \(percentile(0.99))")
     }

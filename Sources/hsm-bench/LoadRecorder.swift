@@ -147,6 +147,9 @@ struct LoadReport: Encodable {
     var preload: Int
     /// Open loop: sends due in the window but skipped because the cap was reached.
     var notSent: Int
+    /// CPU time (user and system, every thread) this process used while the window was open:
+    /// whether the load generator itself was short of CPU.
+    var cpuSeconds: Double
     var operations: [String: Operation]
     var total: Operation
     /// Mix order, for the table.
@@ -154,10 +157,10 @@ struct LoadReport: Encodable {
 
     enum CodingKeys: String, CodingKey {
         case target, transport, tenant, mode, concurrency, rate, maxOutstanding, connections, warmupSeconds,
-            durationSeconds, deadlineMs, payloadBytes, batchSize, preload, notSent, operations, total
+            durationSeconds, deadlineMs, payloadBytes, batchSize, preload, notSent, cpuSeconds, operations, total
     }
 
-    init(settings: LoadSettings, mix: LoadMix, tallies: [LoadRecorder.Tally], notSent: Int) {
+    init(settings: LoadSettings, mix: LoadMix, tallies: [LoadRecorder.Tally], notSent: Int, cpuSeconds: Double) {
         target = settings.target
         transport = settings.transport
         tenant = settings.tenant
@@ -173,6 +176,7 @@ struct LoadReport: Encodable {
         batchSize = settings.batchSize
         preload = settings.preload
         self.notSent = notSent
+        self.cpuSeconds = (cpuSeconds * 1000).rounded() / 1000
         var operations: [String: Operation] = [:]
         var all = LoadRecorder.Tally()
         for (index, entry) in mix.entries.enumerated() {
@@ -234,6 +238,10 @@ struct LoadReport: Encodable {
         if mode == "open" {
             lines.append("not sent (\(maxOutstanding ?? 0) outstanding, the cap): \(notSent)")
         }
+        let calls = total.count + total.errorCount
+        lines.append(
+            "load generator CPU in the window: \(String(format: "%.3f", cpuSeconds)) s"
+                + (calls > 0 ? String(format: " (%.0f µs per call)", cpuSeconds * 1e6 / Double(calls)) : ""))
         return lines.joined(separator: "\n")
     }
 

@@ -120,6 +120,34 @@ struct LoadToolTests {
         }
     }
 
+    @Test("--mark-window: the window's opening and closing on stderr, in order, and the tool's own CPU in the report")
+    func markWindow() async throws {
+        let gateway = try await HSMFaultTests.DevGateway.start("load-marks")
+        defer { gateway.process.send(SIGKILL) }
+        let arguments =
+            Self.targetArguments(gateway) + [
+                "--json", "--duration", "1", "--warmup", "0.5", "--concurrency", "2", "--mix", "decrypt=1",
+                "--preload", "10", "--create-tenant", "--tenant", "load-marks",
+            ]
+        let marked = try await Self.load(arguments + ["--mark-window"])
+        #expect(marked.status == 0, "\(marked)")
+        let lines = marked.error.split(separator: "\n").map(String.init)
+        let open = try #require(lines.firstIndex(of: "hsm-bench load: window open"), "\(marked)")
+        let closed = try #require(lines.firstIndex(of: "hsm-bench load: window closed"), "\(marked)")
+        #expect(open < closed)
+        #expect(lines.filter { $0.hasPrefix("hsm-bench load: window") }.count == 2, "\(marked)")
+        let report = try Self.report(marked)
+        try Self.expectClean(try Self.operation(report, "decrypt"), "decrypt")
+        // Calls were made in the window, so the tool used CPU in it; never more than all of the
+        // machine's cores for the whole second (with room for the clock's granularity).
+        let cpu = try #require(report["cpuSeconds"] as? Double, "\(report)")
+        #expect(cpu > 0 && cpu < Double(ProcessInfo.processInfo.activeProcessorCount) * 1.5, "\(cpu)")
+
+        let unmarked = try await Self.load(arguments)
+        #expect(unmarked.status == 0, "\(unmarked)")
+        #expect(!unmarked.error.contains("hsm-bench load: window"), "\(unmarked)")
+    }
+
     @Test("open loop: every due send is either made or counted as not sent, latency from the due time")
     func openLoopAccountsForEverySend() async throws {
         let gateway = try await HSMFaultTests.DevGateway.start("load-open")
@@ -171,6 +199,7 @@ struct LoadToolTests {
             #expect(lines.contains { $0.hasPrefix(name + " ") }, "no row for \(name): \(table)")
         }
         #expect(table.error.contains("[1 s] measuring:"), "no progress line: \(table)")
+        #expect(lines.contains { $0.hasPrefix("load generator CPU in the window: ") }, "\(table)")
     }
 
     @Test(
