@@ -1,7 +1,8 @@
 import Synchronization
 
-/// Runs the requests of concurrent callers together: a caller that finds a free round runs its
-/// request at once (no added wait when idle); requests that arrive while every round is busy
+/// Runs the requests of concurrent callers together: a caller that finds a free round and nothing
+/// waiting runs its request at once, in its own task (no added wait or hop when idle); requests
+/// that arrive while every round is busy
 /// queue, and the next round takes all of them (up to `maximumWeight`) in one go. So N callers
 /// cost about one round trip to the database, or one session lease on the token, per round rather
 /// than one each, and a single caller costs what it did before.
@@ -48,7 +49,30 @@ final class Coalescer<Request: Sendable, Response: Sendable>: Sendable {
     var queued: Int { state.withLock { $0.queue.count } }
 
     func submit(_ request: Request) async throws -> Response {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Response, any Error>) in
+        // Nothing waits and a round is free: run it here, in the caller's own task, so a lone caller
+        // costs no task and no thread hop; whatever queued meanwhile is handed to a task after.
+        let leads = state.withLock { state in
+            guard state.queue.isEmpty, state.rounds < maximumRounds else { return false }
+            state.rounds += 1
+            return true
+        }
+        if leads {
+            let result: Result<Response, any Error>
+            do {
+                let results = try await run([request])
+                result = results.count == 1 ? results[0] : .failure(CoalescerError.resultCountMismatch)
+            } catch {
+                result = .failure(error)
+            }
+            let next = state.withLock { state in
+                let next = Self.take(&state.queue, maximumWeight)
+                if next.isEmpty { state.rounds -= 1 }
+                return next
+            }
+            if !next.isEmpty { Task { await self.drain(first: next) } }
+            return try result.get()
+        }
+        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Response, any Error>) in
             let waiting = Waiting(request: request, weight: weight(request), continuation: continuation)
             let round: [Waiting]? = state.withLock { state in
                 state.queue.append(waiting)

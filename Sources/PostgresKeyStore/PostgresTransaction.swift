@@ -97,6 +97,11 @@ final class PostgresTransaction: KeyRepositoryTransaction {
     /// postgres-nio never completes it (1.33 was seen to leave statements on a backend terminated
     /// by `pg_terminate_backend` waiting for good), and after `statementTimeout` (30 s) at the latest
     /// (closing the connection).
+    ///
+    /// Both guards live on the connection's event loop (a scheduled task and a close callback), so
+    /// a statement costs one hop there and one back: a timer task per statement, as this once had,
+    /// cost two task spawns and a wake-up of the dispatch timer thread each, about a third of the
+    /// gateway's CPU at one caller (docs/benchmarks.md, issue 13).
     static func execute(
         _ query: PostgresQuery,
         on connection: PostgresConnection,
@@ -104,15 +109,13 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         operation: String
     ) async throws -> PostgresQueryResult {
         do {
-            return try await PostgresPool.withTimeout(statementTimeout) {
-                try await untilClosed(connection, connection.query(query, logger: logger)).get()
-            }
-        } catch is PostgresPool.ProbeTimeout {
+            return try await guarded(connection, connection.query(query, logger: logger)).get()
+        } catch is StatementTimedOut {
             logger.error(
                 "a postgres statement did not complete in time; closing its connection",
                 metadata: ["operation": "\(operation)", "timeout": "\(statementTimeout)"]
             )
-            Task { try? await connection.close() }
+            connection.close().whenComplete { _ in }
             throw StorageError(.unavailable, "\(operation): no answer within \(statementTimeout)")
         }
     }
@@ -120,24 +123,37 @@ final class PostgresTransaction: KeyRepositoryTransaction {
     /// The connection closed before the statement completed.
     struct ConnectionClosedMidStatement: Error {}
 
-    /// `future`, or a failure as soon as `connection` closes first. Both callbacks run on the
-    /// connection's event loop, so the box that decides which came first needs no lock.
-    private static func untilClosed<Value: Sendable>(
+    /// The statement did not complete within `statementTimeout`.
+    struct StatementTimedOut: Error {}
+
+    /// `future`, or a failure as soon as `connection` closes first or `statementTimeout` passes.
+    /// Every callback runs on the connection's event loop, so the box that decides which came
+    /// first needs no lock.
+    private static func guarded<Value: Sendable>(
         _ connection: PostgresConnection,
         _ future: EventLoopFuture<Value>
     ) -> EventLoopFuture<Value> {
         let loop = connection.eventLoop
         let promise = loop.makePromise(of: Value.self)
         let completed = NIOLoopBoundBox.makeBoxSendingValue(false, eventLoop: loop)
+        let timer = loop.scheduleTask(in: .nanoseconds(Int64(statementTimeout.components.seconds) * 1_000_000_000)) {
+            guard !completed.value else { return }
+            completed.value = true
+            promise.fail(StatementTimedOut())
+        }
+        let watch = ClosingConnections.shared.watch(connection) {
+            loop.execute {
+                guard !completed.value else { return }
+                completed.value = true
+                promise.fail(ConnectionClosedMidStatement())
+            }
+        }
         future.hop(to: loop).whenComplete { result in
+            timer.cancel()
+            ClosingConnections.shared.unwatch(connection, watch)
             guard !completed.value else { return }
             completed.value = true
             promise.completeWith(result)
-        }
-        connection.closeFuture.hop(to: loop).whenComplete { _ in
-            guard !completed.value else { return }
-            completed.value = true
-            promise.fail(ConnectionClosedMidStatement())
         }
         return promise.futureResult
     }
@@ -710,5 +726,55 @@ final class PostgresTransaction: KeyRepositoryTransaction {
             """,
             "auditRecords"
         ).map(Rows.audit)
+    }
+}
+
+/// The statements in flight on each connection, failed at once when their connection closes.
+///
+/// One close callback per connection, not one per statement: a callback registered on
+/// `closeFuture` stays until the connection closes, so one per statement made a long-lived pooled
+/// connection grow by a closure per statement, without bound.
+final class ClosingConnections: Sendable {
+    static let shared = ClosingConnections()
+
+    private struct Watched: Sendable {
+        weak var connection: PostgresConnection?
+        var nextID = 0
+        var onClose: [Int: @Sendable () -> Void] = [:]
+    }
+
+    private let state = Mutex<[ObjectIdentifier: Watched]>([:])
+
+    /// Calls `onClose` when `connection` closes (at once if it has), unless `unwatch` comes first.
+    func watch(_ connection: PostgresConnection, onClose: @escaping @Sendable () -> Void) -> Int {
+        let key = ObjectIdentifier(connection)
+        let (id, isNew) = state.withLock { state -> (Int, Bool) in
+            var watched = state[key] ?? Watched()
+            // An entry left by an earlier connection at the same address (it cannot outlive its
+            // close callback, but be sure) is replaced.
+            let isNew = watched.connection !== connection
+            if isNew { watched = Watched(connection: connection) }
+            let id = watched.nextID
+            watched.nextID += 1
+            watched.onClose[id] = onClose
+            state[key] = watched
+            return (id, isNew)
+        }
+        if isNew {
+            connection.closeFuture.whenComplete { [weak self] _ in self?.closed(key) }
+        }
+        return id
+    }
+
+    func unwatch(_ connection: PostgresConnection, _ id: Int) {
+        state.withLock { _ = $0[ObjectIdentifier(connection)]?.onClose.removeValue(forKey: id) }
+    }
+
+    /// Statements being watched now, over all connections (for tests).
+    var watching: Int { state.withLock { $0.values.reduce(0) { $0 + $1.onClose.count } } }
+
+    private func closed(_ key: ObjectIdentifier) {
+        let callbacks = state.withLock { $0.removeValue(forKey: key)?.onClose.values.map { $0 } ?? [] }
+        for callback in callbacks { callback() }
     }
 }

@@ -34,6 +34,17 @@ struct CoalescerTests {
         }
     }
 
+    /// The current task, as a number to compare.
+    static func currentTask() -> Int { withUnsafeCurrentTask { $0?.hashValue ?? 0 } }
+
+    /// A lone caller's round runs in the caller's own task: no task is spawned, no thread hop.
+    @Test func aLoneRequestRunsInTheCallersTask() async throws {
+        let coalescer = Coalescer<Int, Int>(
+            maximumRounds: 1, maximumWeight: 10, weight: { _ in 1 },
+            run: { requests in requests.map { _ in .success(Self.currentTask()) } })
+        #expect(try await coalescer.submit(1) == Self.currentTask())
+    }
+
     @Test func aLoneRequestRunsAtOnce() async throws {
         let recorder = Recorder()
         let coalescer = Coalescer<Int, Int>(
