@@ -18,7 +18,13 @@
 # Environment [default]:
 #   STORES           stores to measure, postgres and/or sqlite ["postgres sqlite"]
 #   MIXES            `hsm-bench load --mix` values, one run each ["generate=1 decrypt=1"]
-#   CONCURRENCY      closed-loop workers, one run each ["1 4 16 64 256"]
+#   CONCURRENCY      closed-loop workers, one run each ["1 4 16 64 256"]; an entry rN is an
+#                    open-loop run at N requests a second instead (--rate N), e.g. "64 r10000"
+#   MAX_OUTSTANDING  open-loop runs: the most calls in flight (--max-outstanding) [4096]
+#   SEED_KEYS        PostgreSQL: synthetic data-key rows of another tenant inserted before the
+#                    runs, so lookups walk an index of that size (issue 13 target 4) [0]
+#   SAMPLE_SECONDS   every N s during each run, the gateway's RSS, open files, PostgreSQL
+#                    connections and HSM sessions go to OUT/samples.tsv (0: none) [0]
 #   DURATION         whole seconds measured per run [5]
 #   WARMUP           whole seconds of unmeasured calls before each run [1]
 #   PRELOAD          data keys made before each run whose mix needs them [1000]
@@ -40,6 +46,12 @@ set -euo pipefail
 # Limits of the inputs: hsm-bench load's own where it has one, so a bad value fails here
 # before anything is built or started.
 readonly CONCURRENCY_MAX=4096
+# hsm-bench load's own limits for --rate and --max-outstanding.
+readonly RATE_MAX=1000000
+readonly MAX_OUTSTANDING_MAX=100000
+# Ten million rows take minutes to insert and gigabytes of disk: more is not a benchmark.
+readonly SEED_KEYS_MAX=10000000
+readonly SAMPLE_SECONDS_MAX=3600
 readonly DURATION_MAX=3600
 readonly WARMUP_MAX=600
 readonly PRELOAD_MAX=100000
@@ -86,7 +98,19 @@ check_range() {
         die "$1 must be a whole number from $3 to $4, is '$2'"
     fi
 }
-for level in $levels; do check_range CONCURRENCY "$level" 1 "$CONCURRENCY_MAX"; done
+max_outstanding=${MAX_OUTSTANDING:-4096}
+seed_keys=${SEED_KEYS:-0}
+sample_seconds=${SAMPLE_SECONDS:-0}
+for level in $levels; do
+    if [[ $level == r* ]]; then
+        check_range "CONCURRENCY (rate)" "${level#r}" 1 "$RATE_MAX"
+    else
+        check_range CONCURRENCY "$level" 1 "$CONCURRENCY_MAX"
+    fi
+done
+check_range MAX_OUTSTANDING "$max_outstanding" 1 "$MAX_OUTSTANDING_MAX"
+check_range SEED_KEYS "$seed_keys" 0 "$SEED_KEYS_MAX"
+check_range SAMPLE_SECONDS "$sample_seconds" 0 "$SAMPLE_SECONDS_MAX"
 [[ -n ${levels// /} ]] || die "CONCURRENCY lists no level"
 check_range DURATION "$duration" 1 "$DURATION_MAX"
 check_range WARMUP "$warmup" 0 "$WARMUP_MAX"
@@ -133,6 +157,8 @@ export TMPDIR=$work/tmp
 
 gateway_pid=""
 load_pid=""
+sampler_pid=""
+metrics_port=""
 clusters=()
 
 stop_gateway() {
@@ -155,6 +181,7 @@ cleanup() {
         kill -TERM "$load_pid" 2>/dev/null || true
         wait "$load_pid" 2>/dev/null || true
     fi
+    stop_sampler
     stop_gateway
     local cluster
     for cluster in "${clusters[@]}"; do
@@ -322,7 +349,7 @@ write_config() {
 # DIR: starts hsm-gateway --config DIR/gateway.yaml and waits until /readyz answers 200;
 # sets gateway_pid and gateway_port.
 start_gateway() {
-    local dir=$1 settings=() setting serving="" metrics_port waited
+    local dir=$1 settings=() setting serving="" waited
     for setting in "${gateway_settings[@]}"; do settings+=(--set "$setting"); done
     # Made here, so the loop below never reads it before the gateway has opened it.
     : >"$dir/gateway.log"
@@ -345,13 +372,19 @@ start_gateway() {
 # STORE DIR MIX LEVEL: one hsm-bench load run, with the CPU time of each process in its
 # measured window; appends a line to load.jsonl.
 run_load() {
-    local store=$1 dir=$2 mix=$3 level=$4 fifo=$work/marks line before="" after=""
+    local store=$1 dir=$2 mix=$3 level=$4 fifo=$work/marks line before="" after="" shape
+    if [[ $level == r* ]]; then
+        shape=(--rate "${level#r}" --max-outstanding "$max_outstanding")
+    else
+        shape=(--concurrency "$level")
+    fi
     mkfifo "$fifo"
     "$bin/hsm-bench" load --target "127.0.0.1:$gateway_port" --tls --ca-file "$work/pki/ca.crt" \
         --server-name localhost --token-file "$dir/admin.token" --tenant bench --create-tenant \
-        --mix "$mix" --preload "$preload" --concurrency "$level" --connections "$connections" \
+        --mix "$mix" --preload "$preload" "${shape[@]}" --connections "$connections" \
         --warmup "$warmup" --duration "$duration" --json --mark-window >"$work/load.json" 2>"$fifo" &
     load_pid=$!
+    start_sampler "$store" "$mix" "$level"
     while IFS= read -r line; do
         case $line in
         "$WINDOW_OPEN")
@@ -368,13 +401,14 @@ run_load() {
     local status=0
     wait "$load_pid" || status=$?
     load_pid=""
+    stop_sampler
     rm -f "$fifo"
     ((status == 0)) || die "hsm-bench load ($store, $mix, c=$level) exited with $status"
     [[ -n $before && -n $after ]] || die "hsm-bench load did not mark its window"
     local start end
     read -r -a start <<<"$before"
     read -r -a end <<<"$after"
-    jq -c --arg store "$store" --arg mix "$mix" --argjson concurrency "$level" --argjson hz "$clock_ticks" \
+    jq -c --arg store "$store" --arg mix "$mix" --arg concurrency "$level" --argjson hz "$clock_ticks" \
         --argjson gateway $((end[0] - start[0])) --argjson postgres $((end[1] - start[1])) \
         --argjson cluster "$([[ $store == postgres ]] && echo true || echo false)" \
         '{store: $store, mix: $mix, concurrency: $concurrency,
@@ -383,6 +417,53 @@ run_load() {
           load: .}' "$work/load.json" >>"$out/load.jsonl"
     jq -r '"\(.store) \(.mix) c=\(.concurrency): \(.load.total.opsPerSecond) ops/s, \(.load.total.errorCount) errors"' \
         <<<"$(tail -n 1 "$out/load.jsonl")" >&2
+}
+
+# STORE MIX LEVEL: with SAMPLE_SECONDS, samples the gateway's resources in the background
+# until stop_sampler: seconds since the run started, RSS in KiB, open file descriptors, TCP
+# connections to PostgreSQL, and HSM sessions open (in use + idle, from /metrics).
+start_sampler() {
+    ((sample_seconds > 0)) || return 0
+    local store=$1 mix=$2 level=$3
+    [[ -s $out/samples.tsv ]] || echo -e "store\tmix\tlevel\tseconds\trss_kib\tfds\tpg_connections\thsm_sessions" >"$out/samples.tsv"
+    (
+        started=$SECONDS
+        while kill -0 "$gateway_pid" 2>/dev/null; do
+            rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$gateway_pid/status")
+            fds=$(find "/proc/$gateway_pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
+            pg="-"
+            [[ $store == postgres ]] && pg=$(ss -Htnp state established "( dport = :$pg_port )" | grep -c "pid=$gateway_pid," || true)
+            sessions=$(curl -fsS --max-time 2 "http://127.0.0.1:$metrics_port/metrics" |
+                awk '/^hsmgw_hsm_sessions_(in_use|idle) / { total += $2 } END { print total + 0 }')
+            echo -e "$store\t$mix\t$level\t$((SECONDS - started))\t$rss\t$fds\t$pg\t$sessions" >>"$out/samples.tsv"
+            sleep "$sample_seconds"
+        done
+    ) &
+    sampler_pid=$!
+}
+
+stop_sampler() {
+    [[ -n ${sampler_pid:-} ]] || return 0
+    kill "$sampler_pid" 2>/dev/null || true
+    wait "$sampler_pid" 2>/dev/null || true
+    sampler_pid=""
+}
+
+# Inserts SEED_KEYS synthetic rows of a tenant of their own (random blobs: never decrypted, only
+# there to make the table and its index that large), then ANALYZE.
+seed_postgres() {
+    ((seed_keys > 0)) || return 0
+    echo "seeding $seed_keys data keys" >&2
+    local now
+    now=$(($(date +%s) * 1000))
+    psql_at hsmgw -c "INSERT INTO tenants (id, state, primary_version, created_at, updated_at)
+        VALUES ('seeded', 'enabled', 1, $now, $now)" \
+        -c "INSERT INTO master_key_versions (tenant_id, version, state, token_key_id, created_at, updated_at)
+        VALUES ('seeded', 1, 'active', decode(md5(random()::text), 'hex'), $now, $now)" \
+        -c "INSERT INTO data_keys (tenant_id, id, version, state, wrapped, context_hash, created_at, updated_at)
+        SELECT 'seeded', gen_random_uuid(), 1, 'enabled', decode(repeat(md5(n::text), 3), 'hex'),
+            sha256(n::text::bytea), $now, $now FROM generate_series(1, $seed_keys) AS n" \
+        -c "ANALYZE" >/dev/null
 }
 
 # --- The run ------------------------------------------------------------------------------
@@ -410,6 +491,7 @@ for store in $stores; do
     fi
     write_config "$store" "$dir"
     start_gateway "$dir"
+    [[ $store == postgres ]] && seed_postgres
     for mix in $mixes; do
         for level in $levels; do
             run_load "$store" "$dir" "$mix" "$level"
