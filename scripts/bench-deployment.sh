@@ -450,7 +450,8 @@ stop_sampler() {
 }
 
 # Inserts SEED_KEYS synthetic rows of a tenant of their own (random blobs: never decrypted, only
-# there to make the table and its index that large), then ANALYZE.
+# there to make the table and its index that large), then ANALYZE and a CHECKPOINT (so the
+# checkpointer does not write the seed out during the first run).
 seed_postgres() {
     ((seed_keys > 0)) || return 0
     echo "seeding $seed_keys data keys" >&2
@@ -463,7 +464,7 @@ seed_postgres() {
         -c "INSERT INTO data_keys (tenant_id, id, version, state, wrapped, context_hash, created_at, updated_at)
         SELECT 'seeded', gen_random_uuid(), 1, 'enabled', decode(repeat(md5(n::text), 3), 'hex'),
             sha256(n::text::bytea), $now, $now FROM generate_series(1, $seed_keys) AS n" \
-        -c "ANALYZE" >/dev/null
+        -c "ANALYZE" -c "CHECKPOINT" >/dev/null
 }
 
 # --- The run ------------------------------------------------------------------------------

@@ -424,7 +424,9 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         guard ids.count <= Self.maximumRowsPerStatement else {
             throw StorageError(.other, "dataKeysForUse: more than \(Self.maximumRowsPerStatement) ids")
         }
-        let rows = try await run(SQL.dataKeysForUse(tenant.rawValue, ids.map(\.uuid)), "dataKeysForUse")
+        // Each id once: the statement joins on the ids as given.
+        let unique = Array(Set(ids.map(\.uuid)))
+        let rows = try await run(SQL.dataKeysForUse(tenant.rawValue, unique), "dataKeysForUse")
         return try Rows.dataKeysForUse(tenant, rows)
     }
 
