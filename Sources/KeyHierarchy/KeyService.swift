@@ -27,8 +27,11 @@ public final class KeyService: Sendable {
     /// The reads of concurrent decrypts, made together in one statement per tenant per round.
     let useReads: Coalescer<UseRead, DataKeysForUse?>
 
-    /// Rounds of coalesced token operations or reads running at once: the session pool's default
-    /// size (more would only queue for a session) and the SQLite store's reader count.
+    /// Rounds of coalesced token operations or reads running at once: the SQLite store's reader
+    /// count, and half the token's default session pool (8), which leaves sessions for the audit
+    /// anchor's MACs and for calls outside the rounds. Each round carries everything that queued,
+    /// so more rounds would mostly add hops on a machine of few cores. (Chosen, not tuned: no
+    /// other value was measured.)
     static let roundsInFlight = 4
 
     /// What one decrypt reads: the keys `ids` of `tenant`, with the tenant and their versions.
