@@ -20,6 +20,7 @@ final class Coalescer<Request: Sendable, Response: Sendable>: Sendable {
     private struct Waiting: Sendable {
         let request: Request
         let weight: Int
+        let lane: String
         let continuation: CheckedContinuation<Response, any Error>
     }
 
@@ -31,17 +32,28 @@ final class Coalescer<Request: Sendable, Response: Sendable>: Sendable {
     private let maximumRounds: Int
     private let maximumWeight: Int
     private let weight: @Sendable (Request) -> Int
+    private let lane: @Sendable (Request) -> String
     private let run: Run
     private let state = Mutex(State())
 
     /// - Parameters:
     ///   - maximumRounds: rounds running at once (the connections or sessions worth using).
     ///   - maximumWeight: the most weight one round takes (a request heavier than it runs alone).
-    init(maximumRounds: Int, maximumWeight: Int, weight: @escaping @Sendable (Request) -> Int, run: @escaping Run) {
+    ///   - lane: the fairness lane of a request (its tenant): a round takes requests round-robin
+    ///     over the lanes that wait, so one tenant's backlog cannot keep another's request out of
+    ///     the next round.
+    init(
+        maximumRounds: Int,
+        maximumWeight: Int,
+        weight: @escaping @Sendable (Request) -> Int,
+        lane: @escaping @Sendable (Request) -> String = { _ in "" },
+        run: @escaping Run
+    ) {
         precondition(maximumRounds >= 1 && maximumWeight >= 1)
         self.maximumRounds = maximumRounds
         self.maximumWeight = maximumWeight
         self.weight = weight
+        self.lane = lane
         self.run = run
     }
 
@@ -73,7 +85,8 @@ final class Coalescer<Request: Sendable, Response: Sendable>: Sendable {
             return try result.get()
         }
         return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Response, any Error>) in
-            let waiting = Waiting(request: request, weight: weight(request), continuation: continuation)
+            let waiting = Waiting(
+                request: request, weight: weight(request), lane: lane(request), continuation: continuation)
             let round: [Waiting]? = state.withLock { state in
                 state.queue.append(waiting)
                 guard state.rounds < maximumRounds else { return nil }
@@ -116,17 +129,35 @@ final class Coalescer<Request: Sendable, Response: Sendable>: Sendable {
         }
     }
 
-    /// The oldest requests up to `maximumWeight` in all, at least one.
+    /// The next round: requests taken round-robin over their lanes (lanes in the order their
+    /// oldest request arrived, oldest first within a lane) while they fit in `maximumWeight`; at
+    /// least one.
     private static func take(_ queue: inout [Waiting], _ maximumWeight: Int) -> [Waiting] {
-        var total = 0
-        var count = 0
-        for waiting in queue {
-            if count > 0 && total + waiting.weight > maximumWeight { break }
-            total += waiting.weight
-            count += 1
+        guard !queue.isEmpty else { return [] }
+        var byLane: [String: [Int]] = [:]
+        var order: [String] = []
+        for (index, waiting) in queue.enumerated() {
+            if byLane[waiting.lane] == nil { order.append(waiting.lane) }
+            byLane[waiting.lane, default: []].append(index)
         }
-        let taken = Array(queue.prefix(count))
-        queue.removeFirst(count)
+        var chosen: [Int] = []
+        var total = 0
+        var turn = 0
+        filling: while true {
+            var took = false
+            for lane in order {
+                guard let positions = byLane[lane], turn < positions.count else { continue }
+                let weight = queue[positions[turn]].weight
+                if !chosen.isEmpty && total + weight > maximumWeight { break filling }
+                chosen.append(positions[turn])
+                total += weight
+                took = true
+            }
+            if !took { break }
+            turn += 1
+        }
+        let taken = chosen.map { queue[$0] }
+        for index in chosen.sorted(by: >) { queue.remove(at: index) }
         return taken
     }
 }

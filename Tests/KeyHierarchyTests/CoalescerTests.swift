@@ -80,6 +80,33 @@ struct CoalescerTests {
         #expect(recorder.mostRunning.withLock { $0 } <= 2)
     }
 
+    /// One lane's backlog does not keep another lane's request out of the next round: rounds take
+    /// requests round-robin over lanes. (Requests 1...6 are lane "busy", 100 lane "quiet".)
+    @Test func lanesShareEachRound() async throws {
+        let gate = Gate()
+        let recorder = Recorder(gate: gate)
+        let coalescer = Coalescer<Int, Int>(
+            maximumRounds: 1, maximumWeight: 3, weight: { _ in 1 }, lane: { $0 == 100 ? "quiet" : "busy" },
+            run: { try await recorder.run($0) })
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            group.addTask { try await coalescer.submit(0) }
+            while recorder.rounds.withLock({ $0.count }) < 1 { try await Task.sleep(for: .milliseconds(1)) }
+            for value in 1...6 {
+                group.addTask { try await coalescer.submit(value) }
+                while coalescer.queued < value { try await Task.sleep(for: .milliseconds(1)) }
+            }
+            group.addTask { try await coalescer.submit(100) }
+            while coalescer.queued < 7 { try await Task.sleep(for: .milliseconds(1)) }
+            gate.open()
+            for try await _ in group {}
+        }
+        let rounds = recorder.rounds.withLock { $0 }
+        #expect(rounds.count == 4, "rounds: \(rounds)")
+        // The round after the first: the busy lane's oldest, the quiet one, the busy lane's next.
+        #expect(rounds[1] == [1, 100, 2], "rounds: \(rounds)")
+        #expect(rounds[1...].flatMap { $0 } == [1, 100, 2, 3, 4, 5, 6])
+    }
+
     /// A request heavier than the limit runs alone; lighter ones fill rounds up to the limit.
     @Test func weightBoundsARound() async throws {
         let gate = Gate()
