@@ -290,13 +290,36 @@ public struct TestSetupError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// A fresh private directory (mode 0700) under the system temporary directory.
+/// A fresh private directory (mode 0700) under the system temporary directory, removed with
+/// everything in it when the test process exits.
 public func makeTemporaryDirectory(_ name: String) throws -> String {
     let path = FileManager.default.temporaryDirectory
         .appendingPathComponent("hsmgw-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
     try FileManager.default.createDirectory(
         atPath: path, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+    TemporaryDirectories.remember(path)
     return path
+}
+
+/// The directories `makeTemporaryDirectory` made, removed at exit: tests hand their paths to
+/// gateways and child processes that may still use them until the end, so nothing is removed
+/// earlier. (Without this a full `make test` left some 330 directories in /tmp.)
+enum TemporaryDirectories {
+    private static let paths = Mutex<[String]>([])
+    private static let registered = Mutex(false)
+
+    static func remember(_ path: String) {
+        paths.withLock { $0.append(path) }
+        let first = registered.withLock { registered in
+            defer { registered = true }
+            return !registered
+        }
+        if first { atexit { TemporaryDirectories.removeAll() } }
+    }
+
+    static func removeAll() {
+        for path in paths.withLock({ $0 }) { try? FileManager.default.removeItem(atPath: path) }
+    }
 }
 
 /// Runs blocking `body` (a child process waited for, a file copied) on a thread of its own and
