@@ -113,13 +113,7 @@ enum Rows {
             as: (String, String, Int, Int64, Int64).self,
             operation: "tenants"
         )
-        return TenantRecord(
-            id: TenantID(trusted: id),
-            state: try parse(TenantState.self, state, "tenants.state"),
-            primaryVersion: primaryVersion,
-            createdAt: Timestamp(millisecondsSinceEpoch: created),
-            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
-        )
+        return try tenant(TenantID(trusted: id), state, primaryVersion, created, updated)
     }
 
     static func version(_ row: PostgresRow) throws -> MasterKeyVersionRecord {
@@ -129,20 +123,9 @@ enum Rows {
                 as: (String, Int, String, ByteBuffer, Int64, Int64, Int64, Int64?, Int64?).self,
                 operation: "master_key_versions"
             )
-        guard let keyID = TokenKeyID(bytes: Array(tokenKeyID.readableBytesView)) else {
-            throw StorageError(.corrupt, "master_key_versions.token_key_id is not \(TokenKeyID.byteCount) bytes")
-        }
-        return MasterKeyVersionRecord(
-            tenant: TenantID(trusted: tenant),
-            version: version,
-            state: try parse(MasterKeyState.self, state, "master_key_versions.state"),
-            tokenKeyID: keyID,
-            invocationsReserved: reserved,
-            createdAt: Timestamp(millisecondsSinceEpoch: created),
-            updatedAt: Timestamp(millisecondsSinceEpoch: updated),
-            destroyAfter: destroyAfter.map(Timestamp.init(millisecondsSinceEpoch:)),
-            destroyedAt: destroyedAt.map(Timestamp.init(millisecondsSinceEpoch:))
-        )
+        return try Self.version(
+            TenantID(trusted: tenant), version, state, tokenKeyID, reserved, created, updated, destroyAfter,
+            destroyedAt)
     }
 
     static func dataKey(_ row: PostgresRow) throws -> DataKeyRecord {
@@ -151,20 +134,12 @@ enum Rows {
             as: (String, UUID, Int, String, ByteBuffer?, ByteBuffer, Int64, Int64, Int64).self,
             operation: "data_keys"
         )
-        return DataKeyRecord(
-            tenant: TenantID(trusted: tenant),
-            id: DataKeyID(uuid: id),
-            version: version,
-            state: try parse(DataKeyState.self, state, "data_keys.state"),
-            wrapped: wrapped.map { Array($0.readableBytesView) },
-            contextHash: Array(contextHash.readableBytesView),
-            encryptions: encryptions,
-            createdAt: Timestamp(millisecondsSinceEpoch: created),
-            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
-        )
+        return try dataKey(
+            TenantID(trusted: tenant), id, version, state, wrapped, contextHash, encryptions, created, updated)
     }
 
-    /// The rows of `SQL.dataKeysForUse`.
+    /// The rows of `SQL.dataKeysForUse`: the tenant's columns, then a key's and its version's, all
+    /// NULL where the outer joins found nothing.
     static func dataKeysForUse(_ tenant: TenantID, _ rows: PostgresQueryResult) throws -> DataKeysForUse? {
         var found: DataKeysForUse?
         var versions: [Int: MasterKeyVersionRecord] = [:]
@@ -184,13 +159,7 @@ enum Rows {
             )
             if found == nil {
                 found = DataKeysForUse(
-                    tenant: TenantRecord(
-                        id: tenant,
-                        state: try parse(TenantState.self, tenantState, "tenants.state"),
-                        primaryVersion: primary,
-                        createdAt: Timestamp(millisecondsSinceEpoch: tenantCreated),
-                        updatedAt: Timestamp(millisecondsSinceEpoch: tenantUpdated)
-                    ),
+                    tenant: try Self.tenant(tenant, tenantState, primary, tenantCreated, tenantUpdated),
                     keys: [],
                     versions: []
                 )
@@ -199,38 +168,67 @@ enum Rows {
                 continue
             }
             found?.keys.append(
-                DataKeyRecord(
-                    tenant: tenant,
-                    id: DataKeyID(uuid: id),
-                    version: version,
-                    state: try parse(DataKeyState.self, state, "data_keys.state"),
-                    wrapped: wrapped.map { Array($0.readableBytesView) },
-                    contextHash: Array(contextHash.readableBytesView),
-                    encryptions: encryptions,
-                    createdAt: Timestamp(millisecondsSinceEpoch: created),
-                    updatedAt: Timestamp(millisecondsSinceEpoch: updated)
-                )
-            )
+                try dataKey(tenant, id, version, state, wrapped, contextHash, encryptions, created, updated))
             guard versions[version] == nil, let versionState, let tokenKeyID, let reserved, let versionCreated,
                 let versionUpdated
             else { continue }
-            guard let keyID = TokenKeyID(bytes: Array(tokenKeyID.readableBytesView)) else {
-                throw StorageError(.corrupt, "master_key_versions.token_key_id is not \(TokenKeyID.byteCount) bytes")
-            }
-            versions[version] = MasterKeyVersionRecord(
-                tenant: tenant,
-                version: version,
-                state: try parse(MasterKeyState.self, versionState, "master_key_versions.state"),
-                tokenKeyID: keyID,
-                invocationsReserved: reserved,
-                createdAt: Timestamp(millisecondsSinceEpoch: versionCreated),
-                updatedAt: Timestamp(millisecondsSinceEpoch: versionUpdated),
-                destroyAfter: destroyAfter.map(Timestamp.init(millisecondsSinceEpoch:)),
-                destroyedAt: destroyedAt.map(Timestamp.init(millisecondsSinceEpoch:))
-            )
+            versions[version] = try Self.version(
+                tenant, version, versionState, tokenKeyID, reserved, versionCreated, versionUpdated, destroyAfter,
+                destroyedAt)
         }
         found?.versions = versions.keys.sorted().map { versions[$0]! }
         return found
+    }
+
+    // The records from decoded columns, shared by the single-table decoders and the join.
+
+    private static func tenant(
+        _ id: TenantID, _ state: String, _ primaryVersion: Int, _ created: Int64, _ updated: Int64
+    ) throws -> TenantRecord {
+        TenantRecord(
+            id: id,
+            state: try parse(TenantState.self, state, "tenants.state"),
+            primaryVersion: primaryVersion,
+            createdAt: Timestamp(millisecondsSinceEpoch: created),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
+        )
+    }
+
+    private static func version(
+        _ tenant: TenantID, _ version: Int, _ state: String, _ tokenKeyID: ByteBuffer, _ reserved: Int64,
+        _ created: Int64, _ updated: Int64, _ destroyAfter: Int64?, _ destroyedAt: Int64?
+    ) throws -> MasterKeyVersionRecord {
+        guard let keyID = TokenKeyID(bytes: Array(tokenKeyID.readableBytesView)) else {
+            throw StorageError(.corrupt, "master_key_versions.token_key_id is not \(TokenKeyID.byteCount) bytes")
+        }
+        return MasterKeyVersionRecord(
+            tenant: tenant,
+            version: version,
+            state: try parse(MasterKeyState.self, state, "master_key_versions.state"),
+            tokenKeyID: keyID,
+            invocationsReserved: reserved,
+            createdAt: Timestamp(millisecondsSinceEpoch: created),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated),
+            destroyAfter: destroyAfter.map(Timestamp.init(millisecondsSinceEpoch:)),
+            destroyedAt: destroyedAt.map(Timestamp.init(millisecondsSinceEpoch:))
+        )
+    }
+
+    private static func dataKey(
+        _ tenant: TenantID, _ id: UUID, _ version: Int, _ state: String, _ wrapped: ByteBuffer?,
+        _ contextHash: ByteBuffer, _ encryptions: Int64, _ created: Int64, _ updated: Int64
+    ) throws -> DataKeyRecord {
+        DataKeyRecord(
+            tenant: tenant,
+            id: DataKeyID(uuid: id),
+            version: version,
+            state: try parse(DataKeyState.self, state, "data_keys.state"),
+            wrapped: wrapped.map { Array($0.readableBytesView) },
+            contextHash: Array(contextHash.readableBytesView),
+            encryptions: encryptions,
+            createdAt: Timestamp(millisecondsSinceEpoch: created),
+            updatedAt: Timestamp(millisecondsSinceEpoch: updated)
+        )
     }
 
     static func idempotency(_ row: PostgresRow) throws -> IdempotencyRecord {

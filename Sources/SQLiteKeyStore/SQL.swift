@@ -55,10 +55,11 @@ enum SQL {
     /// and none when the tenant does not exist. Binds: the ids, then the tenant.
     static func dataKeysForUse(count: Int) -> String {
         """
-        SELECT t.state AS t_state, t.primary_version AS t_primary_version, t.created_at AS t_created_at, \
-        t.updated_at AS t_updated_at, d.tenant_id AS tenant_id, d.id AS id, d.version AS version, d.state AS state, \
-        d.wrapped AS wrapped, d.context_hash AS context_hash, d.encryptions AS encryptions, \
-        d.created_at AS created_at, d.updated_at AS updated_at, v.state AS v_state, \
+        SELECT t.id AS t_id, t.state AS t_state, t.primary_version AS t_primary_version, \
+        t.created_at AS t_created_at, t.updated_at AS t_updated_at, d.tenant_id AS tenant_id, d.id AS id, \
+        d.version AS version, d.state AS state, d.wrapped AS wrapped, d.context_hash AS context_hash, \
+        d.encryptions AS encryptions, d.created_at AS created_at, d.updated_at AS updated_at, \
+        v.tenant_id AS v_tenant_id, v.version AS v_version, v.state AS v_state, \
         v.token_key_id AS v_token_key_id, v.invocations_reserved AS v_invocations_reserved, \
         v.created_at AS v_created_at, v.updated_at AS v_updated_at, v.destroy_after AS v_destroy_after, \
         v.destroyed_at AS v_destroyed_at \

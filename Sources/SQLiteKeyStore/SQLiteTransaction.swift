@@ -322,35 +322,16 @@ final class SQLiteTransaction: KeyRepositoryTransaction {
         var versions: [Int: MasterKeyVersionRecord] = [:]
         for row in rows {
             if found == nil {
-                let t = RowReader(row: row, table: "tenants")
-                found = DataKeysForUse(
-                    tenant: TenantRecord(
-                        id: tenant,
-                        state: try t.rawValue("t_state", as: TenantState.self),
-                        primaryVersion: try t.int("t_primary_version"),
-                        createdAt: try t.time("t_created_at"),
-                        updatedAt: try t.time("t_updated_at")
-                    ),
-                    keys: [],
-                    versions: []
-                )
+                found = DataKeysForUse(tenant: try TenantRecord(row: row, columnPrefix: "t_"), keys: [], versions: [])
             }
+            // The key's and the version's columns are NULL when nothing matched the outer join.
             guard try RowReader(row: row, table: "data_keys").optionalText("id") != nil else { continue }
             let key = try DataKeyRecord(row: row)
             found?.keys.append(key)
-            let v = RowReader(row: row, table: "master_key_versions")
-            guard versions[key.version] == nil, try v.optionalText("v_state") != nil else { continue }
-            versions[key.version] = MasterKeyVersionRecord(
-                tenant: tenant,
-                version: key.version,
-                state: try v.rawValue("v_state", as: MasterKeyState.self),
-                tokenKeyID: try v.tokenKeyID("v_token_key_id"),
-                invocationsReserved: try v.int64("v_invocations_reserved"),
-                createdAt: try v.time("v_created_at"),
-                updatedAt: try v.time("v_updated_at"),
-                destroyAfter: try v.optionalTime("v_destroy_after"),
-                destroyedAt: try v.optionalTime("v_destroyed_at")
-            )
+            guard versions[key.version] == nil,
+                try RowReader(row: row, table: "master_key_versions").optionalText("v_state") != nil
+            else { continue }
+            versions[key.version] = try MasterKeyVersionRecord(row: row, columnPrefix: "v_")
         }
         found?.versions = versions.keys.sorted().map { versions[$0]! }
         return found

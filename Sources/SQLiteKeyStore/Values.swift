@@ -92,9 +92,11 @@ extension SQLiteData {
 struct RowReader {
     let row: SQLiteRow
     let table: String
+    /// Put before every column name: a joined result names its tables' columns apart (`t_state`).
+    var columnPrefix = ""
 
     private func value(_ column: String) throws -> SQLiteData {
-        guard let value = row.column(column) else {
+        guard let value = row.column(columnPrefix + column) else {
             throw StorageError(.corrupt, "\(table).\(column): column missing from the result")
         }
         return value
@@ -194,8 +196,11 @@ struct RowReader {
 }
 
 extension TenantRecord {
-    init(row: SQLiteRow) throws {
-        let r = RowReader(row: row, table: "tenants")
+    init(row: SQLiteRow) throws { try self.init(row: row, columnPrefix: "") }
+
+    /// From a joined result whose columns for this table carry `columnPrefix`.
+    init(row: SQLiteRow, columnPrefix: String) throws {
+        let r = RowReader(row: row, table: "tenants", columnPrefix: columnPrefix)
         self.init(
             id: try r.tenantID("id"),
             state: try r.rawValue("state", as: TenantState.self),
@@ -211,8 +216,11 @@ extension TenantRecord {
 }
 
 extension MasterKeyVersionRecord {
-    init(row: SQLiteRow) throws {
-        let r = RowReader(row: row, table: "master_key_versions")
+    init(row: SQLiteRow) throws { try self.init(row: row, columnPrefix: "") }
+
+    /// From a joined result whose columns for this table carry `columnPrefix`.
+    init(row: SQLiteRow, columnPrefix: String) throws {
+        let r = RowReader(row: row, table: "master_key_versions", columnPrefix: columnPrefix)
         self.init(
             tenant: try r.tenantID("tenant_id"),
             version: try r.int("version"),
