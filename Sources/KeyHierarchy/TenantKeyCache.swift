@@ -9,9 +9,10 @@ import Synchronization
 /// token object is checked against its label at every use (a mismatch drops the entry). Nothing a
 /// decrypt checks (tenant, key and version states) is cached: it reads them fresh with the keys.
 ///
-/// `invalidate(_:)` is the one entry point for a change made elsewhere: this instance calls it
-/// after its own changes, and an instance that learns of another's change (the multi-instance work
-/// after issue 13) calls it too.
+/// `invalidate(_:)` is the one entry point for a change made elsewhere (the multi-instance work
+/// after issue 13 will call it when it learns of another instance's change); this instance
+/// updates or forgets the entries its own changes touch (a rotation, a failed binding check, a
+/// shred).
 public final class TenantKeyCache: Sendable {
     struct VersionRef: Hashable, Sendable {
         let tenant: TenantID

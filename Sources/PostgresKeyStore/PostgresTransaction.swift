@@ -772,9 +772,6 @@ final class ClosingConnections: Sendable {
         state.withLock { _ = $0[ObjectIdentifier(connection)]?.onClose.removeValue(forKey: id) }
     }
 
-    /// Statements being watched now, over all connections (for tests).
-    var watching: Int { state.withLock { $0.values.reduce(0) { $0 + $1.onClose.count } } }
-
     private func closed(_ key: ObjectIdentifier) {
         let callbacks = state.withLock { $0.removeValue(forKey: key)?.onClose.values.map { $0 } ?? [] }
         for callback in callbacks { callback() }
