@@ -19,6 +19,15 @@
 #       stop the server (default -m immediate: a crash, as an outage looks) and keep DIR.
 #   throwaway-postgres.sh resume DIR
 #       start a halted server again on the same port and wait until it accepts logins.
+#   throwaway-postgres.sh standby PRIMARY DIR [--watch-pid PID] [--synchronous]
+#       a streaming standby of the cluster in PRIMARY (made by `start`, without --tls): a base
+#       backup (pg_basebackup) into DIR/data with standby.signal and application_name
+#       `hsmgw_standby`, started on a free port, waiting until it accepts logins and streams;
+#       prints port=, socket= and bin= as `start` does. With --synchronous the primary then waits
+#       for it at every commit (synchronous_standby_names), and the command returns once
+#       pg_stat_replication says `sync`. `stop`, `halt` and `resume` work on DIR as on a primary.
+#   throwaway-postgres.sh promote DIR
+#       promote the standby in DIR (pg_ctl promote) and wait until it accepts writes.
 #
 # Binaries: $PG_BIN, else the newest /usr/lib/postgresql/*/bin. As root, initdb, pg_ctl and the
 # server run as the `postgres` user (`runuser -u postgres --`), which owns DIR.
@@ -43,7 +52,7 @@ die() {
 }
 
 usage() {
-    die "usage: $0 start DIR [--watch-pid PID] [--tls CERT KEY] | stop DIR | halt DIR [MODE] | resume DIR"
+    die "usage: $0 start DIR [--watch-pid PID] [--tls CERT KEY] | stop DIR | halt DIR [MODE] | resume DIR | standby PRIMARY DIR [--watch-pid PID] [--synchronous] | promote DIR"
 }
 
 find_bin() {
@@ -197,6 +206,101 @@ stop() {
     rm -rf "$dir"
 }
 
+# The application_name a standby streams under (what synchronous_standby_names names).
+readonly STANDBY_NAME=hsmgw_standby
+
+psql_as() {
+    local bin=$1 port=$2 password=$3 sql=$4
+    PGPASSWORD=$password PGSSLMODE=prefer "$bin/psql" -X -q -At -h 127.0.0.1 -p "$port" -U "$PG_USER" -d postgres \
+        -c "$sql" </dev/null
+}
+
+standby() {
+    local primary=$1 dir=$2 watch_pid=$3 synchronous=$4 bin primary_port password
+    [[ -e "$primary/$MARKER" ]] || die "$primary was not made by $0 start"
+    [[ ! -e "$dir" ]] || [[ -z "$(ls -A "$dir")" ]] || die "$dir exists and is not empty"
+    bin=$(find_bin)
+    primary=$(cd "$primary" && pwd)
+    primary_port=$(sed -n 's/^-p \([0-9]*\).*/\1/p' "$primary/server.options")
+    password=$(cat "$primary/password")
+    [[ $(cat "$primary/sslmode") == prefer ]] || die "a standby of a --tls cluster is not supported"
+
+    mkdir -p "$dir/socket"
+    chmod 0700 "$dir" "$dir/socket"
+    dir=$(cd "$dir" && pwd)
+    touch "$dir/$MARKER" "$dir/postgres.log"
+    (umask 077 && printf '%s' "$password" >"$dir/password")
+    printf 'prefer' >"$dir/sslmode"
+    if [[ $(id -u) == 0 ]]; then chown -R postgres: "$dir"; fi
+    as_owner env PGPASSWORD="$password" "$bin/pg_basebackup" --pgdata="$dir/data" --host=127.0.0.1 \
+        --port="$primary_port" --username="$PG_USER" --wal-method=stream --checkpoint=fast --no-password \
+        >>"$dir/postgres.log" 2>&1 </dev/null || die "pg_basebackup failed; see $dir/postgres.log"
+    as_owner touch "$dir/data/standby.signal"
+    # The password in primary_conninfo stays in the standby's private data directory.
+    printf "primary_conninfo = 'host=127.0.0.1 port=%s user=%s password=%s application_name=%s'\n" \
+        "$primary_port" "$PG_USER" "$password" "$STANDBY_NAME" | as_owner tee -a "$dir/data/postgresql.auto.conf" \
+        >/dev/null
+
+    local server_options attempt port started=""
+    server_options=$(sed 's/^-p [0-9]* -k [^ ]* //' "$primary/server.options")
+    for ((attempt = 0; attempt < PORT_ATTEMPTS; attempt++)); do
+        port=$((20000 + RANDOM % 40000))
+        port_in_use "$port" && continue
+        if as_owner "$bin/pg_ctl" --pgdata="$dir/data" --log="$dir/postgres.log" --wait \
+            --timeout="$PG_CTL_TIMEOUT" \
+            -o "-p $port -k $dir/socket $server_options" start >/dev/null 2>&1 </dev/null; then
+            started=yes
+            printf '%s' "-p $port -k $dir/socket $server_options" >"$dir/server.options"
+            break
+        fi
+        grep -q "could not bind\|could not create any TCP/IP sockets\|Address already in use" \
+            "$dir/postgres.log" || die "pg_ctl start failed; see $dir/postgres.log"
+    done
+    [[ -n "$started" ]] || die "no free port after $PORT_ATTEMPTS attempts; see $dir/postgres.log"
+    wait_for_logins "$dir" "$bin" "$port" "$password" prefer
+
+    local tries state
+    if [[ -n "$synchronous" ]]; then
+        psql_as "$bin" "$primary_port" "$password" \
+            "ALTER SYSTEM SET synchronous_standby_names = '$STANDBY_NAME'" >/dev/null
+        psql_as "$bin" "$primary_port" "$password" "SELECT pg_reload_conf()" >/dev/null
+    fi
+    for ((tries = 0; tries < 200; tries++)); do
+        state=$(psql_as "$bin" "$primary_port" "$password" \
+            "SELECT sync_state FROM pg_stat_replication WHERE application_name = '$STANDBY_NAME' AND state = 'streaming'" \
+            2>/dev/null || true)
+        if [[ -n "$state" && (-z "$synchronous" || "$state" == sync) ]]; then break; fi
+        sleep 0.1
+    done
+    [[ -n "$state" && (-z "$synchronous" || "$state" == sync) ]] ||
+        die "the standby on port $port does not stream${synchronous:+ synchronously}; see $dir/postgres.log"
+
+    if [[ -n "$watch_pid" ]]; then
+        # shellcheck disable=SC2016 # $1..$3 are the inner shell's arguments
+        setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; "$2" stop "$3"' \
+            watcher "$watch_pid" "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" "$dir" \
+            </dev/null >/dev/null 2>&1 &
+    fi
+    echo "port=$port"
+    echo "socket=$dir/socket"
+    echo "bin=$bin"
+}
+
+promote() {
+    local dir=$1 bin port password tries
+    [[ -e "$dir/$MARKER" && -e "$dir/data/standby.signal" ]] || die "$dir is not a standby made by $0 standby"
+    bin=$(find_bin)
+    as_owner "$bin/pg_ctl" --pgdata="$dir/data" --wait --timeout="$PG_CTL_TIMEOUT" promote >/dev/null 2>&1 </dev/null ||
+        die "pg_ctl promote failed; see $dir/postgres.log"
+    port=$(sed -n 's/^-p \([0-9]*\).*/\1/p' "$dir/server.options")
+    password=$(cat "$dir/password")
+    for ((tries = 0; tries < 100; tries++)); do
+        [[ $(psql_as "$bin" "$port" "$password" "SELECT pg_is_in_recovery()" 2>/dev/null || true) == f ]] && return 0
+        sleep 0.1
+    done
+    die "the server on port $port still does not accept writes; see $dir/postgres.log"
+}
+
 [[ $# -ge 2 ]] || usage
 case "$1" in
 start)
@@ -230,6 +334,30 @@ halt)
 resume)
     [[ $# -eq 2 ]] || usage
     resume "$2"
+    ;;
+standby)
+    [[ $# -ge 3 ]] || usage
+    primary=$2 dir=$3 watch="" synchronous=""
+    shift 3
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+        --watch-pid)
+            [[ $# -ge 2 ]] || usage
+            watch=$2
+            shift 2
+            ;;
+        --synchronous)
+            synchronous=yes
+            shift
+            ;;
+        *) usage ;;
+        esac
+    done
+    standby "$primary" "$dir" "$watch" "$synchronous"
+    ;;
+promote)
+    [[ $# -eq 2 ]] || usage
+    promote "$2"
     ;;
 *) usage ;;
 esac

@@ -155,7 +155,9 @@ extension GatewayServerApp {
                 password: password,
                 database: postgres.database,
                 maximumConnections: postgres.maximumConnections,
-                tls: postgres.tls
+                tls: postgres.tls,
+                failoverServers: postgres.failoverServers,
+                standbyDurability: postgres.standbyDurability
             )
             do {
                 return try await PostgresKeyStore.open(

@@ -44,6 +44,10 @@ public final class PostgresKeyStore: KeyRepository {
     /// `.unavailable` while it does not).
     public var isReachable: Bool { pool.isReachable }
 
+    /// The index, in `configuration.servers` (`host` first, then `failoverServers`), of the server
+    /// the pool connects to now: the one that last accepted writes.
+    public var currentServer: Int { pool.server }
+
     /// How many times the connection pool was replaced after the server could not be reached.
     public var poolGeneration: Int { pool.generation }
 
@@ -65,51 +69,33 @@ public final class PostgresKeyStore: KeyRepository {
                     + "not \(configuration.maximumConnections)"
             )
         }
+        guard configuration.servers.count <= PostgresKeyStoreConfiguration.maximumServers else {
+            throw StorageError(
+                .other,
+                "at most \(PostgresKeyStoreConfiguration.maximumServers) servers, not \(configuration.servers.count)")
+        }
+        guard configuration.unixSocketPath == nil || configuration.failoverServers.isEmpty else {
+            throw StorageError(.other, "failover servers need TCP, not a Unix socket")
+        }
         let tls = try tlsSetup(configuration)
-        let connection = try await connect(configuration, tls: tls, logger: logger)
+        let (connection, server) = try await connectToPrimary(configuration, tls: tls, logger: logger)
         do {
-            try await checkDurability(connection, logger: logger)
+            try await checkDurability(connection, configuration: configuration, logger: logger)
             try await migrate(connection, logger: logger)
         } catch {
             try? await connection.close()
             throw PostgresErrorMapping.storageError(error, operation: "migrate")
         }
 
-        var options = PostgresClient.Configuration.Options()
-        options.maximumConnections = configuration.maximumConnections
-        options.minimumConnections = 0
-        options.connectTimeout = connectTimeout
-        options.tlsServerName = tls?.serverName
-        let clientConfiguration =
-            if let path = configuration.unixSocketPath {
-                PostgresClient.Configuration(
-                    unixSocketPath: path,
-                    username: configuration.username,
-                    password: configuration.password,
-                    database: configuration.database
-                )
-            } else {
-                PostgresClient.Configuration(
-                    host: configuration.host,
-                    port: configuration.port,
-                    username: configuration.username,
-                    password: configuration.password,
-                    database: configuration.database,
-                    tls: tls.map { .require($0.configuration) } ?? .disable
-                )
-            }
-        var pooled = clientConfiguration
-        pooled.options = options
-        let clientSettings = pooled
         let pool = PostgresPool(
-            makeClient: { PostgresClient(configuration: clientSettings, backgroundLogger: logger) },
-            probe: {
-                try await PostgresPool.withTimeout(
-                    PostgresPool.probeConnectTimeout, late: { connection in try? await connection.close() }
-                ) {
-                    try await connect(configuration, tls: tls, logger: logger, quiet: true)
-                }
+            server: server,
+            describe: { configuration.endpointDescription(server: $0) },
+            makeClient: { server in
+                PostgresClient(
+                    configuration: clientConfiguration(configuration, server: server, tls: tls),
+                    backgroundLogger: logger)
             },
+            probe: { try await connectToPrimary(configuration, tls: tls, logger: logger, probing: true) },
             logger: logger
         )
         // The connection that migrated becomes the monitor's.
@@ -118,7 +104,7 @@ public final class PostgresKeyStore: KeyRepository {
         logger.info(
             "postgres key store open",
             metadata: [
-                "endpoint": "\(configuration.endpointDescription)",
+                "endpoint": "\(configuration.endpointDescription(server: server))",
                 "pool": "\(configuration.maximumConnections)",
                 "schema": "\(Migrations.latestVersion)",
             ]
@@ -306,10 +292,12 @@ public final class PostgresKeyStore: KeyRepository {
     /// monitor tries every few hundred milliseconds during an outage and logs state changes).
     private static func connect(
         _ configuration: PostgresKeyStoreConfiguration,
+        server: Int = 0,
         tls: TLSSetup?,
         logger: Logger,
         quiet: Bool = false
     ) async throws -> PostgresConnection {
+        let target = configuration.servers[server]
         var connectionConfiguration =
             if let path = configuration.unixSocketPath {
                 PostgresConnection.Configuration(
@@ -320,8 +308,8 @@ public final class PostgresKeyStore: KeyRepository {
                 )
             } else {
                 PostgresConnection.Configuration(
-                    host: configuration.host,
-                    port: configuration.port,
+                    host: target.host,
+                    port: target.port,
                     username: configuration.username,
                     password: configuration.password,
                     database: configuration.database,
@@ -330,7 +318,7 @@ public final class PostgresKeyStore: KeyRepository {
             }
         connectionConfiguration.options.connectTimeout = .init(connectTimeout)
         connectionConfiguration.options.tlsServerName = tls?.serverName
-        let endpoint = configuration.endpointDescription
+        let endpoint = configuration.endpointDescription(server: server)
         let finalConfiguration = connectionConfiguration
         do {
             // The connect timeout bounds the TCP handshake only; the race bounds the login too (a
@@ -365,24 +353,152 @@ public final class PostgresKeyStore: KeyRepository {
         }
     }
 
+    /// The pool's settings for `servers[server]`.
+    private static func clientConfiguration(
+        _ configuration: PostgresKeyStoreConfiguration, server: Int, tls: TLSSetup?
+    ) -> PostgresClient.Configuration {
+        var options = PostgresClient.Configuration.Options()
+        options.maximumConnections = configuration.maximumConnections
+        options.minimumConnections = 0
+        options.connectTimeout = connectTimeout
+        options.tlsServerName = tls?.serverName
+        var clientConfiguration: PostgresClient.Configuration
+        if let path = configuration.unixSocketPath {
+            clientConfiguration = PostgresClient.Configuration(
+                unixSocketPath: path,
+                username: configuration.username,
+                password: configuration.password,
+                database: configuration.database
+            )
+        } else {
+            let target = configuration.servers[server]
+            clientConfiguration = PostgresClient.Configuration(
+                host: target.host,
+                port: target.port,
+                username: configuration.username,
+                password: configuration.password,
+                database: configuration.database,
+                tls: tls.map { .require($0.configuration) } ?? .disable
+            )
+        }
+        clientConfiguration.options = options
+        return clientConfiguration
+    }
+
+    /// One connection to the first server, in the configured order, that accepts writes (is not
+    /// in recovery: a standby answers logins but refuses every write), and that server's index.
+    ///
+    /// When `probing` (the pool's monitor), each server gets `PostgresPool.probeConnectTimeout`
+    /// and failures are not logged; a server that does not answer in time makes the whole probe
+    /// inconclusive (`PostgresPool.ProbeTimeout`) unless a later one accepts writes, since a
+    /// slow primary is not a gone one. Throws `.unavailable` naming every server's answer when
+    /// none accepts writes.
+    private static func connectToPrimary(
+        _ configuration: PostgresKeyStoreConfiguration,
+        tls: TLSSetup?,
+        logger: Logger,
+        probing: Bool = false
+    ) async throws -> (PostgresConnection, Int) {
+        var answers: [String] = []
+        var timedOut = false
+        for server in configuration.servers.indices {
+            let endpoint = configuration.servers.count == 1 ? "" : "\(configuration.servers[server]): "
+            let connection: PostgresConnection
+            do {
+                if probing {
+                    let late: @Sendable (PostgresConnection) async -> Void = { try? await $0.close() }
+                    connection = try await PostgresPool.withTimeout(PostgresPool.probeConnectTimeout, late: late) {
+                        try await connect(configuration, server: server, tls: tls, logger: logger, quiet: true)
+                    }
+                } else {
+                    connection = try await connect(
+                        configuration, server: server, tls: tls, logger: logger,
+                        quiet: configuration.servers.count > 1)
+                }
+            } catch is PostgresPool.ProbeTimeout {
+                timedOut = true
+                answers.append("\(endpoint)no answer within \(PostgresPool.probeConnectTimeout)")
+                continue
+            } catch let error as StorageError {
+                answers.append("\(endpoint)\(error.detail)")
+                continue
+            }
+            do {
+                let inRecovery = try await PostgresPool.withTimeout(PostgresPool.pingTimeout) {
+                    try await isInRecovery(connection, logger: logger)
+                }
+                if !inRecovery { return (connection, server) }
+                answers.append("\(endpoint)a standby (in recovery), which accepts no writes")
+            } catch is PostgresPool.ProbeTimeout {
+                timedOut = true
+                answers.append("\(endpoint)no answer within \(PostgresPool.pingTimeout)")
+            } catch {
+                answers.append(
+                    "\(endpoint)\(PostgresErrorMapping.storageError(error, operation: "recovery check").detail)")
+            }
+            Task { try? await connection.close() }
+        }
+        if probing, timedOut { throw PostgresPool.ProbeTimeout() }
+        let failure = StorageError(
+            .unavailable,
+            configuration.servers.count == 1
+                ? answers.joined() : "no server accepts writes: " + answers.joined(separator: "; "))
+        if !probing, configuration.servers.count > 1 {
+            logger.error("cannot connect to postgres", metadata: ["error": "\(failure.detail)"])
+        }
+        throw failure
+    }
+
+    /// Whether the server on `connection` is a standby (in recovery): it then accepts no writes.
+    static func isInRecovery(_ connection: PostgresConnection, logger: Logger) async throws -> Bool {
+        let rows = try await connection.query("SELECT pg_is_in_recovery()", logger: logger).get()
+        guard let row = rows.first else { throw StorageError(.corrupt, "recovery check: no row") }
+        return try row.decode(Bool.self)
+    }
+
     /// Refuses a server that would acknowledge commits it can lose (`fsync` or
     /// `synchronous_commit` off, for the server, the database or the role): a data key id handed
-    /// to a caller must survive a crash.
-    private static func checkDurability(_ connection: PostgresConnection, logger: Logger) async throws {
+    /// to a caller must survive a crash. With standbys (streaming from this server now, or named
+    /// in `failoverServers`), a commit must also survive a failover: `synchronous_commit` `on` or
+    /// `remote_apply` with `synchronous_standby_names` set; otherwise `standbyDurability` says
+    /// whether to refuse or to warn.
+    private static func checkDurability(
+        _ connection: PostgresConnection, configuration: PostgresKeyStoreConfiguration, logger: Logger
+    ) async throws {
         let rows = try await query(
             connection,
-            "SELECT current_setting('fsync'), current_setting('synchronous_commit')",
+            """
+            SELECT current_setting('fsync'), current_setting('synchronous_commit'),
+                   current_setting('synchronous_standby_names'), (SELECT count(*) FROM pg_stat_replication)
+            """,
             logger: logger,
             operation: "durability check"
         )
         guard let row = rows.first else { throw StorageError(.corrupt, "durability check: no row") }
-        let (fsync, synchronousCommit) = try decodeRow(row, as: (String, String).self, operation: "durability check")
+        let (fsync, synchronousCommit, standbyNames, standbys) = try decodeRow(
+            row, as: (String, String, String, Int64).self, operation: "durability check")
         guard fsync == "on", synchronousCommit != "off" else {
             throw StorageError(
                 .other,
                 "the server acknowledges commits it can lose (fsync=\(fsync), synchronous_commit="
                     + "\(synchronousCommit)): turn both on"
             )
+        }
+        guard standbys > 0 || !configuration.failoverServers.isEmpty else { return }
+        let survivesFailover =
+            ["on", "remote_apply"].contains(synchronousCommit)
+            && !standbyNames.trimmingCharacters(in: .whitespaces).isEmpty
+        guard !survivesFailover else { return }
+        let problem =
+            "a commit acknowledged by this server may be lost in a failover to a standby "
+            + "(synchronous_commit=\(synchronousCommit), synchronous_standby_names='\(standbyNames)', "
+            + "\(standbys) standby(s) streaming): set synchronous_standby_names, and synchronous_commit "
+            + "to on or remote_apply"
+        switch configuration.standbyDurability {
+        case .refuse:
+            throw StorageError(.other, problem + " (store.postgres.standby_durability is refuse)")
+        case .warn:
+            logger.warning("\(problem)", metadata: ["standby_durability": "warn"])
         }
     }
 

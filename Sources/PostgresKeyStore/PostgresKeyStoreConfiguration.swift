@@ -14,6 +14,30 @@ public struct PostgresKeyStoreConfiguration: Sendable {
         case verifyFull(caFile: String?, serverName: String?)
     }
 
+    /// A server the store may connect to over TCP.
+    public struct Server: Sendable, Hashable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+        public init(host: String, port: Int) {
+            self.host = host
+            self.port = port
+        }
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    }
+
+    /// What `open` does when the server streams to standbys (or `failoverServers` names some) but
+    /// a commit it acknowledges would not survive a failover: `synchronous_commit` is not `on` or
+    /// `remote_apply`, or `synchronous_standby_names` is empty.
+    public enum StandbyDurability: String, Sendable, Hashable, CaseIterable {
+        /// Log a warning and serve.
+        case warn
+        /// Refuse to open (`StorageError(.other)`).
+        case refuse
+    }
+
+    /// The most servers in all (`host` and `failoverServers`): a primary and its standbys.
+    public static let maximumServers = 16
+
     /// The default pool size: enough for group commit and concurrent reads on a small gateway,
     /// well below PostgreSQL's default `max_connections` (100) when several gateways share it.
     public static let defaultMaximumConnections = 8
@@ -39,6 +63,13 @@ public struct PostgresKeyStoreConfiguration: Sendable {
     public var maximumConnections: Int
     /// TLS for TCP; `PostgresKeyStore.open` refuses TLS with `unixSocketPath`.
     public var tls: TLS
+    /// Further servers, tried in order after `host`:`port`: standbys that may be promoted. The
+    /// store uses the first that accepts writes (not in recovery, as libpq's
+    /// `target_session_attrs=read-write`), and moves to another when that one stops accepting
+    /// them. Not with `unixSocketPath`; at most `maximumServers` in all.
+    public var failoverServers: [Server]
+    /// Whether a server whose commits would not survive a failover is refused or only warned about.
+    public var standbyDurability: StandbyDurability
 
     /// A configuration; only `username` and `database` have no default.
     public init(
@@ -49,7 +80,9 @@ public struct PostgresKeyStoreConfiguration: Sendable {
         password: String? = nil,
         database: String,
         maximumConnections: Int = PostgresKeyStoreConfiguration.defaultMaximumConnections,
-        tls: TLS = .disable
+        tls: TLS = .disable,
+        failoverServers: [Server] = [],
+        standbyDurability: StandbyDurability = .warn
     ) {
         self.host = host
         self.port = port
@@ -59,14 +92,22 @@ public struct PostgresKeyStoreConfiguration: Sendable {
         self.database = database
         self.maximumConnections = maximumConnections
         self.tls = tls
+        self.failoverServers = failoverServers
+        self.standbyDurability = standbyDurability
     }
 
+    /// Every server, in the order they are tried: `host`:`port` first.
+    var servers: [Server] { [Server(host: host, port: port)] + failoverServers }
+
     /// Where the store connects, for log lines and errors (never the password).
-    var endpointDescription: String {
+    var endpointDescription: String { endpointDescription(server: 0) }
+
+    /// `endpointDescription` for `servers[server]`.
+    func endpointDescription(server: Int) -> String {
         if let unixSocketPath {
             return "unix:\(unixSocketPath) database \(database)"
         }
         let security = if case .verifyFull = tls { " (TLS)" } else { "" }
-        return "\(host):\(port) database \(database)\(security)"
+        return "\(servers[server]) database \(database)\(security)"
     }
 }

@@ -24,6 +24,11 @@ import Synchronization
 /// changes nothing: the server may be slow rather than gone, and retiring a pool would abort work
 /// in flight. Calls then wait up to their deadlines, and resume when the server answers again.
 ///
+/// With several servers (a primary and standbys), the monitor's ping also asks whether the server
+/// still accepts writes, and its connection goes to the first server that does: when the primary
+/// dies or is demoted and a standby has been promoted, the ping fails, the probe finds the new
+/// primary, and the pool is replaced by one on it (`PostgresKeyStore.connectToPrimary`).
+///
 /// The monitor also retires a pool that has stopped handing out connections while the server is
 /// reachable: calls wait for a lease, none holds a connection, and none was granted for
 /// `wedgeTimeout`. (postgres-nio 1.33's pool was seen to stop granting leases for good after its
@@ -45,6 +50,8 @@ final class PostgresPool: Sendable {
 
     private struct State {
         var client: PostgresClient
+        /// The index of the server `client` connects to.
+        var server: Int
         var clientTask: Task<Void, Never>
         /// Pools retired on an outage, still shutting down; awaited by `close`.
         var retired: [Task<Void, Never>] = []
@@ -61,24 +68,29 @@ final class PostgresPool: Sendable {
         var nextTicket = 0
     }
 
-    private let makeClient: @Sendable () -> PostgresClient
-    private let probe: @Sendable () async throws -> PostgresConnection
+    private let makeClient: @Sendable (Int) -> PostgresClient
+    private let probe: @Sendable () async throws -> (PostgresConnection, Int)
+    private let describe: @Sendable (Int) -> String
     private let logger: Logger
     private let state: Mutex<State>
     private let monitorTask = Mutex<[Task<Void, Never>]>([])
 
-    /// `makeClient` builds a pool (not yet running); `probe` opens one connection, throwing
-    /// `ProbeTimeout` when it does not complete in `probeConnectTimeout`.
+    /// `makeClient` builds a pool (not yet running) on the server of the given index, starting
+    /// with `server`; `probe` opens one connection to a server that accepts writes and says
+    /// which, throwing `ProbeTimeout` when that is inconclusive; `describe` names a server for logs.
     init(
-        makeClient: @escaping @Sendable () -> PostgresClient,
-        probe: @escaping @Sendable () async throws -> PostgresConnection,
+        server: Int = 0,
+        describe: @escaping @Sendable (Int) -> String = { "server \($0)" },
+        makeClient: @escaping @Sendable (Int) -> PostgresClient,
+        probe: @escaping @Sendable () async throws -> (PostgresConnection, Int),
         logger: Logger
     ) {
         self.makeClient = makeClient
         self.probe = probe
+        self.describe = describe
         self.logger = logger
-        let client = makeClient()
-        self.state = Mutex(State(client: client, clientTask: Self.run(client)))
+        let client = makeClient(server)
+        self.state = Mutex(State(client: client, server: server, clientTask: Self.run(client)))
     }
 
     /// Starts the monitor with `connection`, the first connection `open` made (or nil), and the
@@ -177,8 +189,14 @@ final class PostgresPool: Sendable {
             if let open = connection {
                 do {
                     let logger = self.logger
-                    try await Self.withTimeout(Self.pingTimeout) {
-                        _ = try await open.query("SELECT 1", logger: logger).get()
+                    let inRecovery = try await Self.withTimeout(Self.pingTimeout) {
+                        try await PostgresKeyStore.isInRecovery(open, logger: logger)
+                    }
+                    if inRecovery {
+                        // Demoted, or a standby after a failover: find the server that accepts writes.
+                        Self.discard(open)
+                        connection = nil
+                        continue
                     }
                 } catch is ProbeTimeout {
                     // A slow server is not a gone one; but a ping that never ends would pile
@@ -196,7 +214,9 @@ final class PostgresPool: Sendable {
                 continue
             }
             do {
-                connection = try await probe()
+                let (opened, server) = try await probe()
+                connection = opened
+                moveIfNeeded(to: server)
                 markReachable()
             } catch is ProbeTimeout {
                 // Inconclusive: keep the current state.
@@ -228,7 +248,7 @@ final class PostgresPool: Sendable {
             // The retired pool fails its queued leases at once and closes its connections; a fresh
             // pool waits, without connections or backoff, for the server to answer again.
             let old = state.clientTask
-            Self.retire(&state, makeClient)
+            Self.retire(&state, makeClient, server: state.server)
             return old
         }
         if retired != nil {
@@ -247,7 +267,7 @@ final class PostgresPool: Sendable {
             guard state.reachable, !state.closed, state.leased == 0, let oldest = state.waiting.values.min(),
                 now - oldest > Self.wedgeTimeout, now - state.lastGrant > Self.wedgeTimeout
             else { return nil }
-            Self.retire(&state, makeClient)
+            Self.retire(&state, makeClient, server: state.server)
             state.lastGrant = now
             return state.waiting.count
         }
@@ -261,14 +281,35 @@ final class PostgresPool: Sendable {
 
     /// Retires the current pool (it fails its queued leases at once and closes its connections)
     /// and starts a fresh one.
-    private static func retire(_ state: inout State, _ makeClient: @Sendable () -> PostgresClient) {
+    private static func retire(_ state: inout State, _ makeClient: @Sendable (Int) -> PostgresClient, server: Int) {
         let old = state.clientTask
         old.cancel()
         state.retired.append(old)
-        state.client = makeClient()
+        state.server = server
+        state.client = makeClient(server)
         state.clientTask = run(state.client)
         state.generation += 1
     }
+
+    /// Replaces the pool with one on `server` when the probe found the writable server elsewhere
+    /// (a standby promoted): the old pool's calls fail at once and new ones go to `server`.
+    private func moveIfNeeded(to server: Int) {
+        let from = state.withLock { state -> Int? in
+            guard state.server != server, !state.closed else { return nil }
+            let from = state.server
+            Self.retire(&state, makeClient, server: server)
+            return from
+        }
+        if let from {
+            logger.notice(
+                "postgres: another server accepts writes now; serving from a pool on it",
+                metadata: ["from": "\(describe(from))", "to": "\(describe(server))"]
+            )
+        }
+    }
+
+    /// The index of the server the pool connects to now.
+    var server: Int { state.withLock { $0.server } }
 
     private func markReachable() {
         let downtime = state.withLock { state -> Duration? in

@@ -231,6 +231,49 @@ struct ConfigurationTests {
                 "HSMGW_STORE_POSTGRES_UNIX_SOCKET": "/run/postgresql/.s.PGSQL.5432",
             ]))
         #expect(overSocket?.contains("a Unix socket") == true, "\(overSocket ?? "")")
+
+        // Standbys: HOST or HOST:PORT (IPv6 in brackets), the port defaulting to store.postgres.port.
+        let standbys = try GatewayConfiguration.load(
+            file: noStore,
+            environment: with([
+                "HSMGW_STORE_POSTGRES_PORT": "6432",
+                "HSMGW_STORE_POSTGRES_FAILOVER_HOSTS": "db-2.internal, db-3.internal:5433,[::1]:7000",
+                "HSMGW_STORE_POSTGRES_STANDBY_DURABILITY": "refuse",
+            ])
+        ).configuration
+        guard case .postgres(let standbySettings) = standbys.store else {
+            Issue.record("not a postgres store: \(standbys.store)")
+            return
+        }
+        #expect(
+            standbySettings.failoverServers == [
+                .init(host: "db-2.internal", port: 6432), .init(host: "db-3.internal", port: 5433),
+                .init(host: "::1", port: 7000),
+            ])
+        #expect(standbySettings.standbyDurability == .refuse)
+        for (bad, reason) in [
+            ("db:0", "port 1 to 65535"), ("::1", "[ADDRESS]:PORT"), ("db:x", "HOST:PORT"), ("[::1]x", "HOST:PORT"),
+        ] {
+            let error = loadError(file: noStore, environment: with(["HSMGW_STORE_POSTGRES_FAILOVER_HOSTS": bad]))
+            #expect(error?.contains("HSMGW_STORE_POSTGRES_FAILOVER_HOSTS") == true, "\(bad): \(error ?? "")")
+            #expect(error?.contains(reason) == true, "\(bad): \(error ?? "")")
+        }
+        let tooMany = loadError(
+            file: noStore,
+            environment: with([
+                "HSMGW_STORE_POSTGRES_FAILOVER_HOSTS": (1...16).map { "db-\($0)" }.joined(separator: ",")
+            ]))
+        #expect(tooMany?.contains("at most 15 hosts") == true, "\(tooMany ?? "")")
+        let standbysOverSocket = loadError(
+            file: noStore,
+            environment: with([
+                "HSMGW_STORE_POSTGRES_FAILOVER_HOSTS": "db-2",
+                "HSMGW_STORE_POSTGRES_UNIX_SOCKET": "/run/postgresql/.s.PGSQL.5432",
+            ]))
+        #expect(standbysOverSocket?.contains("need TCP") == true, "\(standbysOverSocket ?? "")")
+        let durability = loadError(
+            file: noStore, environment: with(["HSMGW_STORE_POSTGRES_STANDBY_DURABILITY": "ignore"]))
+        #expect(durability?.contains("must be one of warn, refuse") == true, "\(durability ?? "")")
     }
 
     @Test func failedAuthenticationLimit() throws {

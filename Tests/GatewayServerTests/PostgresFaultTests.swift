@@ -123,14 +123,16 @@ struct PostgresFaultTests {
         cluster: PostgresTestCluster,
         deadline: Duration,
         duration: Duration,
+        settings: PostgresSettings? = nil,
         fault: @escaping () async throws -> Void,
         heal: @escaping () async throws -> Void
     ) async throws -> Outcome {
         let own: (inout GatewayConfiguration) -> Void = {
             $0.store = .postgres(
-                PostgresSettings(
-                    port: cluster.port, user: cluster.username, database: "postgres",
-                    passwordFile: cluster.directory + "/password", maximumConnections: 8))
+                settings
+                    ?? PostgresSettings(
+                        port: cluster.port, user: cluster.username, database: "postgres",
+                        passwordFile: cluster.directory + "/password", maximumConnections: 8))
         }
         return try await withGateway(.postgres, name, security: .plaintext, configure: own) { gateway in
             let admin = try gateway.client(token: gateway.adminToken, poolSize: 2)
@@ -247,5 +249,30 @@ struct PostgresFaultTests {
         #expect(outcome.lost == 0)
         #expect(outcome.errorCodesDuringFault["\(StatusCode.internalError)"] == nil, "\(outcome)")
         #expect(outcome.firstSuccessAfterHeal != nil, "service never resumed")
+    }
+
+    @Test("the primary killed under load, its synchronous standby promoted: service moves to it, nothing lost")
+    func failoverToAPromotedStandby() async throws {
+        let primary = try PostgresTestCluster.startOwn()
+        defer { primary.stop() }
+        let standby = try primary.startStandby(synchronous: true)
+        defer { standby.stop() }
+        var settings = PostgresSettings(
+            port: primary.port, user: primary.username, database: "postgres",
+            passwordFile: primary.directory + "/password", maximumConnections: 8)
+        settings.failoverServers = [.init(host: "127.0.0.1", port: standby.port)]
+        settings.standbyDurability = .refuse
+        // The fault: the primary dies (-m immediate: a crash); 2 s later, as a failover manager
+        // would after its own checks, the standby is promoted.
+        let outcome = try await Self.run(
+            "pg-failover", cluster: primary, deadline: .seconds(8), duration: .seconds(2), settings: settings,
+            fault: { try await primary.halt(mode: "immediate") }, heal: { try await standby.promote() })
+        print("PostgreSQL primary killed, standby promoted 2 s later: \(outcome)")
+        #expect(outcome.lost == 0)
+        #expect(outcome.acknowledged > 0)
+        #expect(outcome.errorCodesDuringFault.keys.contains("\(StatusCode.unavailable)"), "\(outcome)")
+        #expect(outcome.errorCodesDuringFault["\(StatusCode.deadlineExceeded)"] == nil, "\(outcome)")
+        #expect(outcome.errorCodesDuringFault["\(StatusCode.internalError)"] == nil, "\(outcome)")
+        #expect(outcome.firstSuccessAfterHeal != nil, "service never moved to the promoted standby")
     }
 }

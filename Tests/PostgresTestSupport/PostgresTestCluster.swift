@@ -63,16 +63,38 @@ public final class PostgresTestCluster: Sendable {
     /// `scripts/throwaway-postgres.sh`.
     private let script: String
 
-    private init(tls: (certificate: String, key: String)?) throws {
-        let script = try Self.scriptPath()
+    private convenience init(tls: (certificate: String, key: String)?) throws {
         // Directly under /tmp: as root the server runs as `postgres`, which must reach it.
         let directory = "/tmp/hsmgw-pg-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let tlsArguments = tls.map { ["--tls", $0.certificate, $0.key] } ?? []
-        let result = try ChildProcess.run(
-            script, ["start", directory, "--watch-pid", "\(getpid())"] + tlsArguments, timeout: .seconds(600))
+        try self.init(directory: directory, ["start", directory, "--watch-pid", "\(getpid())"] + tlsArguments)
+    }
+
+    /// A streaming standby of this cluster (`throwaway-postgres.sh standby`), a cluster of its
+    /// own with the same superuser and password; with `synchronous`, this cluster waits for it at
+    /// every commit. `stop()` it when done.
+    public func startStandby(synchronous: Bool) throws -> PostgresTestCluster {
+        let standby = "/tmp/hsmgw-pg-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        return try PostgresTestCluster(
+            directory: standby,
+            ["standby", directory, standby, "--watch-pid", "\(getpid())"] + (synchronous ? ["--synchronous"] : []))
+    }
+
+    /// Promotes this standby (`pg_ctl promote`) and returns once it accepts writes.
+    public func promote() async throws {
+        let (script, directory) = (self.script, self.directory)
+        let result = try await runBlocking {
+            try ChildProcess.run(script, ["promote", directory], timeout: .seconds(120))
+        }
+        guard result.status == 0 else { throw PostgresTestClusterError("promote failed: \(result)") }
+    }
+
+    private init(directory: String, _ arguments: [String]) throws {
+        let script = try Self.scriptPath()
+        let result = try ChildProcess.run(script, arguments, timeout: .seconds(600))
         guard result.status == 0 else {
             _ = try? ChildProcess.run(script, ["stop", directory])
-            throw PostgresTestClusterError("throwaway-postgres.sh start failed: \(result)")
+            throw PostgresTestClusterError("throwaway-postgres.sh \(arguments[0]) failed: \(result)")
         }
         var values: [String: String] = [:]
         for line in result.output.split(separator: "\n") {

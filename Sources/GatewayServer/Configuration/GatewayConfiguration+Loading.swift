@@ -2,6 +2,7 @@ import Foundation
 import GatewayConfig
 import GatewayTransport
 import Logging
+import PostgresKeyStore
 
 extension GatewayConfiguration {
     /// The longest path accepted in any setting (PATH_MAX).
@@ -262,8 +263,57 @@ struct SettingsReader {
             settings.maximumConnections = try integer(
                 "store.postgres.max_connections", in: 1...256, default: settings.maximumConnections)
             settings.tls = try postgresTLS(overUnixSocket: settings.unixSocketPath != nil)
+            settings.failoverServers = try failoverServers(defaultPort: settings.port)
+            if !settings.failoverServers.isEmpty, settings.unixSocketPath != nil {
+                throw ConfigurationError(
+                    "\(origin("store.postgres.failover_hosts")): failover servers need TCP (store.postgres.host), "
+                        + "not store.postgres.unix_socket")
+            }
+            settings.standbyDurability = try choice(
+                "store.postgres.standby_durability", default: PostgresSettings.StandbyDurability.warn)
             return .postgres(settings)
         }
+    }
+
+    /// `store.postgres.failover_hosts`: `HOST` or `HOST:PORT` (`[V6]:PORT`) each, the port
+    /// defaulting to `store.postgres.port`; at most `maximumServers - 1` of them.
+    func failoverServers(defaultPort: Int) throws(ConfigurationError) -> [PostgresKeyStoreConfiguration.Server] {
+        guard let setting = raw["store.postgres.failover_hosts"] else { return [] }
+        let limit = PostgresKeyStoreConfiguration.maximumServers - 1
+        guard setting.values.count <= limit else {
+            throw ConfigurationError("\(setting.origin): at most \(limit) hosts, not \(setting.values.count)")
+        }
+        var servers: [PostgresKeyStoreConfiguration.Server] = []
+        for text in setting.values {
+            guard !text.isEmpty, text.utf8.count <= 261 else {
+                throw ConfigurationError("\(setting.origin): `\(text.prefix(64))` is not HOST or HOST:PORT")
+            }
+            var host = text
+            var port = defaultPort
+            if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+                host = String(text[text.index(after: text.startIndex)..<close])
+                let rest = text[text.index(after: close)...]
+                if !rest.isEmpty {
+                    guard rest.hasPrefix(":"), let parsed = Int(rest.dropFirst()) else {
+                        throw ConfigurationError("\(setting.origin): `\(text)` is not HOST or HOST:PORT")
+                    }
+                    port = parsed
+                }
+            } else if let colon = text.lastIndex(of: ":") {
+                guard text.firstIndex(of: ":") == colon, let parsed = Int(text[text.index(after: colon)...]) else {
+                    throw ConfigurationError(
+                        "\(setting.origin): `\(text)` is not HOST or HOST:PORT (write an IPv6 address as [ADDRESS]:PORT)"
+                    )
+                }
+                host = String(text[..<colon])
+                port = parsed
+            }
+            guard !host.isEmpty, host.utf8.count <= 255, (1...65_535).contains(port) else {
+                throw ConfigurationError("\(setting.origin): `\(text)` is not HOST or HOST:PORT (port 1 to 65535)")
+            }
+            servers.append(.init(host: host, port: port))
+        }
+        return servers
     }
 
     /// `store.postgres.tls` (`disable` or `verify-full`) with its CA file and server name.

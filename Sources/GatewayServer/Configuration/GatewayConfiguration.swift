@@ -232,6 +232,12 @@ public struct PostgresSettings: Sendable, Hashable {
     public var maximumConnections: Int
     /// TLS over TCP; never with `unixSocketPath`.
     public var tls: TLS
+    /// Standbys that may be promoted, tried after `host`:`port` (`store.postgres.failover_hosts`).
+    public var failoverServers: [PostgresKeyStoreConfiguration.Server] = []
+    /// Warn about, or refuse, a server whose commits would not survive a failover
+    /// (`store.postgres.standby_durability`).
+    public var standbyDurability: StandbyDurability = .warn
+    public typealias StandbyDurability = PostgresKeyStoreConfiguration.StandbyDurability
 
     /// Settings; only `user` and `database` have no default.
     public init(

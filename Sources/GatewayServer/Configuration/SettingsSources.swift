@@ -56,6 +56,8 @@ enum SettingKeys {
         SettingDefinition("store.postgres.tls_ca_file"),
         SettingDefinition("store.postgres.tls_server_name"),
         SettingDefinition("store.postgres.max_connections"),
+        SettingDefinition("store.postgres.failover_hosts", list: true),
+        SettingDefinition("store.postgres.standby_durability"),
         SettingDefinition("limits.max_frame_bytes"),
         SettingDefinition("limits.max_requests_in_flight"),
         SettingDefinition("limits.max_connections"),
