@@ -1,0 +1,368 @@
+import Crypto
+import Foundation
+import KeyHierarchy
+
+/// `hsm-admin restore`: loads a backup into an empty database, after proving that it is intact
+/// and that it belongs to the token the gateway will use.
+///
+/// 1. Verify (nothing is written): the SHA-256 over the whole body against the trailer, every
+///    line parsed and within its limits, the audit chain replayed, every kept checkpoint and the
+///    head's checkpoint in place, and their MACs recomputed by the audit key in the token.
+/// 2. Refuse a backup made under another token: its label and serial must be this token's
+///    (unless `allowClonedToken`: a clone or an HSM cluster member reports another serial), and
+///    in every case the audit anchor's MAC must verify with this token's audit key, which only
+///    the token the backup was made under (or its clone) holds.
+/// 3. Load in one transaction, into a database that holds no tenant, principal or audit record
+///    (checked inside that transaction), checksumming the file again as it is read: a file that
+///    changed since step 1 rolls everything back. Every master-key version is restored with its
+///    invocation count raised to `BackupLimits.restoredInvocationCount`.
+/// 4. Verify the loaded audit log with the gateway's own verifier (`KeyService.verifyAuditLog`).
+public enum StoreRestore {
+    /// How strict the token check is.
+    public struct Options: Sendable {
+        /// Accept a token whose label or serial differs from the backup's, as long as the audit
+        /// anchor verifies with it (HSM clones and cluster members).
+        public var allowClonedToken = false
+
+        public init(allowClonedToken: Bool = false) {
+            self.allowClonedToken = allowClonedToken
+        }
+    }
+
+    /// What a verified backup holds.
+    public struct Verified: Sendable {
+        public var header: BackupHeader
+        public var counts: BackupCounts
+        public var sha256: String
+    }
+
+    /// What a restore loaded, and the verifier's answer on the loaded log.
+    public struct Report: Sendable {
+        public var header: BackupHeader
+        public var counts: BackupCounts
+        public var verification: AuditLogVerification
+    }
+
+    /// Step 1 and 2: reads the whole file, writes nothing.
+    public static func verify(
+        path: String,
+        token: any MasterKeyToken,
+        identity: BackupTokenIdentity,
+        options: Options = Options()
+    ) async throws -> Verified {
+        let reader = try BackupFileReader(path: path)
+        var hasher = SHA256()
+        guard let first = try reader.nextLine() else {
+            throw BackupError(.malformed, "the file is empty")
+        }
+        hasher.update(data: first + [UInt8(ascii: "\n")])
+        let header = try decodeHeader(first)
+        try checkIdentity(header, identity, options)
+        let expectedHead = try header.auditHead.head()
+
+        var counts = BackupCounts()
+        var verifier = AuditVerifier()
+        var lastRecord: AuditRecord?
+        var pendingMACs: [AuditCheckpoint] = []
+        var end: EndLine?
+        while let line = try reader.nextLine() {
+            guard end == nil else {
+                throw BackupError(.malformed, "line \(reader.lineNumber) follows the end line")
+            }
+            let kind = try probe(line, reader.lineNumber)
+            if kind == .end {
+                end = try decode(EndLine.self, line, reader.lineNumber)
+                continue
+            }
+            hasher.update(data: line + [UInt8(ascii: "\n")])
+            do {
+                switch kind {
+                case .header:
+                    throw BackupError(.malformed, "a second header")
+                case .tenant:
+                    _ = try decode(TenantLine.self, line, reader.lineNumber).record()
+                    counts.tenants += 1
+                case .version:
+                    _ = try decode(VersionLine.self, line, reader.lineNumber).record()
+                    counts.versions += 1
+                case .rewrapJob:
+                    _ = try decode(RewrapJobLine.self, line, reader.lineNumber).record()
+                    counts.rewrapJobs += 1
+                case .dataKey:
+                    _ = try decode(DataKeyLine.self, line, reader.lineNumber).record()
+                    counts.dataKeys += 1
+                case .principal:
+                    _ = try decode(PrincipalLine.self, line, reader.lineNumber).record()
+                    counts.principals += 1
+                case .apiToken:
+                    _ = try decode(APITokenLine.self, line, reader.lineNumber).record()
+                    counts.apiTokens += 1
+                case .audit:
+                    let record = try decode(AuditLine.self, line, reader.lineNumber).record()
+                    if case .broken(let problem) = verifier.check(record) {
+                        throw BackupError(.auditLogBroken, "the backup's audit log does not verify: \(problem)")
+                    }
+                    lastRecord = record
+                    counts.auditRecords += 1
+                case .checkpoint:
+                    let checkpoint = try decode(BackupCheckpoint.self, line, reader.lineNumber).checkpoint()
+                    guard let lastRecord, checkpoint.sequence == lastRecord.sequence,
+                        checkpoint.hash == lastRecord.hash
+                    else {
+                        throw BackupError(
+                            .auditLogBroken,
+                            "the checkpoint at record \(checkpoint.sequence) does not match the record it follows")
+                    }
+                    pendingMACs.append(checkpoint)
+                    counts.checkpoints += 1
+                    if pendingMACs.count >= BackupLimits.checkpointsPerTokenRound {
+                        try await checkMACs(pendingMACs, token: token)
+                        pendingMACs.removeAll()
+                    }
+                case .end:
+                    break
+                }
+            } catch let error as BackupError {
+                throw error
+            } catch let error as TokenError {
+                throw error
+            } catch {
+                throw BackupError(.malformed, "line \(reader.lineNumber): \(error)")
+            }
+        }
+        guard let end else {
+            throw BackupError(.malformed, "the file has no end line: it is truncated")
+        }
+        let digest = Hex.encode(Array(hasher.finalize()))
+        guard end.sha256 == digest, end.lines == reader.lineNumber - 1 else {
+            throw BackupError(
+                .checksumMismatch,
+                "the file's SHA-256 does not match its end line: it was changed or damaged after it was written")
+        }
+        guard case .verified = verifier.finish(head: expectedHead) else {
+            throw BackupError(.auditLogBroken, "the backup's audit log does not end at the head its header names")
+        }
+        try await checkMACs(pendingMACs, token: token)
+        if expectedHead.sequence > 0 {
+            guard let anchor = try header.auditAnchor?.checkpoint(), anchor.covers(expectedHead) else {
+                throw BackupError(
+                    .auditLogBroken, "the backup's audit head carries no checkpoint from the HSM that covers it")
+            }
+            try await checkMACs([anchor], token: token)
+        }
+        return Verified(header: header, counts: counts, sha256: digest)
+    }
+
+    /// Steps 1 to 4. Throws `BackupError` naming what failed; nothing is written unless every
+    /// check of step 1 and 2 passed and the target was empty.
+    public static func restore(
+        path: String,
+        into repository: any KeyRepository,
+        token: any MasterKeyToken,
+        identity: BackupTokenIdentity,
+        options: Options = Options()
+    ) async throws -> Report {
+        // Fail fast on a used database, before reading a large file.
+        try await repository.read { try await checkEmpty($0) }
+        let verified = try await verify(path: path, token: token, identity: identity, options: options)
+        let counts = try await repository.transaction { transaction in
+            try await checkEmpty(transaction)
+            return try await load(path: path, expected: verified, into: transaction)
+        }
+        let service = try KeyService(token: token, repository: repository)
+        let verification = try await service.verifyAuditLog()
+        guard case .verified = verification.result else {
+            throw BackupError(
+                .auditLogBroken,
+                "the restored audit log does not verify (\(verification.result)); the database now holds the "
+                    + "backup: empty it before trying again")
+        }
+        return Report(header: verified.header, counts: counts, verification: verification)
+    }
+
+    // MARK: Steps
+
+    private static func load(
+        path: String,
+        expected: Verified,
+        into transaction: any KeyRepositoryTransaction
+    ) async throws -> BackupCounts {
+        let reader = try BackupFileReader(path: path)
+        var hasher = SHA256()
+        var counts = BackupCounts()
+        var keys: [DataKeyRecord] = []
+        var records: [AuditRecord] = []
+        var end: EndLine?
+        func flushKeys() async throws {
+            guard !keys.isEmpty else { return }
+            try await transaction.insertDataKeys(keys)
+            counts.dataKeys += keys.count
+            keys.removeAll(keepingCapacity: true)
+        }
+        func flushRecords(anchor: AuditCheckpoint?) async throws {
+            guard let last = records.last else { return }
+            try await transaction.appendAuditRecords(
+                records, head: AuditHead(sequence: last.sequence, hash: last.hash), anchor: anchor,
+                keepCheckpoint: anchor != nil)
+            counts.auditRecords += records.count
+            records.removeAll(keepingCapacity: true)
+        }
+        while let line = try reader.nextLine() {
+            let kind = try probe(line, reader.lineNumber)
+            if kind == .end {
+                end = try decode(EndLine.self, line, reader.lineNumber)
+                break
+            }
+            hasher.update(data: line + [UInt8(ascii: "\n")])
+            switch kind {
+            case .header, .end:
+                continue
+            case .tenant:
+                try await flushKeys()
+                try await transaction.insertTenant(try decode(TenantLine.self, line, reader.lineNumber).record())
+                counts.tenants += 1
+            case .version:
+                try await flushKeys()
+                var version = try decode(VersionLine.self, line, reader.lineNumber).record()
+                version.invocationsReserved = max(version.invocationsReserved, BackupLimits.restoredInvocationCount)
+                try await transaction.insertMasterKeyVersion(version)
+                counts.versions += 1
+            case .rewrapJob:
+                try await transaction.saveRewrapJob(try decode(RewrapJobLine.self, line, reader.lineNumber).record())
+                counts.rewrapJobs += 1
+            case .dataKey:
+                keys.append(try decode(DataKeyLine.self, line, reader.lineNumber).record())
+                if keys.count >= BackupLimits.dataKeysPerInsert { try await flushKeys() }
+            case .principal:
+                try await flushKeys()
+                try await transaction.insertPrincipal(try decode(PrincipalLine.self, line, reader.lineNumber).record())
+                counts.principals += 1
+            case .apiToken:
+                try await transaction.insertAPIToken(try decode(APITokenLine.self, line, reader.lineNumber).record())
+                counts.apiTokens += 1
+            case .audit:
+                try await flushKeys()
+                records.append(try decode(AuditLine.self, line, reader.lineNumber).record())
+                if records.count >= BackupLimits.auditRecordsPerAppend { try await flushRecords(anchor: nil) }
+            case .checkpoint:
+                // Appended up to the record it names and kept, as the gateway kept it.
+                try await flushRecords(anchor: try decode(BackupCheckpoint.self, line, reader.lineNumber).checkpoint())
+                counts.checkpoints += 1
+            }
+        }
+        try await flushKeys()
+        // The head and its anchor exactly as in the backup (the last records, if any, with them).
+        let head = try expected.header.auditHead.head()
+        let anchor = try expected.header.auditAnchor?.checkpoint()
+        counts.auditRecords += records.count
+        try await transaction.appendAuditRecords(records, head: head, anchor: anchor, keepCheckpoint: false)
+        guard let end, Hex.encode(Array(hasher.finalize())) == expected.sha256, end.sha256 == expected.sha256 else {
+            throw BackupError(
+                .checksumMismatch, "the file changed while it was being restored; nothing was written")
+        }
+        guard counts == expected.counts else {
+            throw BackupError(.malformed, "the file changed while it was being restored; nothing was written")
+        }
+        return counts
+    }
+
+    /// Throws `targetNotEmpty` unless the store holds no tenant, principal or audit record.
+    static func checkEmpty(_ transaction: any KeyRepositoryTransaction) async throws {
+        let tenants = try await transaction.tenants(after: nil, limit: 1)
+        let principals = try await transaction.principals(after: nil, limit: 1)
+        let head = try await transaction.auditHead()
+        guard tenants.isEmpty, principals.isEmpty, head.head.sequence == 0 else {
+            throw BackupError(
+                .targetNotEmpty,
+                "the target database is not empty (it holds tenants, principals or audit records): restore "
+                    + "only into a new database that no gateway has started on")
+        }
+    }
+
+    private static func checkIdentity(
+        _ header: BackupHeader,
+        _ identity: BackupTokenIdentity,
+        _ options: Options
+    ) throws(BackupError) {
+        guard header.token == identity || options.allowClonedToken else {
+            throw BackupError(
+                .wrongToken,
+                "the backup was made under token \(header.token), not \(identity): restore it with the token "
+                    + "it belongs to (for an HSM clone with another serial, --allow-cloned-token)")
+        }
+    }
+
+    /// Throws `wrongToken` unless every checkpoint's MAC is recomputed by the token's audit key.
+    private static func checkMACs(_ checkpoints: [AuditCheckpoint], token: any MasterKeyToken) async throws {
+        guard !checkpoints.isEmpty else { return }
+        let operations = checkpoints.map {
+            TokenOperation.mac(
+                key: TokenKeyReference(id: $0.keyID, label: AuditAnchoring.keyLabel),
+                message: AuditCheckpoint.message(sequence: $0.sequence, hash: $0.hash)
+            )
+        }
+        let results = try await token.perform(operations)
+        for (checkpoint, result) in zip(checkpoints, results) {
+            switch result {
+            case .mac(let mac) where constantTimeEquals(mac, checkpoint.mac):
+                continue
+            case .mac:
+                throw BackupError(
+                    .wrongToken,
+                    "the audit checkpoint at record \(checkpoint.sequence) does not verify with this token's "
+                        + "audit key: the backup belongs to another token, or its log was forged")
+            case .failed(let error) where error.kind == .keyNotFound || error.kind == .bindingViolation:
+                // The token holds no audit key with the id the backup names.
+                throw BackupError(
+                    .wrongToken,
+                    "the audit checkpoint at record \(checkpoint.sequence) does not verify with this token's "
+                        + "audit key: the backup belongs to another token, or its log was forged")
+            case .failed(let error):
+                throw error
+            default:
+                throw BackupError(.io, "unexpected token result")
+            }
+        }
+    }
+
+    private static func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        guard a.count == b.count else { return false }
+        var difference: UInt8 = 0
+        for (x, y) in zip(a, b) { difference |= x ^ y }
+        return difference == 0
+    }
+
+    // MARK: Lines
+
+    private static func decodeHeader(_ line: [UInt8]) throws(BackupError) -> BackupHeader {
+        guard (try? probe(line, 1)) == .header else {
+            throw BackupError(
+                .malformed, "the file does not start with a backup header: it is not an hsm-gateway backup")
+        }
+        let header = try decode(BackupHeader.self, line, 1)
+        guard header.format == BackupHeader.formatName else {
+            throw BackupError(.malformed, "the file is not an hsm-gateway backup")
+        }
+        guard header.formatVersion == BackupHeader.currentFormatVersion else {
+            throw BackupError(
+                .malformed,
+                "backup format version \(header.formatVersion) is not supported (this gateway reads "
+                    + "\(BackupHeader.currentFormatVersion))")
+        }
+        return header
+    }
+
+    private static func probe(_ line: [UInt8], _ number: Int64) throws(BackupError) -> BackupLineKind {
+        try decode(BackupLineKindProbe.self, line, number).kind
+    }
+
+    private static func decode<T: Decodable>(_ type: T.Type, _ line: [UInt8], _ number: Int64) throws(BackupError) -> T
+    {
+        do {
+            return try JSONDecoder().decode(type, from: Data(line))
+        } catch {
+            // The decoder's message may quote the line; name the line number only.
+            throw BackupError(.malformed, "line \(number) is not a valid backup line")
+        }
+    }
+}
