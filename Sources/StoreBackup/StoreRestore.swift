@@ -13,7 +13,8 @@ import KeyHierarchy
 ///    in every case the audit anchor's MAC must verify with this token's audit key, which only
 ///    the token the backup was made under (or its clone) holds.
 /// 3. Load in one transaction, into a database that holds no tenant, principal or audit record
-///    (checked inside that transaction), checksumming the file again as it is read: a file that
+///    (checked inside that transaction, with the audit head and the principals locked so that a
+///    gateway starting meanwhile waits), checksumming the file again as it is read: a file that
 ///    changed since step 1 rolls everything back. Every master-key version is restored with its
 ///    invocation count raised to `BackupLimits.restoredInvocationCount`.
 /// 4. Verify the loaded audit log with the gateway's own verifier (`KeyService.verifyAuditLog`).
@@ -166,6 +167,10 @@ public enum StoreRestore {
         try await repository.read { try await checkEmpty($0) }
         let verified = try await verify(path: path, token: token, identity: identity, options: options)
         let counts = try await repository.transaction { transaction in
+            // Held until the commit: a gateway started on this database meanwhile can neither
+            // append an audit record nor bootstrap an admin between the check and the load.
+            _ = try await transaction.lockAuditHead()
+            try await transaction.lockPrincipals()
             try await checkEmpty(transaction)
             return try await load(path: path, expected: verified, into: transaction)
         }

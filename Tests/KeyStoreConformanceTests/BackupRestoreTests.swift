@@ -209,6 +209,23 @@ struct BackupRestoreTests {
             toFile: truncated, atomically: false, encoding: .utf8)
         #expect(await restoreError(truncated, target, harness.token, identity) == .malformed)
 
+        // A format this code does not know, a line after the end, a line over the limit.
+        let malformed: [(String, String)] = [
+            ("version", text.replacingOccurrences(of: "\"formatVersion\":1", with: "\"formatVersion\":2")),
+            ("trailing", text + "{\"kind\":\"tenant\"}\n"),
+            (
+                "long",
+                String(text.prefix { $0 != "\n" }) + "\n" + String(repeating: "x", count: 2 << 20) + "\n"
+                    + text.drop { $0 != "\n" }.dropFirst()
+            ),
+        ]
+        for (name, content) in malformed {
+            let file = try Self.temporaryPath(name)
+            defer { try? FileManager.default.removeItem(atPath: file) }
+            try content.write(toFile: file, atomically: false, encoding: .utf8)
+            #expect(await restoreError(file, target, harness.token, identity) == .malformed, "\(name)")
+        }
+
         // Nothing was written by any refused restore.
         #expect(try await target.read { try await $0.tenants(after: nil, limit: 1) }.isEmpty)
         #expect(try await target.read { try await $0.auditHead() }.head.sequence == 0)
