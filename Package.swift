@@ -309,6 +309,7 @@ let package = Package(
                 "SoftHSMTestSupport",
                 "PostgresTestSupport",
                 "ProcessTestSupport",
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .testTarget(

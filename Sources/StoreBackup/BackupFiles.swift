@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import KeyHierarchy
 
 /// Writes a backup file a line at a time: buffered, hashed as it goes, created owner-only and
 /// never over an existing file.
@@ -36,17 +37,20 @@ final class BackupFileWriter {
         try emit(data)
     }
 
-    /// Appends the trailer (lines so far and the checksum, which does not cover it), flushes and
-    /// syncs the file. Returns the checksum.
-    func finish() throws -> String {
-        let digest = Hex.encode(Array(hasher.finalize()))
-        var data = [UInt8](try encoder.encode(EndLine(lines: lines, sha256: digest)))
+    /// The SHA-256 of everything appended so far.
+    var digest: [UInt8] { Array(hasher.finalize()) }
+
+    /// Appends the trailer (lines so far, the checksum and the token's MAC of it, which neither
+    /// covers), flushes and syncs the file.
+    func finish(macKeyID: TokenKeyID, mac: [UInt8]) throws {
+        let end = EndLine(
+            lines: lines, sha256: Hex.encode(digest), macKeyID: Hex.encode(macKeyID.bytes), mac: Hex.encode(mac))
+        var data = [UInt8](try encoder.encode(end))
         data.append(UInt8(ascii: "\n"))
         try emit(data)
         try flush()
         try handle.synchronize()
         try handle.close()
-        return digest
     }
 
     private func emit(_ data: [UInt8]) throws {

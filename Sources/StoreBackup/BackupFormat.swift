@@ -82,7 +82,8 @@ public struct BackupError: Error, Sendable, CustomStringConvertible {
         public static let malformed = Code("malformed")
         /// The file's SHA-256 does not match its trailer: changed after it was written.
         public static let checksumMismatch = Code("checksum-mismatch")
-        /// The backup belongs to another token, or its audit anchor does not verify with this one.
+        /// The backup belongs to another token, or its MAC or audit anchor does not verify with
+        /// this one.
         public static let wrongToken = Code("wrong-token")
         /// The target database is not empty.
         public static let targetNotEmpty = Code("target-not-empty")
@@ -454,6 +455,35 @@ struct EndLine: Codable {
     var lines: Int64
     /// SHA-256 of every byte before this line.
     var sha256: String
+    /// The `CKA_ID` of the backup key (`BackupMAC.keyLabel`) that made `mac`.
+    var macKeyID: String
+    /// HMAC-SHA-256 of `BackupMAC.message(sha256:)` by the backup key in the token.
+    var mac: String
+}
+
+/// The HSM's seal on a backup file: an HMAC-SHA-256, by a key inside the token, of the file's
+/// SHA-256. The checksum alone catches damage; the MAC catches a file changed on purpose and
+/// checksummed again (a principal or an API token hash slipped in), which only someone able to
+/// use the token could seal again. Its own key, not the audit-anchor key, which signs nothing
+/// but audit checkpoints.
+public enum BackupMAC {
+    /// The label of the backup key: a non-extractable HMAC-SHA-256 key, made on the first backup
+    /// with the audit key's policy.
+    public static let keyLabel = "hsmgw:backup:v1"
+
+    /// What the MAC covers: a domain tag and the SHA-256 of the body, each length-prefixed.
+    static func message(sha256 digest: [UInt8]) -> [UInt8] {
+        let tag = Array("hsmgw-backup-v1".utf8)
+        var out: [UInt8] = []
+        for field in [tag, digest] {
+            let count = UInt32(field.count)
+            out += [
+                UInt8(count >> 24 & 0xff), UInt8(count >> 16 & 0xff), UInt8(count >> 8 & 0xff), UInt8(count & 0xff),
+            ]
+            out += field
+        }
+        return out
+    }
 }
 
 // MARK: - Helpers

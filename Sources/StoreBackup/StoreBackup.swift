@@ -51,24 +51,39 @@ public enum StoreBackupWriter {
     }
 
     /// Writes a backup of `source` to `path` (created with mode 0600; an existing file is not
-    /// replaced). `token` is the identity of the token the gateway uses; the audit head's
-    /// checkpoint, in the header, proves it later. On failure the partial file is removed.
+    /// replaced). `identity` names the token the gateway uses, `token` is that token: its backup
+    /// key (`BackupMAC.keyLabel`, made on the first backup) seals the file's checksum, and the
+    /// audit head's checkpoint in the header proves the log. On failure the partial file is
+    /// removed.
     public static func write(
         from source: some BackupSource,
-        token: BackupTokenIdentity,
+        identity: BackupTokenIdentity,
+        token: any MasterKeyToken,
         to path: String,
         now: Timestamp = .now()
     ) async throws -> Summary {
         let schemaVersion = try await source.schemaVersion()
+        // Before the file exists: a token that cannot seal the backup fails the command first.
+        let (macKeyID, _) = try await token.prepareAuditKey(label: BackupMAC.keyLabel)
         let writer = try BackupFileWriter(creating: path)
         do {
             let (header, counts) = try await source.snapshot { transaction in
                 try await writeSnapshot(
-                    transaction, writer: writer, schemaVersion: schemaVersion, store: source.storeKind, token: token,
-                    now: now)
+                    transaction, writer: writer, schemaVersion: schemaVersion, store: source.storeKind,
+                    token: identity, now: now)
             }
-            let digest = try writer.finish()
-            return Summary(header: header, counts: counts, bytes: writer.bytes, sha256: digest)
+            let digest = writer.digest
+            let results = try await token.perform([
+                .mac(
+                    key: TokenKeyReference(id: macKeyID, label: BackupMAC.keyLabel),
+                    message: BackupMAC.message(sha256: digest))
+            ])
+            guard case .mac(let mac) = results.first else {
+                if case .failed(let error) = results.first { throw error }
+                throw BackupError(.io, "the token did not answer the backup's MAC")
+            }
+            try writer.finish(macKeyID: macKeyID, mac: mac)
+            return Summary(header: header, counts: counts, bytes: writer.bytes, sha256: Hex.encode(digest))
         } catch {
             try? FileManager.default.removeItem(atPath: path)
             throw error

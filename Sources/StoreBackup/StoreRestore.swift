@@ -5,8 +5,9 @@ import KeyHierarchy
 /// `hsm-admin restore`: loads a backup into an empty database, after proving that it is intact
 /// and that it belongs to the token the gateway will use.
 ///
-/// 1. Verify (nothing is written): the SHA-256 over the whole body against the trailer, every
-///    line parsed and within its limits, the audit chain replayed, every kept checkpoint and the
+/// 1. Verify (nothing is written): the SHA-256 over the whole body against the trailer, and the
+///    trailer's MAC of it recomputed by the backup key in the token (`BackupMAC`); every line
+///    parsed and within its limits; the audit chain replayed, every kept checkpoint and the
 ///    head's checkpoint in place, and their MACs recomputed by the audit key in the token.
 /// 2. Refuse a backup made under another token: its label and serial must be this token's
 ///    (unless `allowClonedToken`: a clone or an HSM cluster member reports another serial), and
@@ -140,6 +141,9 @@ public enum StoreRestore {
                 .checksumMismatch,
                 "the file's SHA-256 does not match its end line: it was changed or damaged after it was written")
         }
+        // The seal: only the token the backup was made under can have made this MAC of this
+        // checksum, so a file changed and checksummed again is refused here.
+        try await checkMAC(end, digest: digest, token: token)
         guard case .verified = verifier.finish(head: expectedHead) else {
             throw BackupError(.auditLogBroken, "the backup's audit log does not end at the head its header names")
         }
@@ -294,6 +298,36 @@ public enum StoreRestore {
                 .wrongToken,
                 "the backup was made under token \(header.token), not \(identity): restore it with the token "
                     + "it belongs to (for an HSM clone with another serial, --allow-cloned-token)")
+        }
+    }
+
+    /// Throws `wrongToken` unless the end line's MAC of `digest` is recomputed by the token's
+    /// backup key.
+    private static func checkMAC(_ end: EndLine, digest: String, token: any MasterKeyToken) async throws {
+        let keyID = try TokenKeyID(bytes: Hex.decode(end.macKeyID, bytes: TokenKeyID.byteCount, field: "MAC key id"))
+        let mac = try Hex.decode(end.mac, bytes: 32, field: "MAC")
+        guard let keyID else { throw BackupError(.malformed, "the end line's MAC key id is malformed") }
+        let results = try await token.perform([
+            .mac(
+                key: TokenKeyReference(id: keyID, label: BackupMAC.keyLabel),
+                message: BackupMAC.message(sha256: try Hex.decode(digest, bytes: 32, field: "SHA-256")))
+        ])
+        switch results.first {
+        case .mac(let recomputed) where constantTimeEquals(recomputed, mac):
+            return
+        case .mac:
+            throw BackupError(
+                .wrongToken,
+                "the backup's MAC does not verify with this token's backup key: the file was changed after it "
+                    + "was made, or it was made under another token")
+        case .failed(let error) where error.kind == .keyNotFound || error.kind == .bindingViolation:
+            throw BackupError(
+                .wrongToken,
+                "this token holds no backup key with the id the file names: the backup was made under another token")
+        case .failed(let error):
+            throw error
+        default:
+            throw BackupError(.io, "the token did not answer the backup's MAC")
         }
     }
 

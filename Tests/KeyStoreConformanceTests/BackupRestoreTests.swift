@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import KeyHierarchy
 import PKCS11KeyToken
@@ -50,7 +51,8 @@ struct BackupRestoreTests {
         let identity = try Self.identity(harness)
         let path = try Self.temporaryPath("drill")
         defer { try? FileManager.default.removeItem(atPath: path) }
-        let summary = try await StoreBackupWriter.write(from: try Self.source(harness.store), token: identity, to: path)
+        let summary = try await StoreBackupWriter.write(
+            from: try Self.source(harness.store), identity: identity, token: harness.token, to: path)
         #expect(summary.counts.tenants == 2)
         #expect(summary.counts.dataKeys == 9)
         #expect(summary.counts.versions == 3)
@@ -159,7 +161,8 @@ struct BackupRestoreTests {
         let identity = try Self.identity(harness)
         let path = try Self.temporaryPath("refused")
         defer { try? FileManager.default.removeItem(atPath: path) }
-        _ = try await StoreBackupWriter.write(from: try Self.source(harness.store), token: identity, to: path)
+        _ = try await StoreBackupWriter.write(
+            from: try Self.source(harness.store), identity: identity, token: harness.token, to: path)
 
         // Holds wrapped keys and hashes only: no plaintext key, no PIN.
         let text = try String(contentsOfFile: path, encoding: .utf8)
@@ -170,7 +173,8 @@ struct BackupRestoreTests {
         #expect(!text.contains(harness.testToken.userPIN))
         // An existing file is never replaced.
         await #expect(throws: BackupError.self) {
-            try await StoreBackupWriter.write(from: try Self.source(harness.store), token: identity, to: path)
+            try await StoreBackupWriter.write(
+                from: try Self.source(harness.store), identity: identity, token: harness.token, to: path)
         }
 
         let target = try await kind.makeStore("restore-target")
@@ -200,6 +204,21 @@ struct BackupRestoreTests {
         try text.replacingOccurrences(of: wrappedHex, with: changed).write(
             toFile: tampered, atomically: false, encoding: .utf8)
         #expect(await restoreError(tampered, target, harness.token, identity) == .checksumMismatch)
+
+        // Changed and checksummed again (a principal slipped in, say): the checksum holds, but the
+        // token's MAC of it does not.
+        let resealed = try Self.temporaryPath("resealed")
+        defer { try? FileManager.default.removeItem(atPath: resealed) }
+        var body = text.split(separator: "\n").dropLast().map { String($0) + "\n" }.joined()
+        body = body.replacingOccurrences(of: wrappedHex, with: changed)
+        let endLine = try #require(
+            try JSONSerialization.jsonObject(with: Data(text.split(separator: "\n").last!.utf8)) as? [String: Any])
+        var forgedEnd = endLine
+        forgedEnd["sha256"] = SHA256.hash(data: Data(body.utf8)).map { String(format: "%02x", $0) }.joined()
+        let forgedEndLine = String(
+            decoding: try JSONSerialization.data(withJSONObject: forgedEnd, options: [.sortedKeys]), as: UTF8.self)
+        try (body + forgedEndLine + "\n").write(toFile: resealed, atomically: false, encoding: .utf8)
+        #expect(await restoreError(resealed, target, harness.token, identity) == .wrongToken)
 
         // Truncated: the end line is missing.
         let truncated = try Self.temporaryPath("truncated")

@@ -20,6 +20,18 @@ struct StoreAccessOptions: ParsableArguments {
     @Option(help: "Label of the token, instead of the configuration's hsm.token_label.")
     var token: String?
 
+    @Option(help: "File holding the user PIN (mode 0600 or 0400), instead of the configuration's hsm.pin.")
+    var pinFile: String?
+
+    @Option(help: "Environment variable holding the user PIN, instead of the configuration's hsm.pin.")
+    var pinEnv: String?
+
+    func validate() throws {
+        if pinFile != nil, pinEnv != nil {
+            throw ValidationError("give --pin-file or --pin-env, not both")
+        }
+    }
+
     /// The configuration's HSM settings with the flags applied, and its store settings.
     func load() throws(AdminError) -> (hsm: HSMSettings, store: StoreSettings) {
         let configuration: GatewayConfiguration
@@ -31,7 +43,28 @@ struct StoreAccessOptions: ParsableArguments {
         var hsm = configuration.hsm
         if let module { hsm.modulePath = module }
         if let token { hsm.tokenLabel = token }
+        if let pinFile { hsm.pin = .file(pinFile) }
+        if let pinEnv { hsm.pin = .environment(pinEnv) }
         return (hsm, configuration.store)
+    }
+
+    /// Loads the module, reads the token's identity and logs in (one small session pool).
+    static func logIn(_ settings: HSMSettings) async throws(AdminError) -> (
+        pool: SessionPool, token: PKCS11KeyToken, identity: BackupTokenIdentity
+    ) {
+        let (module, identity) = try openToken(settings)
+        let pin: SecretBytes
+        do {
+            pin = try settings.pin.read()
+        } catch {
+            throw AdminError(.configuration, "hsm.pin: \(error)")
+        }
+        do {
+            let pool = try await SessionPool(module: module, tokenLabel: settings.tokenLabel, pin: pin)
+            return (pool, PKCS11KeyToken(pool: pool), identity)
+        } catch {
+            throw AdminError(.unavailable, "hsm.token_label \(settings.tokenLabel): cannot log in: \(error)")
+        }
     }
 
     /// Loads the module and reads the token's label and serial (no login needed).
@@ -89,8 +122,11 @@ public struct BackupCommand: AsyncParsableCommand {
             log and its checkpoints. The header names the token (label and serial) and carries \
             the audit head's checkpoint from the HSM. Master keys never leave the HSM: the \
             backup is useless without the token, which is backed up with the HSM's own tools \
-            (docs/operations.md). The file is created with mode 0600; an existing file is not \
-            replaced. Needs no PIN.
+            (docs/operations.md). The last line holds the file's SHA-256 and its HMAC by a \
+            backup key inside the token (made on the first backup), so restore refuses a file \
+            changed later even if checksummed again; the PIN is therefore needed (--pin-file or \
+            --pin-env, or else the configuration's hsm.pin). The file is created with mode \
+            0600; an existing file is not replaced.
 
             Exit codes: 0 written; 1 failed; 69 store or token unreachable; 73 the file cannot \
             be created; 78 unusable configuration.
@@ -110,12 +146,19 @@ public struct BackupCommand: AsyncParsableCommand {
     public func run() async throws {
         do {
             let (hsm, storeSettings) = try access.load()
-            let (_, identity) = try StoreAccessOptions.openToken(hsm)
-            let store = try await StoreAccessOptions.openStore(storeSettings)
+            let (pool, token, identity) = try await StoreAccessOptions.logIn(hsm)
+            let store: any KeyRepository
+            do {
+                store = try await StoreAccessOptions.openStore(storeSettings)
+            } catch {
+                await pool.shutdown()
+                throw error
+            }
             let result: Result<StoreBackupWriter.Summary, AdminError>
             if let source = store as? any BackupSource {
                 do {
-                    result = .success(try await StoreBackupWriter.write(from: source, token: identity, to: output))
+                    result = .success(
+                        try await StoreBackupWriter.write(from: source, identity: identity, token: token, to: output))
                 } catch let error as BackupError {
                     result = .failure(AdminError(.forBackup(error), error.message))
                 } catch {
@@ -125,11 +168,14 @@ public struct BackupCommand: AsyncParsableCommand {
                 result = .failure(AdminError(.failed, "this store cannot be backed up"))
             }
             await store.close()
+            await pool.shutdown()
             BackupSummaryView(summary: try result.get(), path: output).print(json: json)
-        } catch {
-            // Every failure above is an `AdminError` (typed throws).
+        } catch let error as AdminError {
             FileHandle.standardError.write(Data("hsm-admin backup: \(error.message)\n".utf8))
             throw ExitCode(error.exitCode)
+        } catch {
+            FileHandle.standardError.write(Data("hsm-admin backup: \(error)\n".utf8))
+            throw ExitCode(AdminExitCode.internalError)
         }
     }
 }
@@ -140,10 +186,11 @@ public struct RestoreCommand: AsyncParsableCommand {
         commandName: "restore",
         abstract: "Load a backup into an empty database, after verifying it with the token.",
         discussion: """
-            Verifies the whole file before writing anything: its SHA-256, every line, the audit \
-            chain, and every audit checkpoint's MAC with the audit key in the token. A backup \
-            made under another token is refused (label and serial must match; with \
-            --allow-cloned-token only the MACs decide, for an HSM clone with another serial). \
+            Verifies the whole file before writing anything: its SHA-256 and the token's MAC \
+            of it, every line, the audit chain, and every audit checkpoint's MAC with the audit \
+            key in the token. A backup made under another token, or changed since, is refused \
+            (label and serial must match too; with --allow-cloned-token only the MACs decide, \
+            for an HSM clone with another serial). \
             Then loads everything in one transaction into the store named by the gateway's \
             configuration, which must be empty (no tenant, principal or audit record: create \
             the database, run restore, then start the gateways), and verifies the loaded audit \
@@ -162,12 +209,6 @@ public struct RestoreCommand: AsyncParsableCommand {
     @Option(help: "The backup file to load.")
     var input: String
 
-    @Option(help: "File holding the user PIN (mode 0600 or 0400).")
-    var pinFile: String?
-
-    @Option(help: "Environment variable holding the user PIN.")
-    var pinEnv: String?
-
     @Flag(help: "Accept a token whose label or serial differs from the backup's if the audit anchor verifies.")
     var allowClonedToken = false
 
@@ -176,31 +217,10 @@ public struct RestoreCommand: AsyncParsableCommand {
 
     public init() {}
 
-    public func validate() throws {
-        if pinFile != nil, pinEnv != nil {
-            throw ValidationError("give --pin-file or --pin-env, not both")
-        }
-    }
-
     public func run() async throws {
         do {
-            let (configured, storeSettings) = try access.load()
-            var hsm = configured
-            if let pinFile { hsm.pin = .file(pinFile) }
-            if let pinEnv { hsm.pin = .environment(pinEnv) }
-            let (module, identity) = try StoreAccessOptions.openToken(hsm)
-            let pin: SecretBytes
-            do {
-                pin = try hsm.pin.read()
-            } catch {
-                throw AdminError(.configuration, "hsm.pin: \(error)")
-            }
-            let pool: SessionPool
-            do {
-                pool = try await SessionPool(module: module, tokenLabel: hsm.tokenLabel, pin: pin)
-            } catch {
-                throw AdminError(.unavailable, "hsm.token_label \(hsm.tokenLabel): cannot log in: \(error)")
-            }
+            let (hsm, storeSettings) = try access.load()
+            let (pool, token, identity) = try await StoreAccessOptions.logIn(hsm)
             let store: any KeyRepository
             do {
                 store = try await StoreAccessOptions.openStore(storeSettings)
@@ -212,7 +232,7 @@ public struct RestoreCommand: AsyncParsableCommand {
             do {
                 result = .success(
                     try await StoreRestore.restore(
-                        path: input, into: store, token: PKCS11KeyToken(pool: pool), identity: identity,
+                        path: input, into: store, token: token, identity: identity,
                         options: StoreRestore.Options(allowClonedToken: allowClonedToken)))
             } catch let error as BackupError {
                 result = .failure(AdminError(.forBackup(error), error.message))
@@ -226,6 +246,9 @@ public struct RestoreCommand: AsyncParsableCommand {
         } catch let error as AdminError {
             FileHandle.standardError.write(Data("hsm-admin restore: \(error.message)\n".utf8))
             throw ExitCode(error.exitCode)
+        } catch {
+            FileHandle.standardError.write(Data("hsm-admin restore: \(error)\n".utf8))
+            throw ExitCode(AdminExitCode.internalError)
         }
     }
 }
