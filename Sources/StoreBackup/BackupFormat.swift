@@ -111,10 +111,9 @@ public enum BackupLimits {
     /// detail of 1 KiB (about 40 KiB as JSON), a principal at most 256 bindings. 1 MiB leaves
     /// room and still bounds what one line can make the reader hold.
     public static let maximumLineByteCount = 1 << 20
-    /// Data keys inserted per statement on restore: the key repository's batch size.
+    /// Data keys inserted per statement, and audit records appended per call between kept
+    /// checkpoints, on restore: the key repository's batch size.
     public static let dataKeysPerInsert = KeyServiceConfiguration.maximumBatchSize
-    /// Audit records appended per call on restore (between kept checkpoints).
-    public static let auditRecordsPerAppend = 1000
     /// Checkpoints whose MACs are checked with the token in one lease while a backup is verified.
     public static let checkpointsPerTokenRound = 100
     /// The invocation count every restored master-key version gets, at least: above any

@@ -62,6 +62,19 @@ public enum StoreBackupWriter {
         to path: String,
         now: Timestamp = .now()
     ) async throws -> Summary {
+        try await write(from: source, identity: identity, token: token, to: path, now: now, pageSize: pageSize)
+    }
+
+    /// `write` reading `pageSize` rows per statement (tests page through small stores with tiny
+    /// pages, so every paging loop turns).
+    static func write(
+        from source: some BackupSource,
+        identity: BackupTokenIdentity,
+        token: any MasterKeyToken,
+        to path: String,
+        now: Timestamp,
+        pageSize: Int
+    ) async throws -> Summary {
         let schemaVersion = try await source.schemaVersion()
         // Before the file exists: a token that cannot seal the backup fails the command first.
         let (macKeyID, _) = try await token.prepareAuditKey(label: BackupMAC.keyLabel)
@@ -70,7 +83,7 @@ public enum StoreBackupWriter {
             let (header, counts) = try await source.snapshot { transaction in
                 try await writeSnapshot(
                     transaction, writer: writer, schemaVersion: schemaVersion, store: source.storeKind,
-                    token: identity, now: now)
+                    token: identity, now: now, pageSize: pageSize)
             }
             let digest = writer.digest
             let results = try await token.perform([
@@ -96,7 +109,8 @@ public enum StoreBackupWriter {
         schemaVersion: Int,
         store: String,
         token: BackupTokenIdentity,
-        now: Timestamp
+        now: Timestamp,
+        pageSize: Int
     ) async throws -> (BackupHeader, BackupCounts) {
         let anchored = try await transaction.auditHead()
         let header = BackupHeader(

@@ -167,6 +167,21 @@ public enum StoreRestore {
         identity: BackupTokenIdentity,
         options: Options = Options()
     ) async throws -> Report {
+        try await restore(
+            path: path, into: repository, token: token, identity: identity, options: options,
+            batchSize: BackupLimits.dataKeysPerInsert)
+    }
+
+    /// `restore` inserting at most `batchSize` data keys or audit records per statement (tests
+    /// use tiny batches, so every flush turns).
+    static func restore(
+        path: String,
+        into repository: any KeyRepository,
+        token: any MasterKeyToken,
+        identity: BackupTokenIdentity,
+        options: Options,
+        batchSize: Int
+    ) async throws -> Report {
         // Fail fast on a used database, before reading a large file.
         try await repository.read { try await checkEmpty($0) }
         let verified = try await verify(path: path, token: token, identity: identity, options: options)
@@ -176,7 +191,7 @@ public enum StoreRestore {
             _ = try await transaction.lockAuditHead()
             try await transaction.lockPrincipals()
             try await checkEmpty(transaction)
-            return try await load(path: path, expected: verified, into: transaction)
+            return try await load(path: path, expected: verified, into: transaction, batchSize: batchSize)
         }
         let service = try KeyService(token: token, repository: repository)
         let verification = try await service.verifyAuditLog()
@@ -194,7 +209,8 @@ public enum StoreRestore {
     private static func load(
         path: String,
         expected: Verified,
-        into transaction: any KeyRepositoryTransaction
+        into transaction: any KeyRepositoryTransaction,
+        batchSize: Int
     ) async throws -> BackupCounts {
         let reader = try BackupFileReader(path: path)
         var hasher = SHA256()
@@ -241,7 +257,7 @@ public enum StoreRestore {
                 counts.rewrapJobs += 1
             case .dataKey:
                 keys.append(try decode(DataKeyLine.self, line, reader.lineNumber).record())
-                if keys.count >= BackupLimits.dataKeysPerInsert { try await flushKeys() }
+                if keys.count >= batchSize { try await flushKeys() }
             case .principal:
                 try await flushKeys()
                 try await transaction.insertPrincipal(try decode(PrincipalLine.self, line, reader.lineNumber).record())
@@ -251,11 +267,17 @@ public enum StoreRestore {
                 counts.apiTokens += 1
             case .audit:
                 try await flushKeys()
+                // Flushed before a record is added, never after: a kept checkpoint follows the
+                // record it names, which must still be in the buffer to be appended with it.
+                if records.count >= batchSize { try await flushRecords(anchor: nil) }
                 records.append(try decode(AuditLine.self, line, reader.lineNumber).record())
-                if records.count >= BackupLimits.auditRecordsPerAppend { try await flushRecords(anchor: nil) }
             case .checkpoint:
                 // Appended up to the record it names and kept, as the gateway kept it.
-                try await flushRecords(anchor: try decode(BackupCheckpoint.self, line, reader.lineNumber).checkpoint())
+                let checkpoint = try decode(BackupCheckpoint.self, line, reader.lineNumber).checkpoint()
+                guard records.last?.sequence == checkpoint.sequence else {
+                    throw BackupError(.malformed, "the checkpoint at record \(checkpoint.sequence) is out of place")
+                }
+                try await flushRecords(anchor: checkpoint)
                 counts.checkpoints += 1
             }
         }
