@@ -42,7 +42,28 @@ public enum StoreRestore {
     public struct Report: Sendable {
         public var header: BackupHeader
         public var counts: BackupCounts
+        /// Versions the token holds that the backup did not know (see `TokenMasterKey`), added
+        /// as `deactivated`.
+        public var adoptedVersions: [MasterKeyVersionRecord]
         public var verification: AuditLogVerification
+    }
+
+    /// A master-key object on the token: its label and `CKA_ID` (PKCS#11
+    /// `Session.findMasterKeys`).
+    ///
+    /// A backup misses the versions a rotation made after it, but the token still holds their
+    /// keys. Restore adds a row for each such version of a restored tenant (by its label
+    /// `hsmgw:mk:<tenant>:v<n>`, beyond the tenant's last restored version), `deactivated`: data
+    /// keys wrapped under it decrypt from their callers' kept copies, and the next rotation
+    /// numbers its version after it instead of making a second object with the same label.
+    public struct TokenMasterKey: Sendable, Hashable {
+        public var label: String
+        public var id: TokenKeyID
+
+        public init(label: String, id: TokenKeyID) {
+            self.label = label
+            self.id = id
+        }
     }
 
     /// Step 1 and 2: reads the whole file, writes nothing.
@@ -165,11 +186,12 @@ public enum StoreRestore {
         into repository: any KeyRepository,
         token: any MasterKeyToken,
         identity: BackupTokenIdentity,
+        masterKeysOnToken: [TokenMasterKey] = [],
         options: Options = Options()
     ) async throws -> Report {
         try await restore(
-            path: path, into: repository, token: token, identity: identity, options: options,
-            batchSize: BackupLimits.dataKeysPerInsert)
+            path: path, into: repository, token: token, identity: identity, masterKeysOnToken: masterKeysOnToken,
+            options: options, batchSize: BackupLimits.dataKeysPerInsert)
     }
 
     /// `restore` inserting at most `batchSize` data keys or audit records per statement (tests
@@ -179,19 +201,24 @@ public enum StoreRestore {
         into repository: any KeyRepository,
         token: any MasterKeyToken,
         identity: BackupTokenIdentity,
+        masterKeysOnToken: [TokenMasterKey] = [],
         options: Options,
         batchSize: Int
     ) async throws -> Report {
         // Fail fast on a used database, before reading a large file.
         try await repository.read { try await checkEmpty($0) }
         let verified = try await verify(path: path, token: token, identity: identity, options: options)
-        let counts = try await repository.transaction { transaction in
+        let (counts, adopted) = try await repository.transaction { transaction in
             // Held until the commit: a gateway started on this database meanwhile can neither
             // append an audit record nor bootstrap an admin between the check and the load.
             _ = try await transaction.lockAuditHead()
             try await transaction.lockPrincipals()
             try await checkEmpty(transaction)
-            return try await load(path: path, expected: verified, into: transaction, batchSize: batchSize)
+            let (counts, restoredVersions) = try await load(
+                path: path, expected: verified, into: transaction, batchSize: batchSize)
+            let adopted = try adoptions(masterKeysOnToken, restoredVersions: restoredVersions, now: .now())
+            for version in adopted { try await transaction.insertMasterKeyVersion(version) }
+            return (counts, adopted)
         }
         let service = try KeyService(token: token, repository: repository)
         let verification = try await service.verifyAuditLog()
@@ -201,7 +228,8 @@ public enum StoreRestore {
                 "the restored audit log does not verify (\(verification.result)); the database now holds the "
                     + "backup: empty it before trying again")
         }
-        return Report(header: verified.header, counts: counts, verification: verification)
+        return Report(
+            header: verified.header, counts: counts, adoptedVersions: adopted, verification: verification)
     }
 
     // MARK: Steps
@@ -211,13 +239,15 @@ public enum StoreRestore {
         expected: Verified,
         into transaction: any KeyRepositoryTransaction,
         batchSize: Int
-    ) async throws -> BackupCounts {
+    ) async throws -> (BackupCounts, [TenantID: MasterKeyVersionNumber]) {
         let reader = try BackupFileReader(path: path)
         var hasher = SHA256()
         var counts = BackupCounts()
         var keys: [DataKeyRecord] = []
         var records: [AuditRecord] = []
         var end: EndLine?
+        // Each restored tenant's highest version (0 for a tenant whose versions are all gone).
+        var restoredVersions: [TenantID: MasterKeyVersionNumber] = [:]
         func flushKeys() async throws {
             guard !keys.isEmpty else { return }
             try await transaction.insertDataKeys(keys)
@@ -244,13 +274,16 @@ public enum StoreRestore {
                 continue
             case .tenant:
                 try await flushKeys()
-                try await transaction.insertTenant(try decode(TenantLine.self, line, reader.lineNumber).record())
+                let tenant = try decode(TenantLine.self, line, reader.lineNumber).record()
+                try await transaction.insertTenant(tenant)
+                restoredVersions[tenant.id] = 0
                 counts.tenants += 1
             case .version:
                 try await flushKeys()
                 var version = try decode(VersionLine.self, line, reader.lineNumber).record()
                 version.invocationsReserved = max(version.invocationsReserved, BackupLimits.restoredInvocationCount)
                 try await transaction.insertMasterKeyVersion(version)
+                restoredVersions[version.tenant] = max(restoredVersions[version.tenant] ?? 0, version.version)
                 counts.versions += 1
             case .rewrapJob:
                 try await transaction.saveRewrapJob(try decode(RewrapJobLine.self, line, reader.lineNumber).record())
@@ -294,7 +327,38 @@ public enum StoreRestore {
         guard counts == expected.counts else {
             throw BackupError(.malformed, "the file changed while it was being restored; nothing was written")
         }
-        return counts
+        return (counts, restoredVersions)
+    }
+
+    /// The versions to add for `TokenMasterKey` objects beyond each restored tenant's last
+    /// version. Throws when two objects carry one such label: which one wrapped the callers' keys
+    /// cannot be told, and an operator must resolve it on the token first.
+    static func adoptions(
+        _ objects: [TokenMasterKey],
+        restoredVersions: [TenantID: MasterKeyVersionNumber],
+        now: Timestamp
+    ) throws(BackupError) -> [MasterKeyVersionRecord] {
+        var found: [String: [TokenMasterKey]] = [:]
+        for object in objects {
+            guard let (tenant, version) = MasterKeyLabel.parse(object.label),
+                let restored = restoredVersions[tenant], version > restored
+            else { continue }
+            found[object.label, default: []].append(object)
+        }
+        var adopted: [MasterKeyVersionRecord] = []
+        for (label, objects) in found.sorted(by: { $0.key < $1.key }) {
+            guard objects.count == 1, let (tenant, version) = MasterKeyLabel.parse(label) else {
+                throw BackupError(
+                    .malformed,
+                    "the token holds \(objects.count) master keys labelled \(label): remove the one no data key "
+                        + "was wrapped under before restoring")
+            }
+            adopted.append(
+                MasterKeyVersionRecord(
+                    tenant: tenant, version: version, state: .deactivated, tokenKeyID: objects[0].id,
+                    invocationsReserved: BackupLimits.restoredInvocationCount, createdAt: now, updatedAt: now))
+        }
+        return adopted
     }
 
     /// Throws `targetNotEmpty` unless the store holds no tenant, principal or audit record.

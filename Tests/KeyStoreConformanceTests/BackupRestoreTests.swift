@@ -63,7 +63,9 @@ struct BackupRestoreTests {
         let attributes = try FileManager.default.attributesOfItem(atPath: path)
         #expect((attributes[.posixPermissions] as? Int) == 0o600)
 
-        // Acknowledged after the backup: the restored database will not have them.
+        // After the backup: a rotation (its version's row is lost with the database; its key stays on
+        // the token) and keys acknowledged under it and under b's version.
+        _ = try await service.rotateMasterKey(a, request: admin)
         var later: [(tenant: TenantID, key: GeneratedDataKey, context: EncryptionContext)] = []
         for index in 0..<4 {
             let tenant = index.isMultiple(of: 2) ? a : b
@@ -76,9 +78,16 @@ struct BackupRestoreTests {
         await harness.store.close()
         let restoredStore = try await target.makeStore("drill-restored")
         defer { Task { await restoredStore.close() } }
+        let onToken = try await harness.pool.withSession { session in
+            try session.findMasterKeys(labelPrefix: MasterKeyLabel.prefix).compactMap { object in
+                TokenKeyID(bytes: object.id).map { StoreRestore.TokenMasterKey(label: object.label, id: $0) }
+            }
+        }
         let report = try await StoreRestore.restore(
-            path: path, into: restoredStore, token: harness.token, identity: identity)
+            path: path, into: restoredStore, token: harness.token, identity: identity, masterKeysOnToken: onToken)
         #expect(report.counts == summary.counts)
+        // a's v3 came after the backup: found on the token and kept, deactivated.
+        #expect(report.adoptedVersions.map { "\($0.tenant):\($0.version):\($0.state)" } == ["drill-a:3:deactivated"])
         #expect(report.verification.anchoredThrough == summary.header.auditHead.sequence)
 
         let restored = try KeyService(
@@ -116,17 +125,28 @@ struct BackupRestoreTests {
             #expect(decrypted.plaintext.copyBytes() == entry.key.plaintext?.copyBytes())
         }
 
-        // Generation goes on, each tenant under a new version whose count starts from zero.
+        // Generation goes on, each tenant under a new version whose count starts from zero, numbered
+        // after the versions the token holds (a: v4, after the v3 that came after the backup).
         var fresh: [GeneratedDataKey] = []
         fresh.append(try await restored.generateDataKey(a, context: ["new": "a"], request: app))
         fresh.append(try await restored.generateDataKey(b, context: ["new": "b"], request: app))
         fresh += try await restored.generateDataKeys(a, count: 5, request: app)
-        #expect(fresh[0].version == 3)
+        #expect(fresh[0].version == 4)
         #expect(fresh[1].version == 2)
-        #expect(fresh[2...].allSatisfy { $0.version == 3 })
-        let newVersion = try #require(try await restoredStore.read { try await $0.masterKeyVersion(a, 3) })
+        #expect(fresh[2...].allSatisfy { $0.version == 4 })
+        let newVersion = try #require(try await restoredStore.read { try await $0.masterKeyVersion(a, 4) })
         #expect(newVersion.invocationsReserved == 6)
+        // One token object per version label: no rotation made a second v3.
+        let labels = try await harness.masterKeyLabels(MasterKeyLabel.labelPrefix(for: a))
+        #expect(labels.sorted() == (1...4).map { MasterKeyLabel.label(tenant: a, version: $0) })
         _ = try await restored.decryptDataKey(a, id: fresh[0].id, context: ["new": "a"], request: app)
+        // The kept copies of keys wrapped under the adopted v3 still decrypt after the rotation.
+        for entry in later where entry.tenant == a {
+            #expect(try #require(WrappedDataKey(encoded: entry.key.wrapped)).version == 3)
+            let blob = try #require(WrappedDataKey(encoded: entry.key.wrapped))
+            _ = try await restored.decryptDataKey(
+                a, id: entry.key.id, context: entry.context, wrapped: blob, request: app)
+        }
 
         // No (key, IV) pair repeats across everything wrapped before, after and since the restore.
         let blobs =

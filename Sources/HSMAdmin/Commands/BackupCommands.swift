@@ -230,9 +230,15 @@ public struct RestoreCommand: AsyncParsableCommand {
             }
             let result: Result<StoreRestore.Report, AdminError>
             do {
+                // The master keys on the token, so versions rotated in after the backup are kept.
+                let onToken = try await pool.withSession { session in
+                    try session.findMasterKeys(labelPrefix: MasterKeyLabel.prefix).compactMap { object in
+                        TokenKeyID(bytes: object.id).map { StoreRestore.TokenMasterKey(label: object.label, id: $0) }
+                    }
+                }
                 result = .success(
                     try await StoreRestore.restore(
-                        path: input, into: store, token: token, identity: identity,
+                        path: input, into: store, token: token, identity: identity, masterKeysOnToken: onToken,
                         options: StoreRestore.Options(allowClonedToken: allowClonedToken)))
             } catch let error as BackupError {
                 result = .failure(AdminError(.forBackup(error), error.message))
@@ -296,7 +302,7 @@ struct RestoreSummaryView: Encodable {
     let path: String
 
     enum CodingKeys: String, CodingKey {
-        case path, token, counts, auditVerified, anchoredThrough
+        case path, token, counts, auditVerified, anchoredThrough, adoptedVersions
     }
 
     func encode(to encoder: any Encoder) throws {
@@ -306,7 +312,11 @@ struct RestoreSummaryView: Encodable {
         try container.encode(report.counts, forKey: .counts)
         try container.encode(true, forKey: .auditVerified)
         try container.encodeIfPresent(report.verification.anchoredThrough, forKey: .anchoredThrough)
+        try container.encode(adopted, forKey: .adoptedVersions)
     }
+
+    /// `tenant:vN` of each version found on the token beyond the backup.
+    var adopted: [String] { report.adoptedVersions.map { "\($0.tenant):v\($0.version)" } }
 
     func print(json: Bool) {
         if json {
@@ -322,5 +332,10 @@ struct RestoreSummaryView: Encodable {
             audit log verified with the HSM (\(report.verification.checkpointsChecked) checkpoints)
             every restored master-key version is used up: each tenant rotates at its next new data key
             """)
+        if !adopted.isEmpty {
+            Swift.print(
+                "versions on the token newer than the backup, added as deactivated: "
+                    + adopted.joined(separator: ", "))
+        }
     }
 }
