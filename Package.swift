@@ -150,6 +150,17 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Backup and restore of a store: one consistent snapshot to a checksummed file, loaded
+        // into an empty database only after its audit log verified with the token.
+        .target(
+            name: "StoreBackup",
+            dependencies: [
+                "KeyHierarchy",
+                "PostgresKeyStore",
+                "SQLiteKeyStore",
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
         // The gateway's configuration file and PIN sources.
         .target(
             name: "GatewayConfig",
@@ -163,6 +174,12 @@ let package = Package(
                 "GatewayConfig",
                 "GatewayClient",
                 "GatewayWire",
+                // backup and restore open the store and the token as the gateway does.
+                "GatewayServer",
+                "KeyHierarchy",
+                "PKCS11KeyToken",
+                "StoreBackup",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -287,10 +304,12 @@ let package = Package(
                 "PKCS11KeyToken",
                 "PostgresKeyStore",
                 "SQLiteKeyStore",
+                "StoreBackup",
                 "PKCS11",
                 "SoftHSMTestSupport",
                 "PostgresTestSupport",
                 "ProcessTestSupport",
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .testTarget(

@@ -53,11 +53,16 @@ public struct DataKeyReference: Sendable, Hashable {
     public var id: String
     /// The exact encryption context of its generation.
     public var context: [String: String]
+    /// The wrapped copy kept from `DataKey.wrapped`, or empty. The gateway uses it only when it
+    /// has no row for the key (a lost or restored database): protocol §9.3.
+    public var wrapped: [UInt8]
 
-    /// A reference to data key `id` under `context`.
-    public init(id: String, context: [String: String] = [:]) {
+    /// A reference to data key `id` under `context`, with the wrapped copy the caller kept, if
+    /// any.
+    public init(id: String, context: [String: String] = [:], wrapped: [UInt8] = []) {
         self.id = id
         self.context = context
+        self.wrapped = wrapped
     }
 }
 

@@ -82,16 +82,22 @@ extension GatewayClient {
 
     /// Method 12, DecryptDataKey: the plaintext of data key `id`, given the exact context of its
     /// generation (a different context fails with `INVALID_ARGUMENT`, `DECRYPTION_FAILED`).
+    ///
+    /// `wrapped`, the `DataKey.wrapped` copy kept from the generation, lets the gateway decrypt
+    /// the key when it has no row for it (a lost or restored database, protocol §9.3); `id` may
+    /// then be empty.
     public func decryptDataKey(
         tenant: String,
         id: String,
         context: [String: String] = [:],
+        wrapped: [UInt8] = [],
         deadline: Duration? = nil
     ) async throws(GatewayError) -> DataKey {
         var request = Hsmgw_V1_DecryptDataKeyRequest()
         request.tenant = tenant
         request.id = id
         request.encryptionContext = context
+        request.wrapped = Data(wrapped)
         var response: Hsmgw_V1_DecryptDataKeyResponse = try await sensitiveCall(
             .decryptDataKey,
             request,
@@ -117,6 +123,7 @@ extension GatewayClient {
             var message = Hsmgw_V1_DataKeyReference()
             message.id = reference.id
             message.encryptionContext = reference.context
+            message.wrapped = Data(reference.wrapped)
             return message
         }
         var response: Hsmgw_V1_DecryptDataKeysResponse = try await sensitiveCall(

@@ -126,7 +126,7 @@ extension GatewayServerApp {
         }
     }
 
-    static func openStore(_ settings: StoreSettings, logger: Logger) async throws(GatewayStartupError)
+    package static func openStore(_ settings: StoreSettings, logger: Logger) async throws(GatewayStartupError)
         -> any KeyRepository
     {
         switch settings {

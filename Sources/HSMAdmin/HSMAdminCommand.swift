@@ -3,8 +3,9 @@ import Foundation
 import GatewayConfig
 import PKCS11
 
-/// `hsm-admin`: the operator CLI. `preflight` checks a token directly; every other command talks
-/// to a running gateway over the wire protocol (docs/admin-cli.md).
+/// `hsm-admin`: the operator CLI. `preflight` checks a token directly, `backup` and `restore` open
+/// the gateway's store and token directly; every other command talks to a running gateway over
+/// the wire protocol (docs/admin-cli.md).
 public struct HSMAdminCommand: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "hsm-admin",
@@ -23,6 +24,7 @@ public struct HSMAdminCommand: AsyncParsableCommand {
         subcommands: [
             StatusCommand.self, TenantCommand.self, MasterKeyCommand.self, DataKeyCommand.self, RewrapCommand.self,
             PrincipalCommand.self, TokenCommand.self, AuditCommand.self, PreflightCommand.self,
+            BackupCommand.self, RestoreCommand.self,
         ]
     )
 

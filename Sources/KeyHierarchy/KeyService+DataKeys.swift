@@ -20,14 +20,23 @@ public struct DecryptedDataKey: Sendable {
     public var plaintext: SecretBytes
 }
 
-/// One entry of a batch decrypt: the key and the exact context it was generated with.
+/// One entry of a batch decrypt: the key, the exact context it was generated with and,
+/// optionally, the wrapped copy the caller kept.
 public struct DataKeyRequest: Sendable, Hashable {
     public var id: DataKeyID
     public var context: EncryptionContext
+    /// The `WrappedDataKey` encoding the caller kept from GenerateDataKey (or a later decrypt), for
+    /// the day the gateway has no row for `id` (a database lost or restored from an older
+    /// backup). Used only when there is no row: a row that exists rules (its state, its current
+    /// wrapped copy), so a disabled or destroyed key stays refused. Without a row, the blob is
+    /// bound by the same AAD (tenant, id, version, context) and decrypts only under a version of
+    /// this tenant whose state allows decrypt.
+    public var wrapped: WrappedDataKey?
 
-    public init(id: DataKeyID, context: EncryptionContext) {
+    public init(id: DataKeyID, context: EncryptionContext, wrapped: WrappedDataKey? = nil) {
         self.id = id
         self.context = context
+        self.wrapped = wrapped
     }
 }
 
@@ -333,13 +342,17 @@ extension KeyService {
     // MARK: Decrypt
 
     /// Decrypts one data key by id. The context must be exactly the one it was generated with.
+    /// `wrapped`, the blob the caller kept, is used only when the gateway has no row for `id`
+    /// (see `DataKeyRequest.wrapped`).
     public func decryptDataKey(
         _ tenant: TenantID,
         id: DataKeyID,
         context: EncryptionContext = .empty,
+        wrapped: WrappedDataKey? = nil,
         request: RequestContext
     ) async throws(KeyServiceError) -> DecryptedDataKey {
-        try await decryptDataKeys(tenant, [DataKeyRequest(id: id, context: context)], request: request)[0].get()
+        try await decryptDataKeys(
+            tenant, [DataKeyRequest(id: id, context: context, wrapped: wrapped)], request: request)[0].get()
     }
 
     /// Decrypts up to 1,000 data keys in one token lease; each entry succeeds or fails alone.
@@ -355,8 +368,15 @@ extension KeyService {
             guard !requests.isEmpty, requests.count <= KeyServiceConfiguration.maximumBatchSize else {
                 throw KeyServiceError(.invalidArgument, "1 to \(KeyServiceConfiguration.maximumBatchSize) ids per call")
             }
-            let results = try await self.unwrapForCaller(tenant, requests, request: request)
-            try await self.auditResults(.decryptDataKey, tenant, requests.map(\.id), results, request: request)
+            var usedCallerBlobs = 0
+            let results = try await self.unwrapForCaller(
+                tenant, requests, request: request, usedCallerBlobs: &usedCallerBlobs)
+            // Audited as any decrypt; the detail says how many entries had no row and were
+            // decrypted (or refused) from the blob their caller kept.
+            try await self.auditResults(
+                .decryptDataKey, tenant, requests.map(\.id), results,
+                detail: usedCallerBlobs > 0 ? "by-caller-blob=\(usedCallerBlobs)" : "",
+                request: request)
             return results
         }
     }
@@ -368,6 +388,18 @@ extension KeyService {
         _ requests: [DataKeyRequest],
         request: RequestContext
     ) async throws -> [Result<DecryptedDataKey, KeyServiceError>] {
+        var ignored = 0
+        return try await unwrapForCaller(tenant, requests, request: request, usedCallerBlobs: &ignored)
+    }
+
+    /// `unwrapForCaller`, counting in `usedCallerBlobs` the entries that had no row and went by
+    /// the caller's blob (`DataKeyRequest.wrapped`).
+    func unwrapForCaller(
+        _ tenant: TenantID,
+        _ requests: [DataKeyRequest],
+        request: RequestContext,
+        usedCallerBlobs: inout Int
+    ) async throws -> [Result<DecryptedDataKey, KeyServiceError>] {
         // One statement on both stores: the tenant, the rows and their versions, fresh (nothing a
         // decrypt checks is cached, so a disabled tenant or version refuses the next call).
         let use = try await useReads.submit(UseRead(tenant: tenant, ids: requests.map(\.id)))
@@ -378,15 +410,27 @@ extension KeyService {
         guard tenantRecord.state == .enabled else {
             throw KeyServiceError(.failedPrecondition, "tenant \(tenant) is \(tenantRecord.state.rawValue)")
         }
-        let versionByNumber = Dictionary(uniqueKeysWithValues: versions.map { ($0.version, $0) })
+        var versionByNumber = Dictionary(uniqueKeysWithValues: versions.map { ($0.version, $0) })
+        // Entries with no row but a blob of the caller's: the versions their blobs name are read
+        // too (one more statement, only on this path).
+        let byBlob = requests.filter { rows[$0.id] == nil && $0.wrapped != nil }
+        if !byBlob.isEmpty {
+            let named = Set(byBlob.compactMap { $0.wrapped?.version })
+            for version in try await repository.read({ try await $0.masterKeyVersions(tenant) })
+            where named.contains(version.version) {
+                versionByNumber[version.version] = version
+            }
+        }
         var results: [Result<DecryptedDataKey, KeyServiceError>?] = Array(repeating: nil, count: requests.count)
         var operations: [TokenOperation] = []
         var positions: [Int] = []
+        var sources: [(version: MasterKeyVersionNumber, wrapped: [UInt8])] = []
         for (index, entry) in requests.enumerated() {
             do throws(KeyServiceError) {
-                let (row, blob) = try Self.usable(rows[entry.id], entry.id)
-                guard let version = versionByNumber[row.version], version.state.allowsDecrypt else {
-                    let state = versionByNumber[row.version]?.state.rawValue ?? "missing"
+                let (versionNumber, blob) = try Self.source(rows[entry.id], entry)
+                if rows[entry.id] == nil { usedCallerBlobs += 1 }
+                guard let version = versionByNumber[versionNumber], version.state.allowsDecrypt else {
+                    let state = versionByNumber[versionNumber]?.state.rawValue ?? "missing"
                     throw KeyServiceError(
                         .failedPrecondition,
                         "the master-key version of data key \(entry.id) is \(state); it does not decrypt"
@@ -394,33 +438,32 @@ extension KeyService {
                 }
                 operations.append(
                     .unwrap(
-                        key: TokenKeyReference(id: version.tokenKeyID, tenant: tenant, version: row.version),
+                        key: TokenKeyReference(id: version.tokenKeyID, tenant: tenant, version: versionNumber),
                         iv: blob.iv,
                         aad: WrappedDataKey.aad(
                             tenant: tenant,
                             dataKeyID: entry.id,
-                            version: row.version,
+                            version: versionNumber,
                             contextHash: entry.context.hash
                         ),
                         ciphertextAndTag: blob.ciphertextAndTag
                     )
                 )
                 positions.append(index)
+                sources.append((versionNumber, blob.encoded))
             } catch {
                 results[index] = .failure(error)
             }
         }
         if !operations.isEmpty {
             let tokenResults = try await performChecked(operations, request: request)
-            for (position, result) in zip(positions, tokenResults) {
+            for ((position, source), result) in zip(zip(positions, sources), tokenResults) {
                 let entry = requests[position]
                 switch result {
                 case .unwrapped(let plaintext):
-                    let row = rows[entry.id]!
-                    // `usable` parsed this very blob, so `wrapped` is present.
                     results[position] = .success(
                         DecryptedDataKey(
-                            id: entry.id, version: row.version, wrapped: row.wrapped ?? [], plaintext: plaintext)
+                            id: entry.id, version: source.version, wrapped: source.wrapped, plaintext: plaintext)
                     )
                 case .failed(let error):
                     results[position] = .failure(Self.map(error))
@@ -457,6 +500,27 @@ extension KeyService {
                 DataKeysForUse(
                     tenant: use.tenant, keys: keys, versions: use.versions.filter { named.contains($0.version) }))
         }
+    }
+
+    /// What one decrypt entry unwraps: the stored row when there is one (`usable`), otherwise the
+    /// blob the caller kept, which must name this very key. Without a row the key's own state
+    /// (enabled, disabled, destroyed) is unknown; the tenant and version checks still apply.
+    static func source(_ row: DataKeyRecord?, _ entry: DataKeyRequest) throws(KeyServiceError) -> (
+        MasterKeyVersionNumber, WrappedDataKey
+    ) {
+        // A blob of another key: refused before the token, as a moved row is (the AAD would
+        // refuse it too), whether or not the key asked for has a row.
+        if let blob = entry.wrapped, blob.dataKeyID != entry.id {
+            throw KeyServiceError(.decryptionFailed, "decryption failed")
+        }
+        if let row {
+            let (row, blob) = try usable(row, entry.id)
+            return (row.version, blob)
+        }
+        guard let blob = entry.wrapped else {
+            throw KeyServiceError(.notFound, "data key \(entry.id) not found")
+        }
+        return (blob.version, blob)
     }
 
     /// A stored row that can be used for a caller: exists, enabled, and holds a parseable blob

@@ -149,6 +149,27 @@ public final class PostgresKeyStore: KeyRepository {
         }
     }
 
+    /// Runs `body` in one `REPEATABLE READ READ ONLY` transaction: every statement sees the same
+    /// snapshot, whatever other connections commit meanwhile (a consistent backup of a store in
+    /// use). Writes and row locks throw `StorageError(.other)`; nothing is committed.
+    public func snapshot<T: Sendable>(_ body: (any KeyRepositoryTransaction) async throws -> T) async throws -> T {
+        try requireOpen()
+        return try await withLeasedConnection(operation: "snapshot") { connection in
+            let transaction = PostgresTransaction(
+                connection: connection, logger: logger, mode: .readOnly, statements: statements)
+            try await transaction.beginSnapshot()
+            let value: T
+            do {
+                value = try await body(transaction)
+            } catch {
+                await transaction.rollback()
+                throw error
+            }
+            await transaction.rollback()
+            return value
+        }
+    }
+
     /// Write transactions run side by side on the pool's connections.
     public var concurrentWriteTransactions: Bool { true }
 

@@ -49,6 +49,11 @@ final class PostgresTransaction: KeyRepositoryTransaction {
         try await run("BEGIN", "begin")
     }
 
+    /// Starts a transaction whose statements all see one snapshot and cannot write (a backup).
+    func beginSnapshot() async throws {
+        try await run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "begin snapshot")
+    }
+
     /// Commits, or rolls back and throws when a statement failed without the error reaching
     /// `transaction` (a body that caught a storage error and returned normally).
     func commit() async throws {

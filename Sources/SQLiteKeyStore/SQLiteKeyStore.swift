@@ -297,6 +297,13 @@ public final class SQLiteKeyStore: KeyRepository {
         return try await run(body, on: connection, writable: false, begin: "BEGIN")
     }
 
+    /// `read`: one read transaction is already one consistent snapshot (WAL readers see the
+    /// database as of their first statement, whatever the writer commits meanwhile). For a backup;
+    /// the write-ahead log cannot be checkpointed past the snapshot while it lasts.
+    public func snapshot<T: Sendable>(_ body: (any KeyRepositoryTransaction) async throws -> T) async throws -> T {
+        try await read(body)
+    }
+
     private func run<T: Sendable>(
         _ body: (any KeyRepositoryTransaction) async throws -> T,
         on connection: SQLiteConnection,

@@ -28,6 +28,21 @@ public protocol DataKeyProvider: Sendable {
     /// The plaintext of data key `id` of `tenant`, which must have been generated with exactly
     /// `context`.
     func decryptEnvelopeDataKey(tenant: String, id: String, context: [String: String]) async throws -> SensitiveBytes
+
+    /// As `decryptEnvelopeDataKey(tenant:id:context:)`, with the key's wrapped copy the caller
+    /// kept (`DataKey.wrapped`, or empty), which the gateway uses when it has no row for the key
+    /// (protocol §9.3). The default ignores `wrapped`: a provider that keeps its own keys has no
+    /// use for it.
+    func decryptEnvelopeDataKey(tenant: String, id: String, context: [String: String], wrapped: [UInt8])
+        async throws -> SensitiveBytes
+}
+
+extension DataKeyProvider {
+    public func decryptEnvelopeDataKey(tenant: String, id: String, context: [String: String], wrapped: [UInt8])
+        async throws -> SensitiveBytes
+    {
+        try await decryptEnvelopeDataKey(tenant: tenant, id: id, context: context)
+    }
 }
 
 extension GatewayClient: DataKeyProvider {
@@ -49,7 +64,14 @@ extension GatewayClient: DataKeyProvider {
     public func decryptEnvelopeDataKey(tenant: String, id: String, context: [String: String]) async throws
         -> SensitiveBytes
     {
-        let key = try await decryptDataKey(tenant: tenant, id: id, context: context)
+        try await decryptEnvelopeDataKey(tenant: tenant, id: id, context: context, wrapped: [])
+    }
+
+    /// `decryptDataKey`'s plaintext, with the wrapped copy the caller kept (if not empty).
+    public func decryptEnvelopeDataKey(tenant: String, id: String, context: [String: String], wrapped: [UInt8])
+        async throws -> SensitiveBytes
+    {
+        let key = try await decryptDataKey(tenant: tenant, id: id, context: context, wrapped: wrapped)
         guard let plaintext = key.plaintext else {
             throw GatewayError(
                 local: .internalError,

@@ -34,11 +34,16 @@ public struct EnvelopeDecryptor: Sendable {
     ///   - ciphertext: The envelope.
     ///   - requiredContext: Pairs the header's encryption context must hold (checked before the
     ///     provider is asked): the caller's guard that the envelope is the one it expects.
+    ///   - wrappedDataKey: The data key's wrapped copy (`DataKey.wrapped`), if the caller kept it
+    ///     when it generated the key (then encrypting with `EnvelopeEncryptor.encrypt(_:with:…)`):
+    ///     the gateway uses it when it has no row for the key, after its database was lost or
+    ///     restored from an older backup (protocol §9.3). The envelope itself does not carry it.
     /// - Throws: `EnvelopeError` when the envelope is malformed, altered, truncated or extended,
     ///   or lacks a required pair; the provider's errors (`GatewayError`) unchanged.
     public func decrypt(
         _ ciphertext: some Collection<UInt8>,
-        requiredContext: [String: String] = [:]
+        requiredContext: [String: String] = [:],
+        wrappedDataKey: [UInt8] = []
     ) async throws -> EnvelopePlaintext {
         var reader = EnvelopeReader()
         let bytes = Array(ciphertext)
@@ -52,7 +57,8 @@ public struct EnvelopeDecryptor: Sendable {
                 let dataKey = try await provider.decryptEnvelopeDataKey(
                     tenant: parsed.tenant,
                     id: parsed.dataKeyID,
-                    context: parsed.context
+                    context: parsed.context,
+                    wrapped: wrappedDataKey
                 )
                 try reader.begin(dataKey: dataKey)
                 header = parsed
@@ -72,11 +78,14 @@ public struct EnvelopeDecryptor: Sendable {
     /// frame, each only after it authenticated. The stream ends with an error if the envelope
     /// is truncated or has bytes after its end; treat the output as complete only when the
     /// sequence ends normally. Memory stays near one frame plus the caller's current chunk.
+    /// `wrappedDataKey` as for `decrypt`.
     public func decryptStream<Chunks: AsyncSequence>(
         _ chunks: Chunks,
-        requiredContext: [String: String] = [:]
+        requiredContext: [String: String] = [:],
+        wrappedDataKey: [UInt8] = []
     ) -> EnvelopeDecryptionSequence<Chunks> where Chunks.Element: Collection<UInt8> {
-        EnvelopeDecryptionSequence(base: chunks, provider: provider, requiredContext: requiredContext)
+        EnvelopeDecryptionSequence(
+            base: chunks, provider: provider, requiredContext: requiredContext, wrappedDataKey: wrappedDataKey)
     }
 
     /// Refuses a header whose context lacks a required pair.

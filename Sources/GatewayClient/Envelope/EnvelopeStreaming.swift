@@ -291,10 +291,14 @@ public struct EnvelopeDecryptionSequence<Base: AsyncSequence>: AsyncSequence whe
     let base: Base
     let provider: any DataKeyProvider
     let requiredContext: [String: String]
+    /// The data key's wrapped copy the caller kept, or empty (`EnvelopeDecryptor.decryptStream`).
+    var wrappedDataKey: [UInt8] = []
 
     /// Starts reading the envelope.
     public func makeAsyncIterator() -> AsyncIterator {
-        AsyncIterator(base: base.makeAsyncIterator(), provider: provider, requiredContext: requiredContext)
+        AsyncIterator(
+            base: base.makeAsyncIterator(), provider: provider, requiredContext: requiredContext,
+            wrappedDataKey: wrappedDataKey)
     }
 
     /// Produces the plaintext chunks.
@@ -302,16 +306,23 @@ public struct EnvelopeDecryptionSequence<Base: AsyncSequence>: AsyncSequence whe
         private var base: Base.AsyncIterator
         private let provider: any DataKeyProvider
         private let requiredContext: [String: String]
+        private let wrappedDataKey: [UInt8]
         private var reader = EnvelopeReader()
         private var current: ArraySlice<UInt8> = []
         private var isDone = false
         /// The header, once read.
         private(set) var header: EnvelopeHeader?
 
-        init(base: Base.AsyncIterator, provider: any DataKeyProvider, requiredContext: [String: String]) {
+        init(
+            base: Base.AsyncIterator,
+            provider: any DataKeyProvider,
+            requiredContext: [String: String],
+            wrappedDataKey: [UInt8] = []
+        ) {
             self.base = base
             self.provider = provider
             self.requiredContext = requiredContext
+            self.wrappedDataKey = wrappedDataKey
         }
 
         /// The largest buffer the decryption has held (not counting the caller's own chunk).
@@ -335,7 +346,8 @@ public struct EnvelopeDecryptionSequence<Base: AsyncSequence>: AsyncSequence whe
                     let dataKey = try await provider.decryptEnvelopeDataKey(
                         tenant: header.tenant,
                         id: header.dataKeyID,
-                        context: header.context
+                        context: header.context,
+                        wrapped: wrappedDataKey
                     )
                     try reader.begin(dataKey: dataKey)
                     self.header = header

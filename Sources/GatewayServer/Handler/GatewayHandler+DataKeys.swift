@@ -67,11 +67,27 @@ extension GatewayHandler {
         return WireMapping.ok(response)
     }
 
+    /// The key a decrypt entry names and the blob its caller kept, if any (protocol §9.3): `id`
+    /// may be empty when `wrapped` is given, since the blob names its key.
+    func dataKeyReference(id: String, wrapped: Data) throws -> (DataKeyID, WrappedDataKey?) {
+        guard !wrapped.isEmpty else { return (try dataKeyID(id), nil) }
+        // The only accepted size: a wrapped data key is fixed-size.
+        guard wrapped.count == WrappedDataKey.encodedByteCount, let blob = WrappedDataKey(encoded: [UInt8](wrapped))
+        else {
+            throw RequestFailure(
+                .invalidArgument, "wrapped must be a \(WrappedDataKey.encodedByteCount)-byte wrapped data key")
+        }
+        // A non-empty id that differs from the blob's is refused by the key service, as a blob
+        // moved to another key is (`DECRYPTION_FAILED`).
+        return (id.isEmpty ? blob.dataKeyID : try dataKeyID(id), blob)
+    }
+
     func decryptDataKey(_ request: TenantRequest<Hsmgw_V1_DecryptDataKeyRequest>) async throws -> OutgoingResponse {
         let (message, tenant, call) = (request.message, request.tenant, request.call)
-        let id = try dataKeyID(message.id)
+        let (id, wrapped) = try dataKeyReference(id: message.id, wrapped: message.wrapped)
         let context = try EncryptionContext(message.encryptionContext)
-        let key = try await service.decryptDataKey(tenant, id: id, context: context, request: call.context)
+        let key = try await service.decryptDataKey(
+            tenant, id: id, context: context, wrapped: wrapped, request: call.context)
         var response = Hsmgw_V1_DecryptDataKeyResponse()
         response.key = WireMapping.dataKey(
             id: key.id, version: key.version, wrapped: key.wrapped, plaintext: key.plaintext)
@@ -87,10 +103,13 @@ extension GatewayHandler {
         requests.reserveCapacity(message.keys.count)
         for (index, entry) in message.keys.enumerated() {
             do {
+                let (id, wrapped) = try dataKeyReference(id: entry.id, wrapped: entry.wrapped)
                 requests.append(
-                    DataKeyRequest(id: try dataKeyID(entry.id), context: try EncryptionContext(entry.encryptionContext))
+                    DataKeyRequest(id: id, context: try EncryptionContext(entry.encryptionContext), wrapped: wrapped)
                 )
             } catch let error as KeyServiceError {
+                throw RequestFailure(.invalidArgument, "keys[\(index)]: \(error.message)")
+            } catch let error as RequestFailure {
                 throw RequestFailure(.invalidArgument, "keys[\(index)]: \(error.message)")
             }
         }

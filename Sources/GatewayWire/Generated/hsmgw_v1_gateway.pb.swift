@@ -252,9 +252,14 @@ public nonisolated struct Hsmgw_V1_DecryptDataKeyRequest: Sendable {
 
   public var tenant: String = String()
 
+  /// May be empty when wrapped is given (the blob names its key); otherwise must match it.
   public var id: String = String()
 
   public var encryptionContext: Dictionary<String,String> = [:]
+
+  /// Optional: the 83-byte wrapped copy the caller kept (DataKey.wrapped). Used only when the
+  /// gateway has no row for the key (a lost or restored database); protocol §9.3.
+  public var wrapped: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -287,9 +292,13 @@ public nonisolated struct Hsmgw_V1_DataKeyReference: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
+  /// May be empty when wrapped is given; otherwise must match it.
   public var id: String = String()
 
   public var encryptionContext: Dictionary<String,String> = [:]
+
+  /// Optional, as DecryptDataKeyRequest.wrapped.
+  public var wrapped: Data = Data()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1760,7 +1769,7 @@ nonisolated extension Hsmgw_V1_GenerateDataKeysResponse: SwiftProtobuf.Message, 
 
 nonisolated extension Hsmgw_V1_DecryptDataKeyRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DecryptDataKeyRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{1}id\0\u{3}encryption_context\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tenant\0\u{1}id\0\u{3}encryption_context\0\u{1}wrapped\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1771,6 +1780,7 @@ nonisolated extension Hsmgw_V1_DecryptDataKeyRequest: SwiftProtobuf.Message, Swi
       case 1: try { try decoder.decodeSingularStringField(value: &self.tenant) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.id) }()
       case 3: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.encryptionContext) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.wrapped) }()
       default: break
       }
     }
@@ -1786,6 +1796,9 @@ nonisolated extension Hsmgw_V1_DecryptDataKeyRequest: SwiftProtobuf.Message, Swi
     if !self.encryptionContext.isEmpty {
       try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.encryptionContext, fieldNumber: 3)
     }
+    if !self.wrapped.isEmpty {
+      try visitor.visitSingularBytesField(value: self.wrapped, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1793,6 +1806,7 @@ nonisolated extension Hsmgw_V1_DecryptDataKeyRequest: SwiftProtobuf.Message, Swi
     if lhs.tenant != rhs.tenant {return false}
     if lhs.id != rhs.id {return false}
     if lhs.encryptionContext != rhs.encryptionContext {return false}
+    if lhs.wrapped != rhs.wrapped {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1834,7 +1848,7 @@ nonisolated extension Hsmgw_V1_DecryptDataKeyResponse: SwiftProtobuf.Message, Sw
 
 nonisolated extension Hsmgw_V1_DataKeyReference: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".DataKeyReference"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}encryption_context\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}encryption_context\0\u{1}wrapped\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1844,6 +1858,7 @@ nonisolated extension Hsmgw_V1_DataKeyReference: SwiftProtobuf.Message, SwiftPro
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.id) }()
       case 2: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.encryptionContext) }()
+      case 3: try { try decoder.decodeSingularBytesField(value: &self.wrapped) }()
       default: break
       }
     }
@@ -1856,12 +1871,16 @@ nonisolated extension Hsmgw_V1_DataKeyReference: SwiftProtobuf.Message, SwiftPro
     if !self.encryptionContext.isEmpty {
       try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.encryptionContext, fieldNumber: 2)
     }
+    if !self.wrapped.isEmpty {
+      try visitor.visitSingularBytesField(value: self.wrapped, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Hsmgw_V1_DataKeyReference, rhs: Hsmgw_V1_DataKeyReference) -> Bool {
     if lhs.id != rhs.id {return false}
     if lhs.encryptionContext != rhs.encryptionContext {return false}
+    if lhs.wrapped != rhs.wrapped {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
