@@ -39,6 +39,12 @@ let package = Package(
         ),
         // Zeroed-on-release memory for PINs and key material; needs nothing else.
         .target(name: "SecretMemory"),
+        // Shamir's secret sharing over GF(256) and the seal state machine: pure logic, no I/O, so
+        // the gateway and hsm-admin share one implementation (docs/sealing.md).
+        .target(
+            name: "Sealing",
+            dependencies: ["SecretMemory", .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // Safe Swift PKCS#11: no `CK_*` type in its public API.
         .target(
             name: "PKCS11",
@@ -160,6 +166,7 @@ let package = Package(
             name: "HSMAdmin",
             dependencies: [
                 "PKCS11",
+                "Sealing",
                 "GatewayConfig",
                 "GatewayClient",
                 "GatewayWire",
@@ -293,11 +300,13 @@ let package = Package(
                 "ProcessTestSupport",
             ]
         ),
+        // Pure unit tests of secret sharing and the seal state machine.
+        .testTarget(name: "SealingTests", dependencies: ["Sealing", "SecretMemory"]),
         .testTarget(
             name: "HSMAdminTests",
             dependencies: [
                 "HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport",
-                "ProcessTestSupport",
+                "ProcessTestSupport", "Sealing",
             ]
         ),
     ],
