@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
+import GatewayClient
 import GatewayConfig
+import GatewayWire
 import PKCS11
 import Sealing
 
@@ -8,8 +10,10 @@ import Sealing
 struct OperatorCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "operator",
-        abstract: "Split the HSM user PIN into Shamir shares, and make new shares from old ones.",
-        subcommands: [OperatorInitCommand.self, OperatorRekeyCommand.self]
+        abstract: "Split the HSM user PIN into Shamir shares; unseal and seal the gateway with them.",
+        subcommands: [
+            OperatorInitCommand.self, OperatorRekeyCommand.self, OperatorUnsealCommand.self, OperatorSealCommand.self,
+        ]
     )
 }
 
@@ -141,5 +145,111 @@ struct OperatorRekeyCommand: ParsableCommand {
             output.note("hsm-admin: \(error.message)")
             throw ExitCode(error.exitCode)
         }
+    }
+}
+
+/// The seal's state as `operator unseal`, `operator seal` and `status` show it.
+struct SealProgressView: Codable, Sendable, Hashable {
+    var mode: String
+    var sealed: Bool
+    var submitted: UInt32
+    var threshold: UInt32
+    var shareCount: UInt32
+
+    init(_ progress: Hsmgw_V1_SealProgress) {
+        mode = progress.mode
+        sealed = progress.sealed
+        submitted = progress.submitted
+        threshold = progress.threshold
+        shareCount = progress.shareCount
+    }
+
+    var text: String {
+        if mode != "shamir" { return "no (hsm.unseal: \(mode.isEmpty ? "auto" : mode.sanitizedForTerminal))" }
+        return sealed
+            ? "YES: \(submitted) of \(threshold) shares given (\(shareCount) exist)"
+            : "no (shamir, \(threshold) of \(shareCount))"
+    }
+}
+
+/// `hsm-admin operator unseal [--share-file F | --reset]`.
+struct OperatorUnsealCommand: RemoteCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "unseal",
+        abstract: "Give one Shamir share to a sealed gateway (or --reset a half-finished unseal).",
+        discussion: """
+            Each operator runs it once with their own share, from any machine that reaches the \
+            gateway: from --share-file (mode 0600) or, without it, a prompt on the terminal (not \
+            echoed); never from a flag. The share that reaches the threshold unseals: the answer \
+            comes once the gateway has logged in to the HSM. A refused share (mistyped, of \
+            another split, already given) exits 65 and says why without telling anything about \
+            the other shares. --reset discards the shares given so far.
+            """
+    )
+
+    @Option(help: "A file holding this operator's share (mode 0600).")
+    var shareFile: String?
+
+    @Flag(help: "Discard the shares given so far instead of giving one.")
+    var reset = false
+
+    @OptionGroup(title: "Connection") var connection: ConnectionOptions
+    @OptionGroup(title: "Output") var outputOptions: OutputOptions
+
+    init() {}
+
+    func validate() throws {
+        if reset, shareFile != nil { throw ValidationError("give --reset or --share-file, not both") }
+    }
+
+    func execute(_ session: AdminSession) async throws {
+        if reset {
+            let response: Hsmgw_V1_UnsealResetResponse = try await session.client.call(
+                method: .unsealReset, request: Hsmgw_V1_UnsealResetRequest())
+            let view = SealProgressView(response.progress)
+            session.print(view) { "sealed: \(view.text)\n" }
+            if !session.json {
+                session.output.note(
+                    response.discarded
+                        ? "hsm-admin: the shares given so far were discarded" : "hsm-admin: no share had been given")
+            }
+            return
+        }
+        // Read (and check) the share before connecting, so a typo costs no round trip.
+        let share = try shareFile.map(ShareFiles.readShare) ?? ShareFiles.promptShare("share: ")
+        var request = Hsmgw_V1_UnsealSubmitShareRequest()
+        request.share = share.text.withUnsafeBytes { Data($0) }
+        let response: Hsmgw_V1_UnsealSubmitShareResponse = try await session.client.call(
+            method: .unsealSubmitShare, request: request)
+        let view = SealProgressView(response.progress)
+        session.print(view) { "sealed: \(view.text)\n" }
+        if !session.json, !view.sealed {
+            session.output.note("hsm-admin: the gateway is unsealed and serves key operations")
+        }
+    }
+}
+
+/// `hsm-admin operator seal`.
+struct OperatorSealCommand: RemoteCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "seal",
+        abstract: "Seal a running gateway: key operations stop, the HSM login and the PIN are dropped.",
+        discussion: """
+            Key operations are refused at once (UNAVAILABLE, reason SEALED); those already holding \
+            an HSM session finish; then every session closes and the PIN is forgotten. K \
+            operators must run `operator unseal` again. Only with hsm.unseal: shamir.
+            """
+    )
+
+    @OptionGroup(title: "Connection") var connection: ConnectionOptions
+    @OptionGroup(title: "Output") var outputOptions: OutputOptions
+
+    init() {}
+
+    func execute(_ session: AdminSession) async throws {
+        let response: Hsmgw_V1_SealResponse = try await session.client.call(
+            method: .seal, request: Hsmgw_V1_SealRequest())
+        let view = SealProgressView(response.progress)
+        session.print(view) { "sealed: \(view.text)\n" }
     }
 }
