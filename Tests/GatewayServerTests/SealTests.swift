@@ -74,6 +74,7 @@ struct SealTests {
         // 1. An auto-mode start makes the admin, a tenant and a data key; unseal calls are refused.
         var configuration: GatewayConfiguration!
         var adminToken = ""
+        var userToken = ""
         var keyID = ""
         try await withGateway(.sqlite, "seal", security: .plaintext) { gateway in
             configuration = gateway.app.configuration
@@ -82,6 +83,8 @@ struct SealTests {
             defer { Task { await admin.shutdown() } }
             _ = try await admin.createTenant("acme")
             keyID = try await admin.generateDataKey(tenant: "acme").id
+            _ = try await admin.createPrincipal(name: "app", roles: [RoleBinding(tenant: "acme", role: "key-user")])
+            userToken = try await admin.createAPIToken(principal: "app").token.value
             let info = try await admin.serverInfo()
             #expect(!info.sealed && info.seal.mode == "auto")
             let share = try SecretSharing.split(SecretBytes(utf8: "x0123456789"), shareCount: 2, threshold: 2)[0]
@@ -114,6 +117,14 @@ struct SealTests {
             var ready = try await HTTPProbe.get("127.0.0.1", sealed.metricsPort, "/readyz")
             #expect(ready.status == 503 && ready.body.contains("sealed: 0 of 3 shares given"), "\(ready.body)")
             #expect(try !Self.tokenHoldsLogin(configuration.hsm.tokenLabel))
+            #expect(try await metric(sealed.metricsPort, "hsmgw_hsm_sealed", expecting: 1) == 1)
+            #expect(try await metric(sealed.metricsPort, "hsmgw_hsm_login_refused", expecting: 0) == 0)
+
+            // Only the gateway admin gives shares; a key user may still read ServerInfo.
+            let user = try sealed.client(token: userToken)
+            await expectStatus(.permissionDenied) { try await Self.submit(user, shares[0]) }
+            await expectStatus(.permissionDenied) { try await Self.seal(user) }
+            #expect(try await user.serverInfo().sealed)
 
             // 4. Progress, a duplicate, a foreign share, a malformed one, and a reset.
             #expect(try await Self.submit(admin, shares[0]).submitted == 1)
@@ -146,8 +157,35 @@ struct SealTests {
             ready = try await HTTPProbe.get("127.0.0.1", sealed.metricsPort, "/readyz")
             #expect(ready.status == 200, "\(ready.body)")
             await expectStatus(.failedPrecondition) { try await Self.submit(admin, shares[3]) }
+            #expect(try await metric(sealed.metricsPort, "hsmgw_hsm_sealed", expecting: 0) == 0)
 
-            // 6. Seal: refused at once, and the token holds no login of the gateway.
+            // 6. Seal while 32 decrypts run: each one succeeds or fails UNAVAILABLE (never
+            // INTERNAL or DATA_LOSS); then key calls are refused at once, and the token holds no
+            // login of the gateway.
+            let id = keyID
+            let outcomes = try await withThrowingTaskGroup(of: StatusCode.self) { group in
+                for _ in 0..<32 {
+                    group.addTask {
+                        do {
+                            _ = try await user.decryptDataKey(tenant: "acme", id: id)
+                            return .ok
+                        } catch let error as GatewayError {
+                            return error.code
+                        } catch {
+                            return .unknown
+                        }
+                    }
+                }
+                group.addTask {
+                    _ = try await Self.seal(admin)
+                    return .ok
+                }
+                var codes: [StatusCode] = []
+                for try await code in group { codes.append(code) }
+                return codes
+            }
+            #expect(outcomes.allSatisfy { $0 == .ok || $0 == .unavailable }, "\(outcomes)")
+            await user.shutdown()
             #expect(try await Self.seal(admin).sealed)
             await expectStatus(.unavailable, reason: StatusReason.sealed) {
                 try await admin.decryptDataKey(tenant: "acme", id: keyID)
@@ -178,5 +216,19 @@ struct SealTests {
         configuration.hsm.unseal = .shamir(checkFile: checkFile)
         let error = await #expect(throws: GatewayStartupError.self) { _ = try await Sealed.start(configuration) }
         #expect(error?.description.contains("no principal exists") == true)
+    }
+
+    /// The value of metric `name` once it reads `expected` (polled: the maintenance loop updates
+    /// it), or the last value read.
+    func metric(_ port: Int, _ name: String, expecting expected: Double) async throws -> Double? {
+        var value: Double?
+        for _ in 0..<40 {
+            let body = try await HTTPProbe.get("127.0.0.1", port, "/metrics").body
+            value = body.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+                .flatMap { Double($0.split(separator: " ").last ?? "") }
+            if value == expected { return value }
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        return value
     }
 }

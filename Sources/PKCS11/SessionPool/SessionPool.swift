@@ -134,6 +134,9 @@ public final class SessionPool: Sendable {
         var shutdownCompleted = false
         /// `seal()` calls waiting for the last session to close.
         var sealWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Sealed on purpose (`sealed(...)`, `seal()`), not refused by the token; until
+        /// `resumeLogin(pin:)`.
+        var sealed = false
     }
 
     /// Opens a pool on the token labelled `tokenLabel` and opens and logs in one session at once,
@@ -203,6 +206,7 @@ public final class SessionPool: Sendable {
             // No session exists yet, so entering the state has nothing to close or fail.
             state.withLock { state in
                 state.loginRefusal = Self.sealedRefusal
+                state.sealed = true
                 _ = state.machine.sealed()
             }
             return
@@ -227,8 +231,12 @@ public final class SessionPool: Sendable {
         public let discarded: Int
         /// Failed attempts to open (or log in) a session.
         public let openFailures: Int
-        /// True while the pool refuses every request because the token refused the PIN.
+        /// True while the pool refuses every request because the token refused the PIN (not
+        /// while it is sealed on purpose: see `sealed`).
         public let loginRefused: Bool
+        /// True while the pool is sealed (`sealed(...)` or `seal()`, until `resumeLogin(pin:)`):
+        /// it has no PIN and refuses every request.
+        public let sealed: Bool
         /// True from the moment the token was found unreachable until the pool reached it again
         /// (while it closes its sessions, tries to reach the token, and waits between attempts).
         public let tokenUnreachable: Bool
@@ -243,7 +251,9 @@ public final class SessionPool: Sendable {
 
     /// The pool's current counts.
     public var statistics: Statistics {
-        let (s, unconfirmedCloses) = state.withLock { ($0.machine.statistics, $0.unconfirmedCloses.count) }
+        let (s, unconfirmedCloses, sealed) = state.withLock {
+            ($0.machine.statistics, $0.unconfirmedCloses.count, $0.sealed)
+        }
         return Statistics(
             maximumSessions: maximumSessions,
             opening: s.opening,
@@ -253,7 +263,8 @@ public final class SessionPool: Sendable {
             waiting: s.waiting,
             discarded: s.discarded,
             openFailures: s.openFailures,
-            loginRefused: s.loginRefused,
+            loginRefused: s.loginRefused && !sealed,
+            sealed: sealed,
             tokenUnreachable: s.tokenUnreachable,
             epoch: s.epoch,
             unconfirmedCloses: unconfirmedCloses
@@ -370,6 +381,7 @@ public final class SessionPool: Sendable {
                 current = pin
                 let effects = state.withLock { state -> Effects in
                     state.loginRefusal = nil
+                    state.sealed = false
                     return apply(state.machine.loginResumed(), to: &state)
                 }
                 perform(effects)
@@ -395,6 +407,7 @@ public final class SessionPool: Sendable {
                 current = nil
                 let effects = state.withLock { state -> Effects in
                     state.loginRefusal = Self.sealedRefusal
+                    state.sealed = true
                     return apply(state.machine.sealed(), to: &state)
                 }
                 perform(effects)
@@ -415,6 +428,9 @@ public final class SessionPool: Sendable {
 
     /// Whether the pool is sealed or refusing the PIN (requests fail at once).
     public var isRefusingLogin: Bool { state.withLock { $0.machine.mode == .loginRefused } }
+
+    /// Whether the pool is sealed on purpose (`sealed(...)`, `seal()`), until `resumeLogin(pin:)`.
+    public var isSealed: Bool { state.withLock { $0.sealed } }
 
     private static func holdsSessions(_ machine: borrowing SessionPoolStateMachine) -> Bool {
         let statistics = machine.statistics

@@ -41,7 +41,9 @@ extension FaultInjectionTests {
             let mark = fault.traceMark()
             let pool = try await SessionPool.sealed(
                 module: fault.module, tokenLabel: token.label, configuration: configuration(sessions: 2))
-            #expect(pool.isRefusingLogin)
+            #expect(pool.isRefusingLogin && pool.isSealed)
+            // Sealed is not a refused PIN (metrics and readiness tell them apart).
+            #expect(pool.statistics.sealed && !pool.statistics.loginRefused)
             let started = ContinuousClock.now
             for _ in 0..<50 { await expectSealedRefusal(pool) }
             #expect(ContinuousClock.now - started < .seconds(5), "sealed leases must not wait for the timeout")
@@ -49,7 +51,7 @@ extension FaultInjectionTests {
             #expect(fault.calls(of: "C_Login", since: mark).isEmpty)
 
             try await pool.resumeLogin(pin: token.pin)
-            #expect(!pool.isRefusingLogin)
+            #expect(!pool.isRefusingLogin && !pool.isSealed && !pool.statistics.sealed)
             let box = try await setup.seal([1, 2, 3], in: pool)
             #expect(try await setup.open(box, in: pool) == [1, 2, 3])
             #expect(fault.calls(of: "C_Login", since: mark).count == 1)
