@@ -193,8 +193,15 @@ struct SealTests {
             #expect(try !Self.tokenHoldsLogin(configuration.hsm.tokenLabel))
             #expect(try await admin.serverInfo().sealed)
 
-            // 7. Another three shares unseal it again.
-            for share in [shares[3], shares[0], shares[1]] { _ = try await Self.submit(admin, share) }
+            // 7. A rekey (new split, new check file) while sealed takes effect at the next unseal
+            // without a restart: the old shares are refused, three new ones unseal.
+            let rekeyed = try SecretSharing.split(pin, shareCount: 4, threshold: 3)
+            try Data(SealCheck(secret: pin, shares: rekeyed).encoded()).write(to: URL(fileURLWithPath: checkFile))
+            await expectStatus(.invalidArgument, reason: StatusReason.shareRefused) {
+                try await Self.submit(admin, shares[3])
+            }
+            #expect(try await admin.serverInfo().seal.shareCount == 4)
+            for share in [rekeyed[3], rekeyed[0], rekeyed[1]] { _ = try await Self.submit(admin, share) }
             #expect(try await admin.decryptDataKey(tenant: "acme", id: keyID).id == keyID)
         } catch {
             await admin.shutdown()
