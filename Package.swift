@@ -172,6 +172,7 @@ let package = Package(
                 "GatewayClient",
                 "GatewayWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .executableTarget(name: "hsm-admin", dependencies: ["HSMAdmin"]),
@@ -308,7 +309,7 @@ let package = Package(
             name: "HSMAdminTests",
             dependencies: [
                 "HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport",
-                "ProcessTestSupport", "Sealing",
+                "ProcessTestSupport", "Sealing", .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
     ],

@@ -1,12 +1,14 @@
+import Crypto
 import Foundation
 import GatewayConfig
-import HSMAdmin
 import PKCS11
 import ProcessTestSupport
 import Sealing
 import SecretMemory
 import SoftHSMTestSupport
 import Testing
+
+@testable import HSMAdmin
 
 /// `hsm-admin operator init` and `operator rekey` on real SoftHSM2 tokens.
 @Suite("hsm-admin operator init and rekey", .serialized)
@@ -204,5 +206,99 @@ struct OperatorSharesTests {
         #expect(rebuilt.copyBytes() == pin.copyBytes())
         #expect(logsIn(token, rebuilt))
         #expect(!old.contains(where: check.admits))
+    }
+
+    /// P-256 key pairs as PEM files (private ones mode 0600), as `openssl ecparam` would make.
+    func keyPairs(_ count: Int, in directory: String) throws -> [(publicKey: String, privateKey: String)] {
+        try (1...count).map { number in
+            let key = P256.KeyAgreement.PrivateKey()
+            let publicPath = directory + "/operator-\(number).pub"
+            let privatePath = directory + "/operator-\(number).key"
+            try key.publicKey.pemRepresentation.write(toFile: publicPath, atomically: true, encoding: .utf8)
+            _ = FileManager.default.createFile(
+                atPath: privatePath, contents: Data(key.pemRepresentation.utf8), attributes: [.posixPermissions: 0o600])
+            return (publicPath, privatePath)
+        }
+    }
+
+    @Test("init --recipient: each share encrypted to its operator's key; only that key opens it; rekey reads them")
+    func encryptedShares() throws {
+        let token = try fixture.makeToken("operator-hpke")
+        let directory = try makeTemporaryDirectory("operator-hpke")
+        var keys = try keyPairs(2, in: directory)
+        // The third operator's key pair from the openssl CLI, as docs/sealing.md tells operators
+        // (SEC1 "EC PRIVATE KEY" and an SPKI public key).
+        let opensslKey = directory + "/openssl.key"
+        let opensslPublic = directory + "/openssl.pub"
+        let generated = try ChildProcess.run(
+            "/usr/bin/openssl", ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", opensslKey])
+        try #require(generated.status == 0, "\(generated)")
+        let extracted = try ChildProcess.run(
+            "/usr/bin/openssl", ["ec", "-in", opensslKey, "-pubout", "-out", opensslPublic])
+        try #require(extracted.status == 0, "\(extracted)")
+        chmod(opensslKey, 0o600)
+        keys.append((opensslPublic, opensslKey))
+        let shareDirectory = directory + "/shares"
+        try FileManager.default.createDirectory(atPath: shareDirectory, withIntermediateDirectories: false)
+        let outcome = try OperatorInitialization(
+            options: .init(
+                tokenLabel: token.label, currentPIN: .file(token.pinFile), shareCount: 3, threshold: 2,
+                checkFile: directory + "/check.json", shareDirectory: shareDirectory,
+                recipients: keys.map(\.publicKey))
+        ).run(module: fixture.module, output: CapturedOutput().output)
+        #expect(
+            outcome.shareFiles.map { ($0 as NSString).lastPathComponent } == [
+                "share-1.hpke", "share-2.hpke", "share-3.hpke",
+            ])
+        // Not a share in clear: the text parser refuses the file, and the other operators' keys
+        // do not open it.
+        let file = try String(contentsOfFile: outcome.shareFiles[0], encoding: .utf8)
+        #expect(file.hasPrefix("hsmgw-share-hpke-v1\n"))
+        #expect(throws: SecretSharingError.self) { try SecretShare(text: file) }
+        let wrong = try #require(
+            try? P256.KeyAgreement.PrivateKey(
+                pemRepresentation:
+                    String(contentsOfFile: keys[1].privateKey, encoding: .utf8)))
+        #expect(throws: AdminError.self) {
+            try ShareFiles.readShare(outcome.shareFiles[0], identities: [wrong])
+        }
+        #expect(throws: AdminError.self) { try ShareFiles.readShare(outcome.shareFiles[0]) }
+
+        let opened = try (0..<3).map { index in
+            try ShareFiles.readShare(
+                outcome.shareFiles[index], identities: [try ShareEncryption.identity(keys[index].privateKey)])
+        }
+        #expect(logsIn(token, try SecretSharing.combine([opened[2], opened[0]])))
+
+        // rekey with encrypted old shares, to new plain ones.
+        let newDirectory = directory + "/new"
+        try FileManager.default.createDirectory(atPath: newDirectory, withIntermediateDirectories: false)
+        let identities = try keys.map { try ShareEncryption.identity($0.privateKey) }
+        let old = try [outcome.shareFiles[1], outcome.shareFiles[2]].map {
+            try ShareFiles.readShare($0, identities: identities)
+        }
+        let rekeyed = try OperatorRekey(
+            options: .init(
+                checkFile: directory + "/check.json", shareCount: 2, threshold: 2, shareDirectory: newDirectory)
+        ).run(oldShares: old, output: CapturedOutput().output)
+        #expect(logsIn(token, try SecretSharing.combine(try rekeyed.shareFiles.map(share))))
+    }
+
+    @Test("--recipient needs one key per share and a share directory")
+    func recipientRules() throws {
+        let token = try fixture.makeToken("operator-hpke-rules")
+        let directory = try makeTemporaryDirectory("operator-hpke-rules")
+        let keys = try keyPairs(2, in: directory)
+        for (shareDirectory, recipients) in [(directory, [keys[0].publicKey]), (nil, keys.map(\.publicKey))] {
+            let error = #expect(throws: AdminError.self) {
+                try OperatorInitialization(
+                    options: .init(
+                        tokenLabel: token.label, currentPIN: .file(token.pinFile), shareCount: 2, threshold: 2,
+                        checkFile: directory + "/check.json", shareDirectory: shareDirectory, recipients: recipients)
+                ).run(module: fixture.module, output: CapturedOutput().output)
+            }
+            #expect(error?.exitCode == AdminExitCode.usage)
+        }
+        #expect(logsIn(token, SecretBytes(utf8: token.userPIN)))
     }
 }

@@ -126,6 +126,49 @@ struct OperatorUnsealProcessTests {
             #expect(given.status == 0, "\(given)")
         }
         #expect(try admin(["tenant", "show", "acme"], port: port).status == 0)
+
+        // 6. rekey to two shares encrypted to two operators' openssl keys; seal; each operator
+        // unseals with their own private key.
+        let newShares = root + "/new-shares"
+        try FileManager.default.createDirectory(atPath: newShares, withIntermediateDirectories: false)
+        for number in 1...2 {
+            let key = root + "/operator-\(number).key"
+            #expect(
+                try ChildProcess.run(
+                    "/usr/bin/openssl", ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key]
+                ).status == 0)
+            #expect(
+                try ChildProcess.run("/usr/bin/openssl", ["ec", "-in", key, "-pubout", "-out", key + ".pub"]).status
+                    == 0)
+            chmod(key, 0o600)
+        }
+        let rekeyed = try admin(
+            [
+                "operator", "rekey", "--check-file", root + "/seal-check.json", "--share-file", shares + "/share-1.txt",
+                "--share-file", shares + "/share-4.txt", "--share-file", shares + "/share-5.txt", "--shares", "2",
+                "--threshold", "2", "--share-dir", newShares, "--recipient", root + "/operator-1.key.pub",
+                "--recipient", root + "/operator-2.key.pub",
+            ], port: port)
+        #expect(rekeyed.status == 0, "\(rekeyed)")
+        #expect(try admin(["operator", "seal"], port: port).status == 0)
+        given = try admin(["operator", "unseal", "--share-file", shares + "/share-1.txt"], port: port)
+        #expect(given.status == 65, "the old shares no longer work: \(given)")
+        given = try admin(
+            [
+                "operator", "unseal", "--share-file", newShares + "/share-1.hpke", "--identity",
+                root + "/operator-2.key",
+            ],
+            port: port)
+        #expect(given.status == 64, "another operator's key does not open it: \(given)")
+        for number in 1...2 {
+            given = try admin(
+                [
+                    "operator", "unseal", "--share-file", newShares + "/share-\(number).hpke", "--identity",
+                    root + "/operator-\(number).key",
+                ], port: port)
+            #expect(given.status == 0, "\(given)")
+        }
+        #expect(try admin(["tenant", "show", "acme"], port: port).status == 0)
         // No share and no PIN in the gateway's log.
         let finalLog = try String(contentsOfFile: root + "/gateway.log", encoding: .utf8)
         for number in 1...5 {

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Crypto
 import Foundation
 import GatewayClient
 import GatewayConfig
@@ -61,6 +62,9 @@ struct OperatorInitCommand: ParsableCommand {
     @Flag(help: "Split the current PIN instead of setting a new one (tokens that refuse C_SetPIN).")
     var keepPin = false
 
+    @Option(help: "An operator's public key (PEM, P-256), one per share in order: share n is encrypted to the n-th.")
+    var recipient: [String] = []
+
     init() {}
 
     func validate() throws {
@@ -83,7 +87,7 @@ struct OperatorInitCommand: ParsableCommand {
         let initialization = OperatorInitialization(
             options: .init(
                 tokenLabel: token, currentPIN: source, shareCount: shares, threshold: threshold,
-                checkFile: checkFile, shareDirectory: shareDir, keepPIN: keepPin))
+                checkFile: checkFile, shareDirectory: shareDir, keepPIN: keepPin, recipients: recipient))
         do {
             _ = try initialization.run(module: loaded, output: output)
         } catch {
@@ -123,6 +127,12 @@ struct OperatorRekeyCommand: ParsableCommand {
     @Option(help: "Write new share <n> to DIR/share-<n>.txt (mode 0600) instead of printing.")
     var shareDir: String?
 
+    @Option(help: "An operator's public key (PEM, P-256) for each new share, in order.")
+    var recipient: [String] = []
+
+    @Option(help: "A private key (PEM, mode 0600) that opens encrypted share files; repeatable.")
+    var identity: [String] = []
+
     init() {}
 
     func run() throws {
@@ -135,11 +145,14 @@ struct OperatorRekeyCommand: ParsableCommand {
                     old.append(try ShareFiles.promptShare("current share \(index) of \(check.threshold): "))
                 }
             } else {
-                for path in shareFile { old.append(try ShareFiles.readShare(path)) }
+                var identities: [P256.KeyAgreement.PrivateKey] = []
+                for path in identity { identities.append(try ShareEncryption.identity(path)) }
+                for path in shareFile { old.append(try ShareFiles.readShare(path, identities: identities)) }
             }
-            let rekey = OperatorRekey(
-                options: .init(checkFile: checkFile, shareCount: shares, threshold: threshold, shareDirectory: shareDir)
-            )
+            var options = OperatorRekey.Options(
+                checkFile: checkFile, shareCount: shares, threshold: threshold, shareDirectory: shareDir)
+            options.recipients = recipient
+            let rekey = OperatorRekey(options: options)
             _ = try rekey.run(oldShares: old, output: output)
         } catch {
             output.note("hsm-admin: \(error.message)")
@@ -193,6 +206,9 @@ struct OperatorUnsealCommand: RemoteCommand {
     @Flag(help: "Discard the shares given so far instead of giving one.")
     var reset = false
 
+    @Option(help: "Your private key (PEM, mode 0600), for a share file encrypted to you.")
+    var identity: String?
+
     @OptionGroup(title: "Connection") var connection: ConnectionOptions
     @OptionGroup(title: "Output") var outputOptions: OutputOptions
 
@@ -216,7 +232,13 @@ struct OperatorUnsealCommand: RemoteCommand {
             return
         }
         // Read (and check) the share before connecting, so a typo costs no round trip.
-        let share = try shareFile.map(ShareFiles.readShare) ?? ShareFiles.promptShare("share: ")
+        let share: SecretShare
+        if let shareFile {
+            let identities = try identity.map { [try ShareEncryption.identity($0)] } ?? []
+            share = try ShareFiles.readShare(shareFile, identities: identities)
+        } else {
+            share = try ShareFiles.promptShare("share: ")
+        }
         var request = Hsmgw_V1_UnsealSubmitShareRequest()
         request.share = share.text.withUnsafeBytes { Data($0) }
         let response: Hsmgw_V1_UnsealSubmitShareResponse = try await session.client.call(

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import GatewayConfig
 import PKCS11
@@ -30,6 +31,9 @@ public struct OperatorInitialization: Sendable {
         public var shareDirectory: String?
         /// Split the current PIN instead of setting a new one.
         public var keepPIN: Bool
+        /// Operators' public keys (PEM, P-256), one per share in order: share n is written to
+        /// `share-<n>.hpke` encrypted to the n-th (needs `shareDirectory`). Empty: plain shares.
+        public var recipients: [String] = []
 
         public init(
             tokenLabel: String,
@@ -38,8 +42,10 @@ public struct OperatorInitialization: Sendable {
             threshold: Int = SecretSharing.defaultThreshold,
             checkFile: String,
             shareDirectory: String? = nil,
-            keepPIN: Bool = false
+            keepPIN: Bool = false,
+            recipients: [String] = []
         ) {
+            self.recipients = recipients
             self.tokenLabel = tokenLabel
             self.currentPIN = currentPIN
             self.shareCount = shareCount
@@ -89,6 +95,9 @@ public struct OperatorInitialization: Sendable {
                 "check file \(options.checkFile) exists: the token was initialised already "
                     + "(use `operator rekey` for new shares; move the file away only to start over)")
         }
+        let recipients = try Self.loadRecipients(
+            options.recipients, shareCount: options.shareCount,
+            shareDirectory: options.shareDirectory)
         let sharePaths = try plannedSharePaths()
 
         let slot: SlotID
@@ -143,9 +152,9 @@ public struct OperatorInitialization: Sendable {
         do {
             try ShareFiles.createExclusively(options.checkFile, contents: check.encoded())
             written.append(options.checkFile)
-            for (share, path) in zip(shares, sharePaths) {
+            for (index, (share, path)) in zip(shares, sharePaths).enumerated() {
                 guard let path else { continue }
-                try ShareFiles.writeShare(share, to: path)
+                try ShareFiles.writeShare(share, to: path, recipient: recipients.isEmpty ? nil : recipients[index])
                 written.append(path)
             }
         } catch {
@@ -213,11 +222,30 @@ public struct OperatorInitialization: Sendable {
         else {
             throw AdminError(.usage, "--share-dir \(directory) is not a directory")
         }
-        let paths = (1...options.shareCount).map { ShareFiles.sharePath(directory: directory, number: UInt8($0)) }
+        let paths = (1...options.shareCount).map {
+            ShareFiles.sharePath(directory: directory, number: UInt8($0), encrypted: !options.recipients.isEmpty)
+        }
         if let existing = paths.first(where: { FileManager.default.fileExists(atPath: $0) }) {
             throw AdminError(.usage, "\(existing) exists: share files are never overwritten; use an empty directory")
         }
         return paths
+    }
+
+    /// The recipients' keys, checked before anything happens: none, or one per share with a
+    /// share directory.
+    static func loadRecipients(_ paths: [String], shareCount: Int, shareDirectory: String?) throws(AdminError)
+        -> [Crypto.P256.KeyAgreement.PublicKey]
+    {
+        guard !paths.isEmpty else { return [] }
+        guard paths.count == shareCount else {
+            throw AdminError(.usage, "give one --recipient per share: \(paths.count) for \(shareCount) shares")
+        }
+        guard shareDirectory != nil else {
+            throw AdminError(.usage, "--recipient needs --share-dir (encrypted shares go to files)")
+        }
+        var keys: [Crypto.P256.KeyAgreement.PublicKey] = []
+        for path in paths { keys.append(try ShareEncryption.recipient(path)) }
+        return keys
     }
 
     /// A random PIN of `length` characters from `pinAlphabet`, from the system CSPRNG (rejection

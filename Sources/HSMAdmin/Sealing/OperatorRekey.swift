@@ -18,6 +18,8 @@ public struct OperatorRekey: Sendable {
         /// Each new share to `share-<n>.txt` here, instead of standard output; no share file may
         /// exist there yet.
         public var shareDirectory: String?
+        /// Operators' public keys, one per new share (see `OperatorInitialization.Options`).
+        public var recipients: [String] = []
 
         public init(
             checkFile: String,
@@ -50,6 +52,8 @@ public struct OperatorRekey: Sendable {
                     + "\(SecretSharing.shareCountLimit.upperBound) and --threshold from "
                     + "\(SecretSharing.minimumThreshold) to --shares")
         }
+        let recipients = try OperatorInitialization.loadRecipients(
+            options.recipients, shareCount: options.shareCount, shareDirectory: options.shareDirectory)
         let check = try ShareFiles.readCheck(options.checkFile)
         var machine = SealStateMachine(check: check)
         var pin: SecretBytes?
@@ -81,15 +85,17 @@ public struct OperatorRekey: Sendable {
             else {
                 throw AdminError(.usage, "--share-dir \(directory) is not a directory")
             }
-            paths = shares.map { ShareFiles.sharePath(directory: directory, number: $0.x) }
+            paths = shares.map {
+                ShareFiles.sharePath(directory: directory, number: $0.x, encrypted: !recipients.isEmpty)
+            }
             if let existing = paths.first(where: { FileManager.default.fileExists(atPath: $0) }) {
                 throw AdminError(
                     .usage, "\(existing) exists: share files are never overwritten; use an empty directory")
             }
             var written: [String] = []
             do {
-                for (share, path) in zip(shares, paths) {
-                    try ShareFiles.writeShare(share, to: path)
+                for (index, (share, path)) in zip(shares, paths).enumerated() {
+                    try ShareFiles.writeShare(share, to: path, recipient: recipients.isEmpty ? nil : recipients[index])
                     written.append(path)
                 }
             } catch {

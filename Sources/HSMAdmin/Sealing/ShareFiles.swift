@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Sealing
 import SecretMemory
@@ -10,9 +11,17 @@ enum ShareFiles {
     /// whoever reads it test guesses of a weak PIN, see `SealCheck`).
     static let fileMode: mode_t = 0o600
 
-    /// The path of share `number` in `directory`.
-    static func sharePath(directory: String, number: UInt8) -> String {
-        (directory as NSString).appendingPathComponent("share-\(number).txt")
+    /// The path of share `number` in `directory` (`.hpke` when encrypted to an operator's key).
+    static func sharePath(directory: String, number: UInt8, encrypted: Bool = false) -> String {
+        (directory as NSString).appendingPathComponent("share-\(number).\(encrypted ? "hpke" : "txt")")
+    }
+
+    /// Writes share `share` to `path`: its text form, or encrypted to `recipient`.
+    static func writeShare(_ share: SecretShare, to path: String, recipient: P256.KeyAgreement.PublicKey?)
+        throws(AdminError)
+    {
+        guard let recipient else { return try writeShare(share, to: path) }
+        try createExclusively(path, contents: ShareEncryption.seal(share, to: recipient))
     }
 
     /// Writes `contents` to a new file at `path` (refusing an existing one), mode 0600, and syncs
@@ -89,9 +98,28 @@ enum ShareFiles {
         }
     }
 
-    /// Reads a share file: a regular file, owner-only, at most `SecretShare.maximumTextLength`.
-    static func readShare(_ path: String) throws(AdminError) -> SecretShare {
-        let bytes = try readBounded(path, limit: SecretShare.maximumTextLength, what: "share file", ownerOnly: true)
+    /// Reads a small text file (a PEM key) with a bound.
+    static func readText(_ path: String, limit: Int, what: String, ownerOnly: Bool) throws(AdminError) -> String {
+        let bytes = try readBounded(path, limit: limit, what: what, ownerOnly: ownerOnly)
+        return bytes.withUnsafeBytes { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Reads a share file: a regular file, owner-only, at most `SecretShare.maximumTextLength`
+    /// (or `ShareEncryption.maximumFileSize` for a share encrypted to an operator's key, opened
+    /// with the first of `identities` that can).
+    static func readShare(_ path: String, identities: [P256.KeyAgreement.PrivateKey] = []) throws(AdminError)
+        -> SecretShare
+    {
+        let bytes = try readBounded(path, limit: ShareEncryption.maximumFileSize, what: "share file", ownerOnly: true)
+        let encrypted = bytes.withUnsafeBytes { ShareEncryption.isEncrypted($0) }
+        if encrypted {
+            return try bytes.withUnsafeBytes { (contents) throws(AdminError) in
+                try ShareEncryption.open(contents, identities: identities, path: path)
+            }
+        }
+        guard bytes.count <= SecretShare.maximumTextLength else {
+            throw AdminError(.usage, "share file \(path) is longer than a share")
+        }
         do {
             return try bytes.withUnsafeBytes { (text) throws(SecretSharingError) in try SecretShare(text: text) }
         } catch {
