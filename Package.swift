@@ -39,6 +39,12 @@ let package = Package(
         ),
         // Zeroed-on-release memory for PINs and key material; needs nothing else.
         .target(name: "SecretMemory"),
+        // Shamir's secret sharing over GF(256) and the seal state machine: pure logic, no I/O, so
+        // the gateway and hsm-admin share one implementation (docs/sealing.md).
+        .target(
+            name: "Sealing",
+            dependencies: ["SecretMemory", .product(name: "Crypto", package: "swift-crypto")]
+        ),
         // Safe Swift PKCS#11: no `CK_*` type in its public API.
         .target(
             name: "PKCS11",
@@ -124,6 +130,7 @@ let package = Package(
                 "PKCS11KeyToken",
                 "PostgresKeyStore",
                 "SQLiteKeyStore",
+                "Sealing",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -171,6 +178,7 @@ let package = Package(
             name: "HSMAdmin",
             dependencies: [
                 "PKCS11",
+                "Sealing",
                 "GatewayConfig",
                 "GatewayClient",
                 "GatewayWire",
@@ -181,6 +189,7 @@ let package = Package(
                 "StoreBackup",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .executableTarget(name: "hsm-admin", dependencies: ["HSMAdmin"]),
@@ -277,6 +286,7 @@ let package = Package(
                 "SoftHSMTestSupport",
                 "PostgresTestSupport",
                 "ProcessTestSupport",
+                "Sealing",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -312,11 +322,13 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
+        // Pure unit tests of secret sharing and the seal state machine.
+        .testTarget(name: "SealingTests", dependencies: ["Sealing", "SecretMemory"]),
         .testTarget(
             name: "HSMAdminTests",
             dependencies: [
                 "HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport",
-                "ProcessTestSupport",
+                "ProcessTestSupport", "Sealing", .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
     ],

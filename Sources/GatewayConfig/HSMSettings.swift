@@ -8,8 +8,10 @@ public struct HSMSettings: Sendable, Hashable {
     public var modulePath: String
     /// The token, found by label (slot numbers are not stable).
     public var tokenLabel: String
-    /// Where the user PIN comes from.
+    /// Where the user PIN comes from (`unseal` is `.auto`; not read in `.shamir`).
     public var pin: PINSource
+    /// How the gateway gets the PIN: `pin` at start, or operators' Shamir shares.
+    public var unseal: UnsealMode = .auto
     /// Upper bound on open sessions (also capped by the token).
     public var maximumSessions: Int
     /// How long a request waits for a free session.
@@ -218,5 +220,30 @@ enum ConfigurationFile {
             throw ConfigurationError("\(what) \(path) is not UTF-8 text")
         }
         return text
+    }
+}
+
+/// How the gateway gets the HSM user PIN (`hsm.unseal`).
+public enum UnsealMode: Sendable, Hashable, CustomStringConvertible {
+    /// From `hsm.pin.file` or `hsm.pin.env` at start (development, and platforms that keep the PIN
+    /// in their own secret store).
+    case auto
+    /// From K of N Shamir shares given by operators after start; `checkFile` is what
+    /// `hsm-admin operator init` wrote (docs/sealing.md). The gateway starts sealed.
+    case shamir(checkFile: String)
+
+    /// `auto` or `shamir`, as in the configuration and on the wire.
+    public var name: String {
+        switch self {
+        case .auto: "auto"
+        case .shamir: "shamir"
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .auto: "auto (PIN from hsm.pin)"
+        case .shamir(let checkFile): "shamir (sealed at start; check file \(checkFile))"
+        }
     }
 }

@@ -74,15 +74,34 @@ extension GatewayServerApp {
                 throw GatewayStartupError(.token, "--dev: cannot create the SoftHSM2 token: \(error)")
             }
         }
+        var poolConfiguration = SessionPoolConfiguration()
+        poolConfiguration.maximumSessions = settings.maximumSessions
+        poolConfiguration.acquireTimeout = settings.acquireTimeout
+        if case .shamir = settings.unseal {
+            // Sealed: no PIN, no session, no login until operators give their shares; the token
+            // is checked as below once unsealed (SealController).
+            let pool: SessionPool
+            do {
+                pool = try await SessionPool.sealed(
+                    module: module, tokenLabel: settings.tokenLabel, configuration: poolConfiguration,
+                    logger: logger.with(label: "hsm-gateway.pkcs11.pool"))
+            } catch {
+                throw GatewayStartupError(.token, "hsm.token_label \(settings.tokenLabel): \(error)")
+            }
+            do {
+                let store = try await openStore(launch.configuration.store, logger: logger)
+                return (module, givenModule == nil, pool, PKCS11KeyToken(pool: pool), store)
+            } catch {
+                await pool.shutdown()
+                throw error
+            }
+        }
         let pin: SecretBytes
         do {
             pin = try settings.pin.read()
         } catch {
             throw GatewayStartupError(.configuration, "hsm.pin: \(error)")
         }
-        var poolConfiguration = SessionPoolConfiguration()
-        poolConfiguration.maximumSessions = settings.maximumSessions
-        poolConfiguration.acquireTimeout = settings.acquireTimeout
         let pool: SessionPool
         do {
             pool = try await SessionPool(

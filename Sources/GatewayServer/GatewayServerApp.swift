@@ -49,6 +49,8 @@ public final class GatewayServerApp: Sendable {
     let ownsModule: Bool
     let pool: SessionPool
     let store: any KeyRepository
+    /// Sealed or not, and the unseal's progress (always unsealed in `auto` mode).
+    let seal: SealController
     let readiness: ReadinessProbe
     let rewrapJobs: RewrapJobRunner
     let transport: GatewayTransportServer
@@ -113,10 +115,25 @@ public final class GatewayServerApp: Sendable {
             await opened.pool.shutdown()
             throw GatewayStartupError(.configuration, "key service: \(error)")
         }
-        await checkAuditAnchor(service, logger: logger)
+        let mode = launch.configuration.hsm.unseal
+        logger.notice("HSM PIN: hsm.unseal is \(mode.name)", metadata: ["mode": "\(mode)"])
+        let seal: SealController
         let token: String?
         do {
-            token = try await bootstrap(launch, service: service, logger: logger)
+            seal = try SealController(
+                mode: mode, pool: opened.pool, token: opened.token,
+                logger: logger.with(label: "hsm-gateway.seal"),
+                afterUnseal: { await checkAuditAnchor(service, logger: logger) })
+            if case .shamir = mode {
+                try await requirePrincipalWhileSealed(service)
+                token = nil
+                logger.notice(
+                    "sealed: key operations are refused until enough operators run `hsm-admin operator unseal`",
+                    metadata: ["threshold": "\(seal.progress.threshold)", "shares": "\(seal.progress.shareCount)"])
+            } else {
+                await checkAuditAnchor(service, logger: logger)
+                token = try await bootstrap(launch, service: service, logger: logger)
+            }
         } catch {
             await opened.store.close()
             await opened.pool.shutdown()
@@ -131,6 +148,7 @@ public final class GatewayServerApp: Sendable {
             store: opened.store,
             service: service,
             bootstrapAdminToken: token,
+            seal: seal,
             registry: registry,
             handleSignals: handleSignals,
             logger: logger
@@ -165,6 +183,23 @@ public final class GatewayServerApp: Sendable {
         }
     }
 
+    /// A sealed gateway cannot create the first admin (nothing is written before the HSM is
+    /// reachable), and without a principal nobody could unseal it.
+    static func requirePrincipalWhileSealed(_ service: KeyService) async throws(GatewayStartupError) {
+        let empty: Bool
+        do {
+            empty = try await service.listPrincipals(PageRequest(limit: 1)).items.isEmpty
+        } catch {
+            throw GatewayStartupError(.store, "cannot read principals: \(error)")
+        }
+        guard !empty else {
+            throw GatewayStartupError(
+                .bootstrap,
+                "no principal exists, and a sealed gateway cannot create one (nobody could unseal it): start once "
+                    + "with hsm.unseal: auto and auth.bootstrap_token_file, then run hsm-admin operator init")
+        }
+    }
+
     /// Buckets of the audit-commit latency histogram: a durable commit takes about a millisecond
     /// on a local SSD and tens of milliseconds on a busy or remote database.
     static let commitLatencyBuckets: [Duration] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000].map {
@@ -180,6 +215,7 @@ public final class GatewayServerApp: Sendable {
         store: any KeyRepository,
         service: KeyService,
         bootstrapAdminToken: String?,
+        seal: SealController,
         registry: PrometheusCollectorRegistry,
         handleSignals: Bool,
         logger: Logger
@@ -193,10 +229,12 @@ public final class GatewayServerApp: Sendable {
         self.store = store
         self.service = service
         self.bootstrapAdminToken = bootstrapAdminToken
+        self.seal = seal
         self.logger = logger
         self.metricsRegistry = registry
         let readiness = ReadinessProbe(pool: pool, token: token, repository: store, service: service)
         self.readiness = readiness
+        seal.observeChanges { readiness.invalidate() }
         let rewrapJobs = RewrapJobRunner(
             service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))
         self.rewrapJobs = rewrapJobs
@@ -235,10 +273,11 @@ public final class GatewayServerApp: Sendable {
             admission: { tenant, work in await GatewayHandler.admit(tenant, work, scheduler: scheduler) },
             refusedHelloAudit: RefusedHelloAudit(
                 service: service, registry: registry, logger: logger.with(label: "hsm-gateway.requests")),
+            seal: seal,
             status: { [maintenance] in
                 let result = await readiness.check()
                 return ServerStatus(
-                    ready: result.ready && !maintenance.isDraining,
+                    ready: result.ready && !maintenance.isDraining && !seal.isSealed,
                     tokenReachable: result.tokenReachable,
                     storeReachable: result.storeReachable,
                     openConnections: transportBox.server?.openConnections ?? 0
@@ -263,6 +302,16 @@ public final class GatewayServerApp: Sendable {
                 registry: registry,
                 logger: logger.with(label: "hsm-gateway.health")
             ) { [maintenance] in
+                if seal.isSealed {
+                    // The pool refuses every login on purpose: say so, not "the HSM refused the PIN".
+                    let progress = seal.progress
+                    return [
+                        HealthAndMetricsServer.ReadinessCheck(
+                            name: "seal", isReady: false,
+                            detail: "sealed: \(progress.submitted) of \(progress.threshold) shares given; "
+                                + "run hsm-admin operator unseal")
+                    ]
+                }
                 let result = await readiness.check()
                 var checks = [
                     HealthAndMetricsServer.ReadinessCheck(

@@ -37,6 +37,7 @@ final class MaintenanceService: Service, Sendable {
         let sessionOpenFailures: Gauge
         let tokenReachable: Gauge
         let loginRefused: Gauge
+        let sealed: Gauge
         let storeReachable: Gauge
         let auditIntegrity: Gauge
         let ready: Gauge
@@ -58,6 +59,9 @@ final class MaintenanceService: Service, Sendable {
             loginRefused = registry.gauge(
                 "hsmgw_hsm_login_refused",
                 "1 when the HSM refused the user PIN and no login is attempted until an operator acts, else 0.")
+            sealed = registry.gauge(
+                "hsmgw_hsm_sealed",
+                "1 while the gateway is sealed (hsm.unseal: shamir, no PIN until operators unseal it), else 0.")
             storeReachable = registry.gauge("hsmgw_store_reachable", "1 when the key store answers, else 0.")
             auditIntegrity = registry.gauge(
                 "hsmgw_audit_integrity_ok",
@@ -124,6 +128,7 @@ final class MaintenanceService: Service, Sendable {
         gauges.sessionsDiscarded.set(Int64(statistics.discarded))
         gauges.sessionOpenFailures.set(Int64(statistics.openFailures))
         gauges.loginRefused.set(Int64(statistics.loginRefused ? 1 : 0))
+        gauges.sealed.set(Int64(statistics.sealed ? 1 : 0))
         let result = await readiness.check()
         gauges.tokenReachable.set(Int64(result.tokenReachable ? 1 : 0))
         gauges.storeReachable.set(Int64(result.storeReachable ? 1 : 0))

@@ -114,6 +114,12 @@ final class ReadinessProbe: Sendable {
         )
     }
 
+    /// Forgets the cached result, so the next check asks again (after an unseal or a seal, whose
+    /// effect must show at once, not up to `cacheLifetime` later).
+    func invalidate() {
+        cached.withLock { $0 = nil }
+    }
+
     /// The current result (at most `cacheLifetime` old).
     func check() async -> Result {
         let now = self.now()

@@ -74,6 +74,10 @@ public struct Method: RawRepresentable, Sendable, Hashable, CustomStringConverti
     // Audit.
     public static let listAuditRecords = Method(rawValue: 70)
     public static let verifyAuditLog = Method(rawValue: 71)
+    // Seal (served while the gateway is sealed).
+    public static let unsealSubmitShare = Method(rawValue: 80)
+    public static let unsealReset = Method(rawValue: 81)
+    public static let seal = Method(rawValue: 82)
 
     private struct Entry: Sendable {
         var name: String
@@ -126,6 +130,10 @@ public struct Method: RawRepresentable, Sendable, Hashable, CustomStringConverti
         add(.revokeAPIToken, "RevokeAPIToken", .gatewayAdmin, idempotent: true)
         add(.listAuditRecords, "ListAuditRecords", .gatewayAdmin, idempotent: true)
         add(.verifyAuditLog, "VerifyAuditLog", .gatewayAdmin, idempotent: true)
+        // A share given twice is refused as a duplicate: a retry could only fail.
+        add(.unsealSubmitShare, "UnsealSubmitShare", .gatewayAdmin, idempotent: false)
+        add(.unsealReset, "UnsealReset", .gatewayAdmin, idempotent: true)
+        add(.seal, "Seal", .gatewayAdmin, idempotent: true)
         return table
     }()
 

@@ -70,4 +70,10 @@ public enum StatusReason {
     public static let tokenExpired = "TOKEN_EXPIRED"
     /// `UNAUTHENTICATED`: the API token was revoked.
     public static let tokenRevoked = "TOKEN_REVOKED"
+    /// `UNAVAILABLE`: the gateway is sealed; only Hello, ServerInfo and the seal methods are served
+    /// until enough operators have given their shares (docs/sealing.md).
+    public static let sealed = "SEALED"
+    /// `INVALID_ARGUMENT` on UnsealSubmitShare: the share is malformed, of another split, a
+    /// duplicate, or (with the threshold reached) the shares did not rebuild the PIN.
+    public static let shareRefused = "SHARE_REFUSED"
 }

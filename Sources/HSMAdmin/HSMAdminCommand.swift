@@ -23,7 +23,7 @@ public struct HSMAdminCommand: AsyncParsableCommand {
         version: HSMGatewayVersion.current,
         subcommands: [
             StatusCommand.self, TenantCommand.self, MasterKeyCommand.self, DataKeyCommand.self, RewrapCommand.self,
-            PrincipalCommand.self, TokenCommand.self, AuditCommand.self, PreflightCommand.self,
+            PrincipalCommand.self, TokenCommand.self, AuditCommand.self, PreflightCommand.self, OperatorCommand.self,
             BackupCommand.self, RestoreCommand.self,
         ]
     )

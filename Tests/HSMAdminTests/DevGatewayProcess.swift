@@ -97,7 +97,7 @@ final class DevGatewayProcess: Sendable {
         throw TestSetupError("hsm-gateway --dev did not serve within \(startTimeout)")
     }
 
-    private static func canConnect(port: Int) -> Bool {
+    static func canConnect(port: Int) -> Bool {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard descriptor >= 0 else { return false }
         defer { close(descriptor) }

@@ -193,6 +193,30 @@ struct SettingsReader {
             maximumBytes: HSMSettings.maximumTokenLabelByteCount,
             because: "(the token's label)"
         )
+        enum UnsealKind: String, CaseIterable {
+            case auto, shamir
+        }
+        if try choice("hsm.unseal", default: UnsealKind.auto) == .shamir {
+            // A PIN kept beside a sealed gateway would make the shares pointless.
+            for key in ["hsm.pin.file", "hsm.pin.env"] where raw[key] != nil {
+                throw ConfigurationError(
+                    "\(origin(key)): hsm.unseal is shamir, so the PIN comes from operators' shares, never from "
+                        + "a file or the environment; remove \(key)")
+            }
+            guard let checkFile = try existingFile("hsm.unseal_check_file", secret: false) else {
+                throw ConfigurationError(
+                    "hsm.unseal_check_file is required with hsm.unseal: shamir (the file `hsm-admin operator init` "
+                        + "wrote)")
+            }
+            // `pin` is not read in this mode.
+            var settings = HSMSettings(modulePath: module, tokenLabel: label, pin: .environment(""))
+            settings.unseal = .shamir(checkFile: checkFile)
+            return try sessionSettings(settings)
+        }
+        if raw["hsm.unseal_check_file"] != nil {
+            throw ConfigurationError(
+                "\(origin("hsm.unseal_check_file")): only used with hsm.unseal: shamir (the mode is auto)")
+        }
         let pin: PINSource
         switch (raw["hsm.pin.file"], raw["hsm.pin.env"]) {
         case (.some, .some):
@@ -208,7 +232,12 @@ struct SettingsReader {
         case (nil, nil):
             throw ConfigurationError("hsm.pin.file or hsm.pin.env is required (where the user PIN comes from)")
         }
-        var settings = HSMSettings(modulePath: module, tokenLabel: label, pin: pin)
+        return try sessionSettings(HSMSettings(modulePath: module, tokenLabel: label, pin: pin))
+    }
+
+    /// The `hsm.sessions.*` and `hsm.softhsm2_conf` settings, whatever the unseal mode.
+    func sessionSettings(_ settings: HSMSettings) throws(ConfigurationError) -> HSMSettings {
+        var settings = settings
         settings.maximumSessions = try integer(
             "hsm.sessions.max", in: 1...HSMSettings.maximumSessionsLimit, default: settings.maximumSessions)
         settings.acquireTimeout = try duration(

@@ -41,6 +41,8 @@ enum SettingKeys {
         SettingDefinition("hsm.token_label"),
         SettingDefinition("hsm.pin.file"),
         SettingDefinition("hsm.pin.env"),
+        SettingDefinition("hsm.unseal"),
+        SettingDefinition("hsm.unseal_check_file"),
         SettingDefinition("hsm.sessions.max"),
         SettingDefinition("hsm.sessions.acquire_timeout_ms"),
         SettingDefinition("hsm.softhsm2_conf"),

@@ -91,6 +91,8 @@ public final class GatewayHandler: GatewayRequestHandler {
     /// Where the audit records of refused Hellos wait to be written, off the key operations' path.
     let refusedHelloAudit: RefusedHelloAudit
     let rewrapJobs: RewrapJobRunner
+    /// The seal; nil for handlers built without one (tests), which are never sealed.
+    let seal: SealController?
     let admission: TenantAdmission
     let status: @Sendable () async -> ServerStatus
     let logger: Logger
@@ -105,9 +107,11 @@ public final class GatewayHandler: GatewayRequestHandler {
         rewrapJobs: RewrapJobRunner,
         admission: TenantAdmission? = nil,
         refusedHelloAudit: RefusedHelloAudit? = nil,
+        seal: SealController? = nil,
         status: @escaping @Sendable () async -> ServerStatus,
         logger: Logger
     ) {
+        self.seal = seal
         self.service = service
         self.options = options
         self.accessCache = AccessCache(ttl: options.accessCacheTTL)
@@ -275,7 +279,8 @@ public final class GatewayHandler: GatewayRequestHandler {
         response.instanceID = options.instanceID
         response.store = options.storeKind
         response.ready = current.ready
-        response.sealed = false
+        response.sealed = seal?.isSealed ?? false
+        response.seal = sealProgress()
         response.tokenReachable = current.tokenReachable
         response.storeReachable = current.storeReachable
         response.uptimeSeconds = UInt64((ContinuousClock.now - startedAt).components.seconds)

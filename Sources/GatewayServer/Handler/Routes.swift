@@ -198,7 +198,19 @@ extension GatewayHandler {
         .global(
             .verifyAuditLog, Hsmgw_V1_VerifyAuditLogRequest.self, .requires(.readAudit),
             GatewayHandler.verifyAuditLog),
+
+        // The gateway admin's (the domain has no separate action: every gateway-admin action is
+        // allowed to `admin` on `*` alone). Served while sealed.
+        .global(
+            .unsealSubmitShare, Hsmgw_V1_UnsealSubmitShareRequest.self, .requires(.manageAccess),
+            GatewayHandler.unsealSubmitShare),
+        .global(
+            .unsealReset, Hsmgw_V1_UnsealResetRequest.self, .requires(.manageAccess), GatewayHandler.unsealReset),
+        .global(.seal, Hsmgw_V1_SealRequest.self, .requires(.manageAccess), GatewayHandler.seal),
     ]
+
+    /// What a sealed gateway serves besides Hello: its status and the seal's own methods.
+    static let servedWhileSealed: Set<Method> = [.serverInfo, .unsealSubmitShare, .unsealReset, .seal]
 
     /// `routeList` by method. Two registrations of one method stop the process at start.
     static let routes: [Method: Route] = Dictionary(routeList.map { ($0.method, $0) }) { first, _ in
@@ -209,6 +221,9 @@ extension GatewayHandler {
     func dispatch(_ call: Call) async throws -> OutgoingResponse {
         guard let route = Self.routes[call.request.method] else {
             return RequestFailure(.unimplemented, "method \(call.request.method) is not implemented").response
+        }
+        if seal?.isSealed == true, !Self.servedWhileSealed.contains(call.request.method) {
+            return RequestFailure.sealed.response
         }
         return try await route.run(self, call)
     }

@@ -139,6 +139,44 @@ public nonisolated struct Hsmgw_V1_ServerInfoResponse: Sendable {
 
   public var principal: String = String()
 
+  /// How the HSM user PIN is supplied, and the unseal's progress (docs/sealing.md).
+  public var seal: Hsmgw_V1_SealProgress {
+    get {_seal ?? Hsmgw_V1_SealProgress()}
+    set {_seal = newValue}
+  }
+  /// Returns true if `seal` has been explicitly set.
+  public var hasSeal: Bool {self._seal != nil}
+  /// Clears the value of `seal`. Subsequent reads from it will return its default value.
+  public mutating func clearSeal() {self._seal = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _seal: Hsmgw_V1_SealProgress? = nil
+}
+
+/// The seal state of one gateway instance. Nothing in it says anything about a share's value.
+public nonisolated struct Hsmgw_V1_SealProgress: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// "auto" (the PIN from a file or the environment) or "shamir" (K of N shares).
+  public var mode: String = String()
+
+  /// Key operations are refused (UNAVAILABLE, reason SEALED).
+  public var sealed: Bool = false
+
+  /// Shares given in the current unseal.
+  public var submitted: UInt32 = 0
+
+  /// Shares needed (0 in auto mode).
+  public var threshold: UInt32 = 0
+
+  /// Shares that exist (0 in auto mode).
+  public var shareCount: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1330,6 +1368,110 @@ public nonisolated struct Hsmgw_V1_VerifyAuditLogResponse: Sendable {
   public init() {}
 }
 
+/// Method 80. One Shamir share, in its text form (hexadecimal, as `hsm-admin operator init`
+/// printed it). The K-th accepted share rebuilds the PIN, which is checked and logged in with;
+/// the answer comes after that login.
+public nonisolated struct Hsmgw_V1_UnsealSubmitShareRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var share: Data = Data()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Hsmgw_V1_UnsealSubmitShareResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var progress: Hsmgw_V1_SealProgress {
+    get {_progress ?? Hsmgw_V1_SealProgress()}
+    set {_progress = newValue}
+  }
+  /// Returns true if `progress` has been explicitly set.
+  public var hasProgress: Bool {self._progress != nil}
+  /// Clears the value of `progress`. Subsequent reads from it will return its default value.
+  public mutating func clearProgress() {self._progress = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _progress: Hsmgw_V1_SealProgress? = nil
+}
+
+/// Method 81. Discards the shares given so far.
+public nonisolated struct Hsmgw_V1_UnsealResetRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Hsmgw_V1_UnsealResetResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var progress: Hsmgw_V1_SealProgress {
+    get {_progress ?? Hsmgw_V1_SealProgress()}
+    set {_progress = newValue}
+  }
+  /// Returns true if `progress` has been explicitly set.
+  public var hasProgress: Bool {self._progress != nil}
+  /// Clears the value of `progress`. Subsequent reads from it will return its default value.
+  public mutating func clearProgress() {self._progress = nil}
+
+  /// False when no share had been given.
+  public var discarded: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _progress: Hsmgw_V1_SealProgress? = nil
+}
+
+/// Method 82. Stops admitting key operations, lets those in flight finish, closes every HSM
+/// session (so the token holds no login of the gateway) and drops the PIN.
+public nonisolated struct Hsmgw_V1_SealRequest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Hsmgw_V1_SealResponse: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var progress: Hsmgw_V1_SealProgress {
+    get {_progress ?? Hsmgw_V1_SealProgress()}
+    set {_progress = newValue}
+  }
+  /// Returns true if `progress` has been explicitly set.
+  public var hasProgress: Bool {self._progress != nil}
+  /// Clears the value of `progress`. Subsequent reads from it will return its default value.
+  public mutating func clearProgress() {self._progress = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _progress: Hsmgw_V1_SealProgress? = nil
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "hsmgw.v1"
@@ -1490,7 +1632,7 @@ nonisolated extension Hsmgw_V1_ServerInfoRequest: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Hsmgw_V1_ServerInfoResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ServerInfoResponse"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}instance_id\0\u{1}store\0\u{1}ready\0\u{1}sealed\0\u{3}token_reachable\0\u{3}store_reachable\0\u{3}uptime_seconds\0\u{3}open_connections\0\u{1}principal\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}server_version\0\u{3}instance_id\0\u{1}store\0\u{1}ready\0\u{1}sealed\0\u{3}token_reachable\0\u{3}store_reachable\0\u{3}uptime_seconds\0\u{3}open_connections\0\u{1}principal\0\u{1}seal\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1508,12 +1650,17 @@ nonisolated extension Hsmgw_V1_ServerInfoResponse: SwiftProtobuf.Message, SwiftP
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.uptimeSeconds) }()
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.openConnections) }()
       case 10: try { try decoder.decodeSingularStringField(value: &self.principal) }()
+      case 11: try { try decoder.decodeSingularMessageField(value: &self._seal) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.serverVersion.isEmpty {
       try visitor.visitSingularStringField(value: self.serverVersion, fieldNumber: 1)
     }
@@ -1544,6 +1691,9 @@ nonisolated extension Hsmgw_V1_ServerInfoResponse: SwiftProtobuf.Message, SwiftP
     if !self.principal.isEmpty {
       try visitor.visitSingularStringField(value: self.principal, fieldNumber: 10)
     }
+    try { if let v = self._seal {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1558,6 +1708,57 @@ nonisolated extension Hsmgw_V1_ServerInfoResponse: SwiftProtobuf.Message, SwiftP
     if lhs.uptimeSeconds != rhs.uptimeSeconds {return false}
     if lhs.openConnections != rhs.openConnections {return false}
     if lhs.principal != rhs.principal {return false}
+    if lhs._seal != rhs._seal {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_SealProgress: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SealProgress"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}mode\0\u{1}sealed\0\u{1}submitted\0\u{1}threshold\0\u{3}share_count\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.mode) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.sealed) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.submitted) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.threshold) }()
+      case 5: try { try decoder.decodeSingularUInt32Field(value: &self.shareCount) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.mode.isEmpty {
+      try visitor.visitSingularStringField(value: self.mode, fieldNumber: 1)
+    }
+    if self.sealed != false {
+      try visitor.visitSingularBoolField(value: self.sealed, fieldNumber: 2)
+    }
+    if self.submitted != 0 {
+      try visitor.visitSingularUInt32Field(value: self.submitted, fieldNumber: 3)
+    }
+    if self.threshold != 0 {
+      try visitor.visitSingularUInt32Field(value: self.threshold, fieldNumber: 4)
+    }
+    if self.shareCount != 0 {
+      try visitor.visitSingularUInt32Field(value: self.shareCount, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_SealProgress, rhs: Hsmgw_V1_SealProgress) -> Bool {
+    if lhs.mode != rhs.mode {return false}
+    if lhs.sealed != rhs.sealed {return false}
+    if lhs.submitted != rhs.submitted {return false}
+    if lhs.threshold != rhs.threshold {return false}
+    if lhs.shareCount != rhs.shareCount {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -4029,6 +4230,181 @@ nonisolated extension Hsmgw_V1_VerifyAuditLogResponse: SwiftProtobuf.Message, Sw
     if lhs.checkpointsChecked != rhs.checkpointsChecked {return false}
     if lhs.anchoredThrough != rhs.anchoredThrough {return false}
     if lhs.problemKind != rhs.problemKind {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_UnsealSubmitShareRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UnsealSubmitShareRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}share\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularBytesField(value: &self.share) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.share.isEmpty {
+      try visitor.visitSingularBytesField(value: self.share, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_UnsealSubmitShareRequest, rhs: Hsmgw_V1_UnsealSubmitShareRequest) -> Bool {
+    if lhs.share != rhs.share {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_UnsealSubmitShareResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UnsealSubmitShareResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}progress\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._progress) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._progress {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_UnsealSubmitShareResponse, rhs: Hsmgw_V1_UnsealSubmitShareResponse) -> Bool {
+    if lhs._progress != rhs._progress {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_UnsealResetRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UnsealResetRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_UnsealResetRequest, rhs: Hsmgw_V1_UnsealResetRequest) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_UnsealResetResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".UnsealResetResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}progress\0\u{1}discarded\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._progress) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.discarded) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._progress {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    if self.discarded != false {
+      try visitor.visitSingularBoolField(value: self.discarded, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_UnsealResetResponse, rhs: Hsmgw_V1_UnsealResetResponse) -> Bool {
+    if lhs._progress != rhs._progress {return false}
+    if lhs.discarded != rhs.discarded {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_SealRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SealRequest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    // Load everything into unknown fields
+    while try decoder.nextFieldNumber() != nil {}
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_SealRequest, rhs: Hsmgw_V1_SealRequest) -> Bool {
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Hsmgw_V1_SealResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SealResponse"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}progress\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularMessageField(value: &self._progress) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    try { if let v = self._progress {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 1)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Hsmgw_V1_SealResponse, rhs: Hsmgw_V1_SealResponse) -> Bool {
+    if lhs._progress != rhs._progress {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -29,6 +29,8 @@ struct StatusView: Codable, Sendable, Hashable {
     var store: String
     var ready: Bool
     var sealed: Bool
+    /// The seal's mode and progress.
+    var seal: SealProgressView
     var tokenReachable: Bool
     var storeReachable: Bool
     var uptimeSeconds: UInt64
@@ -46,6 +48,7 @@ struct StatusView: Codable, Sendable, Hashable {
         store = info.store
         ready = info.ready
         sealed = info.sealed
+        seal = SealProgressView(info.seal)
         tokenReachable = info.tokenReachable
         storeReachable = info.storeReachable
         uptimeSeconds = info.uptimeSeconds
@@ -64,7 +67,7 @@ struct StatusView: Codable, Sendable, Hashable {
         list.append("instance", instanceId)
         list.append("store", store)
         list.append("ready", ready ? "yes" : "NO")
-        list.append("sealed", sealed ? "YES" : "no")
+        list.append("sealed", seal.mode == "shamir" ? seal.text : (sealed ? "YES" : "no"))
         list.append("hsm token", tokenReachable ? "reachable" : "UNREACHABLE")
         list.append("database", storeReachable ? "reachable" : "UNREACHABLE")
         list.append("uptime", DurationArgument.format(.seconds(Int64(clamping: uptimeSeconds))))

@@ -132,6 +132,11 @@ public final class SessionPool: Sendable {
         var unconfirmedCloses: [UnconfirmedClose] = []
         var shutdownWaiters: [CheckedContinuation<Void, Never>] = []
         var shutdownCompleted = false
+        /// `seal()` calls waiting for the last session to close.
+        var sealWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Sealed on purpose (`sealed(...)`, `seal()`), not refused by the token; until
+        /// `resumeLogin(pin:)`.
+        var sealed = false
     }
 
     /// Opens a pool on the token labelled `tokenLabel` and opens and logs in one session at once,
@@ -148,6 +153,20 @@ public final class SessionPool: Sendable {
             module: module, slot: slot, tokenLabel: tokenLabel, pin: pin, configuration: configuration, logger: logger)
     }
 
+    /// Opens a pool that starts sealed: no session is opened and every request fails at once with
+    /// `loginRefused` (detail "sealed") until `resumeLogin(pin:)` gives it the PIN.
+    public static func sealed(
+        module: PKCS11Module,
+        tokenLabel: String,
+        configuration: SessionPoolConfiguration = SessionPoolConfiguration(),
+        logger: Logger = Logger(label: "hsm-gateway.pkcs11.pool")
+    ) async throws -> SessionPool {
+        let slot = try module.slot(tokenLabel: tokenLabel)
+        return try await SessionPool(
+            module: module, slot: slot, tokenLabel: tokenLabel, pin: nil, startSealed: true,
+            configuration: configuration, logger: logger)
+    }
+
     /// Opens a pool on `slot` (`tokenLabel`, when given, lets the pool find the token again after
     /// its slot number changes).
     public init(
@@ -155,6 +174,7 @@ public final class SessionPool: Sendable {
         slot: SlotID,
         tokenLabel: String? = nil,
         pin: SecretBytes?,
+        startSealed: Bool = false,
         configuration: SessionPoolConfiguration = SessionPoolConfiguration(),
         logger: Logger = Logger(label: "hsm-gateway.pkcs11.pool")
     ) async throws {
@@ -182,6 +202,15 @@ public final class SessionPool: Sendable {
             )
         )
         threadPool.start()
+        if startSealed {
+            // No session exists yet, so entering the state has nothing to close or fail.
+            state.withLock { state in
+                state.loginRefusal = Self.sealedRefusal
+                state.sealed = true
+                _ = state.machine.sealed()
+            }
+            return
+        }
         do {
             try await withSession { _ in }
         } catch {
@@ -202,8 +231,12 @@ public final class SessionPool: Sendable {
         public let discarded: Int
         /// Failed attempts to open (or log in) a session.
         public let openFailures: Int
-        /// True while the pool refuses every request because the token refused the PIN.
+        /// True while the pool refuses every request because the token refused the PIN (not
+        /// while it is sealed on purpose: see `sealed`).
         public let loginRefused: Bool
+        /// True while the pool is sealed (`sealed(...)` or `seal()`, until `resumeLogin(pin:)`):
+        /// it has no PIN and refuses every request.
+        public let sealed: Bool
         /// True from the moment the token was found unreachable until the pool reached it again
         /// (while it closes its sessions, tries to reach the token, and waits between attempts).
         public let tokenUnreachable: Bool
@@ -218,7 +251,9 @@ public final class SessionPool: Sendable {
 
     /// The pool's current counts.
     public var statistics: Statistics {
-        let (s, unconfirmedCloses) = state.withLock { ($0.machine.statistics, $0.unconfirmedCloses.count) }
+        let (s, unconfirmedCloses, sealed) = state.withLock {
+            ($0.machine.statistics, $0.unconfirmedCloses.count, $0.sealed)
+        }
         return Statistics(
             maximumSessions: maximumSessions,
             opening: s.opening,
@@ -228,7 +263,8 @@ public final class SessionPool: Sendable {
             waiting: s.waiting,
             discarded: s.discarded,
             openFailures: s.openFailures,
-            loginRefused: s.loginRefused,
+            loginRefused: s.loginRefused && !sealed,
+            sealed: sealed,
             tokenUnreachable: s.tokenUnreachable,
             epoch: s.epoch,
             unconfirmedCloses: unconfirmedCloses
@@ -345,6 +381,7 @@ public final class SessionPool: Sendable {
                 current = pin
                 let effects = state.withLock { state -> Effects in
                     state.loginRefusal = nil
+                    state.sealed = false
                     return apply(state.machine.loginResumed(), to: &state)
                 }
                 perform(effects)
@@ -352,6 +389,52 @@ public final class SessionPool: Sendable {
         }
         logger.notice("PKCS#11 login resumed with a new PIN")
         try await withSession { _ in }
+    }
+
+    /// What requests fail with while the pool is sealed.
+    static let sealedRefusal = PKCS11Error(
+        code: .loginRefused, function: .login, detail: "sealed: no PIN until the gateway is unsealed")
+
+    /// Seals the pool: forgets the PIN (its buffer is zeroed once the caller's copies are gone
+    /// too), fails waiting tasks and every new request at once with `loginRefused` ("sealed"),
+    /// closes idle sessions now and leased ones when their work returns (it finishes, or fails as
+    /// the token decides), and returns once no session is left, so the token holds no login of
+    /// this process. `resumeLogin(pin:)` unseals. No PKCS#11 call is made with the PIN meanwhile.
+    public func seal() async {
+        try? await threadPool.runIfActive { [self] in
+            // Under the login lock: a login in progress completes first, none starts after.
+            login.withLock { current in
+                current = nil
+                let effects = state.withLock { state -> Effects in
+                    state.loginRefusal = Self.sealedRefusal
+                    state.sealed = true
+                    return apply(state.machine.sealed(), to: &state)
+                }
+                perform(effects)
+            }
+        }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let done = state.withLock { state -> Bool in
+                guard !Self.holdsSessions(state.machine) else {
+                    state.sealWaiters.append(continuation)
+                    return false
+                }
+                return true
+            }
+            if done { continuation.resume() }
+        }
+        logger.notice("PKCS#11 pool sealed: PIN dropped, every session closed")
+    }
+
+    /// Whether the pool is sealed or refusing the PIN (requests fail at once).
+    public var isRefusingLogin: Bool { state.withLock { $0.machine.mode == .loginRefused } }
+
+    /// Whether the pool is sealed on purpose (`sealed(...)`, `seal()`), until `resumeLogin(pin:)`.
+    public var isSealed: Bool { state.withLock { $0.sealed } }
+
+    private static func holdsSessions(_ machine: borrowing SessionPoolStateMachine) -> Bool {
+        let statistics = machine.statistics
+        return statistics.opening + statistics.idle + statistics.leased + statistics.closing > 0
     }
 
     /// Stops leasing, fails waiting tasks with `sessionPoolShutDown`, waits for leased sessions to
@@ -428,6 +511,8 @@ public final class SessionPool: Sendable {
         var open: (id: SessionPoolStateMachine.SessionID, slot: SlotID, reset: Bool)?
         var close: [(id: SessionPoolStateMachine.SessionID, handle: CK_SESSION_HANDLE, slot: SlotID)] = []
         var resumeShutdown: [CheckedContinuation<Void, Never>] = []
+        /// `seal()` calls to return: the pool is sealed and holds no session.
+        var resumeSeal: [CheckedContinuation<Void, Never>] = []
         /// The token was just found unreachable (true) or reached again (false), to log once.
         var reachabilityChanged: (unreachable: Bool, after: Duration)?
         /// The first reset attempt of an outage failed (logged as an error; later ones quietly).
@@ -476,6 +561,10 @@ public final class SessionPool: Sendable {
                     effects.close.append((session, entry.handle, entry.slot))
                 }
             }
+        }
+        if !state.sealWaiters.isEmpty, state.machine.mode == .loginRefused, !Self.holdsSessions(state.machine) {
+            effects.resumeSeal = state.sealWaiters
+            state.sealWaiters.removeAll()
         }
         if action.shutdownCompleted {
             state.shutdownCompleted = true
@@ -583,7 +672,7 @@ public final class SessionPool: Sendable {
                 perform(effects)
             }
         }
-        for continuation in effects.resumeShutdown {
+        for continuation in effects.resumeShutdown + effects.resumeSeal {
             continuation.resume()
         }
     }
@@ -769,8 +858,10 @@ public final class SessionPool: Sendable {
     /// tries the same PIN again.
     private func logInIfNeeded(_ session: borrowing Session) throws {
         try login.withLock { pin in
-            guard let pin else { return }
+            // The refusal first: a sealed pool has no PIN, and must not hand out a session that
+            // a reset opened without a login.
             if let refusal = state.withLock({ $0.loginRefusal }) { throw refusal }
+            guard let pin else { return }
             if try session.state().isUserLoggedIn { return }
             do {
                 try session.login(.user, pin: pin)

@@ -350,6 +350,29 @@ struct SessionPoolStateMachine: Sendable {
         )
     }
 
+    /// The gateway seals (or starts sealed): like a refused login, from any mode but shutdown
+    /// (also while the token is unreachable, so a reset that succeeds later does not serve with
+    /// sessions nobody logged in). Waiters fail, idle sessions close, leased ones close as they
+    /// come back; when none is left the token holds no login of this process.
+    mutating func sealed() -> Action {
+        switch mode {
+        case .loginRefused, .shuttingDown: return .none
+        case .serving, .resetting, .unreachable: break
+        }
+        mode = .loginRefused
+        let failed = Array(waiters)
+        waiters.removeAll()
+        let closing = idle
+        idle.removeAll()
+        for session in closing {
+            sessions[session] = .closing
+        }
+        return Action(
+            waiter: failed.isEmpty ? .none : .fail(failed, .loginRefused),
+            session: closing.isEmpty ? .none : .close(closing)
+        )
+    }
+
     /// An operator supplied a PIN again: serve requests as before (the next one opens a session
     /// and logs in with the new PIN).
     mutating func loginResumed() -> Action {

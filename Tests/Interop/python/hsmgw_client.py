@@ -255,6 +255,9 @@ METHODS: Dict[str, Tuple[int, str, str]] = {
     "RevokeAPIToken": (66, "RevokeAPITokenRequest", "RevokeAPITokenResponse"),
     "ListAuditRecords": (70, "ListAuditRecordsRequest", "ListAuditRecordsResponse"),
     "VerifyAuditLog": (71, "VerifyAuditLogRequest", "VerifyAuditLogResponse"),
+    "UnsealSubmitShare": (80, "UnsealSubmitShareRequest", "UnsealSubmitShareResponse"),
+    "UnsealReset": (81, "UnsealResetRequest", "UnsealResetResponse"),
+    "Seal": (82, "SealRequest", "SealResponse"),
 }
 _METHOD_BY_NUMBER = {number: name for name, (number, _, _) in METHODS.items()}
 
