@@ -5,6 +5,7 @@ import Logging
 import NIOCore
 import PKCS11
 import PKCS11KeyToken
+import PostgresKeyStore
 import Prometheus
 import ServiceLifecycle
 import Synchronization
@@ -339,6 +340,14 @@ public final class GatewayServerApp: Sendable {
             services.append(.init(service: health))
         } else {
             self.health = nil
+        }
+        if let postgres = store as? PostgresKeyStore {
+            // Other instances' changes reach this one's caches (SQLite is a single node).
+            services.append(
+                .init(
+                    service: ChangePropagationService(
+                        store: postgres, keys: service.cache, access: handler.accessCache, registry: registry,
+                        logger: logger.with(label: "hsm-gateway.changes"))))
         }
         services.append(.init(service: maintenance))
         services.append(.init(service: transport))

@@ -9,10 +9,10 @@ import Synchronization
 /// token object is checked against its label at every use (a mismatch drops the entry). Nothing a
 /// decrypt checks (tenant, key and version states) is cached: it reads them fresh with the keys.
 ///
-/// `invalidate(_:)` is the one entry point for a change made elsewhere (the multi-instance work
-/// after issue 13 will call it when it learns of another instance's change); this instance
-/// updates or forgets the entries its own changes touch (a rotation, a failed binding check, a
-/// shred).
+/// `invalidate(_:)` and `invalidateAll()` are the entry points for a change made elsewhere: on
+/// PostgreSQL the gateway calls them when another instance's change is notified (or when
+/// notifications may have been missed); this instance updates or forgets the entries its own
+/// changes touch (a rotation, a failed binding check, a shred).
 public final class TenantKeyCache: Sendable {
     struct VersionRef: Hashable, Sendable {
         let tenant: TenantID
@@ -60,5 +60,10 @@ public final class TenantKeyCache: Sendable {
             state.primaries.removeValue(forKey: tenant)
             state.tokenKeys = state.tokenKeys.filter { $0.key.tenant != tenant }
         }
+    }
+
+    /// Forgets everything: every tenant is read again on its next call.
+    public func invalidateAll() {
+        state.withLock { $0 = State() }
     }
 }

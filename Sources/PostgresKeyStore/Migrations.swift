@@ -17,7 +17,7 @@ struct Migration: Sendable {
 /// the cluster's locale, the same order as SQLite's and as `TenantID`'s `<`.
 enum Migrations {
     /// Every migration, in order.
-    static let all: [Migration] = [initialSchema, accessControl, destroyingAndAuditAnchor]
+    static let all: [Migration] = [initialSchema, accessControl, destroyingAndAuditAnchor, changeNotifications]
 
     /// The highest version this build knows.
     static var latestVersion: Int { all.last?.version ?? 0 }
@@ -242,6 +242,70 @@ enum Migrations {
             """
             CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
                 FOR EACH STATEMENT EXECUTE FUNCTION audit_checkpoints_refuse_change()
+            """,
+        ]
+    )
+
+    /// Change notifications for the other gateway instances (PostgreSQL only; SQLite is one node):
+    /// a write that changes what an instance caches (a tenant's state or primary version, a
+    /// master-key version's state, a principal, its role bindings, an API token) sends
+    /// `NOTIFY hsmgw_changes` from a trigger, so it is in the writer's own transaction and is
+    /// delivered when, and only if, it commits. The payload is a kind and a name (`tenant:acme`,
+    /// `principal:app`, `token:<token id>`), never a secret. Counter updates (a version's
+    /// reserved invocations, a tenant's `updated_at`) send nothing: the `WHEN` clauses keep the
+    /// hot write path free of notifications.
+    static let changeNotifications = Migration(
+        version: 4,
+        name: "change notifications",
+        statements: [
+            """
+            CREATE FUNCTION hsmgw_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE
+                item record;
+            BEGIN
+                IF TG_OP = 'DELETE' THEN item := OLD; ELSE item := NEW; END IF;
+                CASE TG_TABLE_NAME
+                    WHEN 'tenants' THEN PERFORM pg_notify('hsmgw_changes', 'tenant:' || item.id);
+                    WHEN 'master_key_versions' THEN PERFORM pg_notify('hsmgw_changes', 'tenant:' || item.tenant_id);
+                    WHEN 'principals' THEN PERFORM pg_notify('hsmgw_changes', 'principal:' || item.name);
+                    WHEN 'role_bindings' THEN PERFORM pg_notify('hsmgw_changes', 'principal:' || item.principal);
+                    WHEN 'api_tokens' THEN PERFORM pg_notify('hsmgw_changes', 'token:' || item.id);
+                END CASE;
+                RETURN NULL;
+            END
+            $$
+            """,
+            """
+            CREATE TRIGGER tenants_notify_insert_delete AFTER INSERT OR DELETE ON tenants
+                FOR EACH ROW EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+            """
+            CREATE TRIGGER tenants_notify_update AFTER UPDATE ON tenants
+                FOR EACH ROW WHEN (
+                    OLD.state IS DISTINCT FROM NEW.state OR OLD.primary_version IS DISTINCT FROM NEW.primary_version
+                ) EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+            """
+            CREATE TRIGGER master_key_versions_notify_insert_delete AFTER INSERT OR DELETE ON master_key_versions
+                FOR EACH ROW EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+            """
+            CREATE TRIGGER master_key_versions_notify_update AFTER UPDATE ON master_key_versions
+                FOR EACH ROW WHEN (
+                    OLD.state IS DISTINCT FROM NEW.state OR OLD.token_key_id IS DISTINCT FROM NEW.token_key_id
+                ) EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+            """
+            CREATE TRIGGER principals_notify AFTER INSERT OR UPDATE OR DELETE ON principals
+                FOR EACH ROW EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+            """
+            CREATE TRIGGER role_bindings_notify AFTER INSERT OR UPDATE OR DELETE ON role_bindings
+                FOR EACH ROW EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+            """
+            CREATE TRIGGER api_tokens_notify AFTER UPDATE OR DELETE ON api_tokens
+                FOR EACH ROW EXECUTE FUNCTION hsmgw_notify_change()
             """,
         ]
     )

@@ -29,15 +29,22 @@ public final class PostgresKeyStore: KeyRepository {
 
     /// The pool, replaced after an outage, and whether the server can be reached.
     private let pool: PostgresPool
-    private let logger: Logger
+    let logger: Logger
+    /// Opens a connection outside the pool, for the change listener (`followChanges`).
+    let makeDedicatedConnection: @Sendable () async throws -> PostgresConnection
     private let isClosed = Atomic<Bool>(false)
     private let statements = StatementCounter()
 
     public var statementsRun: Int? { statements.value }
 
-    private init(pool: PostgresPool, logger: Logger) {
+    private init(
+        pool: PostgresPool,
+        logger: Logger,
+        makeDedicatedConnection: @escaping @Sendable () async throws -> PostgresConnection
+    ) {
         self.pool = pool
         self.logger = logger
+        self.makeDedicatedConnection = makeDedicatedConnection
     }
 
     /// Whether the store's monitor last found the server reachable (calls fail at once with
@@ -100,7 +107,9 @@ public final class PostgresKeyStore: KeyRepository {
         )
         // The connection that migrated becomes the monitor's.
         pool.startMonitor(with: connection)
-        let store = PostgresKeyStore(pool: pool, logger: logger)
+        let store = PostgresKeyStore(
+            pool: pool, logger: logger,
+            makeDedicatedConnection: { try await connect(configuration, tls: tls, logger: logger, quiet: true) })
         logger.info(
             "postgres key store open",
             metadata: [
@@ -225,7 +234,7 @@ public final class PostgresKeyStore: KeyRepository {
         let error: any Error
     }
 
-    private func withLeasedConnection<T: Sendable>(
+    func withLeasedConnection<T: Sendable>(
         operation: String,
         _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {

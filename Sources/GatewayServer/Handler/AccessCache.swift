@@ -7,7 +7,8 @@ import Synchronization
 /// removed role stops working on connections that are already open.
 ///
 /// Entries live `ttl` (at most 2 s, the protocol's promise); the instance that revokes a token or
-/// changes a principal drops the affected entries at once. Concurrent requests of one connection
+/// changes a principal drops the affected entries at once, and on PostgreSQL every other instance
+/// drops them when the change is notified (`ChangePropagationService`), well within the TTL. Concurrent requests of one connection
 /// share one lookup (a burst of 1,000 requests costs two reads, not 2,000).
 final class AccessCache: Sendable {
     /// Who a connection acts as: a principal and the token it presented (nil: a certificate).
@@ -75,13 +76,18 @@ final class AccessCache: Sendable {
         }
     }
 
-    /// Drops every entry of the token (it was revoked here).
+    /// Drops every entry of the token (it was revoked, here or on another instance).
     func invalidate(tokenID: String) {
         entries.withLock { entries in entries = entries.filter { $0.key.tokenID != tokenID } }
     }
 
-    /// Drops every entry of the principal (its roles or state changed here).
+    /// Drops every entry of the principal (its roles or state changed, here or elsewhere).
     func invalidate(principal: String) {
         entries.withLock { entries in entries = entries.filter { $0.key.principal != principal } }
+    }
+
+    /// Drops every entry (changes may have been missed).
+    func invalidateAll() {
+        entries.withLock { $0.removeAll() }
     }
 }

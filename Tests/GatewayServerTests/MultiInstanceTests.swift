@@ -1,0 +1,178 @@
+import Foundation
+import GatewayClient
+import GatewayWire
+import ProcessTestSupport
+import Testing
+
+/// Three `hsm-gateway` processes on one PostgreSQL database and one SoftHSM2 token directory
+/// (issue 14): a change made on one instance is in effect on the others within a second. The
+/// delays are printed; the bound (one second) is asserted, since the access cache's TTL (2 s)
+/// alone would miss it.
+@Suite("Several gateways on one PostgreSQL", .serialized)
+struct MultiInstanceTests {
+    /// The promise: a change on one instance is in effect on every other within this.
+    static let propagationBound: Duration = .seconds(1)
+    /// How long a test waits for a change before giving up (beyond it the change never came).
+    static let giveUpAfter: Duration = .seconds(10)
+
+    /// Calls `attempt` every 10 ms until it fails with `code`; the time from `since` until then,
+    /// or nil when it never did within `giveUpAfter`.
+    static func delayUntilRefused(
+        _ code: StatusCode, since: ContinuousClock.Instant, _ attempt: () async throws -> Void
+    ) async -> Duration? {
+        while ContinuousClock.now - since < giveUpAfter {
+            do {
+                try await attempt()
+            } catch let error as GatewayError where error.code == code {
+                return ContinuousClock.now - since
+            } catch {
+                // Anything else (a refusal of another kind) is not the change we wait for.
+            }
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        return nil
+    }
+
+    /// Polls `instance`'s `/metrics` until `series` exceeds `baseline`; the time from `since`.
+    static func delayUntilCounted(
+        _ instance: GatewayProcessCluster.Instance, _ series: String, above baseline: Double,
+        since: ContinuousClock.Instant
+    ) async throws -> Duration? {
+        while ContinuousClock.now - since < giveUpAfter {
+            if try await instance.metric(series) > baseline { return ContinuousClock.now - since }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        return nil
+    }
+
+    @Test("a token revoked, a master key rotated, a tenant disabled on one instance: in effect on all three")
+    func changesPropagate() async throws {
+        let cluster = try await GatewayProcessCluster.start("multi-propagate", instances: ["gw-a", "gw-b", "gw-c"])
+        defer { cluster.stopAll() }
+        let (a, b, c) = (try cluster.instance("gw-a"), try cluster.instance("gw-b"), try cluster.instance("gw-c"))
+        let admin = try a.client(token: cluster.adminToken)
+        defer { Task { await admin.shutdown() } }
+        _ = try await admin.createTenant("acme")
+        _ = try await admin.createPrincipal(name: "app", roles: [RoleBinding(tenant: "acme", role: "key-user")])
+        let created = try await admin.createAPIToken(principal: "app")
+
+        // The token works on B and C, and each has the caller's access cached.
+        let appOnB = try b.client(token: created.token.value)
+        let appOnC = try c.client(token: created.token.value)
+        defer {
+            Task {
+                await appOnB.shutdown()
+                await appOnC.shutdown()
+            }
+        }
+        let keyOnB = try await appOnB.generateDataKey(tenant: "acme")
+        let keyOnC = try await appOnC.generateDataKey(tenant: "acme")
+        #expect(keyOnB.masterKeyVersion == 1 && keyOnC.masterKeyVersion == 1)
+
+        // Revocation on A. The caches were filled just before it, so their TTL (2 s) alone would
+        // keep the token working on B and C for about two seconds.
+        let warmedAt = ContinuousClock.now
+        _ = try await appOnB.decryptDataKey(tenant: "acme", id: keyOnB.id)
+        _ = try await appOnC.decryptDataKey(tenant: "acme", id: keyOnC.id)
+        _ = try await admin.revokeAPIToken(id: created.info.id)
+        let revokedAt = ContinuousClock.now
+        async let refusedOnB = Self.delayUntilRefused(.unauthenticated, since: revokedAt) {
+            _ = try await appOnB.decryptDataKey(tenant: "acme", id: keyOnB.id)
+        }
+        async let refusedOnC = Self.delayUntilRefused(.unauthenticated, since: revokedAt) {
+            _ = try await appOnC.decryptDataKey(tenant: "acme", id: keyOnC.id)
+        }
+        let revocation = (b: await refusedOnB, c: await refusedOnC)
+        print(
+            "revocation on gw-a refused on gw-b after \(revocation.b.map { "\($0)" } ?? "never"), "
+                + "on gw-c after \(revocation.c.map { "\($0)" } ?? "never") "
+                + "(caches filled \(revokedAt - warmedAt) before the revocation)")
+        #expect(revokedAt - warmedAt < .milliseconds(500), "the caches were not fresh: the test proves nothing")
+        #expect(try #require(revocation.b) < Self.propagationBound)
+        #expect(try #require(revocation.c) < Self.propagationBound)
+
+        // A rotation on A: B and C drop the tenant's cached primary, and new keys there use v2.
+        let adminOnB = try b.client(token: cluster.adminToken)
+        let adminOnC = try c.client(token: cluster.adminToken)
+        defer {
+            Task {
+                await adminOnB.shutdown()
+                await adminOnC.shutdown()
+            }
+        }
+        let series = #"hsmgw_cache_invalidations_total{kind="tenant"}"#
+        let before = (b: try await b.metric(series), c: try await c.metric(series))
+        _ = try await admin.rotateMasterKey(tenant: "acme")
+        let rotatedAt = ContinuousClock.now
+        let rotation = (
+            b: try await Self.delayUntilCounted(b, series, above: before.b, since: rotatedAt),
+            c: try await Self.delayUntilCounted(c, series, above: before.c, since: rotatedAt)
+        )
+        print(
+            "rotation on gw-a seen on gw-b after \(rotation.b.map { "\($0)" } ?? "never"), "
+                + "on gw-c after \(rotation.c.map { "\($0)" } ?? "never")")
+        #expect(try #require(rotation.b) < Self.propagationBound)
+        #expect(try #require(rotation.c) < Self.propagationBound)
+        #expect(try await adminOnB.generateDataKey(tenant: "acme").masterKeyVersion == 2)
+        #expect(try await adminOnC.generateDataKey(tenant: "acme").masterKeyVersion == 2)
+        // Keys made under v1 on one instance decrypt on another.
+        let decrypted = try await adminOnC.decryptDataKey(tenant: "acme", id: keyOnB.id)
+        #expect(decrypted.plaintext?.copyBytes() == keyOnB.plaintext?.copyBytes())
+
+        // The tenant disabled on A: refused on B and C.
+        _ = try await admin.disableTenant("acme")
+        let disabledAt = ContinuousClock.now
+        async let disabledOnB = Self.delayUntilRefused(.failedPrecondition, since: disabledAt) {
+            _ = try await adminOnB.generateDataKey(tenant: "acme")
+        }
+        async let disabledOnC = Self.delayUntilRefused(.failedPrecondition, since: disabledAt) {
+            _ = try await adminOnC.generateDataKey(tenant: "acme")
+        }
+        let disabling = (b: await disabledOnB, c: await disabledOnC)
+        print(
+            "tenant disabled on gw-a refused on gw-b after \(disabling.b.map { "\($0)" } ?? "never"), "
+                + "on gw-c after \(disabling.c.map { "\($0)" } ?? "never")")
+        #expect(try #require(disabling.b) < Self.propagationBound)
+        #expect(try #require(disabling.c) < Self.propagationBound)
+
+        // The listening connections killed by the server: each instance drops everything (it may
+        // have missed changes), listens again, and changes reach it as before.
+        _ = try await admin.enableTenant("acme")
+        let everything = #"hsmgw_cache_invalidations_total{kind="everything"}"#
+        let flushes = (b: try await b.metric(everything), c: try await c.metric(everything))
+        let killedAt = ContinuousClock.now
+        let terminated = try await cluster.postgres.psql(
+            cluster.database,
+            """
+            SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND (query LIKE 'LISTEN%' OR query = 'SELECT 1')
+            """)
+        #expect((Int(terminated.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) >= 3)
+        // Two flushes each: when the connection was lost, and when it listens again.
+        let flushed = (
+            b: try await Self.delayUntilCounted(b, everything, above: flushes.b + 1, since: killedAt),
+            c: try await Self.delayUntilCounted(c, everything, above: flushes.c + 1, since: killedAt)
+        )
+        print(
+            "listener connections terminated: caches flushed and listening again on gw-b after "
+                + "\(flushed.b.map { "\($0)" } ?? "never"), on gw-c after \(flushed.c.map { "\($0)" } ?? "never")")
+        #expect(flushed.b != nil && flushed.c != nil)
+        let second = try await admin.createAPIToken(principal: "app")
+        let again = try b.client(token: second.token.value)
+        defer { Task { await again.shutdown() } }
+        // Listening again: a rotation is heard as before.
+        let rotations = try await b.metric(series)
+        _ = try await admin.rotateMasterKey(tenant: "acme")
+        #expect(try await Self.delayUntilCounted(b, series, above: rotations, since: .now) != nil)
+        let keyAgain = try await again.generateDataKey(tenant: "acme")
+        _ = try await admin.revokeAPIToken(id: second.info.id)
+        let revokedAgain = await Self.delayUntilRefused(.unauthenticated, since: .now) {
+            _ = try await again.decryptDataKey(tenant: "acme", id: keyAgain.id)
+        }
+        print(
+            "after the listener reconnected, revocation refused on gw-b after \(revokedAgain.map { "\($0)" } ?? "never")"
+        )
+        #expect(try #require(revokedAgain) < Self.propagationBound)
+    }
+}
