@@ -13,8 +13,9 @@ import ServiceLifecycle
 /// entries: the tenant's key cache entries, or the access cache entries of the principal or
 /// token. When notifications may have been missed (the listening connection just opened, was
 /// lost, or the server is down) it drops everything, and it drops everything every
-/// `fullRecheckInterval` as a backstop against anything the triggers do not cover. SQLite is a
-/// single node: nothing runs there.
+/// `fullRecheckInterval` as a backstop against anything the triggers do not cover. A rewrap job
+/// started on any instance is handed to the local `RewrapJobRunner`, which runs it only while
+/// this instance holds the background lease. SQLite is a single node: nothing runs there.
 final class ChangePropagationService: Service, Sendable {
     /// How often every cache is dropped whatever was notified: the bound on how long an entry can
     /// outlive a change the notifications somehow missed. Each drop costs one read per tenant and
@@ -24,6 +25,7 @@ final class ChangePropagationService: Service, Sendable {
     let store: PostgresKeyStore
     let keys: TenantKeyCache
     let access: AccessCache
+    let rewrapJobs: RewrapJobRunner
     let logger: Logger
     private let received: [String: Counter]
 
@@ -31,14 +33,16 @@ final class ChangePropagationService: Service, Sendable {
         store: PostgresKeyStore,
         keys: TenantKeyCache,
         access: AccessCache,
+        rewrapJobs: RewrapJobRunner,
         registry: PrometheusCollectorRegistry,
         logger: Logger
     ) {
         self.store = store
         self.keys = keys
         self.access = access
+        self.rewrapJobs = rewrapJobs
         self.logger = logger
-        let kinds = ["tenant", "principal", "token", "everything"]
+        let kinds = ["tenant", "principal", "token", "job", "everything"]
         self.received = Dictionary(
             uniqueKeysWithValues: kinds.map { kind in
                 (
@@ -48,7 +52,8 @@ final class ChangePropagationService: Service, Sendable {
                             metricName: "hsmgw_cache_invalidations_total", unitName: "",
                             helpText:
                                 "Cache invalidations applied, by what they named: a tenant, principal or token changed "
-                                + "(notified by any instance), or everything (listener reconnected, periodic re-check)."
+                                + "(notified by any instance), a rewrap job started, or everything (listener "
+                                + "reconnected, periodic re-check)."
                         ),
                         labels: [("kind", kind)])
                 )
@@ -66,6 +71,8 @@ final class ChangePropagationService: Service, Sendable {
                 group.addTask { [self] in
                     while (try? await Task.sleep(for: Self.fullRecheckInterval)) != nil {
                         apply(.everything)
+                        // A job start the lease holder did not hear of is found here.
+                        await rewrapJobs.resumeRunningJobs()
                     }
                 }
                 await group.next()
@@ -83,6 +90,9 @@ final class ChangePropagationService: Service, Sendable {
             access.invalidate(principal: name)
         case .apiToken(let id):
             access.invalidate(tokenID: id)
+        case .rewrapJob(let tenant):
+            // Runs it when this instance holds the background lease; a no-op elsewhere.
+            rewrapJobs.run(tenant)
         case .everything:
             keys.invalidateAll()
             access.invalidateAll()

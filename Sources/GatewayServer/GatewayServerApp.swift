@@ -236,8 +236,12 @@ public final class GatewayServerApp: Sendable {
         let readiness = ReadinessProbe(pool: pool, token: token, repository: store, service: service)
         self.readiness = readiness
         seal.observeChanges { readiness.invalidate() }
+        let lease = BackgroundLease(
+            store: store as? PostgresKeyStore, instanceID: configuration.instanceID,
+            logger: logger.with(label: "hsm-gateway.lease"))
         let rewrapJobs = RewrapJobRunner(
-            service: service, settings: configuration.rewrap, logger: logger.with(label: "hsm-gateway.rewrap"))
+            service: service, settings: configuration.rewrap, lease: lease,
+            logger: logger.with(label: "hsm-gateway.rewrap"))
         self.rewrapJobs = rewrapJobs
         let scheduler = TenantFairScheduler(
             configuration: TenantFairScheduler.Configuration(
@@ -252,6 +256,7 @@ public final class GatewayServerApp: Sendable {
             pool: pool,
             readiness: readiness,
             rewrapJobs: rewrapJobs,
+            lease: lease,
             admissionLimit: { scheduler.currentLimit },
             registry: registry,
             logger: logger.with(label: "hsm-gateway.maintenance")
@@ -346,7 +351,8 @@ public final class GatewayServerApp: Sendable {
             services.append(
                 .init(
                     service: ChangePropagationService(
-                        store: postgres, keys: service.cache, access: handler.accessCache, registry: registry,
+                        store: postgres, keys: service.cache, access: handler.accessCache, rewrapJobs: rewrapJobs,
+                        registry: registry,
                         logger: logger.with(label: "hsm-gateway.changes"))))
         }
         services.append(.init(service: maintenance))

@@ -8,7 +8,9 @@ import Synchronization
 /// The server's own periodic work, as one service: samples the gauges the transport does not
 /// own (HSM session pool, readiness, rewrap jobs), carries out scheduled master-key destructions
 /// when due, and marks the server as draining when a graceful shutdown begins (so `/readyz`
-/// turns false at once).
+/// turns false at once). It also keeps the background lease (`BackgroundLease`): rewrap jobs and
+/// scheduled destruction run only while this instance holds it, start when it is taken and stop
+/// when it is lost; at shutdown the jobs stop first and the lease is then given up.
 final class MaintenanceService: Service, Sendable {
     /// How often gauges are refreshed: Prometheus scrapes every 15 s or more, so one second is
     /// fresh enough and costs nothing.
@@ -21,6 +23,7 @@ final class MaintenanceService: Service, Sendable {
     let pool: SessionPool
     let readiness: ReadinessProbe
     let rewrapJobs: RewrapJobRunner
+    let lease: BackgroundLease
     let admissionLimit: @Sendable () -> Int
     let logger: Logger
     let draining: Atomic<Bool>
@@ -43,6 +46,7 @@ final class MaintenanceService: Service, Sendable {
         let ready: Gauge
         let rewrapJobsRunning: Gauge
         let admissionLimit: Gauge
+        let leaseHeld: Gauge
 
         init(registry: PrometheusCollectorRegistry) {
             sessionsMaximum = registry.gauge("hsmgw_hsm_sessions_max", "Size of the PKCS#11 session pool.")
@@ -70,6 +74,9 @@ final class MaintenanceService: Service, Sendable {
             rewrapJobsRunning = registry.gauge("hsmgw_rewrap_jobs_running", "Rewrap jobs this instance runs now.")
             admissionLimit = registry.gauge(
                 "hsmgw_admission_limit", "Tenant-scoped requests the fair queue lets run at once now (learnt).")
+            leaseHeld = registry.gauge(
+                "hsmgw_background_lease_held",
+                "1 while this instance holds the background lease (it runs rewrap jobs and scheduled destruction).")
         }
     }
 
@@ -78,6 +85,7 @@ final class MaintenanceService: Service, Sendable {
         pool: SessionPool,
         readiness: ReadinessProbe,
         rewrapJobs: RewrapJobRunner,
+        lease: BackgroundLease,
         admissionLimit: @escaping @Sendable () -> Int,
         registry: PrometheusCollectorRegistry,
         logger: Logger
@@ -87,6 +95,7 @@ final class MaintenanceService: Service, Sendable {
         self.pool = pool
         self.readiness = readiness
         self.rewrapJobs = rewrapJobs
+        self.lease = lease
         self.logger = logger
         self.draining = Atomic(false)
         self.gauges = Gauges(registry: registry)
@@ -96,26 +105,39 @@ final class MaintenanceService: Service, Sendable {
 
     func run() async throws {
         await withGracefulShutdownHandler {
-            await rewrapJobs.resumeRunningJobs()
-            var sinceDestruction = Self.destructionInterval
-            while !Task.isCancelled && !isDraining {
-                await sample()
-                if sinceDestruction >= Self.destructionInterval {
-                    sinceDestruction = .zero
-                    await destroyDueMasterKeys()
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { [self] in
+                    await lease.run(
+                        acquired: { [self] in
+                            await rewrapJobs.resumeRunningJobs()
+                            await destroyDueMasterKeys()
+                        },
+                        lost: { [self] in await rewrapJobs.stopAll() })
                 }
-                do {
-                    try await Task.sleep(for: Self.samplingInterval)
-                } catch {
-                    break
+                var sinceDestruction = Self.destructionInterval
+                while !Task.isCancelled && !isDraining {
+                    await sample()
+                    if sinceDestruction >= Self.destructionInterval {
+                        sinceDestruction = .zero
+                        await destroyDueMasterKeys()
+                    }
+                    do {
+                        try await Task.sleep(for: Self.samplingInterval)
+                    } catch {
+                        break
+                    }
+                    sinceDestruction += Self.samplingInterval
                 }
-                sinceDestruction += Self.samplingInterval
+                // Draining: jobs stop before the lease is given up, so nobody takes it while they run.
+                await rewrapJobs.shutdown()
+                group.cancelAll()
             }
         } onGracefulShutdown: { [self] in
             draining.store(true, ordering: .relaxed)
             gauges.ready.set(Int64(0))
         }
         await rewrapJobs.shutdown()
+        await lease.release()
     }
 
     func sample() async {
@@ -136,9 +158,13 @@ final class MaintenanceService: Service, Sendable {
         gauges.ready.set(Int64(result.ready && !isDraining ? 1 : 0))
         gauges.rewrapJobsRunning.set(Int64(rewrapJobs.runningCount))
         gauges.admissionLimit.set(Int64(admissionLimit()))
+        gauges.leaseHeld.set(Int64(lease.isHeld ? 1 : 0))
     }
 
+    /// Carries out due destructions when this instance holds the background lease (one instance
+    /// at a time looks; each destruction is a conditional state change anyway).
     func destroyDueMasterKeys() async {
+        guard lease.isHeld else { return }
         do {
             let destroyed = try await service.destroyDueMasterKeys(request: .system("scheduled-destruction"))
             for version in destroyed {

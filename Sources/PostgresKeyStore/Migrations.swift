@@ -17,7 +17,7 @@ struct Migration: Sendable {
 /// the cluster's locale, the same order as SQLite's and as `TenantID`'s `<`.
 enum Migrations {
     /// Every migration, in order.
-    static let all: [Migration] = [initialSchema, accessControl, destroyingAndAuditAnchor, changeNotifications]
+    static let all: [Migration] = [initialSchema, accessControl, destroyingAndAuditAnchor, changeNotifications, leases]
 
     /// The highest version this build knows.
     static var latestVersion: Int { all.last?.version ?? 0 }
@@ -306,6 +306,42 @@ enum Migrations {
             """
             CREATE TRIGGER api_tokens_notify AFTER UPDATE OR DELETE ON api_tokens
                 FOR EACH ROW EXECUTE FUNCTION hsmgw_notify_change()
+            """,
+        ]
+    )
+
+    /// Leases for background work that must run on one instance at a time (rewrap jobs, scheduled
+    /// destruction): who holds each, until when by the server's clock (so instances' clocks need
+    /// not agree), and a fencing token that grows at every change of holder. A rewrap job started
+    /// or restarted notifies `hsmgw_changes` (`job:<tenant>`), so the holder starts it at once.
+    static let leases = Migration(
+        version: 5,
+        name: "leases for background work",
+        statements: [
+            """
+            CREATE TABLE leases (
+                name TEXT COLLATE "C" PRIMARY KEY,
+                holder TEXT NOT NULL,
+                token BIGINT NOT NULL CHECK (token > 0),
+                expires_at TIMESTAMPTZ NOT NULL
+            )
+            """,
+            """
+            CREATE FUNCTION hsmgw_notify_rewrap_job() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('hsmgw_changes', 'job:' || NEW.tenant_id);
+                RETURN NULL;
+            END
+            $$
+            """,
+            """
+            CREATE TRIGGER rewrap_jobs_notify_insert AFTER INSERT ON rewrap_jobs
+                FOR EACH ROW WHEN (NEW.state = 'running') EXECUTE FUNCTION hsmgw_notify_rewrap_job()
+            """,
+            """
+            CREATE TRIGGER rewrap_jobs_notify_update AFTER UPDATE ON rewrap_jobs
+                FOR EACH ROW WHEN (NEW.state = 'running' AND OLD.state IS DISTINCT FROM NEW.state)
+                EXECUTE FUNCTION hsmgw_notify_rewrap_job()
             """,
         ]
     )

@@ -11,6 +11,8 @@ public enum StoreChange: Sendable, Hashable {
     case principal(String)
     /// An API token changed (revoked, deleted).
     case apiToken(String)
+    /// A tenant's rewrap job was started or restarted (migration 5): the lease holder runs it.
+    case rewrapJob(TenantID)
     /// Changes may have been missed (the listening connection was just opened, or lost): forget
     /// everything cached.
     case everything
@@ -26,6 +28,7 @@ public enum StoreChange: Sendable, Hashable {
         case "tenant": self = .tenant(TenantID(trusted: name))
         case "principal": self = .principal(name)
         case "token": self = .apiToken(name)
+        case "job": self = .rewrapJob(TenantID(trusted: name))
         default: return nil
         }
     }
@@ -36,6 +39,7 @@ public enum StoreChange: Sendable, Hashable {
         case .tenant: "tenant"
         case .principal: "principal"
         case .apiToken: "token"
+        case .rewrapJob: "job"
         case .everything: "everything"
         }
     }

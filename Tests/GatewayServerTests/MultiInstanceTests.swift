@@ -175,4 +175,84 @@ struct MultiInstanceTests {
         )
         #expect(try #require(revokedAgain) < Self.propagationBound)
     }
+
+    /// Who holds the background lease now (the instance name before the holder's `/`); nil when
+    /// nobody does.
+    static func leaseHolder(_ cluster: GatewayProcessCluster) async throws -> String? {
+        let output = try await cluster.postgres.psql(
+            cluster.database,
+            "SELECT holder FROM leases WHERE name = 'background-work' AND expires_at > clock_timestamp()")
+        let holder = output.trimmingCharacters(in: .whitespacesAndNewlines)
+        return holder.isEmpty ? nil : String(holder.split(separator: "/")[0])
+    }
+
+    /// Polls the tenant's rewrap job until `done` holds for it; the job then, or nil after `limit`.
+    static func awaitJob(
+        _ client: GatewayClient, within limit: Duration, until done: (Hsmgw_V1_RewrapJobInfo) -> Bool
+    ) async throws -> Hsmgw_V1_RewrapJobInfo? {
+        let start = ContinuousClock.now
+        while ContinuousClock.now - start < limit {
+            if let job = try await client.getRewrapJob(tenant: "acme"), done(job) { return job }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        return nil
+    }
+
+    @Test("a rewrap job's holder killed -9 halfway: the job finishes on another instance, every key decrypts")
+    func rewrapJobMovesWhenItsHolderDies() async throws {
+        let names = ["gw-a", "gw-b", "gw-c"]
+        // 3,000 keys at 300 keys/s: a job of about ten seconds, long enough to kill its holder.
+        let cluster = try await GatewayProcessCluster.start(
+            "multi-rewrap", instances: names,
+            extraSettings: ["--set", "rewrap.keys_per_second=300", "--set", "rewrap.batch_size=50"])
+        defer { cluster.stopAll() }
+        let holder = try #require(try await Self.leaseHolder(cluster))
+        let survivors = names.filter { $0 != holder }
+        // Every call goes to an instance that survives; the job is started on one that does not
+        // hold the lease, so the start must reach the holder.
+        let admin = try cluster.instance(survivors[0]).client(token: cluster.adminToken, poolSize: 2)
+        let other = try cluster.instance(survivors[1]).client(token: cluster.adminToken, poolSize: 2)
+        defer {
+            Task {
+                await admin.shutdown()
+                await other.shutdown()
+            }
+        }
+        _ = try await admin.createTenant("acme")
+        var keys: [DataKey] = []
+        for _ in 0..<6 { keys += try await admin.generateDataKeys(tenant: "acme", count: 500) }
+        _ = try await admin.rotateMasterKey(tenant: "acme")
+        _ = try await admin.startRewrapJob(tenant: "acme")
+
+        let started = try #require(try await Self.awaitJob(admin, within: .seconds(30)) { $0.moved >= 750 })
+        #expect(started.total == 3000)
+        #expect(cluster.log(holder).contains("rewrap job running"), "the holder did not run the job")
+        for survivor in survivors {
+            #expect(!cluster.log(survivor).contains("rewrap job running"), "\(survivor) ran the job too")
+        }
+        try await cluster.kill(holder)
+        let killedAt = ContinuousClock.now
+        let movedAtKill = try #require(try await admin.getRewrapJob(tenant: "acme")).moved
+        let resumed = try await Self.awaitJob(other, within: .seconds(30)) { $0.moved > movedAtKill }
+        let resumedAfter = ContinuousClock.now - killedAt
+        let finished = try await Self.awaitJob(admin, within: .seconds(60)) { $0.state == "completed" }
+        let finishedAfter = ContinuousClock.now - killedAt
+        let newHolder = try await Self.leaseHolder(cluster)
+        print(
+            "rewrap job: holder \(holder) killed at \(movedAtKill)/3000 keys; progress resumed on \(newHolder ?? "?") "
+                + "after \(resumedAfter), job completed after \(finishedAfter)")
+        #expect(resumed != nil, "the job never resumed")
+        let job = try #require(finished)
+        #expect(newHolder.map(survivors.contains) == true)
+        // Nothing applied twice, nothing skipped: every key counted once, all under version 2.
+        #expect(job.moved == job.total)
+        #expect(job.targetVersion == 2)
+        for (index, key) in keys.enumerated() {
+            let client = index % 2 == 0 ? admin : other
+            let decrypted = try await client.decryptDataKey(tenant: "acme", id: key.id)
+            #expect(decrypted.masterKeyVersion == 2)
+            #expect(decrypted.plaintext?.copyBytes() == key.plaintext?.copyBytes())
+        }
+        #expect(try await admin.verifyAuditLog().intact)
+    }
 }
