@@ -255,4 +255,80 @@ struct MultiInstanceTests {
         }
         #expect(try await admin.verifyAuditLog().intact)
     }
+
+    @Test("a rolling restart of three instances under load: nothing acknowledged is lost")
+    func rollingRestartUnderLoad() async throws {
+        let names = ["gw-a", "gw-b", "gw-c"]
+        let cluster = try await GatewayProcessCluster.start("multi-rolling", instances: names)
+        defer { cluster.stopAll() }
+        let setup = try cluster.instance("gw-a").client(token: cluster.adminToken)
+        _ = try await setup.createTenant("acme")
+        await setup.shutdown()
+        // One client per instance, on a port that stays the instance's across its restart.
+        let clients = try names.map { try cluster.instance($0).client(token: cluster.adminToken) }
+        defer { Task { for client in clients { await client.shutdown() } } }
+        let timeline = PostgresFaultTests.Timeline()
+        let stop = PostgresFaultTests.Flag()
+        let load = Task {
+            await withTaskGroup(of: Void.self) { group in
+                for (index, client) in clients.enumerated() {
+                    for caller in 0..<4 {
+                        group.addTask {
+                            var generate = (index + caller) % 2 == 0
+                            while !stop.isSet {
+                                do {
+                                    if generate || timeline.randomKey() == nil {
+                                        let key = try await client.generateDataKey(
+                                            tenant: "acme", deadline: .seconds(5))
+                                        timeline.acknowledge(key.id, key.plaintext?.copyBytes() ?? [])
+                                    } else if let known = timeline.randomKey() {
+                                        let key = try await client.decryptDataKey(
+                                            tenant: "acme", id: known.id, deadline: .seconds(5))
+                                        guard key.plaintext?.copyBytes() == known.plaintext else {
+                                            timeline.record(ok: false, code: "WRONG_PLAINTEXT")
+                                            continue
+                                        }
+                                    }
+                                    timeline.record(ok: true, code: "OK")
+                                } catch let error as GatewayError {
+                                    timeline.record(ok: false, code: "\(error.code)")
+                                    try? await Task.sleep(for: .milliseconds(50))
+                                } catch {
+                                    timeline.record(ok: false, code: "\(error)")
+                                }
+                                generate.toggle()
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .seconds(2))
+        let restartsBegan = ContinuousClock.now
+        for name in names {
+            #expect(try await cluster.terminate(name) == 0, "\(name) did not drain cleanly")
+            _ = try await cluster.startInstance(name)
+            try await Task.sleep(for: .seconds(1))
+        }
+        let restartsEnded = ContinuousClock.now
+        try await Task.sleep(for: .seconds(2))
+        stop.set()
+        await load.value
+
+        let (_, codes) = timeline.failures(since: restartsBegan)
+        let okAfter = timeline.events.filter { $0.ok && $0.at > restartsEnded }.count
+        let lost = await timeline.lostKeys(clients[0], tenant: "acme")
+        print(
+            "rolling restart: acknowledged \(timeline.keys.count) keys, errors during the restarts \(codes), "
+                + "\(okAfter) calls answered after it, lost \(lost)")
+        #expect(timeline.keys.count > 0)
+        #expect(lost == 0)
+        #expect(okAfter > 0)
+        #expect(codes["WRONG_PLAINTEXT"] == nil)
+        #expect(codes["\(StatusCode.internalError)"] == nil, "\(codes)")
+        #expect(codes["\(StatusCode.dataLoss)"] == nil, "\(codes)")
+        // Every restarted instance serves again, through the client that was connected before.
+        for client in clients { _ = try await client.generateDataKey(tenant: "acme") }
+        #expect(try await clients[1].verifyAuditLog().intact)
+    }
 }

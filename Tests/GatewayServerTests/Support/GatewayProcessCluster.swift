@@ -44,6 +44,8 @@ final class GatewayProcessCluster: Sendable {
     /// The first admin's API token, made by the first instance on the empty database.
     let adminToken: String
     private let running = Mutex<[String: Instance]>([:])
+    /// Each instance's gateway port, kept across restarts so clients find it again.
+    private let ports = Mutex<[String: Int]>([:])
     /// Starts so far, so that each start has a log file of its own (`<name>-<start>.log`).
     private static let starts = Atomic(0)
 
@@ -73,13 +75,15 @@ final class GatewayProcessCluster: Sendable {
         let bootstrapFile = directory + "/admin.token"
         let seed = try await launch(
             first, directory: directory, database: database, postgres: postgres, token: token,
-            softHSMConfig: fixture.configPath, extra: extraSettings + ["--bootstrap-token-file", bootstrapFile])
+            softHSMConfig: fixture.configPath, port: 0,
+            extra: extraSettings + ["--bootstrap-token-file", bootstrapFile])
         let adminToken = try String(contentsOfFile: bootstrapFile, encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
         let cluster = GatewayProcessCluster(
             directory: directory, database: database, postgres: postgres, token: token,
             softHSMConfig: fixture.configPath, adminToken: adminToken)
         cluster.running.withLock { $0[first] = seed }
+        cluster.ports.withLock { $0[first] = seed.port }
         for other in names.dropFirst() {
             _ = try await cluster.startInstance(other, extraSettings: extraSettings)
         }
@@ -88,10 +92,12 @@ final class GatewayProcessCluster: Sendable {
 
     /// Starts (or starts again) the instance `name`.
     func startInstance(_ name: String, extraSettings: [String] = []) async throws -> Instance {
+        let port = ports.withLock { $0[name] } ?? 0
         let instance = try await Self.launch(
             name, directory: directory, database: database, postgres: postgres, token: token,
-            softHSMConfig: softHSMConfig, extra: extraSettings)
+            softHSMConfig: softHSMConfig, port: port, extra: extraSettings)
         running.withLock { $0[name] = instance }
+        ports.withLock { $0[name] = instance.port }
         return instance
     }
 
@@ -134,7 +140,7 @@ final class GatewayProcessCluster: Sendable {
 
     private static func launch(
         _ name: String, directory: String, database: String, postgres: PostgresTestCluster, token: TestToken,
-        softHSMConfig: String, extra: [String]
+        softHSMConfig: String, port requested: Int, extra: [String]
     ) async throws -> Instance {
         let metricsPort = try HSMFaultTests.freeLoopbackPort()
         let arguments =
@@ -143,7 +149,7 @@ final class GatewayProcessCluster: Sendable {
                 "--store", "postgres", "--set", "store.postgres.port=\(postgres.port)",
                 "--set", "store.postgres.user=\(postgres.username)", "--set", "store.postgres.database=\(database)",
                 "--set", "store.postgres.password_file=\(postgres.directory)/password",
-                "--set", "instance_id=\(name)", "--listen", "127.0.0.1:0",
+                "--set", "instance_id=\(name)", "--listen", "127.0.0.1:\(requested)",
                 "--metrics-listen", "127.0.0.1:\(metricsPort)",
             ] + extra
         let process = try SpawnedProcess(
