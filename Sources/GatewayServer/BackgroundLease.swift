@@ -11,7 +11,9 @@ import Synchronization
 /// froze or lost the database) is taken by the next instance that tries, so the work moves
 /// within `duration + renewInterval`. The holder counts the lease as its own only until
 /// `duration - safetyMargin` after it sent its last successful renewal: it stops its work before
-/// the server would let anyone else take it, as long as a batch in flight ends within the margin.
+/// the server would let anyone else take it. A rewrap batch still in flight then is fenced by the
+/// store (migration 5: a running job's row is updated only by the live holder's connections,
+/// whose `application_name` is `holder`).
 /// Expiry is by the server's clock, so the instances' clocks need not agree; the holder's own
 /// deadline is by its monotonic clock, measured from before the renewal was sent, so it can only
 /// be early.
@@ -38,14 +40,27 @@ final class BackgroundLease: Sendable {
     /// Nil on SQLite: the lease is always held.
     let store: PostgresKeyStore?
     /// This process's holder id: the instance id and a random suffix, so a second process started
-    /// with the same instance id never renews the first one's lease as its own.
+    /// with the same instance id never renews the first one's lease as its own. It is also the
+    /// `application_name` of the store's connections, which the rewrap-job fence compares with
+    /// the lease.
     let holder: String
+
+    /// A random suffix drawn once per process.
+    private static let processSuffix = UUID().uuidString.prefix(8).lowercased()
+
+    /// The holder id of `instanceID` in this process: at most 63 bytes (PostgreSQL's limit for
+    /// `application_name`), so the instance id is shortened to 54.
+    static func holderID(instanceID: String) -> String {
+        var prefix = Substring(instanceID)
+        while prefix.utf8.count > 54 { prefix = prefix.dropLast() }
+        return "\(prefix)/\(processSuffix)"
+    }
     let logger: Logger
     private let state = Mutex(State())
 
     init(store: PostgresKeyStore?, instanceID: String, logger: Logger) {
         self.store = store
-        self.holder = "\(instanceID)/\(UUID().uuidString.prefix(8).lowercased())"
+        self.holder = Self.holderID(instanceID: instanceID)
         self.logger = logger
     }
 

@@ -137,7 +137,10 @@ extension GatewayServerApp {
             )
         }
         do {
-            let store = try await openStore(launch.configuration.store, logger: logger)
+            let store = try await openStore(
+                launch.configuration.store,
+                applicationName: BackgroundLease.holderID(instanceID: launch.configuration.instanceID),
+                logger: logger)
             return (module, givenModule == nil, pool, token, store)
         } catch {
             await pool.shutdown()
@@ -145,7 +148,8 @@ extension GatewayServerApp {
         }
     }
 
-    package static func openStore(_ settings: StoreSettings, logger: Logger) async throws(GatewayStartupError)
+    package static func openStore(_ settings: StoreSettings, applicationName: String? = nil, logger: Logger)
+        async throws(GatewayStartupError)
         -> any KeyRepository
     {
         switch settings {
@@ -178,6 +182,7 @@ extension GatewayServerApp {
                 failoverServers: postgres.failoverServers,
                 standbyDurability: postgres.standbyDurability
             )
+            configuration.applicationName = applicationName
             do {
                 return try await PostgresKeyStore.open(
                     configuration, logger: logger.with(label: "hsm-gateway.postgres"))

@@ -313,7 +313,9 @@ enum Migrations {
     /// Leases for background work that must run on one instance at a time (rewrap jobs, scheduled
     /// destruction): who holds each, until when by the server's clock (so instances' clocks need
     /// not agree), and a fencing token that grows at every change of holder. A rewrap job started
-    /// or restarted notifies `hsmgw_changes` (`job:<tenant>`), so the holder starts it at once.
+    /// or restarted notifies `hsmgw_changes` (`job:<tenant>`), so the holder starts it at once. A
+    /// running job's row is fenced: only the live holder's connections (`application_name` = the
+    /// holder) may update it, in the same transaction as the keys the batch moved.
     static let leases = Migration(
         version: 5,
         name: "leases for background work",
@@ -342,6 +344,32 @@ enum Migrations {
             CREATE TRIGGER rewrap_jobs_notify_update AFTER UPDATE ON rewrap_jobs
                 FOR EACH ROW WHEN (NEW.state = 'running' AND OLD.state IS DISTINCT FROM NEW.state)
                 EXECUTE FUNCTION hsmgw_notify_rewrap_job()
+            """,
+            // The fence: a running job's progress is written only by the connection whose
+            // application_name is the background lease's live holder (or when no live lease
+            // exists: tools, tests). The lease row is share-locked until the writer commits, so a
+            // takeover waits for the batch in flight and then sees its progress.
+            """
+            CREATE FUNCTION hsmgw_fence_rewrap_job() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE
+                lease_holder TEXT;
+                live BOOLEAN;
+            BEGIN
+                IF OLD.state = 'running' THEN
+                    SELECT holder, expires_at > clock_timestamp() INTO lease_holder, live
+                        FROM leases WHERE name = 'background-work' FOR SHARE;
+                    IF FOUND AND live AND lease_holder <> current_setting('application_name') THEN
+                        RAISE EXCEPTION 'rewrap job progress refused: the background lease is held by another gateway'
+                            USING ERRCODE = 'object_not_in_prerequisite_state';
+                    END IF;
+                END IF;
+                RETURN NEW;
+            END
+            $$
+            """,
+            """
+            CREATE TRIGGER rewrap_jobs_fence BEFORE UPDATE ON rewrap_jobs
+                FOR EACH ROW EXECUTE FUNCTION hsmgw_fence_rewrap_job()
             """,
         ]
     )

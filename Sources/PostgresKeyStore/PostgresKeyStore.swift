@@ -84,6 +84,9 @@ public final class PostgresKeyStore: KeyRepository {
         guard configuration.unixSocketPath == nil || configuration.failoverServers.isEmpty else {
             throw StorageError(.other, "failover servers need TCP, not a Unix socket")
         }
+        guard (configuration.applicationName?.utf8.count ?? 0) <= 63 else {
+            throw StorageError(.other, "applicationName is longer than PostgreSQL's 63 bytes")
+        }
         let tls = try tlsSetup(configuration)
         let (connection, server) = try await connectToPrimary(configuration, tls: tls, logger: logger)
         do {
@@ -109,7 +112,7 @@ public final class PostgresKeyStore: KeyRepository {
         pool.startMonitor(with: connection)
         let store = PostgresKeyStore(
             pool: pool, logger: logger,
-            makeDedicatedConnection: { try await connect(configuration, tls: tls, logger: logger, quiet: true) })
+            makeDedicatedConnection: { try await connectToPrimary(configuration, tls: tls, logger: logger, probing: true).0 })
         logger.info(
             "postgres key store open",
             metadata: [
@@ -347,6 +350,9 @@ public final class PostgresKeyStore: KeyRepository {
                 )
             }
         connectionConfiguration.options.connectTimeout = .init(connectTimeout)
+        if let name = configuration.applicationName {
+            connectionConfiguration.options.additionalStartupParameters = [("application_name", name)]
+        }
         connectionConfiguration.options.tlsServerName = tls?.serverName
         let endpoint = configuration.endpointDescription(server: server)
         let finalConfiguration = connectionConfiguration
@@ -392,6 +398,9 @@ public final class PostgresKeyStore: KeyRepository {
         options.minimumConnections = 0
         options.connectTimeout = connectTimeout
         options.tlsServerName = tls?.serverName
+        if let name = configuration.applicationName {
+            options.additionalStartupParameters = [("application_name", name)]
+        }
         var clientConfiguration: PostgresClient.Configuration
         if let path = configuration.unixSocketPath {
             clientConfiguration = PostgresClient.Configuration(

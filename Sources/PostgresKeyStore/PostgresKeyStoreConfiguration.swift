@@ -70,6 +70,10 @@ public struct PostgresKeyStoreConfiguration: Sendable {
     public var failoverServers: [Server]
     /// Whether a server whose commits would not survive a failover is refused or only warned about.
     public var standbyDurability: StandbyDurability
+    /// The `application_name` of every connection (at most 63 bytes, the server's limit); the
+    /// gateway sets it to its background-lease holder id, which the rewrap-job fence compares
+    /// with the lease (migration 5). Nil: the server's default.
+    public var applicationName: String?
 
     /// A configuration; only `username` and `database` have no default.
     public init(
