@@ -170,7 +170,7 @@ extension GatewayServerApp {
                     throw GatewayStartupError(.configuration, "store.postgres.password_file: \(error)")
                 }
             }
-            let configuration = PostgresKeyStoreConfiguration(
+            var configuration = PostgresKeyStoreConfiguration(
                 host: postgres.host,
                 port: postgres.port,
                 unixSocketPath: postgres.unixSocketPath,

@@ -112,7 +112,9 @@ public final class PostgresKeyStore: KeyRepository {
         pool.startMonitor(with: connection)
         let store = PostgresKeyStore(
             pool: pool, logger: logger,
-            makeDedicatedConnection: { try await connectToPrimary(configuration, tls: tls, logger: logger, probing: true).0 })
+            makeDedicatedConnection: {
+                try await connectToPrimary(configuration, tls: tls, logger: logger, probing: true).0
+            })
         logger.info(
             "postgres key store open",
             metadata: [
