@@ -91,6 +91,46 @@ struct StoreAccessOptions: ParsableArguments {
             throw AdminError(.unavailable, error.message)
         }
     }
+
+    /// Logs in to the token and opens the store, runs `body`, closes both whatever it returned,
+    /// and reports a failure as `hsm-admin COMMAND: …` on standard error with its exit code.
+    func withTokenAndStore<T>(
+        _ command: String,
+        _ body: (SessionPool, PKCS11KeyToken, BackupTokenIdentity, any KeyRepository) async -> Result<T, AdminError>
+    ) async throws -> T {
+        do {
+            let (hsm, storeSettings) = try load()
+            let (pool, token, identity) = try await Self.logIn(hsm)
+            let store: any KeyRepository
+            do {
+                store = try await Self.openStore(storeSettings)
+            } catch {
+                await pool.shutdown()
+                throw error
+            }
+            let result = await body(pool, token, identity, store)
+            await store.close()
+            await pool.shutdown()
+            return try result.get()
+        } catch let error as AdminError {
+            FileHandle.standardError.write(Data("hsm-admin \(command): \(error.message)\n".utf8))
+            throw ExitCode(error.exitCode)
+        } catch {
+            FileHandle.standardError.write(Data("hsm-admin \(command): \(error)\n".utf8))
+            throw ExitCode(AdminExitCode.internalError)
+        }
+    }
+
+    /// `operation`'s outcome, a `BackupError` mapped to its exit code and anything else to a failure.
+    static func outcome<T>(_ command: String, _ operation: () async throws -> T) async -> Result<T, AdminError> {
+        do {
+            return .success(try await operation())
+        } catch let error as BackupError {
+            return .failure(AdminError(.forBackup(error), error.message))
+        } catch {
+            return .failure(AdminError(.failed, "\(command) failed: \(error)"))
+        }
+    }
 }
 
 extension AdminError.Code {
@@ -144,39 +184,16 @@ public struct BackupCommand: AsyncParsableCommand {
     public init() {}
 
     public func run() async throws {
-        do {
-            let (hsm, storeSettings) = try access.load()
-            let (pool, token, identity) = try await StoreAccessOptions.logIn(hsm)
-            let store: any KeyRepository
-            do {
-                store = try await StoreAccessOptions.openStore(storeSettings)
-            } catch {
-                await pool.shutdown()
-                throw error
+        let summary = try await self.access.withTokenAndStore("backup") {
+            _, token, identity, store -> Result<StoreBackupWriter.Summary, AdminError> in
+            guard let source = store as? any BackupSource else {
+                return .failure(AdminError(.failed, "this store cannot be backed up"))
             }
-            let result: Result<StoreBackupWriter.Summary, AdminError>
-            if let source = store as? any BackupSource {
-                do {
-                    result = .success(
-                        try await StoreBackupWriter.write(from: source, identity: identity, token: token, to: output))
-                } catch let error as BackupError {
-                    result = .failure(AdminError(.forBackup(error), error.message))
-                } catch {
-                    result = .failure(AdminError(.failed, "backup failed: \(error)"))
-                }
-            } else {
-                result = .failure(AdminError(.failed, "this store cannot be backed up"))
+            return await StoreAccessOptions.outcome("backup") {
+                try await StoreBackupWriter.write(from: source, identity: identity, token: token, to: output)
             }
-            await store.close()
-            await pool.shutdown()
-            BackupSummaryView(summary: try result.get(), path: output).print(json: json)
-        } catch let error as AdminError {
-            FileHandle.standardError.write(Data("hsm-admin backup: \(error.message)\n".utf8))
-            throw ExitCode(error.exitCode)
-        } catch {
-            FileHandle.standardError.write(Data("hsm-admin backup: \(error)\n".utf8))
-            throw ExitCode(AdminExitCode.internalError)
         }
+        BackupSummaryView(summary: summary, path: output).print(json: json)
     }
 }
 
@@ -218,44 +235,21 @@ public struct RestoreCommand: AsyncParsableCommand {
     public init() {}
 
     public func run() async throws {
-        do {
-            let (hsm, storeSettings) = try access.load()
-            let (pool, token, identity) = try await StoreAccessOptions.logIn(hsm)
-            let store: any KeyRepository
-            do {
-                store = try await StoreAccessOptions.openStore(storeSettings)
-            } catch {
-                await pool.shutdown()
-                throw error
-            }
-            let result: Result<StoreRestore.Report, AdminError>
-            do {
+        let report = try await self.access.withTokenAndStore("restore") {
+            pool, token, identity, store -> Result<StoreRestore.Report, AdminError> in
+            await StoreAccessOptions.outcome("restore") {
                 // The master keys on the token, so versions rotated in after the backup are kept.
                 let onToken = try await pool.withSession { session in
                     try session.findMasterKeys(labelPrefix: MasterKeyLabel.prefix).compactMap { object in
                         TokenKeyID(bytes: object.id).map { StoreRestore.TokenMasterKey(label: object.label, id: $0) }
                     }
                 }
-                result = .success(
-                    try await StoreRestore.restore(
-                        path: input, into: store, token: token, identity: identity, masterKeysOnToken: onToken,
-                        options: StoreRestore.Options(allowClonedToken: allowClonedToken)))
-            } catch let error as BackupError {
-                result = .failure(AdminError(.forBackup(error), error.message))
-            } catch {
-                result = .failure(AdminError(.failed, "restore failed: \(error)"))
+                return try await StoreRestore.restore(
+                    path: input, into: store, token: token, identity: identity, masterKeysOnToken: onToken,
+                    options: StoreRestore.Options(allowClonedToken: allowClonedToken))
             }
-            await store.close()
-            await pool.shutdown()
-            let report = try result.get()
-            RestoreSummaryView(report: report, path: input).print(json: json)
-        } catch let error as AdminError {
-            FileHandle.standardError.write(Data("hsm-admin restore: \(error.message)\n".utf8))
-            throw ExitCode(error.exitCode)
-        } catch {
-            FileHandle.standardError.write(Data("hsm-admin restore: \(error)\n".utf8))
-            throw ExitCode(AdminExitCode.internalError)
         }
+        RestoreSummaryView(report: report, path: input).print(json: json)
     }
 }
 
