@@ -3,7 +3,8 @@
 #   make run    build and start `hsm-gateway --dev`: SoftHSM2 dev token + SQLite under .hsm-dev/,
 #               plaintext on 127.0.0.1:7700, health and metrics on 127.0.0.1:7701
 #   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python
-#               interoperability client against a real gateway (what .ci/run calls)
+#               interoperability client against a real gateway, then the monitoring files
+#               (alert rules and dashboard) against real gateways (what .ci/run calls)
 #
 # Both install what they need from Debian's packages first (sudo when not root).
 
@@ -15,9 +16,10 @@ SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
 # openssl makes the test PKI; protobuf-compiler and python3-venv serve the Python interop client;
 # gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time;
-# jq, curl and procps (pgrep) serve scripts/bench-deployment.sh.
+# jq, curl and procps (pgrep) serve scripts/bench-deployment.sh; python3-yaml serves
+# scripts/check-monitoring.sh (which fetches promtool itself, without installing Prometheus).
 APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
-    python3 python3-venv gcc jq curl procps
+    python3 python3-venv python3-yaml gcc jq curl procps
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev
 DEV_TOKEN_LABEL ?= hsmgw-dev
@@ -26,11 +28,12 @@ SOFTHSM2_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 LISTEN ?= 127.0.0.1:7700
 METRICS_LISTEN ?= 127.0.0.1:7701
 
-.PHONY: help deps build run dev-token preflight test interop bench bench-deployment format lint clean
+.PHONY: help deps build run dev-token preflight test interop check-monitoring bench bench-deployment format lint clean
 
 help:
 	@echo "make run    build and start hsm-gateway --dev (token and SQLite in $(DATA_DIR)/, $(LISTEN))"
 	@echo "make test   install dependencies, build, run every test"
+	@echo "make check-monitoring  alert rules, dashboard and compose stack, checked against live gateways"
 	@echo "make bench  release build; AES-GCM and key-service benchmarks on throwaway tokens and stores (docs/benchmarks.md)"
 	@echo "make bench-deployment  release build; the gateway as its own process over TLS on both stores, driven by"
 	@echo "            hsm-bench load, with CPU per call and the token's and PostgreSQL's ceilings (docs/benchmarks.md)"
@@ -81,10 +84,19 @@ test: deps
 	done; \
 	if [ -n "$$failed" ]; then echo "test: failed:$$failed"; exit 1; fi
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/check-monitoring.sh
 
 interop: deps
 	$(SWIFT) build --product hsm-gateway
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
+
+# Alert rules (promtool check and unit tests), Prometheus's configuration, the Grafana dashboard
+# and the compose stack, with every metric name checked against live gateways
+# (docs/operations.md, "Dashboards and alerts").
+check-monitoring: deps
+	$(SWIFT) build --product hsm-gateway
+	$(SWIFT) build --product hsm-admin
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/check-monitoring.sh
 
 bench: deps
 	$(SWIFT) build -c release --product hsm-bench
