@@ -7,7 +7,8 @@
 #
 # Steps:
 # 1. promtool (Debian 12's `prometheus` package; see below): `check config` of prometheus.yml
-#    (which checks the rule file too), `check rules`, `test rules` with hsm-gateway.rules.test.yml.
+#    (which checks the rule file too), `check rules`, `test rules` with hsm-gateway.rules.test.yml,
+#    and `check rules` of the dashboard's queries (as recording rules) so they parse as PromQL.
 # 2. `hsm-gateway --dev` on free loopback ports in a temporary data directory (SQLite), given a
 #    little traffic with hsm-admin (answers OK, NOT_FOUND, UNAUTHENTICATED) and one refused frame,
 #    so the lazily made series (requests, latency, refusals) exist; its /metrics is kept.
@@ -36,7 +37,7 @@ TOOLS_DIR=".build-tools/prometheus"
 case "${1:-}" in
 "") ;;
 -h | --help)
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -108,9 +109,12 @@ log "$("$promtool" --version 2>&1 | head -n 1)"
 "$promtool" check config "$MONITORING/prometheus.yml"
 "$promtool" check rules "$MONITORING/hsm-gateway.rules.yml"
 "$promtool" test rules "$MONITORING/hsm-gateway.rules.test.yml"
+# The dashboard's queries, parsed by promtool as the rules of a file of their own.
+"$PYTHON" -c 'import yaml' 2>/dev/null || { log "$PYTHON has no PyYAML (apt-get install python3-yaml)"; exit 1; }
+"$PYTHON" scripts/check_monitoring.py --write-dashboard-rules "$tmp/dashboard.rules.yml"
+"$promtool" check rules "$tmp/dashboard.rules.yml" | sed "s|$tmp/dashboard.rules.yml|the dashboard's queries|"
 
 # --- Gateways -----------------------------------------------------------------------------------
-"$PYTHON" -c 'import yaml' 2>/dev/null || { log "$PYTHON has no PyYAML (apt-get install python3-yaml)"; exit 1; }
 gateway="${HSM_GATEWAY_BIN:-.build/debug/hsm-gateway}"
 admin="${HSM_ADMIN_BIN:-$(dirname "$gateway")/hsm-admin}"
 [[ -x "$gateway" ]] || { log "no gateway binary at $gateway (swift build, or set HSM_GATEWAY_BIN)"; exit 1; }

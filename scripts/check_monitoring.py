@@ -2,6 +2,8 @@
 """The file checks of scripts/check-monitoring.sh (which runs promtool and the gateways first).
 
     check_monitoring.py METRICS_FILE...
+    check_monitoring.py --write-dashboard-rules PATH   the dashboard's queries as a rule file,
+                                                       for `promtool check rules`
 
 METRICS_FILE: /metrics as scraped from live gateways (Prometheus text format); the names and
 labels they show are the only ones the monitoring files may use. Checks:
@@ -310,7 +312,28 @@ def check_docs(alerts):
         fail(f"{OPERATIONS.name}: the alert table lists {name}, which the rules file does not have")
 
 
+def write_dashboard_rules(path):
+    """The dashboard's queries as recording rules, with its variables filled in, so that
+    `promtool check rules` parses them as PromQL."""
+    substitutions = {"$__rate_interval": "5m", "$job": ".*", "$instance": ".*"}
+    rules = []
+    for panel in dashboard_panels(json.loads(DASHBOARD.read_text())):
+        for target in panel.get("targets") or []:
+            expr = target["expr"]
+            for variable, value in substitutions.items():
+                expr = expr.replace(variable, value)
+            if "$" in expr:
+                fail(f"{DASHBOARD.name}: panel {panel['title']!r} uses an unknown variable: {target['expr']}")
+            rules.append({"record": f"dashboard:panel_{panel['id']}:{target['refId']}", "expr": expr})
+    Path(path).write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, sort_keys=False))
+
+
 def main(argv):
+    if len(argv) == 3 and argv[1] == "--write-dashboard-rules":
+        write_dashboard_rules(argv[2])
+        for message in failures:
+            print(f"check-monitoring: FAIL {message}", file=sys.stderr)
+        return 1 if failures else 0
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 64
