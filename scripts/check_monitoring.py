@@ -48,19 +48,21 @@ STATUS_SWIFT = ROOT / "Sources" / "GatewayWire" / "StatusCode.swift"
 PROMETHEUS_SERIES = {"up"}
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
-# Each signal the dashboard must show: (what, a metric one of its panels must query).
+# Each signal the dashboard must show: (what, a metric its panel queries, a word of its title).
 REQUIRED_PANELS = [
-    ("readiness", "hsmgw_ready"),
-    ("seal state", "hsmgw_hsm_sealed"),
-    ("requests and errors by status", "hsmgw_requests_total"),
-    ("latency p99", "hsmgw_request_duration_seconds_bucket"),
-    ("HSM session pool", "hsmgw_hsm_sessions_in_use"),
-    ("HSM session waiters", "hsmgw_hsm_session_waiters"),
-    ("store pool", "hsmgw_store_connections_in_use"),
-    ("audit commit latency", "hsmgw_audit_commit_duration_seconds_bucket"),
-    ("shed and refused requests", "hsmgw_frames_refused_total"),
-    ("background lease", "hsmgw_background_lease_held"),
-    ("cache invalidations (propagation)", "hsmgw_cache_invalidations_total"),
+    ("readiness", "hsmgw_ready", "ready"),
+    ("seal state", "hsmgw_hsm_sealed", "seal"),
+    ("requests by status", "hsmgw_requests_total", "requests by status"),
+    ("errors by status", "hsmgw_requests_total", "errors by status"),
+    ("latency p99", "hsmgw_request_duration_seconds_bucket", "p99"),
+    ("HSM session pool", "hsmgw_hsm_sessions_in_use", "HSM session"),
+    ("HSM session waiters", "hsmgw_hsm_session_waiters", "HSM session"),
+    ("store pool", "hsmgw_store_connections_in_use", "store connections"),
+    ("audit commit latency", "hsmgw_audit_commit_duration_seconds_bucket", "audit commit latency"),
+    ("shed requests", "hsmgw_requests_total", "shed"),
+    ("refused frames", "hsmgw_frames_refused_total", "refused"),
+    ("background lease", "hsmgw_background_lease_held", "lease"),
+    ("cache invalidations (propagation)", "hsmgw_cache_invalidations_total", "cache invalidations"),
 ]
 PROMQL_KEYWORDS = {
     "and", "or", "unless", "offset", "bool", "by", "without", "on", "ignoring",
@@ -236,9 +238,9 @@ def check_dashboard(checker, dashboard):
         checker.check_expr(f"{DASHBOARD.name}: variable {variable['name']}", match.group(1))
         if match.group(2) not in checker.all_labels:
             fail(f"{DASHBOARD.name}: variable {variable['name']}: label {match.group(2)!r} is on no live series")
-    for what, metric in REQUIRED_PANELS:
-        if metric not in queried:
-            fail(f"{DASHBOARD.name}: no panel shows {what} ({metric})")
+    for what, metric, word in REQUIRED_PANELS:
+        if not any(word.lower() in title.lower() for title in queried.get(metric, [])):
+            fail(f"{DASHBOARD.name}: no panel shows {what} (a title with {word!r}, querying {metric})")
     return len([p for p in dashboard_panels(dashboard) if p.get("type") != "row"])
 
 
