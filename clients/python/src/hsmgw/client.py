@@ -12,8 +12,10 @@ import io
 import os
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import (
+    Any,
     BinaryIO,
     Dict,
     Iterator,
@@ -32,7 +34,7 @@ from . import __version__, envelope
 from ._wire import Code, Method
 from .config import APIToken, Target, TLSConfig
 from .connection import Connection, status_error
-from .errors import ConfigurationError, GatewayError, LocalReason, Unauthenticated, local_error
+from .errors import ConfigurationError, GatewayError, LocalReason, Unauthenticated, local_error, make_error
 from .retry import RetryPolicy, is_retryable
 from .v1 import gateway_pb2 as pb
 
@@ -93,8 +95,6 @@ class Decrypted:
 def _normalize_client_name(name: str) -> str:
     if len(name.encode("utf-8")) > MAX_CLIENT_NAME_BYTES:
         raise ConfigurationError("client_name is at most %d bytes" % MAX_CLIENT_NAME_BYTES)
-    import unicodedata
-
     if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
         raise ConfigurationError("client_name must not hold control, format or separator characters")
     return name
@@ -199,6 +199,8 @@ class Client:
                 "plaintext to %s would send the token in clear: use tls=TLSConfig(...), "
                 "or allow_insecure_plaintext=True behind a trusted network" % self.target
             )
+        if tls is not None and self.target.unix_path:
+            raise ConfigurationError("the gateway serves Unix sockets without TLS: leave tls unset for unix: addresses")
         if timeout is not None and timeout <= 0:
             raise ConfigurationError("timeout must be positive (or None for no deadline)")
         if not 1 <= max_connections <= MAX_CONNECTIONS_LIMIT:
@@ -415,8 +417,6 @@ class Client:
             if result.WhichOneof("result") == "key":
                 results.append(DataKey.from_message(result.key))
             else:
-                from .errors import make_error
-
                 results.append(
                     make_error(
                         result.error.code,
@@ -585,7 +585,7 @@ class Client:
         return out.getvalue()
 
 
-def client_from_environment(environ: Optional[Mapping[str, str]] = None, **overrides: object) -> Client:
+def client_from_environment(environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Client:
     """A client from the ``HSMGW_*`` variables the Swift tools read: ``HSMGW_SERVER`` (or
     ``HSMGW_SOCKET``), ``HSMGW_TOKEN_FILE`` or ``HSMGW_TOKEN``, ``HSMGW_CA_FILE``,
     ``HSMGW_SERVER_NAME``, ``HSMGW_CERT_FILE``, ``HSMGW_KEY_FILE``."""
@@ -595,16 +595,13 @@ def client_from_environment(environ: Optional[Mapping[str, str]] = None, **overr
         value = env.get("HSMGW_" + name, "")
         return value or None
 
-    address = get("SERVER") or ("unix:" + get("SOCKET") if get("SOCKET") else "127.0.0.1:7700")  # type: ignore[operator]
+    unix_socket = get("SOCKET")
+    address = get("SERVER") or ("unix:" + unix_socket if unix_socket else "127.0.0.1:7700")
     tls: Optional[TLSConfig] = None
     if get("CA_FILE") or get("CERT_FILE") or get("TLS"):
         tls = TLSConfig(
             ca_file=get("CA_FILE"), server_name=get("SERVER_NAME"), cert_file=get("CERT_FILE"), key_file=get("KEY_FILE")
         )
-    kwargs: Dict[str, object] = {"tls": tls}
-    if get("TOKEN_FILE"):
-        kwargs["token_file"] = get("TOKEN_FILE")
-    elif get("TOKEN"):
-        kwargs["token"] = get("TOKEN")
-    kwargs.update(overrides)
-    return Client(address, **kwargs)  # type: ignore[arg-type]
+    token_file = get("TOKEN_FILE")
+    token = None if token_file else get("TOKEN")
+    return Client(address, token=token, token_file=token_file, tls=tls, **overrides)

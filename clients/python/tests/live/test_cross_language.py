@@ -5,6 +5,7 @@ Without HSMGW_BIN, or with no executable there, these tests fail: they are never
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -92,8 +93,42 @@ def test_a_swift_envelope_tampered_is_refused_by_python(
         admin.envelope_decrypt(bytes(sealed))
 
 
-def test_a_data_key_from_the_cli_opens_in_python(cli: "tuple[str, Dict[str, str]]", admin: hsmgw.Client, tenant: str) -> None:
-    out = json.loads(run(cli, ["data-key", "generate", "--tenant", tenant, "--json"] + context_flags()))
-    key_id = out.get("id") or out.get("key_id") or out.get("keyId")
-    assert isinstance(key_id, str) and key_id, out
-    assert admin.decrypt_data_key(tenant, key_id, CONTEXT).id == key_id
+def json_field(document: Dict[str, object], *names: str) -> str:
+    for name in names:
+        value = document.get(name)
+        if isinstance(value, str) and value:
+            return value
+    raise AssertionError("none of %s in the CLI's JSON: %s" % (names, sorted(document)))
+
+
+def test_a_data_key_generated_by_the_cli_decrypts_in_python(
+    cli: "tuple[str, Dict[str, str]]", admin: hsmgw.Client, tenant: str, tmp_path: pathlib.Path
+) -> None:
+    plaintext_file = tmp_path / "key.bin"
+    out = json.loads(
+        run(
+            cli,
+            ["data-key", "generate", "--tenant", tenant, "--plaintext-out", str(plaintext_file), "--json"]
+            + context_flags(),
+        )
+    )
+    key_id = json_field(out, "id", "key_id", "keyId")
+    assert plaintext_file.stat().st_mode & 0o777 == 0o600
+    key = admin.decrypt_data_key(tenant, key_id, CONTEXT)
+    assert key.plaintext == plaintext_file.read_bytes()
+    assert key.wrapped == base64.b64decode(json_field(out, "wrapped"))
+
+
+def test_a_data_key_generated_in_python_decrypts_and_rewraps_with_the_cli(
+    cli: "tuple[str, Dict[str, str]]", admin: hsmgw.Client, tenant: str, tmp_path: pathlib.Path
+) -> None:
+    key = admin.generate_data_key(tenant, CONTEXT)
+    out_file = tmp_path / "key.bin"
+    run(
+        cli,
+        ["data-key", "decrypt", "--tenant", tenant, "--key-id", key.id, "--out", str(out_file), "--json"]
+        + context_flags(),
+    )
+    assert out_file.read_bytes() == key.plaintext
+    rewrapped = json.loads(run(cli, ["rewrap", "--tenant", tenant, "--key-id", key.id, "--json"] + context_flags()))
+    assert json_field(rewrapped, "id", "key_id", "keyId") == key.id

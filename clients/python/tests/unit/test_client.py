@@ -54,7 +54,7 @@ class Gateway:
         self.script = script
         self.hello_limits = hello_limits
         self.requests: List[Tuple[int, Frame]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.server = ScriptedTCPServer(self._serve)
         self.address = self.server.address
 
@@ -68,6 +68,7 @@ class Gateway:
                 if frame.kind == Kind.CANCEL:
                     with self.lock:
                         self.requests.append((index, frame))
+                        self.lock.notify_all()
                     continue
                 if frame.kind != Kind.REQUEST:
                     continue
@@ -83,6 +84,7 @@ class Gateway:
                     continue
                 with self.lock:
                     self.requests.append((index, frame))
+                    self.lock.notify_all()
                 answer = self.script(index, frame)
                 if answer is None:
                     continue
@@ -91,6 +93,12 @@ class Gateway:
                     sock.shutdown(socket.SHUT_RDWR)
                     return
                 sock.sendall(answer.encode())
+
+    def wait_for_frames(self, count: int, timeout: float = 10.0) -> List[Frame]:
+        """The first ``count`` frames received (after Hello), once they have all arrived."""
+        with self.lock:
+            assert self.lock.wait_for(lambda: len(self.requests) >= count, timeout), self.requests
+            return [f for _, f in self.requests]
 
     def calls(self, method: int) -> List[Frame]:
         with self.lock:
@@ -245,8 +253,8 @@ def test_the_deadline_is_enforced_locally_with_a_cancel(make_gateway: Callable[.
     assert caught.value.reason == "LOCAL_DEADLINE" and caught.value.origin == "client"
     # Deadline plus the grace period for the server's own answer (protocol 5.1).
     assert 1.1 <= elapsed < 3.0
-    kinds = [f.kind for _, f in gateway.requests]
-    assert kinds == [Kind.REQUEST, Kind.CANCEL]
+    frames = gateway.wait_for_frames(2)
+    assert [(f.kind, f.request_id) for f in frames] == [(Kind.REQUEST, frames[0].request_id), (Kind.CANCEL, frames[0].request_id)]
 
 
 def test_a_refused_hello_is_unauthenticated_and_not_retried(make_gateway: Callable[..., Gateway]) -> None:

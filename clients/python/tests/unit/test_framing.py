@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterator
+import threading
+from typing import Dict, Iterator
 
 import pytest
 
@@ -231,11 +232,21 @@ def connection(peer: ScriptedPeer) -> Iterator[Connection]:
     conn.close()
 
 
+def hello_in_thread(connection: Connection) -> "tuple[threading.Thread, Dict[str, pb.HelloResponse]]":
+    """Calls Hello with the example's token, name and deadline in a thread: the scripted server
+    answers only once the request has arrived, as a real one does."""
+    result: Dict[str, pb.HelloResponse] = {}
+    thread = threading.Thread(target=lambda: result.update(r=connection.hello(EXAMPLE_TOKEN, "example/1.0", 5.0)))
+    thread.start()
+    return thread, result
+
+
 def test_hello_sends_the_example_request_and_reads_the_example_response(peer: ScriptedPeer, connection: Connection) -> None:
-    peer.send(EXAMPLES["hello-response"])
-    response = connection.hello(EXAMPLE_TOKEN, "example/1.0", timeout=5.0)
+    thread, result = hello_in_thread(connection)
     assert peer.receive(len(EXAMPLES["hello-request"])) == EXAMPLES["hello-request"]
-    assert response.principal == "admin"
+    peer.send(EXAMPLES["hello-response"])
+    thread.join(timeout=10)
+    assert result["r"].principal == "admin"
     assert (connection.max_frame_bytes, connection.max_requests_in_flight, connection.in_flight) == (1048576, 128, 0)
 
 
@@ -250,11 +261,14 @@ def test_before_the_hello_no_frame_over_4_kib_is_sent(connection: Connection) ->
 
 
 def test_a_ping_that_arrives_first_is_answered_with_the_example_pong(peer: ScriptedPeer, connection: Connection) -> None:
-    peer.send(EXAMPLES["ping"], EXAMPLES["hello-response"])
-    connection.hello(EXAMPLE_TOKEN, "example/1.0", timeout=5.0)
+    peer.send(EXAMPLES["ping"])
+    thread, result = hello_in_thread(connection)
     sent = peer.receive(len(EXAMPLES["hello-request"]) + len(EXAMPLES["pong"]))
     frames = FrameDecoder().feed(sent)
     assert sorted(f.encode() for f in frames) == sorted([EXAMPLES["hello-request"], EXAMPLES["pong"]])
+    peer.send(EXAMPLES["hello-response"])
+    thread.join(timeout=10)
+    assert result["r"].principal == "admin"
     assert connection.pings_answered == 1
 
 
