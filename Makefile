@@ -14,8 +14,8 @@ SHELL := /bin/bash
 
 SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
-# openssl makes the test PKI; python3-venv serves the Python SDK's tests (protobuf-compiler only
-# regenerates its committed messages: clients/python/generate.sh);
+# openssl makes the test PKI; python3-venv serves the Python SDK's tests, and protobuf-compiler
+# regenerates its committed messages (clients/python/generate.sh) and checks they are current;
 # gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time;
 # jq, curl and procps (pgrep) serve scripts/bench-deployment.sh.
 APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
