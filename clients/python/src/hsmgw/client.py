@@ -163,7 +163,7 @@ class Client:
     ``tls``: a :class:`TLSConfig` for TLS; without it the connection is plaintext, which is
     allowed only to loopback addresses and Unix sockets unless ``allow_insecure_plaintext``.
     ``timeout``: the default deadline of a call in seconds (``None``: no deadline); each method
-    takes its own ``timeout`` too. ``retry``: the :class:`RetryPolicy`.
+    takes its own ``timeout`` too (``None`` there: this default). ``retry``: the :class:`RetryPolicy`.
     ``max_connections``: the size of the connection pool.
 
     Use it as a context manager, or call :meth:`close`.
@@ -214,7 +214,11 @@ class Client:
         self._pool = _Pool(self, max_connections)
 
     def __repr__(self) -> str:
-        return "Client(%s, tls=%s, token=%s)" % (self.target, self.tls is not None, "<redacted>" if self._token else None)
+        return "Client(%s, tls=%s, token=%s)" % (
+            self.target,
+            self.tls is not None,
+            "<redacted>" if self._token else None,
+        )
 
     def close(self) -> None:
         """Closes every connection; calls in flight fail with UNAVAILABLE."""
@@ -257,16 +261,19 @@ class Client:
         request: Message,
         response_type: Type[M],
         *,
-        timeout: Optional[float] = -1.0,
+        timeout: Optional[float] = None,
         idempotency_key: bool = False,
     ) -> M:
         """Calls any method (administration included) with this client's deadlines and
         retries. ``idempotency_key`` says whether ``request`` carries one (which makes a retry
-        after UNAVAILABLE safe). ``timeout`` -1 means the client's default."""
+        after UNAVAILABLE safe). ``timeout``: this call's deadline in seconds, across its retries
+        (None: the client's ``timeout``)."""
         number = int(method)
         idempotent = Method(number).idempotent if number in Method._value2member_map_ else False
         payload = request.SerializeToString()
-        seconds = self.timeout if timeout is not None and timeout < 0 else timeout
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError("timeout must be positive")
+        seconds = self.timeout if timeout is None else timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         attempt = 1
         while True:
@@ -321,7 +328,7 @@ class Client:
         assert connection.hello_response is not None
         return connection.hello_response
 
-    def server_info(self, *, timeout: Optional[float] = -1.0) -> pb.ServerInfoResponse:
+    def server_info(self, *, timeout: Optional[float] = None) -> pb.ServerInfoResponse:
         """Method 2: the instance's health and identity."""
         return self.call(Method.SERVER_INFO, pb.ServerInfoRequest(), pb.ServerInfoResponse, timeout=timeout)
 
@@ -334,7 +341,7 @@ class Client:
         *,
         include_plaintext: bool = True,
         idempotency_key: str = "",
-        timeout: Optional[float] = -1.0,
+        timeout: Optional[float] = None,
     ) -> DataKey:
         """Method 10: a new data key. With ``idempotency_key`` (1-128 bytes) a retry returns the
         first call's key, and the client retries after UNAVAILABLE; without it, only calls that
@@ -362,7 +369,7 @@ class Client:
         *,
         include_plaintext: bool = True,
         idempotency_key: str = "",
-        timeout: Optional[float] = -1.0,
+        timeout: Optional[float] = None,
     ) -> List[DataKey]:
         """Method 11: ``count`` (1-1,000) data keys with one context, all or none."""
         request = pb.GenerateDataKeysRequest(
@@ -388,7 +395,7 @@ class Client:
         context: Optional[Context] = None,
         *,
         wrapped: Optional[bytes] = None,
-        timeout: Optional[float] = -1.0,
+        timeout: Optional[float] = None,
     ) -> DataKey:
         """Method 12: the data key's plaintext, for the exact context it was generated with.
         ``wrapped`` is the 83-byte copy the caller kept (``DataKey.wrapped``), used by the gateway
@@ -400,15 +407,14 @@ class Client:
         return DataKey.from_message(response.key)
 
     def decrypt_data_keys(
-        self, tenant: str, keys: Sequence[DataKeyRef], *, timeout: Optional[float] = -1.0
+        self, tenant: str, keys: Sequence[DataKeyRef], *, timeout: Optional[float] = None
     ) -> List[Union[DataKey, GatewayError]]:
         """Method 13: 1-1,000 keys; each entry is a :class:`DataKey` or the
         :class:`GatewayError` that entry alone failed with, in request order."""
         request = pb.DecryptDataKeysRequest(
             tenant=tenant,
             keys=[
-                pb.DataKeyReference(id=k.id, encryption_context=dict(k.context), wrapped=k.wrapped or b"")
-                for k in keys
+                pb.DataKeyReference(id=k.id, encryption_context=dict(k.context), wrapped=k.wrapped or b"") for k in keys
             ],
         )
         response = self.call(Method.DECRYPT_DATA_KEYS, request, pb.DecryptDataKeysResponse, timeout=timeout)
@@ -434,7 +440,7 @@ class Client:
         plaintext: bytes,
         context: Optional[Context] = None,
         *,
-        timeout: Optional[float] = -1.0,
+        timeout: Optional[float] = None,
     ) -> bytes:
         """Method 14: seals up to 64 KiB inside the gateway under a stored data key (the context
         must be the key's). Not idempotent: retried only when it provably was not sent."""
@@ -444,7 +450,7 @@ class Client:
         return bytes(self.call(Method.ENCRYPT, request, pb.EncryptResponse, timeout=timeout).ciphertext)
 
     def decrypt(
-        self, tenant: str, ciphertext: bytes, context: Optional[Context] = None, *, timeout: Optional[float] = -1.0
+        self, tenant: str, ciphertext: bytes, context: Optional[Context] = None, *, timeout: Optional[float] = None
     ) -> Decrypted:
         """Method 15: opens what :meth:`encrypt` returned."""
         request = pb.DecryptRequest(tenant=tenant, ciphertext=ciphertext, encryption_context=dict(context or {}))
@@ -452,13 +458,13 @@ class Client:
         return Decrypted(plaintext=bytes(response.plaintext), data_key_id=response.data_key_id)
 
     def rewrap_data_key(
-        self, tenant: str, id: str, context: Optional[Context] = None, *, timeout: Optional[float] = -1.0
+        self, tenant: str, id: str, context: Optional[Context] = None, *, timeout: Optional[float] = None
     ) -> pb.DataKeyInfo:
         """Method 16: wraps the key again under the tenant's primary master key."""
         request = pb.RewrapDataKeyRequest(tenant=tenant, id=id, encryption_context=dict(context or {}))
         return self.call(Method.REWRAP_DATA_KEY, request, pb.RewrapDataKeyResponse, timeout=timeout).key
 
-    def get_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = -1.0) -> pb.DataKeyInfo:
+    def get_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = None) -> pb.DataKeyInfo:
         """Method 17: a data key's metadata (never the key)."""
         request = pb.GetDataKeyRequest(tenant=tenant, id=id)
         return self.call(Method.GET_DATA_KEY, request, pb.GetDataKeyResponse, timeout=timeout).key
@@ -470,7 +476,7 @@ class Client:
         state: str = "",
         page_size: int = 0,
         page_token: str = "",
-        timeout: Optional[float] = -1.0,
+        timeout: Optional[float] = None,
     ) -> pb.ListDataKeysResponse:
         """Method 18: one page of a tenant's data keys (``next_page_token`` empty on the last)."""
         request = pb.ListDataKeysRequest(tenant=tenant, state=state, page_size=page_size, page_token=page_token)
@@ -486,15 +492,15 @@ class Client:
             if not token:
                 return
 
-    def disable_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = -1.0) -> pb.DataKeyInfo:
+    def disable_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = None) -> pb.DataKeyInfo:
         """Method 19 (role admin on the tenant)."""
         return self._key_state(Method.DISABLE_DATA_KEY, tenant, id, timeout)
 
-    def enable_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = -1.0) -> pb.DataKeyInfo:
+    def enable_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = None) -> pb.DataKeyInfo:
         """Method 20 (role admin on the tenant)."""
         return self._key_state(Method.ENABLE_DATA_KEY, tenant, id, timeout)
 
-    def destroy_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = -1.0) -> pb.DataKeyInfo:
+    def destroy_data_key(self, tenant: str, id: str, *, timeout: Optional[float] = None) -> pb.DataKeyInfo:
         """Method 21 (role admin on the tenant): deletes the wrapped copy; irreversible."""
         return self._key_state(Method.DESTROY_DATA_KEY, tenant, id, timeout)
 
@@ -562,9 +568,7 @@ class Client:
         pairs the header's context must hold. On an error, discard what was written to ``sink``."""
 
         def fetch(header: envelope.EnvelopeHeader) -> bytes:
-            key = self.decrypt_data_key(
-                header.tenant, header.data_key_id, header.context, wrapped=wrapped_data_key
-            )
+            key = self.decrypt_data_key(header.tenant, header.data_key_id, header.context, wrapped=wrapped_data_key)
             assert key.plaintext is not None
             return key.plaintext
 

@@ -391,7 +391,9 @@ class Connection:
     def _dispatch(self, frame: Frame) -> bool:
         """Handles one frame; False when it breaks the protocol (the connection then closes)."""
         if frame.kind not in _wire.SERVER_KINDS:
-            self.violation = ProtocolViolation("UNEXPECTED_FRAME", "a server sent a %s frame" % _wire.kind_name(frame.kind))
+            self.violation = ProtocolViolation(
+                "UNEXPECTED_FRAME", "a server sent a %s frame" % _wire.kind_name(frame.kind)
+            )
             return False
         if frame.kind == Kind.PING:
             if len(frame.payload) > _wire.MAX_PING_PAYLOAD_BYTES:
@@ -468,4 +470,3 @@ class Connection:
             call.event.set()
         for event in pongs:
             event.set()
-

@@ -223,7 +223,9 @@ class EnvelopeWriter:
     def _seal(self, plaintext: bytes, frame_type: int) -> None:
         if self._sequence > MAX_FRAME_COUNT:
             raise EnvelopeError(EnvelopeError.INVALID_ARGUMENT, "more than 2^32-1 frames")
-        sealed = self._aes.encrypt(_nonce(self._sequence), plaintext, _aad(self._header_hash, self._sequence, frame_type))
+        sealed = self._aes.encrypt(
+            _nonce(self._sequence), plaintext, _aad(self._header_hash, self._sequence, frame_type)
+        )
         prefix = struct.pack(">IB", self._sequence, frame_type)
         if frame_type == FINAL_FRAME:
             prefix += struct.pack(">I", len(plaintext))
@@ -427,7 +429,9 @@ def decrypt_stream(
     while True:
         sequence, frame_type = struct.unpack(">IB", _read_exact(source, 5, "a frame (no final frame)"))
         if sequence != expected:
-            raise EnvelopeError(EnvelopeError.AUTHENTICATION_FAILED, "frame %d where %d was expected" % (sequence, expected))
+            raise EnvelopeError(
+                EnvelopeError.AUTHENTICATION_FAILED, "frame %d where %d was expected" % (sequence, expected)
+            )
         if frame_type == FINAL_FRAME:
             (length,) = struct.unpack(">I", _read_exact(source, 4, "a frame"))
             if length > header.frame_size:

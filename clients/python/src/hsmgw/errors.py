@@ -90,8 +90,7 @@ class GatewayError(HsmgwError):
         if not_processed is None:
             # ABORTED means nothing was stored; the reasons above mean the work never started.
             not_processed = origin == Origin.SERVER and (
-                self.code == Code.ABORTED
-                or (self.code == Code.RESOURCE_EXHAUSTED and reason in NOT_PROCESSED_REASONS)
+                self.code == Code.ABORTED or (self.code == Code.RESOURCE_EXHAUSTED and reason in NOT_PROCESSED_REASONS)
             )
         self.not_processed = not_processed
         #: The code inside the ``Status`` payload; the spec says it equals the header's.

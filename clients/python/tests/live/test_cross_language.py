@@ -76,7 +76,9 @@ def test_swift_seals_python_opens(
     assert admin.envelope_decrypt(sealed, required_context=CONTEXT) == message
 
 
-def test_swift_frame_size_option_is_read_by_python(cli: "tuple[str, Dict[str, str]]", admin: hsmgw.Client, tenant: str) -> None:
+def test_swift_frame_size_option_is_read_by_python(
+    cli: "tuple[str, Dict[str, str]]", admin: hsmgw.Client, tenant: str
+) -> None:
     message = os.urandom(10_000)
     sealed = run(cli, ["encrypt", "--tenant", tenant, "--frame-size", "1024"] + context_flags(), stdin=message)
     header = hsmgw.envelope.read_header(__import__("io").BytesIO(sealed))

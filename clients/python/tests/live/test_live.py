@@ -34,7 +34,9 @@ def test_the_token_file_holds_an_api_token_of_the_documented_shape(admin_token_f
     assert hsmgw.APIToken.from_file(admin_token_file).has_gateway_shape
 
 
-def test_before_the_handshake_only_hello_is_served(address: str, tls: "hsmgw.TLSConfig | None", admin_token_file: str) -> None:
+def test_before_the_handshake_only_hello_is_served(
+    address: str, tls: "hsmgw.TLSConfig | None", admin_token_file: str
+) -> None:
     with raw_connection(address, tls) as connection:
         frame = connection.call(Method.SERVER_INFO, b"", 5.0)
         error = status_error(frame)
@@ -57,7 +59,9 @@ def test_before_the_handshake_only_hello_is_served(address: str, tls: "hsmgw.TLS
         assert connection.usable and connection.goaway is None
 
 
-def test_reserved_flags_get_a_goaway_with_the_code_in_header_and_status(address: str, tls: "hsmgw.TLSConfig | None") -> None:
+def test_reserved_flags_get_a_goaway_with_the_code_in_header_and_status(
+    address: str, tls: "hsmgw.TLSConfig | None"
+) -> None:
     with raw_connection(address, tls) as connection:
         connection.send_raw(struct.pack(">IBBHHHII", 16, 1, 1, 1, 2, 0, 9, 0))  # flags 1: reserved
         connection._reader.join(timeout=10)  # the server sends its goaway and closes
@@ -200,7 +204,12 @@ def test_the_audit_log_rehashes_as_section_16_says(admin: hsmgw.Client, tenant: 
         previous = record.hash
     assert all(r.outcome == "ok" or r.outcome.startswith("error:") for r in records)
     verified = admin.call(Method.VERIFY_AUDIT_LOG, pb.VerifyAuditLogRequest(), pb.VerifyAuditLogResponse)
-    assert verified.intact, (verified.problem_kind, verified.problem_sequence, verified.problem, verified.records_checked)
+    assert verified.intact, (
+        verified.problem_kind,
+        verified.problem_sequence,
+        verified.problem,
+        verified.records_checked,
+    )
 
 
 def test_the_deadline_travels_and_a_tiny_one_fails_as_deadline_exceeded(admin: hsmgw.Client, tenant: str) -> None:

@@ -40,7 +40,9 @@ def test_a_wrong_server_name_is_refused(address: str, admin_token_file: str) -> 
             client.server_info()
 
 
-def test_mutual_tls_authenticates_a_principal_by_its_certificate(admin: hsmgw.Client, tenant: str, address: str) -> None:
+def test_mutual_tls_authenticates_a_principal_by_its_certificate(
+    admin: hsmgw.Client, tenant: str, address: str
+) -> None:
     common_name = require("HSMGW_LIVE_CLIENT_CN")
     name = "py-mtls-" + uuid.uuid4().hex[:8]
     admin.call(

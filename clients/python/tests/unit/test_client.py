@@ -9,6 +9,7 @@ import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
+from google.protobuf.message import Message
 
 from hsmgw import (
     Client,
@@ -37,8 +38,9 @@ FAST = RetryPolicy(max_attempts=5, initial_backoff=0.001, max_backoff=0.002)
 Script = Callable[[int, Frame], Optional[Frame]]
 
 
-def ok(request: Frame, message: object) -> Frame:
-    return Frame(Kind.RESPONSE, method=request.method, request_id=request.request_id, payload=message.SerializeToString())  # type: ignore[attr-defined]
+def ok(request: Frame, message: Message) -> Frame:
+    payload = message.SerializeToString()
+    return Frame(Kind.RESPONSE, method=request.method, request_id=request.request_id, payload=payload)
 
 
 def fail(request: Frame, code: int, reason: str = "", message: str = "refused") -> Frame:
@@ -129,10 +131,14 @@ def client_for(gateway: Gateway, **kwargs: object) -> Client:
 
 
 def key_message(request: Frame) -> pb.GenerateDataKeyResponse:
-    return pb.GenerateDataKeyResponse(key=pb.DataKey(id="k1", master_key_version=1, wrapped=b"w" * 83, plaintext=bytes(32)))
+    return pb.GenerateDataKeyResponse(
+        key=pb.DataKey(id="k1", master_key_version=1, wrapped=b"w" * 83, plaintext=bytes(32))
+    )
 
 
-def test_generate_sends_the_request_and_returns_a_data_key_whose_repr_hides_the_plaintext(make_gateway: Callable[..., Gateway]) -> None:
+def test_generate_sends_the_request_and_returns_a_data_key_whose_repr_hides_the_plaintext(
+    make_gateway: Callable[..., Gateway],
+) -> None:
     gateway = make_gateway(lambda i, f: ok(f, key_message(f)))
     with client_for(gateway) as client:
         key = client.generate_data_key("acme", {"purpose": "x"}, idempotency_key="id-1")
@@ -190,7 +196,9 @@ def test_unavailable_is_retried_for_idempotent_methods_only(make_gateway: Callab
         assert len(gateway.calls(Method.ENCRYPT)) == 1
 
 
-def test_generate_is_retried_after_unavailable_only_with_an_idempotency_key(make_gateway: Callable[..., Gateway]) -> None:
+def test_generate_is_retried_after_unavailable_only_with_an_idempotency_key(
+    make_gateway: Callable[..., Gateway],
+) -> None:
     gateway = make_gateway(lambda i, f: fail(f, Code.UNAVAILABLE))
     with client_for(gateway) as client:
         with pytest.raises(Unavailable):
@@ -201,7 +209,9 @@ def test_generate_is_retried_after_unavailable_only_with_an_idempotency_key(make
         assert len(gateway.calls(Method.GENERATE_DATA_KEY)) == 1 + FAST.max_attempts
 
 
-def test_overloaded_is_retried_for_every_method_and_other_exhaustion_is_not(make_gateway: Callable[..., Gateway]) -> None:
+def test_overloaded_is_retried_for_every_method_and_other_exhaustion_is_not(
+    make_gateway: Callable[..., Gateway],
+) -> None:
     state = {"n": 0}
 
     def script(index: int, frame: Frame) -> Frame:
@@ -254,7 +264,10 @@ def test_the_deadline_is_enforced_locally_with_a_cancel(make_gateway: Callable[.
     # Deadline plus the grace period for the server's own answer (protocol 5.1).
     assert 1.1 <= elapsed < 3.0
     frames = gateway.wait_for_frames(2)
-    assert [(f.kind, f.request_id) for f in frames] == [(Kind.REQUEST, frames[0].request_id), (Kind.CANCEL, frames[0].request_id)]
+    assert [(f.kind, f.request_id) for f in frames] == [
+        (Kind.REQUEST, frames[0].request_id),
+        (Kind.CANCEL, frames[0].request_id),
+    ]
 
 
 def test_a_refused_hello_is_unauthenticated_and_not_retried(make_gateway: Callable[..., Gateway]) -> None:
@@ -336,7 +349,12 @@ def test_envelope_through_the_client_fetches_the_key_by_the_header(make_gateway:
 
     def script(index: int, frame: Frame) -> Frame:
         if frame.method == Method.GENERATE_DATA_KEY:
-            return ok(frame, pb.GenerateDataKeyResponse(key=pb.DataKey(id="k9", master_key_version=1, wrapped=b"w" * 83, plaintext=key)))
+            return ok(
+                frame,
+                pb.GenerateDataKeyResponse(
+                    key=pb.DataKey(id="k9", master_key_version=1, wrapped=b"w" * 83, plaintext=key)
+                ),
+            )
         request = pb.DecryptDataKeyRequest.FromString(frame.payload)
         assert (request.tenant, request.id, dict(request.encryption_context), request.wrapped) == (
             "acme",
@@ -360,11 +378,20 @@ def test_retry_rules_match_the_swift_client() -> None:
     assert not is_retryable(err(Code.UNAVAILABLE), idempotent=False, has_idempotency_key=False)
     assert is_retryable(err(Code.UNAVAILABLE), idempotent=False, has_idempotency_key=True)
     assert is_retryable(err(Code.UNAVAILABLE, "NOT_SENT", "client", True), idempotent=False, has_idempotency_key=False)
-    assert not is_retryable(err(Code.UNAVAILABLE, "CLIENT_SHUT_DOWN", "client", True), idempotent=True, has_idempotency_key=True)
+    assert not is_retryable(
+        err(Code.UNAVAILABLE, "CLIENT_SHUT_DOWN", "client", True), idempotent=True, has_idempotency_key=True
+    )
     assert is_retryable(err(Code.ABORTED), idempotent=False, has_idempotency_key=False)
-    for reason in ("OVERLOADED", "TOO_MANY_REQUESTS_IN_FLIGHT", "TOO_MANY_CONNECTIONS", "TOO_MANY_CONNECTIONS_FROM_ADDRESS"):
+    for reason in (
+        "OVERLOADED",
+        "TOO_MANY_REQUESTS_IN_FLIGHT",
+        "TOO_MANY_CONNECTIONS",
+        "TOO_MANY_CONNECTIONS_FROM_ADDRESS",
+    ):
         assert is_retryable(err(Code.RESOURCE_EXHAUSTED, reason), idempotent=False, has_idempotency_key=False)
-    assert not is_retryable(err(Code.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE"), idempotent=True, has_idempotency_key=True)
+    assert not is_retryable(
+        err(Code.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE"), idempotent=True, has_idempotency_key=True
+    )
     for code in (Code.DEADLINE_EXCEEDED, Code.CANCELLED, Code.INVALID_ARGUMENT, Code.INTERNAL, Code.UNAUTHENTICATED):
         assert not is_retryable(err(code), idempotent=True, has_idempotency_key=True)
 
@@ -374,7 +401,13 @@ def test_backoff_is_exponential_capped_with_full_jitter() -> None:
     assert [policy.backoff_ceiling(n) for n in range(1, 8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0]
     assert policy.backoff(3, lambda: 0.5) == pytest.approx(0.2)
     assert policy.backoff(3, lambda: 0.0) == 0.0
-    for wrong in ({"max_attempts": 0}, {"max_attempts": 11}, {"initial_backoff": 0}, {"max_backoff": 61}, {"multiplier": 0.5}):
+    for wrong in (
+        {"max_attempts": 0},
+        {"max_attempts": 11},
+        {"initial_backoff": 0},
+        {"max_backoff": 61},
+        {"multiplier": 0.5},
+    ):
         with pytest.raises(ValueError):
             RetryPolicy(**wrong)
 
@@ -399,7 +432,9 @@ def test_method_table_matches_protocol_md() -> None:
     from .support import PROTOCOL_MD
 
     rows = re.findall(
-        r"^\| (\d+) \| (\w+) \| `(\w+)` → `(\w+)` \| [^|]+ \| (yes|no¹?) \|", PROTOCOL_MD.read_text(encoding="utf-8"), re.M
+        r"^\| (\d+) \| (\w+) \| `(\w+)` → `(\w+)` \| [^|]+ \| (yes|no¹?) \|",
+        PROTOCOL_MD.read_text(encoding="utf-8"),
+        re.M,
     )
     assert len(rows) == len(Method)
     for number, name, request, response, idempotent in rows:

@@ -96,7 +96,9 @@ def test_the_documents_reference_reader_opens_what_this_writes() -> None:
     exec(compile(source.group(1), "envelope-format.md", "exec"), namespace)
     decrypt: Callable[..., bytes] = namespace["decrypt"]
     for plaintext in (b"", FOX, THREE_FRAMES, bytes(5000)):
-        sealed = envelope.seal(plaintext, data_key=DATA_KEY, data_key_id="k", tenant="t1", context={"a": "b"}, frame_size=1024)
+        sealed = envelope.seal(
+            plaintext, data_key=DATA_KEY, data_key_id="k", tenant="t1", context={"a": "b"}, frame_size=1024
+        )
         assert decrypt(sealed, lambda tenant, key_id, context: DATA_KEY) == plaintext
 
 
@@ -113,7 +115,13 @@ def test_frames_are_cut_as_the_document_says(size: int) -> None:
 def test_streaming_writer_in_small_pieces_gives_the_same_bytes() -> None:
     out = io.BytesIO()
     with envelope.EnvelopeWriter(
-        out, data_key=DATA_KEY, data_key_id=KEY_ID, tenant="acme", context=CONTEXT, frame_size=1024, message_id=MESSAGE_ID
+        out,
+        data_key=DATA_KEY,
+        data_key_id=KEY_ID,
+        tenant="acme",
+        context=CONTEXT,
+        frame_size=1024,
+        message_id=MESSAGE_ID,
     ) as writer:
         for i in range(0, len(THREE_FRAMES), 7):
             writer.write(THREE_FRAMES[i : i + 7])

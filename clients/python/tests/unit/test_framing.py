@@ -91,7 +91,15 @@ def test_example_token_has_the_documented_shape() -> None:
 
 def test_hello_request_header_and_payload() -> None:
     frame = decode_one(EXAMPLES["hello-request"])
-    assert (frame.version, frame.kind, frame.flags, frame.method, frame.status, frame.request_id, frame.deadline_ms) == (
+    assert (
+        frame.version,
+        frame.kind,
+        frame.flags,
+        frame.method,
+        frame.status,
+        frame.request_id,
+        frame.deadline_ms,
+    ) == (
         1,
         Kind.REQUEST,
         0,
@@ -241,7 +249,9 @@ def hello_in_thread(connection: Connection) -> "tuple[threading.Thread, Dict[str
     return thread, result
 
 
-def test_hello_sends_the_example_request_and_reads_the_example_response(peer: ScriptedPeer, connection: Connection) -> None:
+def test_hello_sends_the_example_request_and_reads_the_example_response(
+    peer: ScriptedPeer, connection: Connection
+) -> None:
     thread, result = hello_in_thread(connection)
     assert peer.receive(len(EXAMPLES["hello-request"])) == EXAMPLES["hello-request"]
     peer.send(EXAMPLES["hello-response"])
@@ -260,7 +270,9 @@ def test_before_the_hello_no_frame_over_4_kib_is_sent(connection: Connection) ->
     )
 
 
-def test_a_ping_that_arrives_first_is_answered_with_the_example_pong(peer: ScriptedPeer, connection: Connection) -> None:
+def test_a_ping_that_arrives_first_is_answered_with_the_example_pong(
+    peer: ScriptedPeer, connection: Connection
+) -> None:
     peer.send(EXAMPLES["ping"])
     thread, result = hello_in_thread(connection)
     sent = peer.receive(len(EXAMPLES["hello-request"]) + len(EXAMPLES["pong"]))
