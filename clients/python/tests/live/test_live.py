@@ -242,3 +242,31 @@ def test_a_key_user_token_from_a_string_is_limited_to_its_tenant(
     with pytest.raises(hsmgw.Unauthenticated):
         with hsmgw.Client(address, token=token[:-2] + ("AA" if not token.endswith("AA") else "BB"), tls=tls) as wrong:
             wrong.server_info()
+
+
+def test_threads_share_a_small_pool(
+    admin_token_file: str, address: str, tls: "hsmgw.TLSConfig | None", tenant: str
+) -> None:
+    import threading
+
+    with hsmgw.Client(address, token_file=admin_token_file, tls=tls, max_connections=2) as client:
+        key = client.generate_data_key(tenant, CONTEXT)
+        failures: "list[BaseException]" = []
+        done: "list[int]" = []
+
+        def worker() -> None:
+            try:
+                for _ in range(25):
+                    assert client.decrypt_data_key(tenant, key.id, CONTEXT).plaintext == key.plaintext
+                    done.append(1)
+            except BaseException as error:
+                failures.append(error)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures[:3]
+        assert len(done) == 200
+        assert 1 <= len(client.connections) <= 2
