@@ -15,7 +15,8 @@
 #  4. a throwaway PKI made with openssl (CA; server certificate for localhost and 127.0.0.1; a
 #     client certificate with clientAuth; one with serverAuth only), a SoftHSM2 token made by
 #     hsm-config/dev-token.sh, and a gateway on TLS with client certificates optional plus a Unix
-#     socket listener: tests/live/test_live.py again over TLS, and tests/live/test_tls.py.
+#     socket listener: tests/live/test_live.py again over TLS, tests/live/test_tls.py, and
+#     tests/live/test_cross_language.py again with the CLI over TLS.
 # Gateways are stopped and the temporary directory removed on every exit.
 #
 # Environment: HSM_GATEWAY_BIN (default .build/debug/hsm-gateway), HSMGW_BIN (the Swift `hsmgw`
@@ -198,4 +199,9 @@ HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" HSMGW_LIVE_TOKEN_FILE="$tls_dir/admin.t
     HSMGW_LIVE_SERVERAUTH_CERT="$pki/serveronly.crt" HSMGW_LIVE_SERVERAUTH_KEY="$pki/serveronly.key" \
     HSMGW_LIVE_UNIX_SOCKET="$socket_path" \
     pytest tests/live/test_live.py tests/live/test_tls.py
+
+log "cross-language envelopes with $cli over TLS"
+HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" HSMGW_LIVE_TOKEN_FILE="$tls_dir/admin.token" \
+    HSMGW_LIVE_CA_FILE="$pki/ca.crt" HSMGW_LIVE_SERVER_NAME="localhost" HSMGW_BIN="$cli" \
+    pytest tests/live/test_cross_language.py
 log "all Python SDK tests passed"

@@ -1,6 +1,7 @@
 """Envelopes across languages against one live gateway: the Python SDK seals and the Swift
-`hsmgw` CLI (HSMGW_BIN) opens, and the other way round, at several sizes and frame sizes.
-The CLI connects with the same HSMGW_* settings as hsm-admin (HSMGW_SERVER, HSMGW_TOKEN_FILE).
+`hsmgw` CLI (HSMGW_BIN) opens, and the other way round, at several sizes and frame sizes; data
+keys made by one and decrypted by the other. The CLI connects with the same HSMGW_* settings as
+hsm-admin (HSMGW_SERVER, HSMGW_TOKEN_FILE; HSMGW_CA_FILE and HSMGW_SERVER_NAME on TLS).
 Without HSMGW_BIN, or with no executable there, these tests fail: they are never skipped."""
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def cli(address: str, admin_token_file: str) -> "tuple[str, Dict[str, str]]":
     env.update({"HSMGW_SERVER": address, "HSMGW_TOKEN_FILE": admin_token_file})
     for name in ("HSMGW_CA_FILE", "HSMGW_SERVER_NAME", "HSMGW_CERT_FILE", "HSMGW_KEY_FILE", "HSMGW_TOKEN"):
         env.pop(name, None)
+    # Over TLS when the live gateway is (the CLI's CA file implies TLS, as hsm-admin's does).
+    if os.environ.get("HSMGW_LIVE_CA_FILE"):
+        env["HSMGW_CA_FILE"] = os.environ["HSMGW_LIVE_CA_FILE"]
+        env["HSMGW_SERVER_NAME"] = os.environ.get("HSMGW_LIVE_SERVER_NAME", "")
     return path, env
 
 
