@@ -98,6 +98,20 @@ log "installing ./$SDK_DIR[test] into $VENV_DIR"
 rm -rf "$SDK_DIR/build"
 export PYTHONDONTWRITEBYTECODE=1
 pytest() { (cd "$SDK_DIR" && "$py" -m pytest -p no:cacheprovider -q -rA ${PYTEST_ARGS:-} "$@"); }
+# A failing live step does not stop the others (each names what it covers); the script fails at
+# the end, naming them.
+failed_steps=()
+live() { # NAME VAR=VALUE... -- TEST FILES...
+    local name=$1 vars=()
+    shift
+    while [[ $1 != -- ]]; do
+        vars+=("$1")
+        shift
+    done
+    shift
+    (cd "$SDK_DIR" && env "${vars[@]}" "$py" -m pytest -p no:cacheprovider -q -rA ${PYTEST_ARGS:-} "$@") ||
+        failed_steps+=("$name")
+}
 
 # --- 2. Unit tests ----------------------------------------------------------------------------
 log "unit tests ($("$py" -c 'import google.protobuf as p, cryptography as c; print("protobuf", p.__version__, "cryptography", c.__version__)'))"
@@ -147,12 +161,12 @@ pids+=($!)
 wait_ready "${pids[-1]}" "$port" "$dev_dir/admin.token"
 
 log "live tests against the dev gateway (plaintext, 127.0.0.1:$port)"
-HSMGW_LIVE_ADDRESS="127.0.0.1:$port" HSMGW_LIVE_TOKEN_FILE="$dev_dir/admin.token" \
-    pytest tests/live/test_live.py
+live "live (plaintext)" HSMGW_LIVE_ADDRESS="127.0.0.1:$port" HSMGW_LIVE_TOKEN_FILE="$dev_dir/admin.token" \
+    -- tests/live/test_live.py
 
 log "cross-language envelopes with $cli"
-HSMGW_LIVE_ADDRESS="127.0.0.1:$port" HSMGW_LIVE_TOKEN_FILE="$dev_dir/admin.token" HSMGW_BIN="$cli" \
-    pytest tests/live/test_cross_language.py
+live "cross-language (plaintext)" HSMGW_LIVE_ADDRESS="127.0.0.1:$port" \
+    HSMGW_LIVE_TOKEN_FILE="$dev_dir/admin.token" HSMGW_BIN="$cli" -- tests/live/test_cross_language.py
 
 # --- 4. TLS, mutual TLS and a Unix socket -----------------------------------------------------
 command -v openssl >/dev/null || { log "openssl not found (apt-get install openssl)"; exit 1; }
@@ -193,15 +207,20 @@ pids+=($!)
 wait_ready "${pids[-1]}" "$tls_port" "$tls_dir/admin.token"
 
 log "live tests against the TLS gateway (127.0.0.1:$tls_port, Unix socket $socket_path)"
-HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" HSMGW_LIVE_TOKEN_FILE="$tls_dir/admin.token" \
-    HSMGW_LIVE_CA_FILE="$pki/ca.crt" HSMGW_LIVE_SERVER_NAME="localhost" \
+live "live (TLS, mTLS, Unix socket)" HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" \
+    HSMGW_LIVE_TOKEN_FILE="$tls_dir/admin.token" HSMGW_LIVE_CA_FILE="$pki/ca.crt" HSMGW_LIVE_SERVER_NAME="localhost" \
     HSMGW_LIVE_CLIENT_CERT="$pki/client.crt" HSMGW_LIVE_CLIENT_KEY="$pki/client.key" HSMGW_LIVE_CLIENT_CN="$client_cn" \
     HSMGW_LIVE_SERVERAUTH_CERT="$pki/serveronly.crt" HSMGW_LIVE_SERVERAUTH_KEY="$pki/serveronly.key" \
     HSMGW_LIVE_UNIX_SOCKET="$socket_path" \
-    pytest tests/live/test_live.py tests/live/test_tls.py
+    -- tests/live/test_live.py tests/live/test_tls.py
 
 log "cross-language envelopes with $cli over TLS"
-HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" HSMGW_LIVE_TOKEN_FILE="$tls_dir/admin.token" \
+live "cross-language (TLS)" HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" HSMGW_LIVE_TOKEN_FILE="$tls_dir/admin.token" \
     HSMGW_LIVE_CA_FILE="$pki/ca.crt" HSMGW_LIVE_SERVER_NAME="localhost" HSMGW_BIN="$cli" \
-    pytest tests/live/test_cross_language.py
+    -- tests/live/test_cross_language.py
+
+if ((${#failed_steps[@]})); then
+    log "failed: $(printf '%s; ' "${failed_steps[@]}")"
+    exit 1
+fi
 log "all Python SDK tests passed"

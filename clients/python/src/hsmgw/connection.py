@@ -26,6 +26,8 @@ from .v1 import gateway_pb2 as pb
 #: How much longer than a request's deadline the client waits for the server's own
 #: DEADLINE_EXCEEDED before giving up locally and sending a cancel (section 5.1).
 DEADLINE_GRACE_SECONDS = 1.0
+#: How long closing a TLS connection waits for the server's close_notify.
+TLS_CLOSE_TIMEOUT_SECONDS = 0.2
 #: Bytes asked of the socket per read.
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -181,6 +183,14 @@ class Connection:
             if self._closed:
                 return
             self._closed = True
+        if isinstance(self._sock, ssl.SSLSocket) and self.violation is None:
+            # A TLS close_notify first, so the server sees a clean end rather than a broken one.
+            with self._io_lock:
+                try:
+                    self._sock.settimeout(TLS_CLOSE_TIMEOUT_SECONDS)
+                    self._sock.unwrap()
+                except (OSError, ValueError):
+                    pass
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
