@@ -2,9 +2,10 @@
 #
 #   make run    build and start `hsm-gateway --dev`: SoftHSM2 dev token + SQLite under .hsm-dev/,
 #               plaintext on 127.0.0.1:7700, health and metrics on 127.0.0.1:7701
-#   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python
-#               interoperability client against a real gateway, then the monitoring files
-#               (alert rules and dashboard) against real gateways (what .ci/run calls)
+#   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python SDK's
+#               tests (clients/python: unit, live against real gateways in plaintext, TLS and
+#               mTLS, and envelopes across languages with the `hsmgw` CLI), then the monitoring
+#               files (alert rules and dashboard) against real gateways (what .ci/run calls)
 #
 # Both install what they need from Debian's packages first (sudo when not root).
 
@@ -14,7 +15,8 @@ SHELL := /bin/bash
 
 SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
-# openssl makes the test PKI; protobuf-compiler and python3-venv serve the Python interop client;
+# openssl makes the test PKI; python3-venv serves the Python SDK's tests, and protobuf-compiler
+# regenerates its committed messages (clients/python/generate.sh) and checks they are current;
 # gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time;
 # jq, curl and procps (pgrep) serve scripts/bench-deployment.sh; python3-yaml serves
 # scripts/check-monitoring.sh (which fetches promtool itself, without installing Prometheus).
@@ -28,7 +30,7 @@ SOFTHSM2_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 LISTEN ?= 127.0.0.1:7700
 METRICS_LISTEN ?= 127.0.0.1:7701
 
-.PHONY: help deps build run dev-token preflight test interop check-monitoring bench bench-deployment format lint clean
+.PHONY: help deps build run dev-token preflight test interop python-sdk-test check-monitoring bench bench-deployment format lint clean
 
 help:
 	@echo "make run    build and start hsm-gateway --dev (token and SQLite in $(DATA_DIR)/, $(LISTEN))"
@@ -83,12 +85,15 @@ test: deps
 	    $(SWIFT) test --skip-build --filter "^$$target\." || failed="$$failed $$target"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "test: failed:$$failed"; exit 1; fi
-	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSMGW_BIN=.build/debug/hsmgw scripts/python-sdk-test.sh
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/check-monitoring.sh
 
-interop: deps
+# The Python SDK's tests alone (clients/python/README.md): unit tests, live tests against a dev
+# gateway and a TLS + mTLS gateway, envelopes across languages with the `hsmgw` CLI.
+python-sdk-test interop: deps
 	$(SWIFT) build --product hsm-gateway
-	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
+	$(SWIFT) build --product hsmgw
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSMGW_BIN=.build/debug/hsmgw scripts/python-sdk-test.sh
 
 # Alert rules (promtool check and unit tests), Prometheus's configuration, the Grafana dashboard
 # and the compose stack, with every metric name checked against live gateways
