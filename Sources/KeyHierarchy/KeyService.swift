@@ -364,9 +364,14 @@ public final class KeyService: Sendable {
     /// every kept checkpoint against the record it names and against the audit key in the HSM,
     /// and the head's own checkpoint. Reports the first place where it breaks: for a rewritten
     /// log, the first checkpoint it breaks.
+    ///
+    /// It checks the log as of the head it reads first: records and checkpoints appended while
+    /// it pages through (a busy gateway's) are left for the next verification, not taken for a
+    /// head mismatch or for removed records.
     public func verifyAuditLog(pageSize: Int = 1000) async throws(KeyServiceError) -> AuditLogVerification {
         try await mapErrors {
             let anchored = try await self.repository.read { try await $0.auditHead() }
+            let end = anchored.head.sequence
             // The key that made the head's checkpoint (or, with none, the first kept one); the
             // token checks it is the audit key, and a checkpoint made by any other does not verify.
             let firstCheckpoint = try await self.repository.read { try await $0.auditCheckpoints(after: 0, limit: 1) }
@@ -388,7 +393,7 @@ public final class KeyService: Sendable {
             while true {
                 let page = try await self.repository.read { try await $0.auditRecords(after: after, limit: pageSize) }
                 var due: [AuditCheckpoint] = []
-                for record in page {
+                for record in page where record.sequence <= end {
                     if case .broken(let problem) = verifier.check(record) { return report(problem) }
                     while true {
                         if checkpoints.isEmpty {
@@ -414,12 +419,16 @@ public final class KeyService: Sendable {
                     }
                     checkpointsChecked += due.count
                 }
-                guard let last = page.last, page.count == pageSize else { break }
+                guard let last = page.last, page.count == pageSize, last.sequence < end else { break }
                 after = last.sequence
             }
             let chain = verifier.finish(head: anchored.head)
             guard case .verified = chain else { return report(Self.problem(of: chain)) }
-            if let beyond = checkpoints.first {
+            // A checkpoint past the head read at the start is evidence of removed records only
+            // if the head has not reached it since.
+            if let beyond = checkpoints.first,
+                try await self.repository.read({ try await $0.auditHead() }).head.sequence < beyond.sequence
+            {
                 return report(
                     AuditProblem(
                         sequence: beyond.sequence,

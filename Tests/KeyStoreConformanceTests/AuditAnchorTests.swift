@@ -2,6 +2,7 @@ import Foundation
 import KeyHierarchy
 import PKCS11
 import PKCS11KeyToken
+import Synchronization
 import Testing
 
 /// Security invariant 5: the audit chain is anchored by an HMAC key inside the HSM, so whoever can
@@ -118,6 +119,41 @@ struct AuditAnchorTests {
         #expect(verification.anchoredThrough == Int64(records.count))
         #expect(records.filter { $0.event.operation == .decryptDataKey }.count == 200)
         #expect(records.filter { $0.event.operation == .generateDataKey }.count == 208)
+    }
+
+    /// Verification reads the head first and the records after, in several reads: records
+    /// appended in between (every busy gateway's case) are not the log's, and a checkpoint made
+    /// for them meanwhile is not a sign of removed records. Small pages and a stream of writes
+    /// make the window wide; a verification that ran past the head it read reported
+    /// "does not match the stored head".
+    @Test(arguments: StoreKind.allCases)
+    func verificationDuringWritesChecksTheLogAsOfItsHead(kind: StoreKind) async throws {
+        let harness = try await Self.harness(kind, "anchor-busy", interval: 3)
+        defer { Task { await harness.close() } }
+        let tenant = tenantID("busy")
+        _ = try await harness.service.createTenant(tenant, request: admin)
+        let service = harness.service
+        let writing = WritingFlag()
+        let results = try await withThrowingTaskGroup(of: [AuditLogVerification].self) { group in
+            for _ in 0..<4 {
+                group.addTask {
+                    while writing.on.load(ordering: .relaxed) {
+                        _ = try await service.generateDataKey(tenant, request: app)
+                    }
+                    return []
+                }
+            }
+            group.addTask {
+                defer { writing.on.store(false, ordering: .relaxed) }
+                var verifications: [AuditLogVerification] = []
+                for _ in 0..<12 { verifications.append(try await service.verifyAuditLog(pageSize: 2)) }
+                return verifications
+            }
+            return try await group.reduce(into: []) { $0 += $1 }
+        }
+        #expect(results.count == 12)
+        for result in results { #expect(result.isVerified, "\(result.result)") }
+        #expect(try await harness.service.verifyAuditLog().isVerified)
     }
 
     /// The key is made by the gateway, inside the token, and can do nothing but MACs.
@@ -285,4 +321,9 @@ struct AuditAnchorTests {
         #expect(error?.code == .dataLoss)
         #expect(error?.underlying?.contains("carries no checkpoint") == true)
     }
+}
+
+/// Whether the writers of `verificationDuringWritesChecksTheLogAsOfItsHead` go on.
+private final class WritingFlag: Sendable {
+    let on = Atomic<Bool>(true)
 }
