@@ -608,6 +608,8 @@ public final class KeyService: Sendable {
                     "a master key failed its binding check; the key store refers to the wrong token object",
                     underlying: error.description
                 )
+            case .cancelled:
+                return KeyServiceError(.aborted, "cancelled")
             case .other:
                 return KeyServiceError(.internalError, "the HSM operation failed", underlying: error.description)
             }

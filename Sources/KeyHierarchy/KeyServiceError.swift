@@ -122,6 +122,9 @@ public struct TokenError: Error, Hashable, Sendable, CustomStringConvertible {
         /// or version, or it is not a gateway key at all): the database pointed a version at the
         /// wrong object.
         case bindingViolation
+        /// The caller's task was cancelled (its deadline passed, or its connection went away)
+        /// before the token ran the operation; nothing failed.
+        case cancelled
         /// Anything else.
         case other
     }

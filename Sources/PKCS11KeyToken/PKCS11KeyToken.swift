@@ -450,6 +450,10 @@ public final class PKCS11KeyToken: MasterKeyToken {
         switch error {
         case let error as TokenError:
             return error
+        case is CancellationError:
+            // The caller gave up waiting (a deadline, usually while queued for a session): not a
+            // token failure, and not one to log as one.
+            return TokenError(.cancelled, "cancelled")
         case let error as PKCS11Error:
             if error.code == .masterKeyPolicyViolation {
                 return TokenError(.policyViolation, error.description)

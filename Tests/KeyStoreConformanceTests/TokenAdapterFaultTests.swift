@@ -51,6 +51,41 @@ struct TokenAdapterFaultTests {
         }
     }
 
+    /// A caller cancelled while it waits for a session (its deadline passed) gets `.cancelled`,
+    /// which the key service answers as a cancellation: before, it was `.other`, an INTERNAL
+    /// "HSM operation failed" in the server log for what was only an impatient caller.
+    @Test
+    func cancelledWhileQueuedIsACancellationNotATokenFailure() async throws {
+        let setup = try await Setup.make("cancel")
+        let held = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        // The pool's only session, held on the pool's thread until the test lets go.
+        let holder = Task {
+            try await setup.pool.withSession { _ in
+                held.signal()
+                release.wait()
+            }
+        }
+        await Task.detached { held.wait() }.value
+        let queued = Task { () async throws(TokenError) -> [TokenResult] in
+            try await setup.token.perform([.generateAndWrap(key: setup.key, aad: [1])])
+        }
+        try await Task.sleep(for: .milliseconds(50))
+        queued.cancel()
+        let outcome = await queued.result
+        release.signal()
+        try await holder.value
+        guard case .failure(let error) = outcome else {
+            Issue.record("a cancelled wait for a session returned results")
+            return
+        }
+        #expect((error as? TokenError)?.kind == .cancelled, "\(error)")
+        // The pool is whole afterwards.
+        guard case .generated = try await setup.token.perform([.generateAndWrap(key: setup.key, aad: [1])])[0] else {
+            throw StoreKindError("no data key after the cancellation")
+        }
+    }
+
     /// The session dies at the first C_Encrypt of a generate: the pool retries the lease on a new
     /// session, which wraps the data key already drawn under a fresh IV.
     @Test
