@@ -236,6 +236,10 @@ let package = Package(
         // Child processes (posix_spawn, not Foundation's Process), temporary directories and a
         // throwaway PKI made with the openssl CLI, for the tests that start servers and tools.
         .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport"),
+        // One `hsm-gateway --dev` child process per test process, for the CLIs' end-to-end tests.
+        .target(
+            name: "DevGatewayTestSupport", dependencies: ["ProcessTestSupport"], path: "Tests/DevGatewayTestSupport"
+        ),
         // The hex blocks of docs/*.md, for golden-byte tests of what the code builds.
         .target(name: "DocumentTestSupport", path: "Tests/DocumentTestSupport"),
         .testTarget(name: "GatewayConfigTests", dependencies: ["GatewayConfig"]),
@@ -328,7 +332,8 @@ let package = Package(
             name: "HSMAdminTests",
             dependencies: [
                 "HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport",
-                "ProcessTestSupport", "Sealing", .product(name: "Crypto", package: "swift-crypto"),
+                "ProcessTestSupport", "DevGatewayTestSupport", "Sealing",
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
     ],

@@ -1,3 +1,4 @@
+import DevGatewayTestSupport
 import Foundation
 import GatewayClient
 import ProcessTestSupport

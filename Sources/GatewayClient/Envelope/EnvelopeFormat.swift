@@ -68,7 +68,7 @@ public enum EnvelopeFormat {
     static let commitmentInfo = Array("HGWE v1 key commitment".utf8)
 
     /// Checks a tenant id against the gateway's rule.
-    static func validateTenant(_ tenant: String) throws(EnvelopeError) {
+    public static func validateTenant(_ tenant: String) throws(EnvelopeError) {
         let bytes = Array(tenant.utf8)
         guard (1...maximumTenantByteCount).contains(bytes.count) else {
             throw EnvelopeError(.invalidArgument, "the tenant id must be 1 to \(maximumTenantByteCount) bytes")
@@ -96,7 +96,7 @@ public enum EnvelopeFormat {
     }
 
     /// Checks a frame size against its range.
-    static func validateFrameSize(_ frameSize: Int) throws(EnvelopeError) {
+    public static func validateFrameSize(_ frameSize: Int) throws(EnvelopeError) {
         guard (minimumFrameSize...maximumFrameSize).contains(frameSize) else {
             throw EnvelopeError(
                 .invalidArgument,
@@ -109,7 +109,7 @@ public enum EnvelopeFormat {
     /// big-endian pair count, then for each pair in the order of the keys' UTF-8 bytes, the key
     /// and the value, each as a 4-byte big-endian length and its UTF-8 bytes. Checks the
     /// gateway's limits.
-    static func encodeContext(_ context: [String: String]) throws(EnvelopeError) -> [UInt8] {
+    public static func encodeContext(_ context: [String: String]) throws(EnvelopeError) -> [UInt8] {
         guard context.count <= maximumContextPairs else {
             throw EnvelopeError(
                 .invalidArgument,

@@ -3,19 +3,20 @@ import Foundation
 import GatewayClient
 import GatewayWire
 
-/// What a remote command works with: a connected client, where to print, and how.
-struct AdminSession: Sendable {
+/// What a remote command works with: a connected client, where to print, and how. Shared with
+/// `hsmgw` (Sources/DataPlaneCLI), which runs its commands through `RemoteCommandRunner` too.
+public struct AdminSession: Sendable {
     /// The gateway client (one connection, opened by the first call).
-    let client: GatewayClient
+    public let client: GatewayClient
     /// Where results and notes go.
-    let output: AdminOutput
+    public let output: AdminOutput
     /// The resolved connection settings.
-    let settings: ConnectionSettings
+    public let settings: ConnectionSettings
     /// Whether to print JSON.
-    let json: Bool
+    public let json: Bool
 
     /// Prints `value` as one JSON document, or `text()` for people.
-    func print(_ value: some Encodable, text: () -> String) {
+    public func print(_ value: some Encodable, text: () -> String) {
         output.write(json ? AdminJSON.document(value) : text())
     }
 
@@ -85,45 +86,15 @@ public enum AdminRunner {
         environment: [String: String],
         output: AdminOutput
     ) async -> Int32 {
-        let settings: ConnectionSettings
-        let client: GatewayClient
-        do {
-            settings = try command.connection.resolve(environment: environment)
-            let token = try settings.loadToken(environment: environment)
-            client = try GatewayClient(
-                configuration: settings.clientConfiguration(token: token, clientName: clientName))
-        } catch let error as AdminError {
-            output.note("hsm-admin: \(error.message)")
-            return error.exitCode
-        } catch let error as GatewayClientConfigurationError {
-            output.note("hsm-admin: \(error)")
-            return AdminExitCode.configuration
-        } catch {
-            output.note("hsm-admin: \(error)")
-            return AdminExitCode.configuration
-        }
-        let session = AdminSession(
-            client: client,
+        await RemoteCommandRunner.run(
+            programName: "hsm-admin",
+            clientName: clientName,
+            connection: command.connection,
+            json: command.outputOptions.json,
+            environment: environment,
             output: output,
-            settings: settings,
-            json: command.outputOptions.json
+            execute: command.execute
         )
-        let code: Int32
-        do {
-            try await command.execute(session)
-            code = AdminExitCode.success
-        } catch let error as AdminError {
-            if !error.message.isEmpty { output.note("hsm-admin: \(error.message)") }
-            code = error.exitCode
-        } catch let error as GatewayError {
-            output.note("hsm-admin: \(describe(error, settings: settings))")
-            code = AdminExitCode.forError(error)
-        } catch {
-            output.note("hsm-admin: \(error)")
-            code = AdminExitCode.internalError
-        }
-        await client.shutdown()
-        return code
     }
 
     /// A failed call for people: what it means here, then the gateway's message, code and reason.
@@ -147,13 +118,80 @@ public enum AdminRunner {
 
     /// Prints a parse error or a help request as the executable does, and returns its code.
     static func report(_ error: any Error, output: AdminOutput) -> Int32 {
-        let code = HSMAdminCommand.exitCode(for: error).rawValue
-        let message = HSMAdminCommand.fullMessage(for: error)
+        report(error, root: HSMAdminCommand.self, output: output)
+    }
+
+    /// Prints a parse error or a help request as the executable whose root command is `root`
+    /// does, and returns its code.
+    public static func report(_ error: any Error, root: any ParsableCommand.Type, output: AdminOutput) -> Int32 {
+        let code = root.exitCode(for: error).rawValue
+        let message = root.fullMessage(for: error)
         if code == AdminExitCode.success {
             if !message.isEmpty { output.write(message + "\n") }
         } else if !message.isEmpty {
             output.note(message)
         }
+        return code
+    }
+}
+
+/// The path every remote command of `hsm-admin` and `hsmgw` takes: resolve the connection
+/// settings (flags, environment, admin configuration file), read the token, connect, run the
+/// command, map its failure to an exit code (`AdminExitCode`) with one message on standard error,
+/// and close the connection.
+public enum RemoteCommandRunner {
+    /// Runs `execute` with a session; returns the exit code.
+    ///
+    /// - Parameter programName: The program name that starts every error line, e.g. `hsm-admin`.
+    /// - Parameter clientName: The client name the gateway logs for the connection.
+    /// - Parameter classify: For errors other than `AdminError` and `GatewayError` (which every
+    ///   command maps the same way): their message and exit code, or nil for an internal error.
+    public static func run(
+        programName: String,
+        clientName: String,
+        connection: ConnectionOptions,
+        json: Bool,
+        environment: [String: String],
+        output: AdminOutput,
+        classify: (any Error) -> (message: String, exitCode: Int32)? = { _ in nil },
+        execute: (AdminSession) async throws -> Void
+    ) async -> Int32 {
+        let settings: ConnectionSettings
+        let client: GatewayClient
+        do {
+            settings = try connection.resolve(environment: environment)
+            let token = try settings.loadToken(environment: environment)
+            client = try GatewayClient(
+                configuration: settings.clientConfiguration(token: token, clientName: clientName))
+        } catch let error as AdminError {
+            output.note("\(programName): \(error.message)")
+            return error.exitCode
+        } catch {
+            // GatewayClientConfigurationError: an unreadable certificate or key.
+            output.note("\(programName): \(error)")
+            return AdminExitCode.configuration
+        }
+        let session = AdminSession(client: client, output: output, settings: settings, json: json)
+        let code: Int32
+        do {
+            try await execute(session)
+            code = AdminExitCode.success
+        } catch let error as AdminError {
+            if !error.message.isEmpty { output.note("\(programName): \(error.message)") }
+            code = error.exitCode
+        } catch let error as GatewayError {
+            output.note("\(programName): \(AdminRunner.describe(error, settings: settings))")
+            code = AdminExitCode.forError(error)
+        } catch {
+            if let (message, exitCode) = classify(error) {
+                output.note("\(programName): \(message)")
+                code = exitCode
+            } else {
+                output.note("\(programName): \(error)")
+                code = AdminExitCode.internalError
+            }
+        }
+        await client.shutdown()
         return code
     }
 }

@@ -94,7 +94,7 @@ public struct ConnectionOptions: ParsableArguments, Sendable {
 /// The output flag every command takes.
 public struct OutputOptions: ParsableArguments, Sendable {
     @Flag(help: "Print JSON: one document (JSON lines for audit tail and export, and with --watch).")
-    var json = false
+    public var json = false
 
     public init() {}
 }

@@ -231,14 +231,15 @@ struct MasterKeyView: Codable, Sendable, Hashable {
 }
 
 /// A data key's metadata (never the key).
-struct DataKeyView: Codable, Sendable, Hashable {
-    var tenant: String
-    var id: String
-    var masterKeyVersion: UInt32
-    var state: String
-    var encryptions: UInt64
-    var createdAt: String?
-    var updatedAt: String?
+/// A data key's metadata as printed (shared with `hsmgw rewrap`).
+public struct DataKeyView: Codable, Sendable, Hashable {
+    public var tenant: String
+    public var id: String
+    public var masterKeyVersion: UInt32
+    public var state: String
+    public var encryptions: UInt64
+    public var createdAt: String?
+    public var updatedAt: String?
 
     private var created: Int64 = 0
     private var updated: Int64 = 0
@@ -247,7 +248,7 @@ struct DataKeyView: Codable, Sendable, Hashable {
         case tenant, id, masterKeyVersion, state, encryptions, createdAt, updatedAt
     }
 
-    init(_ message: Hsmgw_V1_DataKeyInfo) {
+    public init(_ message: Hsmgw_V1_DataKeyInfo) {
         tenant = message.tenant
         id = message.id
         masterKeyVersion = message.masterKeyVersion
@@ -273,7 +274,7 @@ struct DataKeyView: Codable, Sendable, Hashable {
         return table
     }
 
-    var fields: FieldList {
+    public var fields: FieldList {
         var list = FieldList()
         list.append("tenant", tenant)
         list.append("id", id)
@@ -572,15 +573,15 @@ func byteCount(_ count: UInt32) -> String {
 /// `v3`, or `-` for 0 (none).
 func version(_ number: UInt32) -> String { number == 0 ? "-" : "v\(number)" }
 
-/// JSON as `hsm-admin` prints it: keys sorted, slashes unescaped.
-enum AdminJSON {
+/// JSON as `hsm-admin` (and `hsmgw`) prints it: keys sorted, slashes unescaped.
+public enum AdminJSON {
     /// One indented document with a final newline.
-    static func document(_ value: some Encodable) -> String {
+    public static func document(_ value: some Encodable) -> String {
         encode(value, formatting: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]) + "\n"
     }
 
     /// One compact line with a final newline (JSON lines).
-    static func line(_ value: some Encodable) -> String {
+    public static func line(_ value: some Encodable) -> String {
         encode(value, formatting: [.sortedKeys, .withoutEscapingSlashes]) + "\n"
     }
 

@@ -20,17 +20,23 @@ public enum AdminExitCode {
     /// Bad usage: an unknown flag, a missing or malformed argument, a refused confirmation, or
     /// connection settings that contradict each other (`EX_USAGE`).
     public static let usage: Int32 = 64
-    /// The gateway refused an argument (`INVALID_ARGUMENT`, `OUT_OF_RANGE`) (`EX_DATAERR`).
+    /// The gateway refused an argument (`INVALID_ARGUMENT`, `OUT_OF_RANGE`); for `hsmgw`, also a
+    /// bad envelope: malformed, tampered with, truncated, extended, or with another encryption
+    /// context than the one required (`EX_DATAERR`).
     public static let invalidArgument: Int32 = 65
     /// The gateway cannot be reached or cannot serve now: connection refused, TLS failure,
     /// `UNAVAILABLE` (sealed, HSM or database down, shutting down), `DEADLINE_EXCEEDED`,
     /// `UNIMPLEMENTED` (an older gateway) (`EX_UNAVAILABLE`).
     public static let unavailable: Int32 = 69
+    /// An input file cannot be opened (`hsmgw`'s `--in`) (`EX_NOINPUT`).
+    public static let noInput: Int32 = 66
     /// A bug or inconsistency: `INTERNAL`, `DATA_LOSS`, an answer the CLI cannot read
     /// (`EX_SOFTWARE`).
     public static let internalError: Int32 = 70
     /// The output file of `audit export` cannot be written (`EX_CANTCREAT`).
     public static let cannotCreate: Int32 = 73
+    /// Reading the input or writing the output failed midway (`hsmgw`) (`EX_IOERR`).
+    public static let ioError: Int32 = 74
     /// A limit was reached or a concurrent change won: retry later (`RESOURCE_EXHAUSTED`,
     /// `ABORTED`) (`EX_TEMPFAIL`).
     public static let temporaryFailure: Int32 = 75
@@ -48,10 +54,12 @@ public enum AdminExitCode {
         (notFound, "not found (NOT_FOUND)"),
         (conflict, "state forbids it or it exists (FAILED_PRECONDITION, ALREADY_EXISTS)"),
         (usage, "bad usage, refused confirmation, contradictory settings"),
-        (invalidArgument, "the gateway refused an argument (INVALID_ARGUMENT, OUT_OF_RANGE)"),
+        (invalidArgument, "the gateway refused an argument (INVALID_ARGUMENT, OUT_OF_RANGE); a bad envelope"),
+        (noInput, "the input file cannot be opened"),
         (unavailable, "gateway unreachable or unavailable (UNAVAILABLE, DEADLINE_EXCEEDED)"),
         (internalError, "internal error (INTERNAL, DATA_LOSS, unreadable answer)"),
-        (cannotCreate, "the output file cannot be written"),
+        (cannotCreate, "the output file cannot be written (or exists)"),
+        (ioError, "reading the input or writing the output failed"),
         (temporaryFailure, "retry later (RESOURCE_EXHAUSTED, ABORTED)"),
         (permissionDenied, "unauthenticated or permission denied"),
         (configuration, "unusable settings (token file mode, admin config, TLS files)"),
@@ -114,6 +122,12 @@ public struct AdminError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let failed = Code("failed", exitCode: AdminExitCode.failure)
         /// An output file cannot be written (73).
         public static let cannotCreate = Code("cannotCreate", exitCode: AdminExitCode.cannotCreate)
+        /// A bad envelope (65).
+        public static let dataError = Code("dataError", exitCode: AdminExitCode.invalidArgument)
+        /// An input file that cannot be opened (66).
+        public static let noInput = Code("noInput", exitCode: AdminExitCode.noInput)
+        /// A read or write that failed midway (74).
+        public static let ioError = Code("ioError", exitCode: AdminExitCode.ioError)
         /// The gateway answered something inconsistent (70).
         public static let internalError = Code("internal", exitCode: AdminExitCode.internalError)
 

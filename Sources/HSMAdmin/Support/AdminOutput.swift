@@ -39,6 +39,9 @@ public struct AdminOutput: Sendable {
 
     /// Writes `text` and a newline to standard error.
     public func note(_ text: String) { sink(.standardError, text + "\n") }
+
+    /// Writes `text` as it is to standard error (a progress line redrawn with `\r`).
+    public func noteWithoutNewline(_ text: String) { sink(.standardError, text) }
 }
 
 /// Output kept in memory, for tests.

@@ -190,7 +190,8 @@ public enum DataKeyStateFilter: String, CaseIterable, ExpressibleByArgument, Sen
 
 /// Adapts an `AdminArguments` parser to ArgumentParser's `transform:`, whose errors it prints
 /// with the usage and exit code 64.
-func argument<T>(_ parse: @escaping @Sendable (String) throws(AdminError) -> T) -> @Sendable (String) throws -> T {
+public func argument<T>(_ parse: @escaping @Sendable (String) throws(AdminError) -> T) -> @Sendable (String) throws -> T
+{
     { text in
         do throws(AdminError) {
             return try parse(text)

@@ -85,20 +85,20 @@ struct TextTable: Sendable, Hashable {
 }
 
 /// Named values for people, one per line with the values aligned: `name   value`.
-struct FieldList: Sendable, Hashable {
+public struct FieldList: Sendable, Hashable {
     /// The fields in order.
     private(set) var fields: [(name: String, value: String)] = []
 
     /// An empty list.
-    init() {}
+    public init() {}
 
     /// Adds a field; the value is sanitised.
-    mutating func append(_ name: String, _ value: String) {
+    public mutating func append(_ name: String, _ value: String) {
         fields.append((name, value.sanitizedForTerminal))
     }
 
     /// One line per field, with a final newline; empty for no fields.
-    func render() -> String {
+    public func render() -> String {
         let width = fields.reduce(0) { max($0, $1.name.count) }
         return fields.map { field in
             let line = field.name + String(repeating: " ", count: width - field.name.count + 2) + field.value
@@ -106,11 +106,11 @@ struct FieldList: Sendable, Hashable {
         }.joined(separator: "\n") + (fields.isEmpty ? "" : "\n")
     }
 
-    static func == (lhs: FieldList, rhs: FieldList) -> Bool {
+    public static func == (lhs: FieldList, rhs: FieldList) -> Bool {
         lhs.fields.elementsEqual(rhs.fields) { $0.name == $1.name && $0.value == $1.value }
     }
 
-    func hash(into hasher: inout Hasher) {
+    public func hash(into hasher: inout Hasher) {
         for field in fields {
             hasher.combine(field.name)
             hasher.combine(field.value)
@@ -121,7 +121,7 @@ struct FieldList: Sendable, Hashable {
 extension String {
     /// The text with every control character (C0, DEL, C1: escape sequences, carriage returns,
     /// newlines, tabs) replaced by `?`, safe to print on a terminal.
-    var sanitizedForTerminal: String {
+    public var sanitizedForTerminal: String {
         guard unicodeScalars.contains(where: \.isTerminalControl) else { return self }
         return String(String.UnicodeScalarView(unicodeScalars.map { $0.isTerminalControl ? "?" : $0 }))
     }

@@ -2,32 +2,32 @@ import Foundation
 import ProcessTestSupport
 import Synchronization
 
-/// One `hsm-gateway --dev` per test process, on a free loopback port in a temporary directory
+/// One `hsm-gateway --dev` per test process (shared by HSMAdminTests and DataPlaneCLITests), on a free loopback port in a temporary directory
 /// (its data directory is `<root>/.hsm-dev`, as next to an operator's checkout), started on
 /// first use and stopped at process exit. The built executables run in place.
-final class DevGatewayProcess: Sendable {
+public final class DevGatewayProcess: Sendable {
     /// The shared gateway; throws for every test that asks when it cannot start.
-    static func shared() throws -> DevGatewayProcess { try sharedResult.get() }
+    public static func shared() throws -> DevGatewayProcess { try sharedResult.get() }
     private static let sharedResult: Result<DevGatewayProcess, any Error> = Result { try DevGatewayProcess() }
 
     /// How long the first start may take: a SoftHSM2 token, the SQLite schema and the first
     /// admin, on a machine shared with parallel builds.
-    static let startTimeout: Duration = .seconds(120)
+    public static let startTimeout: Duration = .seconds(120)
 
     /// The temporary directory: `.hsm-dev/`, `home/`, `gateway.log`.
-    let root: String
+    public let root: String
     /// The gateway's TCP port on 127.0.0.1.
-    let port: Int
+    public let port: Int
     /// The gateway's process.
-    let pid: pid_t
+    public let pid: pid_t
     /// The built `hsm-admin`.
-    let adminExecutable: String
+    public let adminExecutable: String
 
-    var dataDirectory: String { root + "/.hsm-dev" }
-    var adminTokenFile: String { dataDirectory + "/admin.token" }
-    var home: String { root + "/home" }
-    var logFile: String { root + "/gateway.log" }
-    var server: String { "127.0.0.1:\(port)" }
+    public var dataDirectory: String { root + "/.hsm-dev" }
+    public var adminTokenFile: String { dataDirectory + "/admin.token" }
+    public var home: String { root + "/home" }
+    public var logFile: String { root + "/gateway.log" }
+    public var server: String { "127.0.0.1:\(port)" }
 
     private init() throws {
         let root = "/tmp/hsmadm-e2e-\(getpid())-\(String(UInt32.random(in: 0...UInt32.max), radix: 36))"
@@ -97,7 +97,7 @@ final class DevGatewayProcess: Sendable {
         throw TestSetupError("hsm-gateway --dev did not serve within \(startTimeout)")
     }
 
-    static func canConnect(port: Int) -> Bool {
+    public static func canConnect(port: Int) -> Bool {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard descriptor >= 0 else { return false }
         defer { close(descriptor) }
@@ -110,7 +110,7 @@ final class DevGatewayProcess: Sendable {
     }
 
     /// A loopback port that was free a moment ago (bound to port 0, read, closed).
-    static func freePort() throws -> Int {
+    public static func freePort() throws -> Int {
         let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard descriptor >= 0 else { throw TestSetupError("socket failed: errno \(errno)") }
         defer { close(descriptor) }
@@ -136,7 +136,7 @@ final class DevGatewayProcess: Sendable {
 
     /// A built executable: next to the test bundle (where SwiftPM puts executables), else in the
     /// package's `.build/debug` (when the bundle was copied elsewhere to run).
-    static func builtExecutable(_ name: String, file: String = #filePath) throws -> String {
+    public static func builtExecutable(_ name: String, file: String = #filePath) throws -> String {
         let bundle = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
         var candidates = [URL(fileURLWithPath: bundle).deletingLastPathComponent().appendingPathComponent(name).path]
         var directory = URL(fileURLWithPath: file).deletingLastPathComponent()
