@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "hsm-gateway", targets: ["hsm-gateway"]),
         .executable(name: "hsm-admin", targets: ["hsm-admin"]),
         .executable(name: "hsm-bench", targets: ["hsm-bench"]),
+        .executable(name: "hsmgw", targets: ["hsmgw"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
@@ -193,6 +194,18 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "hsm-admin", dependencies: ["HSMAdmin"]),
+        // The data-plane CLI's commands (encrypt, decrypt, data keys, rewrap), as a library so
+        // tests can drive them in-process. It reuses hsm-admin's connection settings, token files,
+        // exit codes and output from HSMAdmin rather than repeating them.
+        .target(
+            name: "DataPlaneCLI",
+            dependencies: [
+                "HSMAdmin",
+                "GatewayClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "hsmgw", dependencies: ["DataPlaneCLI"]),
         .executableTarget(
             name: "hsm-gateway",
             dependencies: [
@@ -334,6 +347,14 @@ let package = Package(
                 "HSMAdmin", "GatewayConfig", "GatewayClient", "GatewayWire", "PKCS11", "SoftHSMTestSupport",
                 "ProcessTestSupport", "DevGatewayTestSupport", "Sealing",
                 .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // hsmgw against a real `hsm-gateway --dev`: round trips with the Swift library both ways,
+        // tampering, limits, data keys, rewrap, and the executable's memory on a large input.
+        .testTarget(
+            name: "DataPlaneCLITests",
+            dependencies: [
+                "DataPlaneCLI", "HSMAdmin", "GatewayClient", "ProcessTestSupport", "DevGatewayTestSupport",
             ]
         ),
     ],
