@@ -60,7 +60,7 @@ enum PlaintextDestination {
 
 /// What `data-key generate` and `data-key decrypt` print. `plaintext` (base64) only with
 /// `-` as the destination; `plaintextFile` when the key went to a file.
-struct DataKeyResult: Encodable {
+struct DataKeyResult: CommandResult {
     var tenant: String
     var id: String
     var masterKeyVersion: UInt32
@@ -137,7 +137,7 @@ struct DataKeyGenerateCommand: DataPlaneCommand {
         }
     }
 
-    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws {
+    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws -> (any CommandResult)? {
         let context = try self.context.pairs
         let destination = plaintextOut.map(PlaintextDestination.init)
         try destination?.check(console: console, flag: "--plaintext-out", force: force)
@@ -150,10 +150,9 @@ struct DataKeyGenerateCommand: DataPlaneCommand {
             }
             inline = try destination.deliver(plaintext, force: force, console: console)
         }
-        let result = DataKeyResult(
+        return DataKeyResult(
             tenant: tenant, key: key, context: context, plaintext: inline,
             plaintextFile: plaintextOut.flatMap { $0 == "-" ? nil : $0 })
-        session.print(result) { result.fields.render() }
     }
 }
 
@@ -214,7 +213,7 @@ struct DataKeyDecryptCommand: DataPlaneCommand {
         return Array(data)
     }
 
-    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws {
+    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws -> (any CommandResult)? {
         let context = try self.context.pairs
         let destination = PlaintextDestination(out)
         try destination.check(console: console, flag: "--out", force: force)
@@ -224,9 +223,8 @@ struct DataKeyDecryptCommand: DataPlaneCommand {
             throw AdminError(.internalError, "the gateway returned no plaintext key")
         }
         let inline = try destination.deliver(plaintext, force: force, console: console)
-        let result = DataKeyResult(
+        return DataKeyResult(
             tenant: tenant, key: key, context: context, plaintext: inline, plaintextFile: out == "-" ? nil : out)
-        session.print(result) { result.fields.render() }
     }
 }
 
@@ -251,9 +249,8 @@ struct RewrapKeyCommand: DataPlaneCommand {
 
     @OptionGroup var gateway: GatewayOptions
 
-    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws {
+    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws -> (any CommandResult)? {
         let context = try self.context.pairs
-        let view = DataKeyView(try await session.client.rewrapDataKey(tenant: tenant, id: keyId, context: context))
-        session.print(view) { view.fields.render() }
+        return DataKeyView(try await session.client.rewrapDataKey(tenant: tenant, id: keyId, context: context))
     }
 }

@@ -57,7 +57,7 @@ final class RecordingProvider: DataKeyProvider {
 }
 
 /// What `encrypt` and `decrypt` print: the key used and the byte counts (never a key or data).
-struct EnvelopeSummary: Encodable {
+struct EnvelopeSummary: CommandResult {
     var tenant: String
     var dataKeyId: String
     var context: [String: String]
@@ -162,19 +162,18 @@ struct EncryptCommand: StreamingCommand {
 
     @OptionGroup var gateway: GatewayOptions
 
-    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws {
+    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws -> (any CommandResult)? {
         let context = try self.context.pairs
         let provider = RecordingProvider(base: session.client)
         let encryptor = try EnvelopeEncryptor(provider: provider, frameSize: frameSize)
         let (input, output) = try await stream(streams, console: console, verb: "encrypted") { chunks in
             encryptor.encryptStream(chunks, tenant: tenant, context: context)
         }
-        guard streams.output != "-" else { return }
+        guard streams.output != "-" else { return nil }
         let record = provider.record
-        let summary = EnvelopeSummary(
+        return EnvelopeSummary(
             tenant: tenant, dataKeyId: record.dataKeyID, context: context, frameSize: frameSize,
             plaintextBytes: input, envelopeBytes: output, out: streams.output)
-        session.print(summary) { summary.fields.render() }
     }
 }
 
@@ -199,18 +198,17 @@ struct DecryptCommand: StreamingCommand {
 
     @OptionGroup var gateway: GatewayOptions
 
-    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws {
+    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws -> (any CommandResult)? {
         let expected = self.context.flags.isEmpty ? nil : try self.context.pairs
         let provider = RecordingProvider(base: session.client, expectedContext: expected)
         let decryptor = EnvelopeDecryptor(provider: provider)
         let (input, output) = try await stream(streams, console: console, verb: "decrypted") { chunks in
             decryptor.decryptStream(chunks)
         }
-        guard streams.output != "-" else { return }
+        guard streams.output != "-" else { return nil }
         let record = provider.record
-        let summary = EnvelopeSummary(
+        return EnvelopeSummary(
             tenant: record.tenant, dataKeyId: record.dataKeyID, context: record.context, frameSize: nil,
             plaintextBytes: output, envelopeBytes: input, out: streams.output)
-        session.print(summary) { summary.fields.render() }
     }
 }

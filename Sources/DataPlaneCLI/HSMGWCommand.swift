@@ -87,9 +87,19 @@ extension StreamingCommand {
 protocol DataPlaneCommand: AsyncParsableCommand {
     /// The connection and output flags.
     var gateway: GatewayOptions { get }
-    /// The command's work. Throws `AdminError`, `GatewayError` or `EnvelopeError`.
-    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws
+    /// The command's work; returns what to print, if anything (the runner prints it as
+    /// `name  value` lines or, with `--json`, as one document). Throws `AdminError`,
+    /// `GatewayError` or `EnvelopeError`.
+    func execute(_ session: AdminSession, console: DataPlaneConsole) async throws -> (any CommandResult)?
 }
+
+/// What a command prints: JSON as it encodes, or its fields for people.
+protocol CommandResult: Encodable {
+    /// The result as `name  value` lines.
+    var fields: FieldList { get }
+}
+
+extension DataKeyView: CommandResult {}
 
 extension DataPlaneCommand {
     /// Runs the command with the process's environment and console.
@@ -143,7 +153,9 @@ public enum DataPlaneRunner {
             output: console.output,
             classify: classify
         ) { session in
-            try await command.execute(session, console: console)
+            if let result = try await command.execute(session, console: console) {
+                session.print(result) { result.fields.render() }
+            }
         }
     }
 
