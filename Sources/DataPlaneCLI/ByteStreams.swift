@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import HSMAdmin
 import Synchronization
@@ -147,14 +148,9 @@ final class OutputSink {
         }
         _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
         let temporary = String(cString: bytes)
+        PendingFiles.add(temporary)
         return OutputSink(
             target: .file(path: path, temporary: temporary, descriptor: descriptor, force: force), name: path)
-    }
-
-    /// Whether the output goes to a file (and can be taken back).
-    var isFile: Bool {
-        if case .file = target { return true }
-        return false
     }
 
     /// Writes all of `bytes`.
@@ -204,6 +200,7 @@ final class OutputSink {
             }
             unlink(temporary)
         }
+        PendingFiles.remove(temporary)
         close(descriptor)
         finished = true
         // The new directory entry is durable too.
@@ -223,6 +220,38 @@ final class OutputSink {
         if case .file(_, let temporary, let descriptor, _) = target {
             close(descriptor)
             unlink(temporary)
+            PendingFiles.remove(temporary)
+        }
+    }
+}
+
+/// The temporary files of outputs not yet complete, removed if the process is interrupted, so
+/// that Ctrl-C during a decrypt leaves no partial plaintext behind either.
+public enum PendingFiles {
+    private static let paths = Mutex<Set<String>>([])
+    /// The signals that remove the pending files and then end the process: Ctrl-C, `kill`, a
+    /// closed terminal.
+    static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+    /// The dispatch sources that watch them, kept for the process's life. Written only by
+    /// `removeOnSignals()`, which `main` calls once before anything else runs.
+    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+
+    static func add(_ path: String) { _ = paths.withLock { $0.insert(path) } }
+    static func remove(_ path: String) { _ = paths.withLock { $0.remove(path) } }
+
+    /// From now on, `signals` remove the pending files and exit with 128 + the signal, as the
+    /// default action would have ended the process. Handled on a dispatch queue, not in a signal
+    /// handler, so the removal may lock and allocate.
+    public static func removeOnSignals() {
+        for number in signals {
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                for path in paths.withLock({ $0 }) { unlink(path) }
+                exit(128 + number)
+            }
+            source.resume()
+            sources.append(source)
         }
     }
 }

@@ -1,6 +1,8 @@
 import DataPlaneCLI
 import Foundation
 
+// Ctrl-C during a decrypt to a file removes the incomplete temporary file.
+PendingFiles.removeOnSignals()
 // The same path the tests drive in-process; the exit code is the command's.
 exit(
     await DataPlaneRunner.main(

@@ -173,4 +173,56 @@ struct ExecutableTests {
         #expect(encryptPeak < Self.maximumResidentByteCount, "encrypt peak \(encryptPeak)")
         #expect(decryptPeak < Self.maximumResidentByteCount, "decrypt peak \(decryptPeak)")
     }
+
+    @Test("Ctrl-C during a decrypt to a file removes the partial plaintext's temporary file")
+    func interrupted() async throws {
+        let fixture = try await DataPlaneFixture()
+        let executable = try DevGatewayProcess.builtExecutable("hsmgw")
+        let input = try fixture.write(DataPlaneFixture.data(64 * 1024), to: "doc.bin")
+        let sealed = try await fixture.hsmgw([
+            "encrypt", "--tenant", fixture.tenant, "--in", input, "--out", fixture.path("doc.hgwe"), "--frame-size",
+            "1024",
+        ])
+        try #require(sealed.code == 0, "\(sealed)")
+        let envelope = try fixture.read(fixture.path("doc.hgwe"))
+        let fifo = fixture.path("pipe")
+        try #require(mkfifo(fifo, 0o600) == 0)
+        let child = try SpawnedProcess(
+            executable, ["decrypt", "--in", fifo, "--out", fixture.path("doc.out")],
+            environment: fixture.environment(), inheritEnvironment: false, outputPath: fixture.path("child.log"))
+        // The write end opens once the child has opened the read end.
+        var writer: Int32 = -1
+        let openBy = ContinuousClock.now + .seconds(60)
+        while writer < 0, ContinuousClock.now < openBy, child.poll() == nil {
+            writer = open(fifo, O_WRONLY | O_NONBLOCK | O_CLOEXEC)
+            if writer < 0 { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        try #require(writer >= 0, "\(child.output())")
+        defer { close(writer) }
+        _ = fcntl(writer, F_SETFL, 0)
+        // Half the envelope: the header and about 32 frames, which authenticate and are written.
+        let half = Array(envelope.prefix(envelope.count / 2))
+        let written = half.withUnsafeBytes { write(writer, $0.baseAddress, $0.count) }
+        try #require(written == half.count)
+        // Await the temporary file holding plaintext, then interrupt.
+        func temporary() throws -> String? {
+            try FileManager.default.contentsOfDirectory(atPath: fixture.directory).first {
+                $0.hasPrefix(".doc.out.hsmgw-")
+            }
+        }
+        let seenBy = ContinuousClock.now + .seconds(60)
+        var partial = 0
+        while partial == 0, ContinuousClock.now < seenBy, child.poll() == nil {
+            if let name = try temporary() {
+                partial = (try? FileManager.default.attributesOfItem(atPath: fixture.path(name))[.size] as? Int) ?? 0
+            }
+            if partial == 0 { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        try #require(partial > 0, "no partial output appeared: \(child.output())")
+        child.send(SIGINT)
+        let status = await child.wait(timeout: .seconds(30))
+        #expect(status == 128 + SIGINT, "\(child.output())")
+        #expect(try temporary() == nil)
+        #expect(!FileManager.default.fileExists(atPath: fixture.path("doc.out")))
+    }
 }
