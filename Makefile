@@ -3,7 +3,8 @@
 #   make run    build and start `hsm-gateway --dev`: SoftHSM2 dev token + SQLite under .hsm-dev/,
 #               plaintext on 127.0.0.1:7700, health and metrics on 127.0.0.1:7701
 #   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python
-#               interoperability client against a real gateway (what .ci/run calls)
+#               interoperability client against a real gateway, then the refusal of openCryptoki's
+#               token (no AES-GCM) by preflight and the gateway (what .ci/run calls)
 #
 # Both install what they need from Debian's packages first (sudo when not root).
 
@@ -15,9 +16,10 @@ SWIFT ?= swift
 # Debian packages the project needs at build, test or run time.
 # openssl makes the test PKI; protobuf-compiler and python3-venv serve the Python interop client;
 # gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time;
-# jq, curl and procps (pgrep) serve scripts/bench-deployment.sh.
+# jq, curl and procps (pgrep) serve scripts/bench-deployment.sh; opencryptoki is a second PKCS#11
+# implementation without AES-GCM, which the gateway must refuse (scripts/opencryptoki-refusal-test.sh).
 APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
-    python3 python3-venv gcc jq curl procps
+    python3 python3-venv gcc jq curl procps opencryptoki
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev
 DEV_TOKEN_LABEL ?= hsmgw-dev
@@ -81,6 +83,7 @@ test: deps
 	done; \
 	if [ -n "$$failed" ]; then echo "test: failed:$$failed"; exit 1; fi
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/interop-test.sh
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSM_ADMIN_BIN=.build/debug/hsm-admin scripts/opencryptoki-refusal-test.sh
 
 interop: deps
 	$(SWIFT) build --product hsm-gateway

@@ -160,6 +160,16 @@ public struct Preflight: Sendable {
             // Key sizes are in bytes for AES and generic secrets (PKCS#11 2.40 section 2.8); some
             // modules report bits, which only makes the number larger.
             let supports256 = info.maximumKeySize >= MasterKeyPolicy.keyByteCount
+            // openCryptoki 3.8.1 reports ulMaxKeySize 0 for CKM_SHA256_HMAC: for a mechanism keyed
+            // by a generic secret of any length, 0 says nothing about 256 bits.
+            let unreported =
+                info.maximumKeySize == 0 && (mechanism == .sha256HMAC || mechanism == .genericSecretKeyGen)
+            if unreported {
+                report.pass(
+                    "mechanism \(mechanism)",
+                    flags.names.joined(separator: ", ") + " (the token reports no maximum key size)")
+                continue
+            }
             guard supports256 else {
                 report.fail("mechanism \(mechanism)", "maximum key size \(info.maximumKeySize) is below AES-256")
                 continue
