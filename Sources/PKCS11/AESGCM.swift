@@ -130,7 +130,8 @@ extension Session {
     /// the same shape as `sealAESGCM`'s, and opens with `openAESGCM` (plain `C_Decrypt` with the
     /// stored IV), so nothing stored changes.
     ///
-    /// Two documented vendor forms, tried in this order:
+    /// Two documented vendor forms; the one this module accepted last is tried first, the other
+    /// when `C_EncryptInit` refuses it with `CKR_MECHANISM_PARAM_INVALID`:
     /// 1. AWS CloudHSM: `pIv` points to a zeroed 12-byte buffer (`ulIvLen` 12, `ulIvBits` 96);
     ///    the HSM ignores its contents and writes the IV it generated into it ("the HSM writes the
     ///    generated IV to the memory reference pointed to by the pIV element of the
@@ -138,8 +139,7 @@ extension Session {
     /// 2. Thales Luna in FIPS mode (HSM policy 12 off), firmware 7.9.3 and later: `ulIvLen` 0 with
     ///    `ulIvBits` 96 asks for a generated 96-bit IV, which comes back after the tag at the end
     ///    of the output (thalesdocs.com/gphsm/luna/7/docs/network/Content/sdk/mechanisms/
-    ///    CKM_AES_GCM.htm). Used when `C_EncryptInit` refuses the first form with
-    ///    `CKR_MECHANISM_PARAM_INVALID`.
+    ///    CKM_AES_GCM.htm).
     ///
     /// The output buffer has room for an appended IV of up to
     /// `maximumAppendedGCMIVByteCount` bytes; the returned length says which form the module used.
@@ -177,14 +177,21 @@ extension Session {
                         pParameter: UnsafeMutableRawPointer(parameters),
                         ulParameterLen: CK_ULONG(MemoryLayout<CK_GCM_PARAMS>.size)
                     )
+                    // CloudHSM's form: pIv to the zeroed buffer; Luna's: no IV buffer, 96 generated
+                    // bits asked for. The form this module accepted last goes first.
+                    func useForm(appended: Bool) {
+                        parameters.pointee.pIv = appended ? nil : ivBuffer.baseAddress
+                        parameters.pointee.ulIvLen = appended ? 0 : CK_ULONG(ivCount)
+                    }
+                    let appendedFirst = module.prefersAppendedGCMIV.load(ordering: .relaxed)
+                    useForm(appended: appendedFirst)
                     let rv = try callReturningCode(.encryptInit, \.C_EncryptInit) {
                         $0(handle, &mechanism, key.rawValue)
                     }
                     if rv == CK_RV(CKR_MECHANISM_PARAM_INVALID) {
-                        // Luna's form: no IV buffer, 96 generated bits asked for.
-                        parameters.pointee.pIv = nil
-                        parameters.pointee.ulIvLen = 0
+                        useForm(appended: !appendedFirst)
                         try call(.encryptInit, \.C_EncryptInit) { $0(handle, &mechanism, key.rawValue) }
+                        module.prefersAppendedGCMIV.store(!appendedFirst, ordering: .relaxed)
                     } else if rv != CKR_OK {
                         throw PKCS11Error.failed(.encryptInit, rv)
                     }

@@ -53,11 +53,16 @@ extension FaultInjectionTests {
             let boxes = try await sealAndOpen(setup, count: 20)
             #expect(Set(boxes.map(\.iv)).count == boxes.count)
             #expect(boxes.allSatisfy { $0.iv.contains { $0 != 0 } })
-            // One C_EncryptInit per seal: the first form was accepted, no fallback was needed.
-            #expect(setup.fault.calls(of: "C_EncryptInit", since: mark).count == 20)
+            // One C_EncryptInit per seal, and at most one refused once for the module (when the
+            // other form was the one it accepted last).
+            let inits = setup.fault.calls(of: "C_EncryptInit", since: mark)
+            #expect(inits.filter { $0.returnValue == .ok }.count == 20)
+            #expect(inits.filter { $0.returnValue == .mechanismParamInvalid }.count <= 1)
         }
 
-        @Test("Luna's form (firmware 7.9.3+): after a refusal of the first form, the IV appended to the output is used")
+        @Test(
+            "Luna's form (firmware 7.9.3+): after one refusal of CloudHSM's form, the IV appended after the tag, remembered"
+        )
         func appended() async throws {
             let setup = try Setup("token-iv-append")
             try setup.fault.setRules("model gcm_iv=append")
@@ -65,9 +70,11 @@ extension FaultInjectionTests {
             let mark = setup.fault.traceMark()
             let boxes = try await sealAndOpen(setup, count: 20)
             #expect(Set(boxes.map(\.iv)).count == boxes.count)
+            // The first form is refused once; the module remembers Luna's, so every later seal
+            // costs one C_EncryptInit, not a refusal and a retry (a round trip on a network HSM).
             let inits = setup.fault.calls(of: "C_EncryptInit", since: mark)
-            #expect(inits.count == 40)
-            #expect(inits.filter { $0.returnValue == .mechanismParamInvalid }.count == 20)
+            #expect(inits.filter { $0.returnValue == .ok }.count == 20)
+            #expect(inits.filter { $0.returnValue == .mechanismParamInvalid }.count <= 1)
         }
 
         @Test("a 16-byte appended IV (Luna before 7.9.3) is refused, naming the firmware")
