@@ -177,6 +177,8 @@ extension Preflight {
                         + (callerIVAccepted ? " (it also accepts caller IVs: gateway would work too)" : " (FIPS mode)"))
                 return .token
             case (.message, _):
+                // TODO(issue 15, merge with issue15-nss): probe with
+                // `session.sealAESGCMWithMessageGenerator(key:aad:plaintext:)` once that branch is in.
                 report.fail(
                     name,
                     "message (PKCS#11 3.0 message-based encryption) is not supported by this build: use "
