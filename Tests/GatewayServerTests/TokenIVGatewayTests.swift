@@ -34,6 +34,32 @@ extension HSMLoginRefusedTests {
         #expect(!result.error.contains(token.userPIN))
     }
 
+    @Test("a token that does not list CKM_AES_GCM: exit 69 naming it and docs/hsm/README.md, nothing made on it")
+    func tokenWithoutGCMRefusedAtStart() throws {
+        let fixture = try SoftHSMFixture.shared()
+        let fault = try FaultInjectingModule.shared()
+        let token = try fixture.makeToken("gcm-hidden")
+        let directory = try makeTemporaryDirectory("gcm-hidden")
+        try "model hide_mechanism=CKM_AES_GCM\n".write(
+            toFile: directory + "/control", atomically: true, encoding: .utf8)
+        let trace = directory + "/trace"
+        let result = try ChildProcess.run(
+            PackagePaths.gatewayBinary,
+            [
+                "--hsm-module", fault.libraryPath, "--token-label", token.label, "--pin-env", "HSMGW_TEST_PIN",
+                "--sqlite-path", directory + "/keys.db", "--listen", "127.0.0.1:0", "--metrics-listen", "off",
+            ],
+            environment: fault.environment(control: directory + "/control", trace: trace).merging(
+                ["HSMGW_TEST_PIN": token.userPIN], uniquingKeysWith: { $1 }),
+            timeout: .seconds(60)
+        )
+        #expect(result.status == 69, "\(result)")
+        #expect(result.error.contains("does not list CKM_AES_GCM"), "\(result.error)")
+        #expect(result.error.contains("docs/hsm/README.md"), "\(result.error)")
+        // Refused before the probe key (or anything else) was generated on the token.
+        #expect(FaultInjectingModule.calls(of: "C_GenerateKey", tracePath: trace).isEmpty)
+    }
+
     @Test("hsm.gcm_iv: token on a module that takes caller IVs (SoftHSM2): exit 69 naming hsm.gcm_iv: gateway")
     func tokenIVsRefusedOnSoftHSM() throws {
         let fixture = try SoftHSMFixture.shared()
