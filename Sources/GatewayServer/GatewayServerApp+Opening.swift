@@ -173,7 +173,8 @@ extension GatewayServerApp {
             return "; this HSM refuses IVs chosen by the caller (FIPS mode): set hsm.gcm_iv: token "
                 + "(docs/hsm/README.md)"
         }
-        if source == .token, detail.contains("ivNotGenerated") || detail.contains("IV buffer as given") {
+        // (A 16-byte IV appended by old Luna firmware is also ivNotGenerated; its detail says what to do.)
+        if source == .token, detail.contains("IV buffer as given") {
             return "; this module takes IVs from the caller: set hsm.gcm_iv: gateway (docs/hsm/README.md)"
         }
         if !detail.contains("CKM_AES_GCM"), detail.contains("CKR_MECHANISM_INVALID") {
