@@ -117,4 +117,60 @@ extension HSMLoginRefusedTests {
             }
         }
     }
+
+    @Test("hsm-gateway as its own process with hsm.gcm_iv: token on the FIPS-mode emulation: generate, decrypt, rewrap")
+    func tokenIVsGatewayProcess() async throws {
+        let fixture = try SoftHSMFixture.shared()
+        let fault = try FaultInjectingModule.shared()
+        let token = try fixture.makeToken("gcm-iv-process")
+        let directory = try makeTemporaryDirectory("gcm-iv-process")
+        try "model gcm_iv=writeback\n".write(toFile: directory + "/control", atomically: true, encoding: .utf8)
+        let trace = directory + "/trace"
+        let process = try SpawnedProcess(
+            PackagePaths.gatewayBinary,
+            [
+                "--hsm-module", fault.libraryPath, "--token-label", token.label, "--pin-env", "HSMGW_TEST_PIN",
+                "--sqlite-path", directory + "/keys.db", "--listen", "127.0.0.1:0", "--metrics-listen", "off",
+                "--set", "auth.bootstrap_token_file=\(directory)/admin.token",
+            ],
+            environment: fault.environment(control: directory + "/control", trace: trace).merging(
+                ["HSMGW_TEST_PIN": token.userPIN, "HSMGW_HSM_GCM_IV": "token"], uniquingKeysWith: { $1 }),
+            outputPath: directory + "/gateway.log"
+        )
+        defer { process.send(SIGKILL) }
+        guard
+            let portText = await process.waitForOutput(#"listen=127\.0\.0\.1:(\d+) .*serving"#, timeout: .seconds(60)),
+            let port = Int(portText)
+        else {
+            Issue.record("hsm-gateway did not start: \(process.output())")
+            return
+        }
+        let adminToken = try String(contentsOfFile: directory + "/admin.token", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        var configuration = GatewayClientConfiguration(
+            target: .host("127.0.0.1", port: port), transportSecurity: .plaintext, apiToken: APIToken(adminToken),
+            poolSize: 1)
+        configuration.retryPolicy = .none
+        let admin = try GatewayClient(configuration: configuration, logger: quietLogger)
+        defer { Task { await admin.shutdown() } }
+        _ = try await admin.createTenant("fips")
+        var keys: [DataKey] = []
+        for _ in 0..<5 { keys.append(try await admin.generateDataKey(tenant: "fips")) }
+        #expect(Set(keys.map { Array($0.wrapped[23..<35]) }).count == keys.count)
+        _ = try await admin.rotateMasterKey(tenant: "fips")
+        for key in keys {
+            let expected = try #require(key.plaintext?.copyBytes())
+            #expect(
+                try await admin.decryptDataKey(tenant: "fips", id: key.id).plaintext?.constantTimeEquals(expected)
+                    == true)
+            #expect(try await admin.rewrapDataKey(tenant: "fips", id: key.id).masterKeyVersion == 2)
+            #expect(
+                try await admin.decryptDataKey(tenant: "fips", id: key.id).plaintext?.constantTimeEquals(expected)
+                    == true)
+        }
+        // Every encryption the gateway asked for was in the module's own form: none was refused.
+        let inits = FaultInjectingModule.calls(of: "C_EncryptInit", tracePath: trace)
+        #expect(inits.count >= 10)
+        #expect(inits.allSatisfy { $0.returnValue == .ok }, "\(inits)")
+    }
 }
