@@ -5,7 +5,8 @@
 #   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python SDK's
 #               tests (clients/python: unit, live against real gateways in plaintext, TLS and
 #               mTLS, and envelopes across languages with the `hsmgw` CLI), then the monitoring
-#               files (alert rules and dashboard) against real gateways (what .ci/run calls)
+#               files (alert rules and dashboard) against real gateways, then the refusal of
+#               openCryptoki's token (no AES-GCM) by preflight and the gateway (what .ci/run calls)
 #
 # Both install what they need from Debian's packages first (sudo when not root).
 
@@ -19,9 +20,11 @@ SWIFT ?= swift
 # regenerates its committed messages (clients/python/generate.sh) and checks they are current;
 # gcc compiles the tests' fault-injecting PKCS#11 module (Tests/FaultInjection) at run time;
 # jq, curl and procps (pgrep) serve scripts/bench-deployment.sh; python3-yaml serves
-# scripts/check-monitoring.sh (which fetches promtool itself, without installing Prometheus).
+# scripts/check-monitoring.sh (which fetches promtool itself, without installing Prometheus);
+# opencryptoki is a second PKCS#11 implementation without AES-GCM, which the gateway must refuse
+# (scripts/opencryptoki-refusal-test.sh).
 APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
-    python3 python3-venv python3-yaml gcc jq curl procps
+    python3 python3-venv python3-yaml gcc jq curl procps opencryptoki
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev
 DEV_TOKEN_LABEL ?= hsmgw-dev
@@ -87,6 +90,7 @@ test: deps
 	if [ -n "$$failed" ]; then echo "test: failed:$$failed"; exit 1; fi
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSMGW_BIN=.build/debug/hsmgw scripts/python-sdk-test.sh
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/check-monitoring.sh
+	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSM_ADMIN_BIN=.build/debug/hsm-admin scripts/opencryptoki-refusal-test.sh
 
 # The Python SDK's tests alone (clients/python/README.md): unit tests, live tests against a dev
 # gateway and a TLS + mTLS gateway, envelopes across languages with the `hsmgw` CLI.

@@ -295,6 +295,9 @@ let package = Package(
             name: "GatewayServerTests",
             dependencies: [
                 "GatewayServer",
+                // hsm-config/ examples are loaded by both the gateway's and preflight's readers.
+                "GatewayConfig",
+                "HSMAdmin",
                 "GatewayTransport",
                 "GatewayClient",
                 "GatewayWire",

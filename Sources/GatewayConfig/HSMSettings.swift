@@ -1,4 +1,5 @@
 import Foundation
+import PKCS11
 import Yams
 
 /// The `hsm:` section of the gateway's configuration file: how to reach the token that holds
@@ -18,6 +19,9 @@ public struct HSMSettings: Sendable, Hashable {
     public var acquireTimeout: Duration
     /// SoftHSM2 only: exported as `SOFTHSM2_CONF` before the module loads.
     public var softHSM2ConfigPath: String?
+    /// Who makes the AES-GCM IVs under master keys (`hsm.gcm_iv`): the gateway, from the token's
+    /// RNG (the default), or the module itself, as HSMs in FIPS mode require (docs/hsm/README.md).
+    public var gcmIV: GCMIVSource = .gateway
 
     /// The largest `sessions.max` accepted: far above what any HSM grants one client.
     public static let maximumSessionsLimit = 1024
@@ -96,6 +100,14 @@ public struct HSMSettings: Sendable, Hashable {
             try sessions.rejectUnknownKeys()
         }
         settings.softHSM2ConfigPath = try reader.optionalString("softhsm2_conf", maximumBytes: maximumPathByteCount)
+        if let gcmIV = try reader.optionalString("gcm_iv", maximumBytes: 16) {
+            guard let source = GCMIVSource(rawValue: gcmIV) else {
+                throw ConfigurationError(
+                    "\(source): `hsm.gcm_iv` must be one of "
+                        + GCMIVSource.allCases.map(\.rawValue).joined(separator: ", ") + ", not `\(gcmIV)`")
+            }
+            settings.gcmIV = source
+        }
         try reader.rejectUnknownKeys()
         return settings
     }

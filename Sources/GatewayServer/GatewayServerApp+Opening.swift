@@ -90,7 +90,9 @@ extension GatewayServerApp {
             }
             do {
                 let store = try await openStore(launch.configuration.store, logger: logger)
-                return (module, givenModule == nil, pool, PKCS11KeyToken(pool: pool), store)
+                return (
+                    module, givenModule == nil, pool, PKCS11KeyToken(pool: pool, ivSource: settings.gcmIV), store
+                )
             } catch {
                 await pool.shutdown()
                 throw error
@@ -124,7 +126,21 @@ extension GatewayServerApp {
         }
         // The token must do what the gateway needs, the way real calls do it; a token that cannot
         // (no AES-GCM, say) is refused here, naming what failed, instead of serving INTERNAL later.
-        let token = PKCS11KeyToken(pool: pool)
+        // A token without AES-GCM is refused before anything is made on it, naming the mechanism:
+        // every master-key wrap is AES-GCM and no fallback is built in (docs/hsm/README.md).
+        if let slot = try? module.slot(tokenLabel: settings.tokenLabel),
+            let mechanisms = try? module.mechanisms(slot),
+            !mechanisms.contains(where: { $0.mechanism == .aesGCM })
+        {
+            await pool.shutdown()
+            throw GatewayStartupError(
+                .token,
+                "hsm.token_label \(settings.tokenLabel): the token does not list CKM_AES_GCM (C_GetMechanismList), "
+                    + "which the gateway needs for every master-key wrap; no fallback is built in: see "
+                    + "docs/hsm/README.md and run hsm-admin preflight"
+            )
+        }
+        let token = PKCS11KeyToken(pool: pool, ivSource: settings.gcmIV)
         do {
             try await token.prepareProbeKey()
             try await token.checkHealth()
@@ -133,7 +149,8 @@ extension GatewayServerApp {
             throw GatewayStartupError(
                 .token,
                 "hsm.token_label \(settings.tokenLabel): the token cannot do what the gateway needs "
-                    + "(an AES-GCM round trip under a key made by the master-key policy): \(error.detail)"
+                    + "(an AES-GCM round trip under a key made by the master-key policy, hsm.gcm_iv: "
+                    + "\(settings.gcmIV)): \(error.detail)\(Self.gcmIVAdvice(error.detail, settings.gcmIV))"
             )
         }
         do {
@@ -146,6 +163,24 @@ extension GatewayServerApp {
             await pool.shutdown()
             throw error
         }
+    }
+
+    /// What to change when the start-up round trip failed the way a mismatched `hsm.gcm_iv` fails:
+    /// an HSM in FIPS mode refuses an IV chosen by the caller (`CKR_MECHANISM_PARAM_INVALID` from
+    /// `C_EncryptInit`), and a module that takes caller IVs does not generate one.
+    static func gcmIVAdvice(_ detail: String, _ source: GCMIVSource) -> String {
+        if source == .gateway, detail.contains("C_EncryptInit"), detail.contains("CKR_MECHANISM_PARAM_INVALID") {
+            return "; this HSM refuses IVs chosen by the caller (FIPS mode): set hsm.gcm_iv: token "
+                + "(docs/hsm/README.md)"
+        }
+        // (A 16-byte IV appended by old Luna firmware is also ivNotGenerated; its detail says what to do.)
+        if source == .token, detail.contains("IV buffer as given") {
+            return "; this module takes IVs from the caller: set hsm.gcm_iv: gateway (docs/hsm/README.md)"
+        }
+        if !detail.contains("CKM_AES_GCM"), detail.contains("CKR_MECHANISM_INVALID") {
+            return "; the token has no usable CKM_AES_GCM, which the gateway requires (docs/hsm/README.md)"
+        }
+        return ""
     }
 
     package static func openStore(_ settings: StoreSettings, applicationName: String? = nil, logger: Logger)

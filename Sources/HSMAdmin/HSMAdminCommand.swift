@@ -59,8 +59,13 @@ public struct PreflightCommand: ParsableCommand {
             Loads the module, shows the token, checks the mechanisms the gateway needs (AES key \
             generation, AES-GCM, random; key wrap with padding is optional), verifies every \
             master key against the policy (sensitive, never extractable, single purpose), and \
-            times a short AES-GCM round trip. Give the token either with --config or with \
-            --module, --token and --pin-file / --pin-env. The PIN is never taken from a flag.
+            times a short AES-GCM round trip. Then the rules of the token's HSM family \
+            (detected from the module and token, or --family; docs/hsm/): session limits against \
+            hsm.sessions.max, the PIN convention (checked, never printed), CKA_SENSITIVE and \
+            CKA_EXTRACTABLE enforcement, and whether the token takes GCM IVs from the gateway or \
+            generates them itself (hsm.gcm_iv). Each rule that is not met names the page to read. \
+            Give the token either with --config or with --module, --token and --pin-file / \
+            --pin-env. The PIN is never taken from a flag.
 
             Exit codes: 0 every check passed (warnings allowed); 1 a check failed; 64 bad usage.
             """
@@ -87,6 +92,15 @@ public struct PreflightCommand: ParsableCommand {
     @Option(help: "AES-GCM round trips to time (0 to skip, at most \(Preflight.Options.maximumRounds)).")
     var rounds: Int = 1000
 
+    @Option(
+        help:
+            "HSM family whose rules to check, instead of detecting it: \(HSMFamily.allCases.map(\.rawValue).joined(separator: ", "))."
+    )
+    var family: String?
+
+    @Option(help: "Who makes GCM IVs (hsm.gcm_iv): \(GCMIVSource.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var gcmIV: String?
+
     @Flag(help: "Print the report as JSON.")
     var json = false
 
@@ -101,6 +115,14 @@ public struct PreflightCommand: ParsableCommand {
         }
         if pinFile != nil, pinEnv != nil {
             throw ValidationError("give --pin-file or --pin-env, not both")
+        }
+        if let family, HSMFamily(rawValue: family) == nil {
+            throw ValidationError(
+                "--family must be one of \(HSMFamily.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let gcmIV, GCMIVSource(rawValue: gcmIV) == nil {
+            throw ValidationError(
+                "--gcm-iv must be one of \(GCMIVSource.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         if config == nil {
             guard module != nil, token != nil, pinFile != nil || pinEnv != nil else {
@@ -121,6 +143,7 @@ public struct PreflightCommand: ParsableCommand {
         if let token { settings.tokenLabel = token }
         if let pinFile { settings.pin = .file(pinFile) }
         if let pinEnv { settings.pin = .environment(pinEnv) }
+        if let gcmIV, let source = GCMIVSource(rawValue: gcmIV) { settings.gcmIV = source }
         return settings
     }
 
@@ -132,7 +155,9 @@ public struct PreflightCommand: ParsableCommand {
             FileHandle.standardError.write(Data("hsm-admin preflight: \(error)\n".utf8))
             throw ExitCode(64)
         }
-        let report = Preflight(options: .init(settings: settings, labelPrefix: labelPrefix, rounds: rounds)).run()
+        var options = Preflight.Options(settings: settings, labelPrefix: labelPrefix, rounds: rounds)
+        options.family = family.flatMap(HSMFamily.init(rawValue:))
+        let report = Preflight(options: options).run()
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]

@@ -12,6 +12,8 @@ public struct Preflight: Sendable {
         public var labelPrefix: String
         /// AES-GCM encrypt+decrypt round trips to time.
         public var rounds: Int
+        /// The HSM family whose rules apply; nil detects it from the module and token identity.
+        public var family: HSMFamily?
 
         /// The most round trips one preflight runs: enough for a stable figure, short enough
         /// that preflight never holds a production token for long.
@@ -69,6 +71,8 @@ public struct Preflight: Sendable {
             report.fail("find token", "\(error)")
             return report
         }
+        let family = checkFamily(token, into: &report)
+        checkTokenFlags(token, family: family, into: &report)
         if token.userPINLocked {
             report.fail("token state", "the user PIN is locked")
             return report
@@ -83,7 +87,8 @@ public struct Preflight: Sendable {
 
         do {
             let mechanisms = try module.mechanisms(slot)
-            checkMechanisms(mechanisms, into: &report)
+            checkMechanisms(mechanisms, family: family, into: &report)
+            let hasGCM = mechanisms.contains { $0.mechanism == .aesGCM }
             let pin: SecretBytes
             do {
                 pin = try settings.pin.read()
@@ -91,19 +96,27 @@ public struct Preflight: Sendable {
                 report.fail("read PIN", "\(error)")
                 return report
             }
+            if let problem = family.pinShapeProblem(pin) {
+                report.warn("login convention", problem, docs: family.docsPage)
+            } else if [.awsCloudHSM, .azure, .yubiHSM2].contains(family) {
+                report.pass("login convention", "the PIN has the \(family.displayName) form", docs: family.docsPage)
+            }
             try module.withSession(slot: slot) { session in
                 do {
                     try session.login(.user, pin: pin)
                     report.pass("log in", "as user")
                 } catch {
-                    report.fail("log in", "\(error)")
+                    report.fail("log in", "\(error)", docs: family.docsPage)
                     return
                 }
                 checkRandom(session, into: &report)
                 checkKeyWrap(session, mechanisms: mechanisms, into: &report)
                 checkMasterKeys(session, into: &report)
                 checkAuditKey(session, into: &report)
-                measureRoundTrip(session, into: &report)
+                checkSensitiveEnforcement(session, family: family, into: &report)
+                if hasGCM, let ivSource = checkGCMIVSource(session, family: family, into: &report) {
+                    measureRoundTrip(session, ivSource: ivSource, into: &report)
+                }
                 try? session.logout()
             }
         } catch {
@@ -114,7 +127,11 @@ public struct Preflight: Sendable {
 
     // MARK: Checks
 
-    private func checkMechanisms(_ mechanisms: [MechanismInfo], into report: inout PreflightReport) {
+    private func checkMechanisms(
+        _ mechanisms: [MechanismInfo],
+        family: HSMFamily,
+        into report: inout PreflightReport
+    ) {
         // AES for master keys and wrapping; HMAC-SHA-256 and a generic secret for the audit anchor.
         let required: [(Mechanism, MechanismFlags)] = [
             (.aesKeyGen, [.generate]), (.aesGCM, [.encrypt, .decrypt]), (.genericSecretKeyGen, [.generate]),
@@ -122,7 +139,17 @@ public struct Preflight: Sendable {
         ]
         for (mechanism, flags) in required {
             guard let info = mechanisms.first(where: { $0.mechanism == mechanism }) else {
-                report.fail("mechanism \(mechanism)", "not listed by the token")
+                if mechanism == .aesGCM {
+                    // No fallback is built in: every master-key wrap is AES-GCM.
+                    report.fail(
+                        "mechanism \(mechanism)",
+                        "not listed by the token: the gateway wraps every data key with CKM_AES_GCM and has no "
+                            + "fallback; this token cannot hold its master keys (see docs/hsm/README.md)",
+                        docs: family == .generic ? "docs/hsm/README.md" : family.docsPage
+                    )
+                } else {
+                    report.fail("mechanism \(mechanism)", "not listed by the token", docs: family.docsPage)
+                }
                 continue
             }
             guard info.flags.isSuperset(of: flags) else {
@@ -133,6 +160,16 @@ public struct Preflight: Sendable {
             // Key sizes are in bytes for AES and generic secrets (PKCS#11 2.40 section 2.8); some
             // modules report bits, which only makes the number larger.
             let supports256 = info.maximumKeySize >= MasterKeyPolicy.keyByteCount
+            // openCryptoki 3.8.1 reports ulMaxKeySize 0 for CKM_SHA256_HMAC: for a mechanism keyed
+            // by a generic secret of any length, 0 says nothing about 256 bits.
+            let unreported =
+                info.maximumKeySize == 0 && (mechanism == .sha256HMAC || mechanism == .genericSecretKeyGen)
+            if unreported {
+                report.pass(
+                    "mechanism \(mechanism)",
+                    flags.names.joined(separator: ", ") + " (the token reports no maximum key size)")
+                continue
+            }
             guard supports256 else {
                 report.fail("mechanism \(mechanism)", "maximum key size \(info.maximumKeySize) is below AES-256")
                 continue
@@ -234,7 +271,11 @@ public struct Preflight: Sendable {
         }
     }
 
-    private func measureRoundTrip(_ session: borrowing Session, into report: inout PreflightReport) {
+    private func measureRoundTrip(
+        _ session: borrowing Session,
+        ivSource: GCMIVSource,
+        into report: inout PreflightReport
+    ) {
         let rounds = options.rounds
         guard rounds > 0 else { return }
         do {
@@ -257,6 +298,13 @@ public struct Preflight: Sendable {
             let clock = ContinuousClock()
             let encryptStart = clock.now
             for _ in 0..<rounds {
+                if ivSource == .token {
+                    // The way the gateway will seal on this token: the module makes the IV.
+                    let box = try session.sealAESGCMWithTokenIV(key: key, aad: aad, plaintext: plaintext)
+                    ivs.append(box.iv)
+                    sealed.append(box.ciphertextAndTag)
+                    continue
+                }
                 // A counter IV under a fresh session key: unique without an RNG call per round.
                 increment(&iv)
                 ivs.append(iv)
@@ -273,6 +321,10 @@ public struct Preflight: Sendable {
                 }
             }
             let decryptTime = clock.now - decryptStart
+            if ivSource == .token, Set(ivs).count != ivs.count {
+                report.fail("AES-GCM round trip", "the token generated the same IV twice in \(rounds) encryptions")
+                return
+            }
             let timing = PreflightReport.Timing(
                 rounds: rounds,
                 bytes: plaintext.count,
@@ -283,7 +335,7 @@ public struct Preflight: Sendable {
             report.pass(
                 "AES-GCM round trip",
                 "\(rounds) x \(plaintext.count) bytes: encrypt \(timing.encryptOperationsPerSecond)/s, "
-                    + "decrypt \(timing.decryptOperationsPerSecond)/s (session key)"
+                    + "decrypt \(timing.decryptOperationsPerSecond)/s (session key, IVs from the \(ivSource))"
             )
         } catch {
             report.fail("AES-GCM round trip", "\(error)")
@@ -313,6 +365,16 @@ public struct PreflightReport: Codable, Sendable {
         public let name: String
         public let status: Status
         public let detail: String
+        /// The page that explains the rule, when one does (relative to the repository root).
+        public var docs: String?
+    }
+
+    /// The HSM family whose rules were checked.
+    public struct Family: Codable, Sendable {
+        public let name: HSMFamily
+        /// True when it came from `--family`, false when detected from the module and token.
+        public let forced: Bool
+        public let docs: String
     }
 
     public struct Module: Codable, Sendable {
@@ -362,6 +424,7 @@ public struct PreflightReport: Codable, Sendable {
 
     public var module: Module?
     public var token: Token?
+    public var family: Family?
     public var checks: [Check] = []
     public var masterKeys: [MasterKey] = []
     public var roundTrip: Timing?
@@ -369,18 +432,18 @@ public struct PreflightReport: Codable, Sendable {
     /// True when no check failed (warnings allowed).
     public var passed: Bool { !checks.isEmpty && !checks.contains { $0.status == .fail } }
 
-    mutating func pass(_ name: String, _ detail: String) {
-        checks.append(Check(name: name, status: .pass, detail: detail))
+    mutating func pass(_ name: String, _ detail: String, docs: String? = nil) {
+        checks.append(Check(name: name, status: .pass, detail: detail, docs: docs))
     }
-    mutating func warn(_ name: String, _ detail: String) {
-        checks.append(Check(name: name, status: .warn, detail: detail))
+    mutating func warn(_ name: String, _ detail: String, docs: String? = nil) {
+        checks.append(Check(name: name, status: .warn, detail: detail, docs: docs))
     }
-    mutating func fail(_ name: String, _ detail: String) {
-        checks.append(Check(name: name, status: .fail, detail: detail))
+    mutating func fail(_ name: String, _ detail: String, docs: String? = nil) {
+        checks.append(Check(name: name, status: .fail, detail: detail, docs: docs))
     }
 
     enum CodingKeys: String, CodingKey {
-        case passed, module, token, checks, masterKeys, roundTrip
+        case passed, module, token, family, checks, masterKeys, roundTrip
     }
 
     public init() {}
@@ -389,6 +452,7 @@ public struct PreflightReport: Codable, Sendable {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         module = try container.decodeIfPresent(Module.self, forKey: .module)
         token = try container.decodeIfPresent(Token.self, forKey: .token)
+        family = try container.decodeIfPresent(Family.self, forKey: .family)
         checks = try container.decode([Check].self, forKey: .checks)
         masterKeys = try container.decode([MasterKey].self, forKey: .masterKeys)
         roundTrip = try container.decodeIfPresent(Timing.self, forKey: .roundTrip)
@@ -399,6 +463,7 @@ public struct PreflightReport: Codable, Sendable {
         try container.encode(passed, forKey: .passed)
         try container.encodeIfPresent(module, forKey: .module)
         try container.encodeIfPresent(token, forKey: .token)
+        try container.encodeIfPresent(family, forKey: .family)
         try container.encode(checks, forKey: .checks)
         try container.encode(masterKeys, forKey: .masterKeys)
         try container.encodeIfPresent(roundTrip, forKey: .roundTrip)
@@ -419,6 +484,11 @@ public struct PreflightReport: Codable, Sendable {
                 "        slot \(token.slot), sessions max \(token.maximumSessions) (read-write \(token.maximumReadWriteSessions))"
             )
         }
+        if let family {
+            lines.append(
+                "family  \(family.name.displayName) (\(family.forced ? "--family" : "detected")), rules: \(family.docs)"
+            )
+        }
         lines.append("")
         for check in checks {
             let tag =
@@ -428,6 +498,9 @@ public struct PreflightReport: Codable, Sendable {
                 case .fail: "FAIL"
                 }
             lines.append("  \(tag)  \(check.name): \(check.detail)")
+            if let docs = check.docs, check.status != .pass {
+                lines.append("        read \(docs)")
+            }
         }
         lines.append("")
         let failures = checks.count { $0.status == .fail }

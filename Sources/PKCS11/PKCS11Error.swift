@@ -98,6 +98,7 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
             case tokenUnreachable
             case initializationNotOwned
             case callsInFlight
+            case ivNotGenerated
         }
         private let base: Base
         private init(_ base: Base) { self.base = base }
@@ -159,6 +160,12 @@ public struct PKCS11Error: Error, Sendable, Hashable, CustomStringConvertible {
         /// `PKCS11Module.reinitialize()` found calls still running in the module (or another
         /// re-initialisation); PKCS#11 forbids `C_Finalize` meanwhile.
         public static let callsInFlight = Code(.callsInFlight)
+        /// `Session.sealAESGCMWithTokenIV` found that the module did not generate the AES-GCM IV in
+        /// a form the gateway can store: it left the zeroed IV buffer as given (a module that takes
+        /// caller IVs, which would have encrypted under an all-zero IV: that ciphertext is
+        /// discarded), or appended an IV of another length than 96 bits. `hsm.gcm_iv: gateway`
+        /// fits the first kind of module; `detail` says which case it was.
+        public static let ivNotGenerated = Code(.ivNotGenerated)
 
         public var description: String { base.rawValue }
     }

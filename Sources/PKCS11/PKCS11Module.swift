@@ -46,6 +46,11 @@ public final class PKCS11Module: Sendable {
     /// instead of entering a module that is being finalised.
     private let reinitializing = Atomic<Bool>(false)
     private let initializations = Atomic<Int>(0)
+    /// Which documented form of a module-generated GCM IV this module accepted last
+    /// (`Session.sealAESGCMWithTokenIV`): true for the IV appended after the tag (Thales Luna),
+    /// false for the zeroed `pIv` written back (AWS CloudHSM). Tried first next time, so a module
+    /// that refuses the other form costs one refused `C_EncryptInit` per process, not per seal.
+    let prefersAppendedGCMIV = Atomic<Bool>(false)
 
     private init(path: String, functions: FunctionTable, viaGetInterface: Bool, ownsInitialization: Bool) {
         self.path = path

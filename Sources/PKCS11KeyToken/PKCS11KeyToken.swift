@@ -24,8 +24,14 @@ public final class PKCS11KeyToken: MasterKeyToken {
         let epoch: Int
     }
 
-    public init(pool: SessionPool) {
+    /// Who makes the IV of each AES-GCM encryption under a master key (`hsm.gcm_iv`).
+    public let ivSource: GCMIVSource
+
+    /// An adapter on `pool`; `ivSource` says who makes GCM IVs (`.token` for HSMs in FIPS mode
+    /// that refuse an IV chosen by the caller). Decryption is the same whatever it is.
+    public init(pool: SessionPool, ivSource: GCMIVSource = .gateway) {
         self.pool = pool
+        self.ivSource = ivSource
     }
 
     public func generateMasterKey(id: TokenKeyID, label: String) async throws(TokenError) {
@@ -161,12 +167,13 @@ public final class PKCS11KeyToken: MasterKeyToken {
         // An operation that leaves its session unusable (an operation may still be active on it)
         // ends the lease: the pool closes that session, and the rest run in a new lease.
         let cached = handles.withLock { $0 }
+        let ivSource = ivSource
         var leases = 0
         while true {
             leases += 1
             do {
                 try await pool.withSession { session in
-                    try Self.run(progress, on: session, cached: cached)
+                    try Self.run(progress, on: session, cached: cached, ivSource: ivSource)
                 }
                 break
             } catch is SessionLeftUnusable where leases <= operations.count {
@@ -233,7 +240,8 @@ public final class PKCS11KeyToken: MasterKeyToken {
     private static func run(
         _ progress: PerformProgress,
         on session: borrowing Session,
-        cached: [TokenKeyID: CachedKey]
+        cached: [TokenKeyID: CachedKey],
+        ivSource: GCMIVSource
     ) throws {
         // Handles found in another epoch than this session's may name other objects now.
         let epoch = session.epoch
@@ -247,7 +255,8 @@ public final class PKCS11KeyToken: MasterKeyToken {
             var lookup = KeyLookup(known: known)
             let result: TokenResult
             do {
-                result = try runOne(operation, at: index, progress: progress, on: session, lookup: &lookup)
+                result = try runOne(
+                    operation, at: index, progress: progress, on: session, lookup: &lookup, ivSource: ivSource)
             } catch let error as PKCS11Error where error.invalidatesSession || error.foundSessionDirty {
                 progress.withState { state in state.known = lookup.known }
                 throw error
@@ -283,7 +292,8 @@ public final class PKCS11KeyToken: MasterKeyToken {
         at index: Int,
         progress: PerformProgress,
         on session: borrowing Session,
-        lookup: inout KeyLookup
+        lookup: inout KeyLookup,
+        ivSource: GCMIVSource
     ) throws -> TokenResult {
         switch operation {
         case .generateAndWrap(let key, let aad):
@@ -297,12 +307,12 @@ public final class PKCS11KeyToken: MasterKeyToken {
                 progress.withState { $0.dataKeys[index] = plaintext }
             }
             let (iv, sealed) = try withKey(key, .master, on: session, &lookup) { session, handle in
-                try sealWithTokenIV(session, handle, aad: aad, plaintext: plaintext)
+                try sealWithTokenIV(session, handle, aad: aad, plaintext: plaintext, ivSource: ivSource)
             }
             return .generated(plaintext: plaintext, iv: iv, ciphertextAndTag: sealed)
         case .wrap(let key, let aad, let plaintext):
             let (iv, sealed) = try withKey(key, .master, on: session, &lookup) { session, handle in
-                try sealWithTokenIV(session, handle, aad: aad, plaintext: plaintext)
+                try sealWithTokenIV(session, handle, aad: aad, plaintext: plaintext, ivSource: ivSource)
             }
             return .wrapped(iv: iv, ciphertextAndTag: sealed)
         case .unwrap(let key, let iv, let aad, let ciphertextAndTag):
@@ -317,7 +327,7 @@ public final class PKCS11KeyToken: MasterKeyToken {
             // `plaintext` is zeroed when it goes out of scope at the end of this case.
             do {
                 let (newIV, sealed) = try withKey(to, .master, on: session, &lookup) { session, handle in
-                    try sealWithTokenIV(session, handle, aad: newAAD, plaintext: plaintext)
+                    try sealWithTokenIV(session, handle, aad: newAAD, plaintext: plaintext, ivSource: ivSource)
                 }
                 return .rewrapped(iv: newIV, ciphertextAndTag: sealed)
             } catch let error as PKCS11Error where error.invalidatesSession || error.foundSessionDirty {
@@ -336,17 +346,34 @@ public final class PKCS11KeyToken: MasterKeyToken {
         }
     }
 
-    /// AES-GCM encryption under a 96-bit IV drawn from the token's RNG for this very call
-    /// (NIST SP 800-38D §8.2.2): IV uniqueness rests on the HSM, never on the database.
+    /// AES-GCM encryption under a 96-bit IV the token makes for this very call (NIST SP 800-38D
+    /// §8.2.2): IV uniqueness rests on the HSM, never on the database. With `.gateway` the IV is
+    /// drawn from the token's RNG and passed in; with `.token` the module generates it inside
+    /// `C_Encrypt` (HSMs in FIPS mode). Either way the result has the same shape.
     private static func sealWithTokenIV(
         _ session: borrowing Session,
         _ handle: ObjectHandle,
         aad: [UInt8],
-        plaintext: SecretBytes
+        plaintext: SecretBytes,
+        ivSource: GCMIVSource
     ) throws -> ([UInt8], [UInt8]) {
-        let iv = try session.generateRandom(count: WrappedDataKey.ivByteCount)
-        let sealed = try session.encryptAESGCM(key: handle, iv: iv, aad: aad, plaintext: plaintext)
-        return (iv, sealed)
+        switch ivSource {
+        case .gateway:
+            let iv = try session.generateRandom(count: WrappedDataKey.ivByteCount)
+            let sealed = try session.encryptAESGCM(key: handle, iv: iv, aad: aad, plaintext: plaintext)
+            return (iv, sealed)
+        case .token:
+            let box = try session.sealAESGCMWithTokenIV(key: handle, aad: aad, plaintext: plaintext)
+            return (box.iv, box.ciphertextAndTag)
+        case .message:
+            // TODO(issue 15, merge with issue15-nss): call
+            // `session.sealAESGCMWithMessageGenerator(key:aad:plaintext:)` once that branch is in.
+            throw TokenError(
+                .other,
+                "hsm.gcm_iv: message (PKCS#11 3.0 message-based encryption) is not supported by this build; "
+                    + "use gateway or token"
+            )
+        }
     }
 
     /// Runs `body` with the checked handle of `key`; when the token says a cached handle is no

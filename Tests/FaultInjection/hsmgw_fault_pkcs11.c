@@ -37,6 +37,25 @@
 //   * rv=CKR_DEVICE_REMOVED
 //   C_EncryptInit skip=1 count=1 rv=CKR_OPERATION_ACTIVE
 //
+// Model lines make the module behave like another kind of token, for as long as the control file
+// holds them (they are not rules: no call matches them, and they never run out):
+//
+//   model [gcm_iv=writeback|append|append16] [hide_mechanism=<CKM_NAME|0xHEX>]...
+//         [manufacturer=TEXT] [token_model=TEXT] [max_sessions=N]
+//
+//   gcm_iv=writeback  an HSM in FIPS mode that generates AES-GCM IVs the AWS CloudHSM way:
+//                     C_EncryptInit with CKM_AES_GCM accepts only pIv pointing to 12 zero bytes
+//                     (ulIvLen 12), generates a 12-byte IV and writes it into pIv; any other IV
+//                     is refused with CKR_MECHANISM_PARAM_INVALID, as a caller-chosen IV is
+//   gcm_iv=append     the Thales Luna way (firmware 7.9.3+, FIPS mode): accepts only ulIvLen 0
+//                     with ulIvBits 96, and C_Encrypt appends the generated 12-byte IV after the tag
+//   gcm_iv=append16   Luna before firmware 7.9.3: the same, with a 16-byte IV
+//   hide_mechanism=X  C_GetMechanismList leaves X out, C_GetMechanismInfo, C_EncryptInit and
+//                     C_DecryptInit answer CKR_MECHANISM_INVALID for it (an older HSM); up to 8
+//   manufacturer=TEXT C_GetInfo and C_GetTokenInfo report TEXT as manufacturerID ('_' is a space)
+//   token_model=TEXT  C_GetTokenInfo reports TEXT as model ('_' is a space)
+//   max_sessions=N    C_GetTokenInfo reports N as ulMaxSessionCount
+//
 // C_Initialize is forwarded too: in a process where the real module is initialised already,
 // the caller sees CKR_CRYPTOKI_ALREADY_INITIALIZED, as for a second load of the real module.
 #define _GNU_SOURCE
@@ -86,6 +105,105 @@ static fault_rule rules[FAULT_MAX_RULES];
 static int rule_count = 0;
 static struct stat control_seen;
 static int control_seen_valid = 0;
+
+// The token being emulated (model lines); reset with the rules.
+enum { GCM_IV_CALLER = 0, GCM_IV_WRITEBACK, GCM_IV_APPEND, GCM_IV_APPEND16 };
+#define FAULT_MAX_HIDDEN 8
+static int model_gcm_iv = GCM_IV_CALLER;
+static CK_MECHANISM_TYPE model_hidden[FAULT_MAX_HIDDEN];
+static int model_hidden_count = 0;
+static char model_manufacturer[33];
+static char model_token_model[17];
+static long model_max_sessions = -1;
+
+// IVs generated in C_EncryptInit (gcm_iv=append*) for C_Encrypt to append, by session.
+#define FAULT_MAX_PENDING 128
+typedef struct pending_iv {
+    CK_SESSION_HANDLE session;
+    int used;
+    CK_ULONG length;
+    CK_BYTE iv[16];
+} pending_iv;
+static pending_iv pending[FAULT_MAX_PENDING];
+
+static const struct {
+    const char *name;
+    CK_MECHANISM_TYPE value;
+} mechanism_names[] = {
+    {"CKM_AES_GCM", CKM_AES_GCM}, {"CKM_AES_KEY_GEN", CKM_AES_KEY_GEN},
+    {"CKM_AES_KEY_WRAP", 0x2109}, {"CKM_AES_KEY_WRAP_PAD", 0x210A},
+    {"CKM_SHA256_HMAC", CKM_SHA256_HMAC}, {"CKM_GENERIC_SECRET_KEY_GEN", CKM_GENERIC_SECRET_KEY_GEN},
+};
+
+static int parse_number(const char *text, unsigned long long *value);
+static int is_hidden_locked(CK_MECHANISM_TYPE type);
+
+static int parse_mechanism(const char *text, CK_MECHANISM_TYPE *type) {
+    for (size_t i = 0; i < sizeof(mechanism_names) / sizeof(mechanism_names[0]); i++) {
+        if (strcmp(text, mechanism_names[i].name) == 0) {
+            *type = mechanism_names[i].value;
+            return 1;
+        }
+    }
+    char *end = NULL;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 0);
+    if (errno != 0 || end == text || *end != '\0') {
+        return 0;
+    }
+    *type = (CK_MECHANISM_TYPE)value;
+    return 1;
+}
+
+// A model text: '_' stands for a space (the control language splits on blanks).
+static void copy_model_text(char *target, size_t size, const char *value) {
+    snprintf(target, size, "%s", value);
+    for (char *c = target; *c != '\0'; c++) {
+        if (*c == '_') {
+            *c = ' ';
+        }
+    }
+}
+
+// Parses the keys of a `model` line. Called with fault_lock held.
+static int parse_model_locked(char **save) {
+    char *token;
+    while ((token = strtok_r(NULL, " \t\r\n", save)) != NULL) {
+        char *equals = strchr(token, '=');
+        if (equals == NULL) {
+            return 0;
+        }
+        *equals = '\0';
+        const char *key = token;
+        const char *value = equals + 1;
+        unsigned long long number = 0;
+        if (strcmp(key, "gcm_iv") == 0) {
+            if (strcmp(value, "writeback") == 0) {
+                model_gcm_iv = GCM_IV_WRITEBACK;
+            } else if (strcmp(value, "append") == 0) {
+                model_gcm_iv = GCM_IV_APPEND;
+            } else if (strcmp(value, "append16") == 0) {
+                model_gcm_iv = GCM_IV_APPEND16;
+            } else {
+                return 0;
+            }
+        } else if (strcmp(key, "hide_mechanism") == 0 && model_hidden_count < FAULT_MAX_HIDDEN) {
+            if (!parse_mechanism(value, &model_hidden[model_hidden_count])) {
+                return 0;
+            }
+            model_hidden_count++;
+        } else if (strcmp(key, "manufacturer") == 0) {
+            copy_model_text(model_manufacturer, sizeof(model_manufacturer), value);
+        } else if (strcmp(key, "token_model") == 0) {
+            copy_model_text(model_token_model, sizeof(model_token_model), value);
+        } else if (strcmp(key, "max_sessions") == 0 && parse_number(value, &number)) {
+            model_max_sessions = (long)number;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
 
 static const struct {
     const char *name;
@@ -169,6 +287,11 @@ static void reload_rules_locked(void) {
     control_seen = now;
     control_seen_valid = 1;
     rule_count = 0;
+    model_gcm_iv = GCM_IV_CALLER;
+    model_hidden_count = 0;
+    model_manufacturer[0] = '\0';
+    model_token_model[0] = '\0';
+    model_max_sessions = -1;
     FILE *file = fopen(control_path, "r");
     if (file == NULL) {
         return;
@@ -178,6 +301,12 @@ static void reload_rules_locked(void) {
         char *save = NULL;
         char *token = strtok_r(line, " \t\r\n", &save);
         if (token == NULL || token[0] == '#') {
+            continue;
+        }
+        if (strcmp(token, "model") == 0) {
+            if (!parse_model_locked(&save)) {
+                fprintf(stderr, "hsmgw_fault_pkcs11: ignoring the rest of a malformed model line in %s\n", control_path);
+            }
             continue;
         }
         fault_rule rule;
@@ -304,10 +433,7 @@ static void adjust_length(const fault_action *action, int had_output, CK_ULONG *
 
 FORWARD(C_Initialize, (void *init_args), (init_args))
 FORWARD(C_Finalize, (void *reserved), (reserved))
-FORWARD(C_GetInfo, (CK_INFO *info), (info))
 FORWARD(C_GetSlotInfo, (CK_SLOT_ID slot_id, CK_SLOT_INFO *info), (slot_id, info))
-FORWARD(C_GetTokenInfo, (CK_SLOT_ID slot_id, CK_TOKEN_INFO *info), (slot_id, info))
-FORWARD(C_GetMechanismInfo, (CK_SLOT_ID slot_id, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO *info), (slot_id, type, info))
 FORWARD(C_InitToken, (CK_SLOT_ID slot_id, CK_BYTE *pin, CK_ULONG pin_len, CK_BYTE *label), (slot_id, pin, pin_len, label))
 FORWARD(C_InitPIN, (CK_SESSION_HANDLE session, CK_BYTE *pin, CK_ULONG pin_len), (session, pin, pin_len))
 FORWARD(C_SetPIN, (CK_SESSION_HANDLE session, CK_BYTE *old_pin, CK_ULONG old_len, CK_BYTE *new_pin, CK_ULONG new_len), (session, old_pin, old_len, new_pin, new_len))
@@ -326,10 +452,8 @@ FORWARD(C_GetObjectSize, (CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CK
 FORWARD(C_SetAttributeValue, (CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object, CK_ATTRIBUTE *templ, CK_ULONG count), (session, object, templ, count))
 FORWARD(C_FindObjectsInit, (CK_SESSION_HANDLE session, CK_ATTRIBUTE *templ, CK_ULONG count), (session, templ, count))
 FORWARD(C_FindObjectsFinal, (CK_SESSION_HANDLE session), (session))
-FORWARD(C_EncryptInit, (CK_SESSION_HANDLE session, CK_MECHANISM *mechanism, CK_OBJECT_HANDLE key), (session, mechanism, key))
 FORWARD(C_EncryptUpdate, (CK_SESSION_HANDLE session, CK_BYTE *part, CK_ULONG part_len, CK_BYTE *encrypted_part, CK_ULONG *encrypted_part_len), (session, part, part_len, encrypted_part, encrypted_part_len))
 FORWARD(C_EncryptFinal, (CK_SESSION_HANDLE session, CK_BYTE *last_encrypted_part, CK_ULONG *last_encrypted_part_len), (session, last_encrypted_part, last_encrypted_part_len))
-FORWARD(C_DecryptInit, (CK_SESSION_HANDLE session, CK_MECHANISM *mechanism, CK_OBJECT_HANDLE key), (session, mechanism, key))
 FORWARD(C_DecryptUpdate, (CK_SESSION_HANDLE session, CK_BYTE *encrypted_part, CK_ULONG encrypted_part_len, CK_BYTE *part, CK_ULONG *part_len), (session, encrypted_part, encrypted_part_len, part, part_len))
 FORWARD(C_DecryptFinal, (CK_SESSION_HANDLE session, CK_BYTE *last_part, CK_ULONG *last_part_len), (session, last_part, last_part_len))
 FORWARD(C_DigestInit, (CK_SESSION_HANDLE session, CK_MECHANISM *mechanism), (session, mechanism))
@@ -384,6 +508,18 @@ static CK_RV fault_C_GetMechanismList(CK_SLOT_ID slot_id, CK_MECHANISM_TYPE *mec
         return trace("C_GetMechanismList", action.rv, 1);
     }
     CK_RV rv = real->C_GetMechanismList(slot_id, mechanism_list, count);
+    if (rv == CKR_OK && mechanism_list != NULL && count != NULL) {
+        // Hidden mechanisms are left out: the list closes up over them.
+        pthread_mutex_lock(&fault_lock);
+        CK_ULONG kept = 0;
+        for (CK_ULONG i = 0; i < *count; i++) {
+            if (!is_hidden_locked(mechanism_list[i])) {
+                mechanism_list[kept++] = mechanism_list[i];
+            }
+        }
+        *count = kept;
+        pthread_mutex_unlock(&fault_lock);
+    }
     if (rv == CKR_OK) {
         adjust_length(&action, mechanism_list != NULL, count);
     }
@@ -420,11 +556,200 @@ static CK_RV fault_C_FindObjects(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE *ob
     return trace("C_FindObjects", rv, 0);
 }
 
+// The pending appended IV of `session`, or NULL. Called with fault_lock held.
+static pending_iv *find_pending_locked(CK_SESSION_HANDLE session) {
+    for (int i = 0; i < FAULT_MAX_PENDING; i++) {
+        if (pending[i].used && pending[i].session == session) {
+            return &pending[i];
+        }
+    }
+    return NULL;
+}
+
+static int is_hidden_locked(CK_MECHANISM_TYPE type) {
+    for (int i = 0; i < model_hidden_count; i++) {
+        if (model_hidden[i] == type) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int is_hidden(CK_MECHANISM_TYPE type) {
+    pthread_mutex_lock(&fault_lock);
+    int hidden = is_hidden_locked(type);
+    pthread_mutex_unlock(&fault_lock);
+    return hidden;
+}
+
+static void pad_text(CK_UTF8CHAR *field, size_t size, const char *text) {
+    memset(field, ' ', size);
+    size_t length = strlen(text);
+    memcpy(field, text, length < size ? length : size);
+}
+
+static CK_RV fault_C_GetInfo(CK_INFO *info) {
+    fault_action action = decide("C_GetInfo");
+    if (action.inject_rv) {
+        return trace("C_GetInfo", action.rv, 1);
+    }
+    CK_RV rv = real->C_GetInfo(info);
+    pthread_mutex_lock(&fault_lock);
+    if (rv == CKR_OK && info != NULL && model_manufacturer[0] != '\0') {
+        pad_text(info->manufacturerID, sizeof(info->manufacturerID), model_manufacturer);
+    }
+    pthread_mutex_unlock(&fault_lock);
+    return trace("C_GetInfo", rv, 0);
+}
+
+static CK_RV fault_C_GetTokenInfo(CK_SLOT_ID slot_id, CK_TOKEN_INFO *info) {
+    fault_action action = decide("C_GetTokenInfo");
+    if (action.inject_rv) {
+        return trace("C_GetTokenInfo", action.rv, 1);
+    }
+    CK_RV rv = real->C_GetTokenInfo(slot_id, info);
+    pthread_mutex_lock(&fault_lock);
+    if (rv == CKR_OK && info != NULL) {
+        if (model_manufacturer[0] != '\0') {
+            pad_text(info->manufacturerID, sizeof(info->manufacturerID), model_manufacturer);
+        }
+        if (model_token_model[0] != '\0') {
+            pad_text(info->model, sizeof(info->model), model_token_model);
+        }
+        if (model_max_sessions >= 0) {
+            info->ulMaxSessionCount = (CK_ULONG)model_max_sessions;
+        }
+    }
+    pthread_mutex_unlock(&fault_lock);
+    return trace("C_GetTokenInfo", rv, 0);
+}
+
+static CK_RV fault_C_GetMechanismInfo(CK_SLOT_ID slot_id, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO *info) {
+    fault_action action = decide("C_GetMechanismInfo");
+    if (action.inject_rv) {
+        return trace("C_GetMechanismInfo", action.rv, 1);
+    }
+    if (is_hidden(type)) {
+        return trace("C_GetMechanismInfo", CKR_MECHANISM_INVALID, 1);
+    }
+    return trace("C_GetMechanismInfo", real->C_GetMechanismInfo(slot_id, type, info), 0);
+}
+
+static CK_RV fault_C_DecryptInit(CK_SESSION_HANDLE session, CK_MECHANISM *mechanism, CK_OBJECT_HANDLE key) {
+    fault_action action = decide("C_DecryptInit");
+    if (action.inject_rv) {
+        return trace("C_DecryptInit", action.rv, 1);
+    }
+    if (mechanism != NULL && is_hidden(mechanism->mechanism)) {
+        return trace("C_DecryptInit", CKR_MECHANISM_INVALID, 1);
+    }
+    return trace("C_DecryptInit", real->C_DecryptInit(session, mechanism, key), 0);
+}
+
+// C_EncryptInit, with the emulated token's rules for AES-GCM IVs (model gcm_iv=...).
+static CK_RV fault_C_EncryptInit(CK_SESSION_HANDLE session, CK_MECHANISM *mechanism, CK_OBJECT_HANDLE key) {
+    fault_action action = decide("C_EncryptInit");
+    if (action.inject_rv) {
+        return trace("C_EncryptInit", action.rv, 1);
+    }
+    if (mechanism != NULL && is_hidden(mechanism->mechanism)) {
+        return trace("C_EncryptInit", CKR_MECHANISM_INVALID, 1);
+    }
+    pthread_mutex_lock(&fault_lock);
+    int mode = model_gcm_iv;
+    pthread_mutex_unlock(&fault_lock);
+    if (mode == GCM_IV_CALLER || mechanism == NULL || mechanism->mechanism != CKM_AES_GCM ||
+        mechanism->pParameter == NULL || mechanism->ulParameterLen != sizeof(CK_GCM_PARAMS)) {
+        return trace("C_EncryptInit", real->C_EncryptInit(session, mechanism, key), 0);
+    }
+    CK_GCM_PARAMS *given = (CK_GCM_PARAMS *)mechanism->pParameter;
+    CK_GCM_PARAMS parameters = *given;
+    CK_BYTE generated[16];
+    CK_ULONG length = mode == GCM_IV_APPEND16 ? 16 : 12;
+    if (mode == GCM_IV_WRITEBACK) {
+        // Only the "generate" form: a 12-byte buffer of zeros, which the HSM overwrites.
+        int zero = given->pIv != NULL && given->ulIvLen == 12;
+        for (CK_ULONG i = 0; zero && i < given->ulIvLen; i++) {
+            zero = given->pIv[i] == 0;
+        }
+        if (!zero) {
+            return trace("C_EncryptInit", CKR_MECHANISM_PARAM_INVALID, 1);
+        }
+    } else if (given->ulIvLen != 0 || given->ulIvBits != 96) {
+        // Luna's "generate" form: no IV, 96 bits asked for.
+        return trace("C_EncryptInit", CKR_MECHANISM_PARAM_INVALID, 1);
+    }
+    CK_RV rv = real->C_GenerateRandom(session, generated, length);
+    if (rv != CKR_OK) {
+        return trace("C_EncryptInit", rv, 0);
+    }
+    parameters.pIv = generated;
+    parameters.ulIvLen = length;
+    parameters.ulIvBits = length * 8;
+    CK_MECHANISM forwarded = {CKM_AES_GCM, &parameters, sizeof(parameters)};
+    rv = real->C_EncryptInit(session, &forwarded, key);
+    if (rv != CKR_OK) {
+        return trace("C_EncryptInit", rv, 0);
+    }
+    if (mode == GCM_IV_WRITEBACK) {
+        memcpy(given->pIv, generated, length);
+        return trace("C_EncryptInit", rv, 0);
+    }
+    pthread_mutex_lock(&fault_lock);
+    pending_iv *slot = find_pending_locked(session);
+    for (int i = 0; slot == NULL && i < FAULT_MAX_PENDING; i++) {
+        if (!pending[i].used) {
+            slot = &pending[i];
+        }
+    }
+    if (slot != NULL) {
+        slot->used = 1;
+        slot->session = session;
+        slot->length = length;
+        memcpy(slot->iv, generated, length);
+    }
+    pthread_mutex_unlock(&fault_lock);
+    return trace("C_EncryptInit", slot != NULL ? CKR_OK : CKR_DEVICE_MEMORY, 0);
+}
+
 static CK_RV fault_C_Encrypt(CK_SESSION_HANDLE session, CK_BYTE *data, CK_ULONG data_len,
                              CK_BYTE *encrypted_data, CK_ULONG *encrypted_data_len) {
     fault_action action = decide("C_Encrypt");
     if (action.inject_rv) {
         return trace("C_Encrypt", action.rv, 1);
+    }
+    pthread_mutex_lock(&fault_lock);
+    pending_iv *slot = find_pending_locked(session);
+    pending_iv appended;
+    int append = slot != NULL;
+    if (append) {
+        appended = *slot;
+    }
+    pthread_mutex_unlock(&fault_lock);
+    if (append && encrypted_data_len != NULL) {
+        // Ciphertext and tag from the real module, then the IV. Too small a buffer keeps the
+        // operation active, as the standard says.
+        CK_ULONG needed = data_len + 16 + appended.length;
+        if (encrypted_data == NULL || *encrypted_data_len < needed) {
+            *encrypted_data_len = needed;
+            return trace("C_Encrypt", encrypted_data == NULL ? CKR_OK : CKR_BUFFER_TOO_SMALL, 0);
+        }
+        CK_ULONG written = *encrypted_data_len - appended.length;
+        CK_RV rv = real->C_Encrypt(session, data, data_len, encrypted_data, &written);
+        if (rv == CKR_OK) {
+            memcpy(encrypted_data + written, appended.iv, appended.length);
+            *encrypted_data_len = written + appended.length;
+            adjust_length(&action, 1, encrypted_data_len);
+        }
+        if (rv != CKR_BUFFER_TOO_SMALL) {
+            pthread_mutex_lock(&fault_lock);
+            pending_iv *done = find_pending_locked(session);
+            if (done != NULL) {
+                done->used = 0;
+            }
+            pthread_mutex_unlock(&fault_lock);
+        }
+        return trace("C_Encrypt", rv, 0);
     }
     CK_RV rv = real->C_Encrypt(session, data, data_len, encrypted_data, encrypted_data_len);
     if (rv == CKR_OK) {

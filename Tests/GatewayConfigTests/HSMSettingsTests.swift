@@ -1,5 +1,6 @@
 import Foundation
 import GatewayConfig
+import PKCS11
 import Testing
 
 @Suite("Gateway configuration: hsm section")
@@ -28,6 +29,19 @@ struct HSMSettingsTests {
         let path = Self.repositoryRoot.appendingPathComponent("docker/gateway.compose.yaml").path
         let settings = try HSMSettings.load(fromFile: path)
         #expect(settings.tokenLabel == "hsmgw")
+    }
+
+    @Test("hsm.gcm_iv: gateway by default, token or message when set, anything else refused naming the values")
+    func gcmIVSource() throws {
+        let base = "hsm:\n  module: /m.so\n  token_label: t\n  pin:\n    env: P\n"
+        #expect(try HSMSettings.parse(yaml: base).gcmIV == .gateway)
+        #expect(try HSMSettings.parse(yaml: base + "  gcm_iv: token\n").gcmIV == .token)
+        #expect(try HSMSettings.parse(yaml: base + "  gcm_iv: message\n").gcmIV == .message)
+        #expect {
+            _ = try HSMSettings.parse(yaml: base + "  gcm_iv: hsm\n", source: "g.yaml")
+        } throws: { error in
+            "\(error)" == "g.yaml: `hsm.gcm_iv` must be one of gateway, token, message, not `hsm`"
+        }
     }
 
     @Test("a full section with every key")

@@ -121,7 +121,14 @@ struct PreflightTests {
     func runAdmin(_ arguments: [String], environment extra: [String: String] = [:]) throws -> (
         status: Int32, output: String, error: String
     ) {
-        let executable = Self.buildDirectory.appendingPathComponent("hsm-admin")
+        try Self.runAdmin(arguments, fixture: fixture, environment: extra)
+    }
+
+    /// Runs the built `hsm-admin` with `arguments` on `fixture`'s tokens.
+    static func runAdmin(_ arguments: [String], fixture: SoftHSMFixture, environment extra: [String: String] = [:])
+        throws -> (status: Int32, output: String, error: String)
+    {
+        let executable = buildDirectory.appendingPathComponent("hsm-admin")
         try #require(
             FileManager.default.isExecutableFile(atPath: executable.path),
             "build hsm-admin first (make test does)"

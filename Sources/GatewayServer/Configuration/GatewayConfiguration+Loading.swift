@@ -2,6 +2,7 @@ import Foundation
 import GatewayConfig
 import GatewayTransport
 import Logging
+import PKCS11
 import PostgresKeyStore
 
 extension GatewayConfiguration {
@@ -235,7 +236,7 @@ struct SettingsReader {
         return try sessionSettings(HSMSettings(modulePath: module, tokenLabel: label, pin: pin))
     }
 
-    /// The `hsm.sessions.*` and `hsm.softhsm2_conf` settings, whatever the unseal mode.
+    /// The `hsm.sessions.*`, `hsm.softhsm2_conf` and `hsm.gcm_iv` settings, whatever the unseal mode.
     func sessionSettings(_ settings: HSMSettings) throws(ConfigurationError) -> HSMSettings {
         var settings = settings
         settings.maximumSessions = try integer(
@@ -247,6 +248,7 @@ struct SettingsReader {
             default: settings.acquireTimeout
         )
         settings.softHSM2ConfigPath = try existingFile("hsm.softhsm2_conf", secret: false)
+        settings.gcmIV = try choice("hsm.gcm_iv", default: GCMIVSource.gateway)
         return settings
     }
 

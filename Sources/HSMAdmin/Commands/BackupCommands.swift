@@ -61,7 +61,7 @@ struct StoreAccessOptions: ParsableArguments {
         }
         do {
             let pool = try await SessionPool(module: module, tokenLabel: settings.tokenLabel, pin: pin)
-            return (pool, PKCS11KeyToken(pool: pool), identity)
+            return (pool, PKCS11KeyToken(pool: pool, ivSource: settings.gcmIV), identity)
         } catch {
             throw AdminError(.unavailable, "hsm.token_label \(settings.tokenLabel): cannot log in: \(error)")
         }
