@@ -118,7 +118,7 @@ extension Session {
         try decryptAESGCM(key: key, iv: box.iv, aad: aad, ciphertextAndTag: box.ciphertextAndTag)
     }
 
-    private func checkGCMArguments(function: PKCS11Function, iv: [UInt8], aad: [UInt8], inputCount: Int) throws {
+    func checkGCMArguments(function: PKCS11Function, iv: [UInt8], aad: [UInt8], inputCount: Int) throws {
         guard iv.count == Session.gcmIVByteCount else {
             throw PKCS11Error(
                 code: .invalidArgument,
