@@ -46,6 +46,7 @@ enum SettingKeys {
         SettingDefinition("hsm.sessions.max"),
         SettingDefinition("hsm.sessions.acquire_timeout_ms"),
         SettingDefinition("hsm.softhsm2_conf"),
+        SettingDefinition("hsm.initialize_args"),
         SettingDefinition("store.kind"),
         SettingDefinition("store.sqlite.path"),
         SettingDefinition("store.postgres.host"),
