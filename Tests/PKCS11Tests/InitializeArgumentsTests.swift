@@ -70,6 +70,18 @@ struct InitializeArgumentsTests {
         try module.reinitialize()
         #expect(try module.slot(tokenLabel: "init-args-nss") == databaseSlot)
         try module.finalize()
+
+        // A database directory that does not exist: NSS's own code (CKR_NSS_CERTDB_FAILED), as a
+        // number, with C_Initialize named; the process carries on.
+        let missingDirectory = #expect(throws: PKCS11Error.self) {
+            try PKCS11Module.load(
+                path: path,
+                initializeArguments: try NSSSoftoken.initializeArguments(
+                    databaseDirectory: directory + "/missing", tokenLabel: "missing"))
+        }
+        #expect(missingDirectory?.function == .initialize)
+        #expect(missingDirectory?.returnValue == PKCS11ReturnValue(rawValue: 0xCE53_4351))
+        #expect(missingDirectory?.description.contains("CKR_VENDOR_DEFINED+0x4e534351") == true)
     }
 
     @Test("NSS's parameter syntax: quotes and brackets in a directory or label are refused")
