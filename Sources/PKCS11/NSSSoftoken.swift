@@ -74,7 +74,12 @@ extension PKCS11Module {
                 !taken.contains($0)
             })
         else {
-            throw PKCS11Error(code: .invalidArgument, detail: "every NSS user slot id is taken")
+            throw PKCS11Error(
+                code: .invalidArgument,
+                detail:
+                    "every NSS user slot id (\(NSSSoftoken.firstUserSlotID)-\(NSSSoftoken.lastUserSlotID)) is taken: "
+                    + "NSS opens at most \(NSSSoftoken.lastUserSlotID - NSSSoftoken.firstUserSlotID + 1) databases per process"
+            )
         }
         // NSS's module-spec syntax: the token's own parameters inside `tokens=[ID=<…>]`.
         let spec =

@@ -32,7 +32,10 @@ public enum TestPKCS11Implementation: String, Sendable {
 /// Under NSS's softoken: the module is initialised over an empty base database, and each token
 /// is a new database directory opened as another slot (`PKCS11Module.openNSSDatabaseSlot`),
 /// whose user PIN is set through an empty security-officer login; `TestToken.initializeArguments`
-/// is how another process (the gateway, hsm-admin) reaches the same token.
+/// is how another process (the gateway, hsm-admin) reaches the same token. NSS opens at most 97
+/// databases per process (slot ids 4-100) and a pool keeps its sessions open until shut down, so
+/// a test process under NSS makes at most 97 tokens: `make test-nss` runs chosen suites (a whole
+/// `KeyStoreConformanceTests` run asks for about 150).
 public final class SoftHSMFixture: Sendable {
     /// The implementation under test (`TestPKCS11Implementation.current`).
     public static var implementation: TestPKCS11Implementation { TestPKCS11Implementation.current }
