@@ -2,11 +2,12 @@
 #
 #   make run    build and start `hsm-gateway --dev`: SoftHSM2 dev token + SQLite under .hsm-dev/,
 #               plaintext on 127.0.0.1:7700, health and metrics on 127.0.0.1:7701
-#   make test   every test, against a real SoftHSM2 token and PostgreSQL, then the Python SDK's
-#               tests (clients/python: unit, live against real gateways in plaintext, TLS and
-#               mTLS, and envelopes across languages with the `hsmgw` CLI), then the monitoring
-#               files (alert rules and dashboard) against real gateways, then the refusal of
-#               openCryptoki's token (no AES-GCM) by preflight and the gateway (what .ci/run calls)
+#   make test   every test, against a real SoftHSM2 token and PostgreSQL; the PKCS#11 and a set of
+#               end-to-end suites again against NSS's softoken; then the Python SDK's tests
+#               (clients/python: unit, live against real gateways in plaintext, TLS and mTLS, and
+#               envelopes across languages with the `hsmgw` CLI), then the monitoring files (alert
+#               rules and dashboard) against real gateways, then the refusal of openCryptoki's token
+#               (no AES-GCM) by preflight and the gateway (what .ci/run calls)
 #
 # Both install what they need from Debian's packages first (sudo when not root).
 
@@ -22,9 +23,10 @@ SWIFT ?= swift
 # jq, curl and procps (pgrep) serve scripts/bench-deployment.sh; python3-yaml serves
 # scripts/check-monitoring.sh (which fetches promtool itself, without installing Prometheus);
 # opencryptoki is a second PKCS#11 implementation without AES-GCM, which the gateway must refuse
-# (scripts/opencryptoki-refusal-test.sh).
+# (scripts/opencryptoki-refusal-test.sh); libnss3 has NSS's softoken, the second PKCS#11
+# implementation the tests run against (docs/hsm/nss-softoken.md).
 APT_PACKAGES := softhsm2 opensc postgresql libp11-kit-dev libssl-dev libpq-dev openssl protobuf-compiler p11-kit p11-kit-modules \
-    python3 python3-venv python3-yaml gcc jq curl procps opencryptoki
+    python3 python3-venv python3-yaml gcc jq curl procps opencryptoki libnss3
 # The embedded default keeps everything it creates here (token, PIN files, later the SQLite file).
 DATA_DIR ?= .hsm-dev
 DEV_TOKEN_LABEL ?= hsmgw-dev
@@ -33,11 +35,12 @@ SOFTHSM2_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 LISTEN ?= 127.0.0.1:7700
 METRICS_LISTEN ?= 127.0.0.1:7701
 
-.PHONY: help deps build run dev-token preflight test interop python-sdk-test check-monitoring bench bench-deployment format lint clean
+.PHONY: help deps build run dev-token preflight test test-nss test-nss-run interop python-sdk-test check-monitoring bench bench-deployment format lint clean
 
 help:
 	@echo "make run    build and start hsm-gateway --dev (token and SQLite in $(DATA_DIR)/, $(LISTEN))"
-	@echo "make test   install dependencies, build, run every test"
+	@echo "make test   install dependencies, build, run every test (PKCS#11 and end-to-end suites also on NSS's softoken)"
+	@echo "make test-nss  only the suites that run against NSS's softoken (HSMGW_TEST_PKCS11=nss)"
 	@echo "make check-monitoring  alert rules, dashboard and compose stack, checked against live gateways"
 	@echo "make bench  release build; AES-GCM and key-service benchmarks on throwaway tokens and stores (docs/benchmarks.md)"
 	@echo "make bench-deployment  release build; the gateway as its own process over TLS on both stores, driven by"
@@ -88,9 +91,34 @@ test: deps
 	    $(SWIFT) test --skip-build --filter "^$$target\." || failed="$$failed $$target"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "test: failed:$$failed"; exit 1; fi
+	$(MAKE) --no-print-directory test-nss-run
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSMGW_BIN=.build/debug/hsmgw scripts/python-sdk-test.sh
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/check-monitoring.sh
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSM_ADMIN_BIN=.build/debug/hsm-admin scripts/opencryptoki-refusal-test.sh
+
+# The second, independent PKCS#11 implementation: NSS's softoken (docs/hsm/nss-softoken.md). The
+# PKCS#11 suites and a set of end-to-end suites run again with HSMGW_TEST_PKCS11=nss (the
+# fixtures then make NSS databases instead of SoftHSM2 tokens); suites that test SoftHSM2 itself
+# say so and are skipped. One process per filter, like the targets above. The key-hierarchy suites
+# are a subset: NSS writes each token key to SQLite (~7-11 ms) and reads it back for every use
+# (~10k GCM operations/s), so they take three times as long as on SoftHSM2; ~2 minutes in all.
+NSS_TEST_FILTERS := \
+    '^PKCS11Tests\.' \
+    '^KeyStoreConformanceTests\.(HierarchyTests|BindingTests|RotationTests|AuditAnchorTests)' \
+    '^GatewayServerTests\.(EveryMethodTests|ModuleUnderTestProcessTests)' \
+    '^HSMAdminTests\.PreflightInitializeArgumentsTests'
+
+test-nss: deps
+	$(SWIFT) build --build-tests
+	$(MAKE) --no-print-directory test-nss-run
+
+test-nss-run:
+	@failed=""; \
+	for filter in $(NSS_TEST_FILTERS); do \
+	    echo "== NSS softoken: $$filter"; \
+	    HSMGW_TEST_PKCS11=nss $(SWIFT) test --skip-build --filter "$$filter" || failed="$$failed $$filter"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-nss: failed:$$failed"; exit 1; fi
 
 # The Python SDK's tests alone (clients/python/README.md): unit tests, live tests against a dev
 # gateway and a TLS + mTLS gateway, envelopes across languages with the `hsmgw` CLI.

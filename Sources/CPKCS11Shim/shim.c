@@ -22,6 +22,12 @@ _Static_assert(offsetof(CK_FUNCTION_LIST, C_Initialize) == 8, "entry points foll
 _Static_assert(sizeof(CK_GCM_PARAMS) == 48, "CK_GCM_PARAMS has six members");
 _Static_assert(offsetof(CK_GCM_PARAMS, ulTagBits) == 40, "CK_GCM_PARAMS has ulIvBits");
 _Static_assert(sizeof(hsmgw_ck_interface) == 24, "CK_INTERFACE: name, table, flags");
+// The 2.40 table holds its version and 68 entry points; the 3.0 functions follow it.
+_Static_assert(sizeof(CK_FUNCTION_LIST) == 8 + 68 * 8, "CK_FUNCTION_LIST: version and 68 entry points");
+_Static_assert(offsetof(hsmgw_ck_function_list_3_0, C_GetInterfaceList) == sizeof(CK_FUNCTION_LIST), "3.0 extends 2.40");
+_Static_assert(offsetof(hsmgw_ck_function_list_3_0, C_MessageEncryptInit) == 8 + 72 * 8, "C_MessageEncryptInit");
+_Static_assert(offsetof(hsmgw_ck_function_list_3_0, C_MessageEncryptFinal) == 8 + 76 * 8, "C_MessageEncryptFinal");
+_Static_assert(sizeof(hsmgw_ck_gcm_message_params) == 48, "CK_GCM_MESSAGE_PARAMS has six members");
 _Static_assert(sizeof(CK_C_INITIALIZE_ARGS) == 48, "CK_C_INITIALIZE_ARGS: four callbacks, flags, reserved");
 
 typedef CK_RV (*hsmgw_get_interface_fn)(CK_UTF8CHAR *, CK_VERSION *, hsmgw_ck_interface **, CK_FLAGS);
@@ -41,6 +47,7 @@ hsmgw_p11_open_status hsmgw_p11_open(
         return HSMGW_P11_DLOPEN_FAILED;
     }
 
+    int nss_softoken = dlsym(library, "NSC_GetFunctionList") != NULL && dlsym(library, "FC_GetFunctionList") != NULL;
     hsmgw_get_interface_fn get_interface = (hsmgw_get_interface_fn)dlsym(library, "C_GetInterface");
     if (get_interface != NULL) {
         hsmgw_ck_interface *interface = NULL;
@@ -61,6 +68,7 @@ hsmgw_p11_open_status hsmgw_p11_open(
         module->via_get_interface = 1;
         module->interface_name = interface->interface_name;
         module->entry_point_rv = CKR_OK;
+        module->nss_softoken = nss_softoken;
         return HSMGW_P11_OPENED;
     }
 
@@ -88,6 +96,7 @@ hsmgw_p11_open_status hsmgw_p11_open(
     module->via_get_interface = 0;
     module->interface_name = NULL;
     module->entry_point_rv = CKR_OK;
+    module->nss_softoken = nss_softoken;
     return HSMGW_P11_OPENED;
 }
 

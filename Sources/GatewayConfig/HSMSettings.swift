@@ -22,6 +22,11 @@ public struct HSMSettings: Sendable, Hashable {
     /// Who makes the AES-GCM IVs under master keys (`hsm.gcm_iv`): the gateway, from the token's
     /// RNG (the default), or the module itself, as HSMs in FIPS mode require (docs/hsm/README.md).
     public var gcmIV: GCMIVSource = .gateway
+    /// Passed to `C_Initialize` in `CK_C_INITIALIZE_ARGS.pReserved` (`hsm.initialize_args`):
+    /// NSS's softoken reads its library parameters there, some vendor modules their own
+    /// options. Configuration, not a secret: it must not hold a PIN or password, and the gateway
+    /// never logs it or puts it in an error.
+    public var initializeArguments: String?
 
     /// The largest `sessions.max` accepted: far above what any HSM grants one client.
     public static let maximumSessionsLimit = 1024
@@ -33,6 +38,9 @@ public struct HSMSettings: Sendable, Hashable {
     public static let maximumPathByteCount = 4096
     /// The longest token label: PKCS#11 labels are 32 bytes.
     public static let maximumTokenLabelByteCount = 32
+    /// The longest `hsm.initialize_args` accepted: `PKCS11Module.maximumInitializeArgumentsByteCount`
+    /// (8 KiB, a database path of PATH_MAX and NSS's other parameters).
+    public static let maximumInitializeArgumentsByteCount = PKCS11Module.maximumInitializeArgumentsByteCount
 
     public init(
         modulePath: String,
@@ -40,7 +48,8 @@ public struct HSMSettings: Sendable, Hashable {
         pin: PINSource,
         maximumSessions: Int = 8,
         acquireTimeout: Duration = .seconds(5),
-        softHSM2ConfigPath: String? = nil
+        softHSM2ConfigPath: String? = nil,
+        initializeArguments: String? = nil
     ) {
         self.modulePath = modulePath
         self.tokenLabel = tokenLabel
@@ -48,6 +57,7 @@ public struct HSMSettings: Sendable, Hashable {
         self.maximumSessions = maximumSessions
         self.acquireTimeout = acquireTimeout
         self.softHSM2ConfigPath = softHSM2ConfigPath
+        self.initializeArguments = initializeArguments
     }
 
     /// Reads the `hsm:` section of the YAML file at `path`. Other top-level sections are left to
@@ -108,6 +118,7 @@ public struct HSMSettings: Sendable, Hashable {
             }
             settings.gcmIV = source
         }
+        settings.initializeArguments = try reader.optionalInitializeArguments("initialize_args")
         try reader.rejectUnknownKeys()
         return settings
     }
@@ -167,6 +178,16 @@ private struct SectionReader {
     mutating func string(_ key: String, maximumBytes: Int) throws -> String {
         guard let value = try optionalString(key, maximumBytes: maximumBytes) else {
             throw ConfigurationError("\(source): `\(path).\(key)` is required")
+        }
+        return value
+    }
+
+    /// `hsm.initialize_args`: checked like other strings, but the error never quotes the value.
+    mutating func optionalInitializeArguments(_ key: String) throws -> String? {
+        guard let value = try optionalString(key, maximumBytes: HSMSettings.maximumInitializeArgumentsByteCount)
+        else { return nil }
+        guard !value.utf8.contains(0) else {
+            throw ConfigurationError("\(source): `\(path).\(key)` holds a NUL byte")
         }
         return value
     }

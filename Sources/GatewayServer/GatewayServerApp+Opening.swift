@@ -55,7 +55,8 @@ extension GatewayServerApp {
                 setenv("SOFTHSM2_CONF", conf, 1)
             }
             do {
-                module = try PKCS11Module.load(path: settings.modulePath)
+                module = try PKCS11Module.load(
+                    path: settings.modulePath, initializeArguments: settings.initializeArguments)
             } catch {
                 throw GatewayStartupError(.token, "hsm.module: cannot load \(settings.modulePath): \(error)")
             }

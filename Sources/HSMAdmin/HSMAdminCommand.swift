@@ -80,6 +80,13 @@ public struct PreflightCommand: ParsableCommand {
     @Option(help: "Label of the token.")
     var token: String?
 
+    @Option(
+        help: """
+            C_Initialize arguments (hsm.initialize_args), e.g. NSS's \
+            "configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags= dbTokenDescription='LABEL'".
+            """)
+    var initializeArgs: String?
+
     @Option(help: "File holding the user PIN (mode 0600 or 0400).")
     var pinFile: String?
 
@@ -141,6 +148,7 @@ public struct PreflightCommand: ParsableCommand {
         }
         if let module { settings.modulePath = module }
         if let token { settings.tokenLabel = token }
+        if let initializeArgs { settings.initializeArguments = initializeArgs }
         if let pinFile { settings.pin = .file(pinFile) }
         if let pinEnv { settings.pin = .environment(pinEnv) }
         if let gcmIV, let source = GCMIVSource(rawValue: gcmIV) { settings.gcmIV = source }

@@ -43,7 +43,8 @@ public struct Preflight: Sendable {
         }
         let module: PKCS11Module
         do {
-            module = try PKCS11Module.load(path: settings.modulePath)
+            module = try PKCS11Module.load(
+                path: settings.modulePath, initializeArguments: settings.initializeArguments)
             let info = try module.info()
             report.module = .init(
                 path: settings.modulePath,

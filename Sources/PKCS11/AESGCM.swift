@@ -259,7 +259,7 @@ extension Session {
         try plaintext.withUnsafeBytes { try sealAESGCMWithTokenIV(key: key, aad: aad, plaintext: $0) }
     }
 
-    private func checkGCMArguments(function: PKCS11Function, iv: [UInt8], aad: [UInt8], inputCount: Int) throws {
+    func checkGCMArguments(function: PKCS11Function, iv: [UInt8], aad: [UInt8], inputCount: Int) throws {
         guard iv.count == Session.gcmIVByteCount else {
             throw PKCS11Error(
                 code: .invalidArgument,

@@ -64,6 +64,9 @@ public enum PKCS11Function: String, Sendable, Hashable {
     case generateRandom = "C_GenerateRandom"
     case signInit = "C_SignInit"
     case sign = "C_Sign"
+    case messageEncryptInit = "C_MessageEncryptInit"
+    case encryptMessage = "C_EncryptMessage"
+    case messageEncryptFinal = "C_MessageEncryptFinal"
 }
 
 /// Every failure of the PKCS#11 layer.
@@ -347,7 +350,7 @@ extension PKCS11Function {
     /// The `*Init` calls that start a multi-call operation on a session.
     var startsOperation: Bool {
         switch self {
-        case .encryptInit, .decryptInit, .signInit, .findObjectsInit: true
+        case .encryptInit, .decryptInit, .signInit, .findObjectsInit, .messageEncryptInit: true
         default: false
         }
     }

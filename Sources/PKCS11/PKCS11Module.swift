@@ -33,6 +33,21 @@ public final class PKCS11Module: Sendable {
     public let loadedViaGetInterface: Bool
     /// False when another component of this process had initialised the module already.
     public let ownsInitialization: Bool
+    /// The version of the function table the module handed out: 3.0 or later only through
+    /// `C_GetInterface`; the message-based functions (`sealAESGCMWithMessageGenerator`) need it.
+    public var interfaceVersion: PKCS11Version {
+        PKCS11Version(functions.version)
+    }
+    /// True when the module's table has the PKCS#11 3.0 functions (message-based encryption).
+    public var hasVersion3Interface: Bool { functions.list3 != nil }
+    /// True when `load` was given initialisation arguments (`CK_C_INITIALIZE_ARGS.pReserved`).
+    /// The string itself is kept private and never appears in a description or an error.
+    public var hasInitializeArguments: Bool { initializeArguments != nil }
+
+    /// The longest initialisation-argument string accepted (8 KiB): NSS's parameters name a
+    /// database directory (up to PATH_MAX, 4096 bytes) plus a few short settings, and vendor
+    /// modules take a configuration path or a short list of options.
+    public static let maximumInitializeArgumentsByteCount = 8192
 
     let functions: FunctionTable
     private let processID: pid_t
@@ -51,21 +66,39 @@ public final class PKCS11Module: Sendable {
     /// false for the zeroed `pIv` written back (AWS CloudHSM). Tried first next time, so a module
     /// that refuses the other form costs one refused `C_EncryptInit` per process, not per seal.
     let prefersAppendedGCMIV = Atomic<Bool>(false)
+    /// The NUL-terminated initialisation arguments, kept for `reinitialize()`.
+    private let initializeArguments: InitializeArguments?
 
-    private init(path: String, functions: FunctionTable, viaGetInterface: Bool, ownsInitialization: Bool) {
+    private init(
+        path: String,
+        functions: FunctionTable,
+        viaGetInterface: Bool,
+        ownsInitialization: Bool,
+        initializeArguments: InitializeArguments?
+    ) {
         self.path = path
         self.functions = functions
         self.loadedViaGetInterface = viaGetInterface
         self.ownsInitialization = ownsInitialization
+        self.initializeArguments = initializeArguments
         self.processID = getpid()
     }
 
     /// Loads and initialises the module at `path`.
     ///
-    /// - Throws: `PKCS11Error` with code `moduleNotFound` (no such file), `moduleNotLoadable`
-    ///   (not a shared library), `missingEntryPoint` (a library, but not PKCS#11),
-    ///   `entryPointFailed`, or `functionFailed` from `C_Initialize`.
-    public static func load(path: String) throws -> PKCS11Module {
+    /// `initializeArguments`, when given, is passed to `C_Initialize` in
+    /// `CK_C_INITIALIZE_ARGS.pReserved` as a NUL-terminated string: NSS's softoken reads its
+    /// library parameters there (`configdir='sql:DIR' certPrefix='' keyPrefix=''
+    /// secmod='secmod.db' flags= dbTokenDescription='LABEL'`), and some vendor modules take their
+    /// own. It is configuration, not a secret, yet it never appears in an error or a description.
+    ///
+    /// - Throws: `PKCS11Error` with code `invalidArgument` (initialisation arguments that are
+    ///   empty, longer than `maximumInitializeArgumentsByteCount` or hold a NUL byte),
+    ///   `moduleNotFound` (no such file), `moduleNotLoadable` (not a shared library),
+    ///   `missingEntryPoint` (a library, but not PKCS#11), `entryPointFailed`, or `functionFailed`
+    ///   from `C_Initialize`.
+    public static func load(path: String, initializeArguments: String? = nil) throws -> PKCS11Module {
+        let arguments = try initializeArguments.map { try InitializeArguments($0) }
         var status = stat()
         guard stat(path, &status) == 0 else {
             throw PKCS11Error(code: .moduleNotFound, detail: "no file at \(path)")
@@ -98,6 +131,16 @@ public final class PKCS11Module: Sendable {
         }
 
         let table = FunctionTable(module: module)
+        if module.nss_softoken != 0, let arguments, !arguments.namesNSSConfigDirectory {
+            // NSS 3.87's softoken dereferences a null pointer when its parameters name no
+            // database directory (`flags=` alone, `x=y`): refuse rather than crash the process.
+            hsmgw_p11_close(&module)
+            throw PKCS11Error(
+                code: .invalidArgument,
+                function: .initialize,
+                detail: "\(path) is NSS's softoken: its initialisation arguments must name configdir='sql:DIR'"
+            )
+        }
         if module.via_get_interface != 0 {
             let name = module.interface_name.map { String(cString: $0) } ?? ""
             let major = table.list.pointee.version.major
@@ -109,30 +152,48 @@ public final class PKCS11Module: Sendable {
             }
         }
 
-        let rv = try initialize(table)
+        let rv = try initialize(table, arguments)
         let owns: Bool
         switch rv {
         case CK_RV(CKR_OK): owns = true
         case CK_RV(CKR_CRYPTOKI_ALREADY_INITIALIZED): owns = false
-        default: throw PKCS11Error.failed(.initialize, rv)
+        default: throw initializeFailure(rv, hadArguments: arguments != nil)
         }
         return PKCS11Module(
             path: path,
             functions: table,
             viaGetInterface: module.via_get_interface != 0,
-            ownsInitialization: owns
+            ownsInitialization: owns,
+            initializeArguments: arguments
+        )
+    }
+
+    /// The error for a failed `C_Initialize`. NSS's softoken answers `CKR_ARGUMENTS_BAD` when it
+    /// gets no parameters (or unusable ones), which says nothing to an operator on its own.
+    private static func initializeFailure(_ rv: CK_RV, hadArguments: Bool) -> PKCS11Error {
+        guard rv == CK_RV(CKR_ARGUMENTS_BAD) else { return PKCS11Error.failed(.initialize, rv) }
+        return PKCS11Error(
+            code: .functionFailed,
+            function: .initialize,
+            returnValue: PKCS11ReturnValue(rawValue: rv),
+            detail: hadArguments
+                ? "the module refused its initialisation arguments (hsm.initialize_args)"
+                : "the module wants initialisation arguments (hsm.initialize_args), as NSS's softoken does"
         )
     }
 
     /// `C_Initialize` with `CKF_OS_LOCKING_OK` (the module does its own locking and may be called
-    /// from any thread) and no mutex callbacks; its answer unexamined.
-    private static func initialize(_ table: FunctionTable) throws -> CK_RV {
+    /// from any thread), no mutex callbacks and `arguments` in `pReserved`; its answer unexamined.
+    private static func initialize(_ table: FunctionTable, _ arguments: InitializeArguments?) throws -> CK_RV {
         guard let initialize = table.list.pointee.C_Initialize else {
             throw PKCS11Error(code: .functionNotSupported, function: .initialize)
         }
-        var arguments = CK_C_INITIALIZE_ARGS()
-        arguments.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
-        return withUnsafeMutablePointer(to: &arguments) { initialize(UnsafeMutableRawPointer($0)) }
+        return try InitializeArguments.withOptionalPointer(arguments) { reserved in
+            var initializeArguments = CK_C_INITIALIZE_ARGS()
+            initializeArguments.flags = CK_FLAGS(CKF_OS_LOCKING_OK)
+            initializeArguments.pReserved = reserved
+            return withUnsafeMutablePointer(to: &initializeArguments) { initialize(UnsafeMutableRawPointer($0)) }
+        }
     }
 
     /// How many times `reinitialize()` has finalised the module. Object handles obtained in an
@@ -187,8 +248,8 @@ public final class PKCS11Module: Sendable {
                 throw PKCS11Error.failed(.finalize, rv)
             }
         }
-        let rv = try Self.initialize(functions)
-        guard rv == CKR_OK else { throw PKCS11Error.failed(.initialize, rv) }
+        let rv = try Self.initialize(functions, initializeArguments)
+        guard rv == CKR_OK else { throw Self.initializeFailure(rv, hadArguments: initializeArguments != nil) }
     }
 
     /// Calls `C_Finalize` (when this instance initialised the module) after every session opened
@@ -254,6 +315,44 @@ public final class PKCS11Module: Sendable {
         _ invoke: (F) throws -> CK_RV
     ) throws -> CK_RV {
         let entry = try entry(function, keyPath)
+        return try running(function) { try invoke(entry) }
+    }
+
+    /// Checks the module is usable and has a PKCS#11 3.0 table, and returns its entry point at
+    /// `keyPath`.
+    @inline(__always)
+    func entry<F>(_ function: PKCS11Function, _ keyPath: KeyPath<hsmgw_ck_function_list_3_0, F?>) throws -> F {
+        try checkProcess()
+        if finalized.load(ordering: .acquiring) {
+            throw PKCS11Error(code: .moduleFinalized, function: function, detail: path)
+        }
+        guard let list = functions.list3 else {
+            throw PKCS11Error(
+                code: .functionNotSupported,
+                function: function,
+                detail: "\(path) offers no PKCS#11 3.0 interface (function table version \(interfaceVersion))"
+            )
+        }
+        guard let entry = list.pointer(to: keyPath)?.pointee else {
+            throw PKCS11Error(code: .functionNotSupported, function: function)
+        }
+        return entry
+    }
+
+    /// `callReturningCode` for an entry point of the PKCS#11 3.0 table.
+    @inline(__always)
+    func callReturningCode<F>(
+        _ function: PKCS11Function,
+        _ keyPath: KeyPath<hsmgw_ck_function_list_3_0, F?>,
+        _ invoke: (F) throws -> CK_RV
+    ) throws -> CK_RV {
+        let entry = try entry(function, keyPath)
+        return try running(function) { try invoke(entry) }
+    }
+
+    /// Runs a call into the module, counted so `reinitialize()` never finalises under it.
+    @inline(__always)
+    private func running(_ function: PKCS11Function, _ body: () throws -> CK_RV) throws -> CK_RV {
         // Counted before the flag is read, and `reinitialize()` sets the flag before it reads the
         // count: one of the two always sees the other.
         callsInFlight.add(1, ordering: .sequentiallyConsistent)
@@ -261,7 +360,7 @@ public final class PKCS11Module: Sendable {
         if reinitializing.load(ordering: .sequentiallyConsistent) {
             throw PKCS11Error(code: .tokenUnreachable, function: function, detail: "\(path) is being re-initialised")
         }
-        return try invoke(entry)
+        return try body()
     }
 
     /// Calls the entry point and throws the mapped error unless it returns `CKR_OK`.
@@ -341,16 +440,72 @@ public final class PKCS11Module: Sendable {
     }
 }
 
+/// The string `load` passes in `CK_C_INITIALIZE_ARGS.pReserved`, checked and NUL-terminated.
+/// Its `description` never shows the string: a vendor's arguments may name paths or options an
+/// operator would rather not see in a log.
+struct InitializeArguments: Sendable, CustomStringConvertible {
+    private let bytes: [CChar]
+
+    init(_ text: String) throws {
+        guard !text.isEmpty else {
+            throw PKCS11Error(
+                code: .invalidArgument, function: .initialize, detail: "initialisation arguments are empty")
+        }
+        guard text.utf8.count <= PKCS11Module.maximumInitializeArgumentsByteCount else {
+            throw PKCS11Error(
+                code: .invalidArgument,
+                function: .initialize,
+                detail: "initialisation arguments of \(text.utf8.count) bytes are over "
+                    + "\(PKCS11Module.maximumInitializeArgumentsByteCount)"
+            )
+        }
+        guard !text.utf8.contains(0) else {
+            throw PKCS11Error(
+                code: .invalidArgument, function: .initialize, detail: "initialisation arguments hold a NUL byte")
+        }
+        bytes = text.utf8.map { CChar(bitPattern: $0) } + [0]
+    }
+
+    var description: String { "initialisation arguments (\(bytes.count - 1) bytes)" }
+
+    /// True when the string names a `configdir` parameter (NSS's names are case-insensitive).
+    var namesNSSConfigDirectory: Bool {
+        String(decoding: bytes.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self).lowercased()
+            .contains("configdir=")
+    }
+
+    /// Runs `body` with a pointer to the NUL-terminated string, or nil. Modules only read it,
+    /// during `C_Initialize` (NSS copies what it keeps).
+    static func withOptionalPointer<R>(
+        _ arguments: InitializeArguments?,
+        _ body: (UnsafeMutableRawPointer?) throws -> R
+    ) rethrows -> R {
+        guard let arguments else { return try body(nil) }
+        var copy = arguments.bytes
+        return try copy.withUnsafeMutableBytes { try body($0.baseAddress) }
+    }
+}
+
 /// The module's function table and library handle.
 final class FunctionTable: @unchecked Sendable {
     // @unchecked Sendable: both members are written once, in `init`, and only read afterwards.
     // The table itself belongs to the module, which was initialised with CKF_OS_LOCKING_OK and so
     // accepts calls from any thread.
     let list: UnsafeMutablePointer<CK_FUNCTION_LIST>
+    /// The same table seen with its PKCS#11 3.0 members, when `C_GetInterface` returned a table
+    /// of version 3.0 or later; nil for a 2.x table, which ends after `C_WaitForSlotEvent`.
+    let list3: UnsafeMutablePointer<hsmgw_ck_function_list_3_0>?
+    /// The version the table declares.
+    let version: CK_VERSION
     private let module: hsmgw_p11_module
 
     init(module: hsmgw_p11_module) {
         self.module = module
         self.list = module.functions
+        self.version = module.functions.pointee.version
+        self.list3 =
+            module.via_get_interface != 0 && version.major >= 3
+            ? UnsafeMutableRawPointer(module.functions).assumingMemoryBound(to: hsmgw_ck_function_list_3_0.self)
+            : nil
     }
 }

@@ -151,6 +151,36 @@ public struct Session: ~Copyable {
         }
     }
 
+    /// `callReturningCode` for an entry point of the PKCS#11 3.0 table.
+    @inline(__always)
+    func callReturningCode<F>(
+        _ function: PKCS11Function,
+        _ keyPath: KeyPath<hsmgw_ck_function_list_3_0, F?>,
+        _ invoke: (F) throws -> CK_RV
+    ) throws -> CK_RV {
+        let rv: CK_RV
+        do {
+            rv = try module.callReturningCode(function, keyPath, invoke)
+        } catch let error as PKCS11Error {
+            throw noted(error)
+        }
+        if rv != CKR_OK {
+            noteTokenState(PKCS11Error.failed(function, rv))
+        }
+        return rv
+    }
+
+    /// `call` for an entry point of the PKCS#11 3.0 table.
+    @inline(__always)
+    func call<F>(
+        _ function: PKCS11Function,
+        _ keyPath: KeyPath<hsmgw_ck_function_list_3_0, F?>,
+        _ invoke: (F) throws -> CK_RV
+    ) throws {
+        let rv = try callReturningCode(function, keyPath, invoke)
+        guard rv == CKR_OK else { throw noted(PKCS11Error.failed(function, rv)) }
+    }
+
     /// Notes what `error` says about the session and the token, and returns it to throw.
     func noted(_ error: PKCS11Error) -> PKCS11Error {
         noteTokenState(error)
@@ -252,7 +282,33 @@ public struct Session: ~Copyable {
 
     /// `C_CopyObject`: a copy of `object` with `template` applied (e.g. `.token(false)` for a
     /// session copy of a token key; sensitivity and extractability cannot be weakened by a copy).
+    ///
+    /// A template that would make a copy extractable or non-sensitive is refused before
+    /// `C_CopyObject` when the original is not, with the answer PKCS#11 requires of the token,
+    /// `CKR_ATTRIBUTE_READ_ONLY` (the detail says the wrapper gave it): these attributes only ever
+    /// change toward safety, and NSS's softoken 3.87 copies a non-extractable key into an
+    /// extractable one.
     public func copyObject(_ object: ObjectHandle, template: [Attribute]) throws -> ObjectHandle {
+        let makesExtractable = template.contains {
+            if case .extractable(true) = $0 { true } else { false }
+        }
+        let makesNonSensitive = template.contains {
+            if case .sensitive(false) = $0 { true } else { false }
+        }
+        if makesExtractable || makesNonSensitive {
+            let original = try attributes([.extractable, .sensitive], of: object)
+            let violations =
+                (makesExtractable && original.bool(.extractable) == false ? ["CKA_EXTRACTABLE false to true"] : [])
+                + (makesNonSensitive && original.bool(.sensitive) == true ? ["CKA_SENSITIVE true to false"] : [])
+            if !violations.isEmpty {
+                throw PKCS11Error(
+                    code: .functionFailed,
+                    function: .copyObject,
+                    returnValue: .attributeReadOnly,
+                    detail: "a copy may not change \(violations.joined(separator: " or ")): refused by the wrapper"
+                )
+            }
+        }
         var copy = CK_OBJECT_HANDLE(0)
         try withAttributeTemplate(template) { attributes, count in
             try call(.copyObject, \.C_CopyObject) { $0(handle, object.rawValue, attributes, count, &copy) }
@@ -405,21 +461,51 @@ public struct Session: ~Copyable {
     }
 
     /// `C_WrapKey` with the two-call size query: `key` wrapped under `wrappingKey`.
+    ///
+    /// A key whose `CKA_EXTRACTABLE` reads false is refused before `C_WrapKey` with the answer
+    /// PKCS#11 requires of the token, `CKR_KEY_UNEXTRACTABLE` (the detail says the wrapper gave
+    /// it): NSS's softoken 3.87 wraps such keys anyway, and a master key must never leave the
+    /// token, whatever the module.
     public func wrapKey(_ key: ObjectHandle, with wrappingKey: ObjectHandle, mechanism: Mechanism) throws -> [UInt8] {
+        if try attributes([.extractable], of: key).bool(.extractable) == false {
+            throw PKCS11Error(
+                code: .functionFailed,
+                function: .wrapKey,
+                returnValue: .keyUnextractable,
+                detail: "CKA_EXTRACTABLE is false: refused by the wrapper before C_WrapKey"
+            )
+        }
         var ckMechanism = CK_MECHANISM(mechanism: mechanism.rawValue, pParameter: nil, ulParameterLen: 0)
         var length = CK_ULONG(0)
         try call(.wrapKey, \.C_WrapKey) {
             $0(handle, &ckMechanism, wrappingKey.rawValue, key.rawValue, nil, &length)
         }
-        let capacity = try checkAnnounced(
+        let announced = try checkAnnounced(
             .wrapKey, length, limit: Session.maximumWrappedKeyByteCount, what: "wrapped key")
+        var capacity = announced
         var wrapped = [UInt8](repeating: 0, count: capacity)
         length = CK_ULONG(capacity)
-        try call(.wrapKey, \.C_WrapKey) {
+        var rv = try callReturningCode(.wrapKey, \.C_WrapKey) {
             $0(handle, &ckMechanism, wrappingKey.rawValue, key.rawValue, &wrapped, &length)
         }
+        if rv == CK_RV(CKR_BUFFER_TOO_SMALL) {
+            // NSS 3.87 announces the key's own length for CKM_AES_KEY_WRAP_KWP, 8 bytes short of
+            // what it writes, and then refuses the buffer it asked for. Key wrap adds at most one
+            // 8-byte integrity block and 7 bytes of padding: one retry with this much room suffices.
+            capacity = announced + Session.wrappedKeySizeQuerySlack
+            wrapped = [UInt8](repeating: 0, count: capacity)
+            length = CK_ULONG(capacity)
+            rv = try callReturningCode(.wrapKey, \.C_WrapKey) {
+                $0(handle, &ckMechanism, wrappingKey.rawValue, key.rawValue, &wrapped, &length)
+            }
+        }
+        guard rv == CKR_OK else { throw noted(PKCS11Error.failed(.wrapKey, rv)) }
         return Array(wrapped.prefix(try checkReported(.wrapKey, length, capacity: capacity)))
     }
+
+    /// Room `wrapKey` adds to the announced length when the module refused the buffer it asked
+    /// for (see there): an AES block.
+    static let wrappedKeySizeQuerySlack = 16
 
     /// The largest wrapped key `wrapKey` accepts: an AES-256 key wraps to 40 bytes, an RSA-8192
     /// private key to about 5 KiB; a module announcing more is broken.

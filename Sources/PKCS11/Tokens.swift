@@ -352,9 +352,18 @@ extension PKCS11Module {
     }
 
     /// The slot whose token has `serialNumber`.
+    ///
+    /// - Throws: `tokenNotFound`; `invalidArgument` when several tokens share the serial (NSS's
+    ///   softoken gives every token the serial `0000000000000000`: find those by label).
     public func slot(tokenSerial serialNumber: String) throws -> SlotID {
-        guard let match = try readableTokens().tokens.first(where: { $0.serialNumber == serialNumber }) else {
+        let matches = try readableTokens().tokens.filter { $0.serialNumber == serialNumber }
+        guard let match = matches.first else {
             throw PKCS11Error(code: .tokenNotFound, detail: "no token with serial '\(serialNumber)' in \(path)")
+        }
+        guard matches.count == 1 else {
+            throw PKCS11Error(
+                code: .invalidArgument,
+                detail: "\(matches.count) tokens have the serial '\(serialNumber)'; use the label")
         }
         return match.slot
     }
@@ -406,6 +415,12 @@ func withMutableCopy<R>(
     of secret: SecretBytes,
     _ body: (UnsafeMutablePointer<CK_UTF8CHAR>, CK_ULONG) throws -> R
 ) throws -> R {
+    // NSS's softoken logs its security officer in with an empty PIN: pass a valid pointer and
+    // a length of zero, never a null pointer.
+    guard secret.count > 0 else {
+        var empty: CK_UTF8CHAR = 0
+        return try body(&empty, 0)
+    }
     let copy = SecretBytes(count: secret.count) { buffer in
         secret.withUnsafeBytes { buffer.copyMemory(from: $0) }
     }

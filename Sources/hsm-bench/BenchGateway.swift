@@ -106,6 +106,7 @@ final class BenchGateway: Sendable {
 
             var hsm = HSMSettings(modulePath: module, tokenLabel: throwaway.label, pin: .file(pinFile))
             hsm.maximumSessions = sessions
+            hsm.initializeArguments = throwaway.initializeArguments
             var configuration = GatewayConfiguration(hsm: hsm, store: storeSettings)
             configuration.listen = [.tcp(host: "127.0.0.1", port: 0)]
             configuration.metricsListen = nil

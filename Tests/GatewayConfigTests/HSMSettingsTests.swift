@@ -118,4 +118,24 @@ struct HSMSettingsTests {
         let missing = #expect(throws: ConfigurationError.self) { try HSMSettings.load(fromFile: path + ".missing") }
         #expect(missing?.description.contains("cannot open") == true)
     }
+
+    @Test("hsm.initialize_args: read as given; over the limit an error that never quotes it")
+    func initializeArguments() throws {
+        let arguments = "configdir='sql:/var/lib/hsmgw/nssdb' certPrefix='' keyPrefix='' flags= dbTokenDescription='gw'"
+        let yaml = { (value: String) in
+            "hsm:\n  module: /usr/lib/x86_64-linux-gnu/libsoftokn3.so\n  token_label: gw\n  pin: {file: p}\n"
+                + "  initialize_args: \"\(value)\"\n"
+        }
+        let settings = try HSMSettings.parse(yaml: yaml(arguments))
+        #expect(settings.initializeArguments == arguments)
+        #expect(
+            try HSMSettings.parse(yaml: "hsm:\n  module: m\n  token_label: a\n  pin: {file: p}").initializeArguments
+                == nil)
+
+        let long =
+            "secret-looking-marker" + String(repeating: "x", count: HSMSettings.maximumInitializeArgumentsByteCount)
+        let error = #expect(throws: ConfigurationError.self) { try HSMSettings.parse(yaml: yaml(long)) }
+        #expect(error?.description.contains("`hsm.initialize_args` is longer than 8192 bytes") == true)
+        #expect(error?.description.contains("secret-looking-marker") == false)
+    }
 }

@@ -136,6 +136,28 @@ struct ConfigurationTests {
         #expect(loadError(file: noPIN)?.contains("hsm.pin.file or hsm.pin.env is required") == true)
     }
 
+    @Test func initializeArgumentsFromFileEnvironmentOrFlag() throws {
+        let files = try Files("initialize-args")
+        let arguments = "configdir='sql:/var/lib/hsmgw/nssdb' flags= dbTokenDescription='gw'"
+        let file = try files.write(files.minimal + "")
+        #expect(
+            try GatewayConfiguration.load(file: file, environment: [:]).configuration.hsm.initializeArguments == nil)
+        let fromEnvironment = try GatewayConfiguration.load(
+            file: file, environment: ["HSMGW_HSM_INITIALIZE_ARGS": arguments]
+        ).configuration
+        #expect(fromEnvironment.hsm.initializeArguments == arguments)
+        var flags = ConfigurationOverrides()
+        try flags.set(assignment: "hsm.initialize_args=\(arguments)", origin: "--set")
+        let fromFlag = try GatewayConfiguration.load(file: file, environment: [:], overrides: flags).configuration
+        #expect(fromFlag.hsm.initializeArguments == arguments)
+        let long =
+            "secret-looking-marker" + String(repeating: "x", count: HSMSettings.maximumInitializeArgumentsByteCount)
+        let error = loadError(file: file, environment: ["HSMGW_HSM_INITIALIZE_ARGS": long])
+        #expect(error?.contains("HSMGW_HSM_INITIALIZE_ARGS") == true, "\(String(describing: error))")
+        #expect(error?.contains("longer than 8192 bytes") == true, "\(String(describing: error))")
+        #expect(error?.contains("secret-looking-marker") == false)
+    }
+
     @Test func secretFilesMustBeOwnerOnly() throws {
         let files = try Files("secrets")
         let file = try files.write(files.minimal)

@@ -10,7 +10,11 @@ import Testing
 /// encryption draws its own IV), and an operation that leaves its session unusable costs its own
 /// result only. The module's rules are process-wide: this is the only suite of this target that
 /// loads it, and it runs one test at a time.
-@Suite("Token adapter under PKCS#11 faults", .serialized)
+@Suite(
+    "Token adapter under PKCS#11 faults", .serialized,
+    .enabled(
+        if: TestPKCS11Implementation.isSoftHSM2,
+        "SoftHSM2 only: the fault-injecting module forwards to SoftHSM2"))
 struct TokenAdapterFaultTests {
     struct Setup {
         let fault: FaultInjectingModule

@@ -7,7 +7,11 @@ import Testing
 /// Everything that runs through the fault-injecting module (Tests/FaultInjection), which forwards
 /// to this process's SoftHSM2. Its rules and trace are process-wide, so every suite that uses it
 /// is nested here and the whole tree runs one test at a time.
-@Suite("Through the fault-injecting module", .serialized)
+@Suite(
+    "Through the fault-injecting module", .serialized,
+    .enabled(
+        if: TestPKCS11Implementation.isSoftHSM2,
+        "SoftHSM2 only: the fault-injecting module forwards to SoftHSM2 and counts its sessions"))
 struct FaultInjectionTests {
     /// A token, the fault module with no rules, and a master key on the token.
     struct Setup {

@@ -24,6 +24,42 @@ typedef struct hsmgw_ck_interface {
     CK_FLAGS flags;
 } hsmgw_ck_interface;
 
+// The PKCS#11 3.0 function table (OASIS PKCS#11 v3.0, section 5.1 and pkcs11f.h): the 2.40
+// table, then the 3.0 functions in this order. Only the prefix up to the message-based
+// encryption functions is declared: the table is read through a pointer the module owns, never
+// copied, and only when the interface `C_GetInterface` returned says version 3.0 or later.
+typedef struct hsmgw_ck_function_list_3_0 {
+    CK_FUNCTION_LIST base;
+    void *C_GetInterfaceList;
+    void *C_GetInterface;
+    void *C_LoginUser;
+    void *C_SessionCancel;
+    CK_RV (*C_MessageEncryptInit)(CK_SESSION_HANDLE session, CK_MECHANISM *mechanism, CK_OBJECT_HANDLE key);
+    CK_RV (*C_EncryptMessage)(
+        CK_SESSION_HANDLE session, void *parameter, CK_ULONG parameter_length, CK_BYTE *associated_data,
+        CK_ULONG associated_data_length, CK_BYTE *plaintext, CK_ULONG plaintext_length, CK_BYTE *ciphertext,
+        CK_ULONG *ciphertext_length);
+    void *C_EncryptMessageBegin;
+    void *C_EncryptMessageNext;
+    CK_RV (*C_MessageEncryptFinal)(CK_SESSION_HANDLE session);
+} hsmgw_ck_function_list_3_0;
+
+// PKCS#11 3.0 `CK_GCM_MESSAGE_PARAMS` (section 2.13.4) and its IV generators.
+typedef CK_ULONG hsmgw_ck_generator_function;
+static const hsmgw_ck_generator_function hsmgw_ckg_no_generate = 0;
+static const hsmgw_ck_generator_function hsmgw_ckg_generate = 1;
+static const hsmgw_ck_generator_function hsmgw_ckg_generate_counter = 2;
+static const hsmgw_ck_generator_function hsmgw_ckg_generate_random = 3;
+
+typedef struct hsmgw_ck_gcm_message_params {
+    CK_BYTE *pIv;
+    CK_ULONG ulIvLen;
+    CK_ULONG ulIvFixedBits;
+    hsmgw_ck_generator_function ivGenerator;
+    CK_BYTE *pTag;
+    CK_ULONG ulTagBits;
+} hsmgw_ck_gcm_message_params;
+
 /// How `hsmgw_p11_open` ended.
 typedef enum hsmgw_p11_open_status {
     HSMGW_P11_OPENED = 0,
@@ -47,6 +83,9 @@ typedef struct hsmgw_p11_module {
     /// The interface name `C_GetInterface` returned (NULL otherwise); owned by the module.
     const CK_UTF8CHAR *interface_name;
     CK_RV entry_point_rv;
+    /// 1 when the library is NSS's softoken (it exports NSS's own `NSC_GetFunctionList` and
+    /// `FC_GetFunctionList` entry points), whose `C_Initialize` must be given a `configdir`.
+    int nss_softoken;
 } hsmgw_p11_module;
 
 /// Opens the module at `path` with `dlopen(RTLD_NOW | RTLD_LOCAL)` and fetches its function

@@ -236,7 +236,8 @@ struct SettingsReader {
         return try sessionSettings(HSMSettings(modulePath: module, tokenLabel: label, pin: pin))
     }
 
-    /// The `hsm.sessions.*`, `hsm.softhsm2_conf` and `hsm.gcm_iv` settings, whatever the unseal mode.
+    /// The `hsm.sessions.*`, `hsm.softhsm2_conf`, `hsm.gcm_iv` and `hsm.initialize_args` settings,
+    /// whatever the unseal mode.
     func sessionSettings(_ settings: HSMSettings) throws(ConfigurationError) -> HSMSettings {
         var settings = settings
         settings.maximumSessions = try integer(
@@ -249,6 +250,12 @@ struct SettingsReader {
         )
         settings.softHSM2ConfigPath = try existingFile("hsm.softhsm2_conf", secret: false)
         settings.gcmIV = try choice("hsm.gcm_iv", default: GCMIVSource.gateway)
+        // Never quoted in an error: it is configuration, but vendor options are not for the log.
+        settings.initializeArguments = try string(
+            "hsm.initialize_args", maximumBytes: HSMSettings.maximumInitializeArgumentsByteCount)
+        if settings.initializeArguments?.utf8.contains(0) == true {
+            throw ConfigurationError("\(origin("hsm.initialize_args")): holds a NUL byte")
+        }
         return settings
     }
 

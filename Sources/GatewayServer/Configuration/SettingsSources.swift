@@ -47,6 +47,7 @@ enum SettingKeys {
         SettingDefinition("hsm.sessions.acquire_timeout_ms"),
         SettingDefinition("hsm.softhsm2_conf"),
         SettingDefinition("hsm.gcm_iv"),
+        SettingDefinition("hsm.initialize_args"),
         SettingDefinition("store.kind"),
         SettingDefinition("store.sqlite.path"),
         SettingDefinition("store.postgres.host"),

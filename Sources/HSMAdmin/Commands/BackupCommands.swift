@@ -74,7 +74,8 @@ struct StoreAccessOptions: ParsableArguments {
             setenv("SOFTHSM2_CONF", conf, 1)
         }
         do {
-            let module = try PKCS11Module.load(path: settings.modulePath)
+            let module = try PKCS11Module.load(
+                path: settings.modulePath, initializeArguments: settings.initializeArguments)
             let info = try module.tokenInfo(try module.slot(tokenLabel: settings.tokenLabel))
             return (module, BackupTokenIdentity(label: info.label, serial: info.serialNumber))
         } catch {

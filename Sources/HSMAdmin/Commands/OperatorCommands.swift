@@ -41,6 +41,9 @@ struct OperatorInitCommand: ParsableCommand {
     @Option(help: "Label of the token.")
     var token: String
 
+    @Option(help: "C_Initialize arguments the module needs (hsm.initialize_args), e.g. NSS's library parameters.")
+    var initializeArgs: String?
+
     @Option(help: "File holding the current user PIN (mode 0600 or 0400).")
     var pinFile: String?
 
@@ -78,7 +81,7 @@ struct OperatorInitCommand: ParsableCommand {
         let source: PINSource = pinFile.map { .file($0) } ?? .environment(pinEnv ?? "")
         let loaded: PKCS11Module
         do {
-            loaded = try PKCS11Module.load(path: module)
+            loaded = try PKCS11Module.load(path: module, initializeArguments: initializeArgs)
         } catch {
             output.note("hsm-admin: cannot load \(module): \(error)")
             throw ExitCode(AdminExitCode.configuration)

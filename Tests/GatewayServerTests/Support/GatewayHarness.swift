@@ -31,7 +31,7 @@ final class GatewayHarness: Sendable {
     let kind: StoreKind
     private let runTask: Task<Void, any Error>
 
-    /// A configuration on a fresh SoftHSM2 token and a fresh store of `kind`, listening on free
+    /// A configuration on a fresh token of the module under test and a fresh store of `kind`, listening on free
     /// loopback ports, with a bootstrap token file in a new private directory.
     static func makeConfiguration(
         _ kind: StoreKind,
@@ -42,7 +42,9 @@ final class GatewayHarness: Sendable {
         let token = try fixture.makeToken(name)
         let directory = try makeTemporaryDirectory(name)
         var configuration = GatewayConfiguration(
-            hsm: .init(modulePath: SoftHSMFixture.modulePath, tokenLabel: token.label, pin: .file(token.pinFile)),
+            hsm: .init(
+                modulePath: SoftHSMFixture.modulePath, tokenLabel: token.label, pin: .file(token.pinFile),
+                initializeArguments: token.initializeArguments),
             store: try await kind.makeSettings(name, directory: directory)
         )
         configuration.listen = [.tcp(host: "127.0.0.1", port: 0)]

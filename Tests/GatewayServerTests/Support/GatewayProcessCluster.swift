@@ -6,8 +6,10 @@ import ProcessTestSupport
 import SoftHSMTestSupport
 import Synchronization
 
-/// Several `hsm-gateway` processes on loopback sharing one PostgreSQL database and one SoftHSM2
-/// token directory, as several production instances share one database and one HSM. Each has
+/// Several `hsm-gateway` processes on loopback sharing one PostgreSQL database and one token of
+/// the module under test (a SoftHSM2 token directory, or an NSS database, whose library
+/// parameters go in `hsm.initialize_args`), as several production instances share one database
+/// and one HSM. Each has
 /// its own health and metrics port and its own log file under `directory`.
 final class GatewayProcessCluster: Sendable {
     /// One running gateway process.
@@ -151,7 +153,7 @@ final class GatewayProcessCluster: Sendable {
                 "--set", "store.postgres.password_file=\(postgres.directory)/password",
                 "--set", "instance_id=\(name)", "--listen", "127.0.0.1:\(requested)",
                 "--metrics-listen", "127.0.0.1:\(metricsPort)",
-            ] + extra
+            ] + (token.initializeArguments.map { ["--set", "hsm.initialize_args=\($0)"] } ?? []) + extra
         let process = try SpawnedProcess(
             PackagePaths.gatewayBinary, arguments, environment: ["SOFTHSM2_CONF": softHSMConfig],
             outputPath: directory + "/\(name)-\(starts.wrappingAdd(1, ordering: .relaxed).newValue).log")

@@ -8,7 +8,11 @@ import Testing
 /// and a p11-kit server killed and restarted. Serialised together: the p11-kit server is a
 /// SoftHSM2 of its own reading the fixture's token directory, and must not start while a token
 /// directory is away.
-@Suite("Token outages made by real processes", .serialized)
+@Suite(
+    "Token outages made by real processes", .serialized,
+    .enabled(
+        if: TestPKCS11Implementation.isSoftHSM2,
+        "SoftHSM2 only: moves a SoftHSM2 token directory and serves SoftHSM2 through p11-kit"))
 struct TokenOutageTests {}
 
 extension TokenOutageTests {
