@@ -178,6 +178,10 @@ extension GatewayServerApp {
         if source == .token, detail.contains("IV buffer as given") {
             return "; this module takes IVs from the caller: set hsm.gcm_iv: gateway (docs/hsm/README.md)"
         }
+        if source == .message, detail.contains("C_MessageEncryptInit") {
+            return "; this module has no PKCS#11 3.0 message-based encryption: set hsm.gcm_iv: gateway, or token "
+                + "for an HSM that generates IVs in C_Encrypt (docs/hsm/README.md)"
+        }
         if !detail.contains("CKM_AES_GCM"), detail.contains("CKR_MECHANISM_INVALID") {
             return "; the token has no usable CKM_AES_GCM, which the gateway requires (docs/hsm/README.md)"
         }

@@ -177,14 +177,16 @@ extension Preflight {
                         + (callerIVAccepted ? " (it also accepts caller IVs: gateway would work too)" : " (FIPS mode)"))
                 return .token
             case (.message, _):
-                // TODO(issue 15, merge with issue15-nss): probe with
-                // `session.sealAESGCMWithMessageGenerator(key:aad:plaintext:)` once that branch is in.
-                report.fail(
-                    name,
-                    "message (PKCS#11 3.0 message-based encryption) is not supported by this build: use "
-                        + (callerIVAccepted ? "gateway" : "token"),
-                    docs: docs)
-                return nil
+                let first = try session.sealAESGCMWithMessageGenerator(
+                    key: key, aad: [], plaintext: [UInt8](repeating: 0, count: 16))
+                let second = try session.sealAESGCMWithMessageGenerator(
+                    key: key, aad: [], plaintext: [UInt8](repeating: 0, count: 16))
+                guard first.iv != second.iv else {
+                    report.fail(name, "message: the module's IV generator returned the same IV twice", docs: docs)
+                    return .message
+                }
+                report.pass(name, "message: the module's PKCS#11 3.0 IV generator makes the IV")
+                return .message
             }
         } catch let error as PKCS11Error where error.code == .ivNotGenerated {
             report.fail(

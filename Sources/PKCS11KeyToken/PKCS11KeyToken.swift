@@ -349,7 +349,8 @@ public final class PKCS11KeyToken: MasterKeyToken {
     /// AES-GCM encryption under a 96-bit IV the token makes for this very call (NIST SP 800-38D
     /// §8.2.2): IV uniqueness rests on the HSM, never on the database. With `.gateway` the IV is
     /// drawn from the token's RNG and passed in; with `.token` the module generates it inside
-    /// `C_Encrypt` (HSMs in FIPS mode). Either way the result has the same shape.
+    /// `C_Encrypt` (HSMs in FIPS mode); with `.message` the token's PKCS#11 3.0 IV generator makes
+    /// it (`C_EncryptMessage`). Whichever, the result has the same shape.
     private static func sealWithTokenIV(
         _ session: borrowing Session,
         _ handle: ObjectHandle,
@@ -366,13 +367,8 @@ public final class PKCS11KeyToken: MasterKeyToken {
             let box = try session.sealAESGCMWithTokenIV(key: handle, aad: aad, plaintext: plaintext)
             return (box.iv, box.ciphertextAndTag)
         case .message:
-            // TODO(issue 15, merge with issue15-nss): call
-            // `session.sealAESGCMWithMessageGenerator(key:aad:plaintext:)` once that branch is in.
-            throw TokenError(
-                .other,
-                "hsm.gcm_iv: message (PKCS#11 3.0 message-based encryption) is not supported by this build; "
-                    + "use gateway or token"
-            )
+            let box = try session.sealAESGCMWithMessageGenerator(key: handle, aad: aad, plaintext: plaintext)
+            return (box.iv, box.ciphertextAndTag)
         }
     }
 

@@ -98,11 +98,7 @@ struct FamilyExampleTests {
         let index = try String(contentsOfFile: PackagePaths.root + "/docs/hsm/README.md", encoding: .utf8)
         for family in HSMFamily.allCases where family != .generic {
             let page = family.docsPage
-            // TODO(issue 15 merge): nss-softoken.md is written on branch issue15-nss; drop this
-            // exception once both branches are in.
-            if family != .nssSoftoken {
-                #expect(FileManager.default.fileExists(atPath: PackagePaths.root + "/" + page), "\(page)")
-            }
+            #expect(FileManager.default.fileExists(atPath: PackagePaths.root + "/" + page), "\(page)")
             #expect(index.contains("(\(family.rawValue).md)"), "docs/hsm/README.md links \(page)")
             let hasExample = FileManager.default.fileExists(
                 atPath: PackagePaths.root + "/hsm-config/gateway.\(family.rawValue).example.yaml")

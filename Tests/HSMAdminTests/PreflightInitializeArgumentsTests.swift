@@ -1,5 +1,5 @@
-import Foundation
 import DevGatewayTestSupport
+import Foundation
 import PKCS11
 import ProcessTestSupport
 import SoftHSMTestSupport
