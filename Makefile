@@ -94,7 +94,9 @@ test: deps
 	$(MAKE) --no-print-directory test-nss-run
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSMGW_BIN=.build/debug/hsmgw scripts/python-sdk-test.sh
 	HSM_GATEWAY_BIN=.build/debug/hsm-gateway scripts/check-monitoring.sh
-	HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSM_ADMIN_BIN=.build/debug/hsm-admin scripts/opencryptoki-refusal-test.sh
+	@# openCryptoki's slot daemon and token store are system-wide: root, through sudo when not root.
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	$$sudo env HSM_GATEWAY_BIN=.build/debug/hsm-gateway HSM_ADMIN_BIN=.build/debug/hsm-admin scripts/opencryptoki-refusal-test.sh
 
 # The second, independent PKCS#11 implementation: NSS's softoken (docs/hsm/nss-softoken.md). The
 # PKCS#11 suites and a set of end-to-end suites run again with HSMGW_TEST_PKCS11=nss (the
