@@ -24,6 +24,7 @@ extension GatewayServerApp {
                         "metrics": "\(metrics.map(Self.display) ?? "off")",
                         "instance": "\(launch.configuration.instanceID)",
                         "store": "\(launch.configuration.store.kind)",
+                        "gcm-iv": "\(launch.configuration.hsm.gcmIV.rawValue)",
                     ]
                 )
                 if let development = launch.development {

@@ -16,7 +16,9 @@ struct ModuleUnderTestProcessTests {
         let process: SpawnedProcess
         let port: Int
 
-        static func start(token: TestToken, directory: String, log: String) async throws -> SQLiteGateway {
+        static func start(token: TestToken, directory: String, log: String, gcmIV: String? = nil) async throws
+            -> SQLiteGateway
+        {
             var arguments = [
                 "--hsm-module", SoftHSMFixture.modulePath, "--token-label", token.label, "--pin-file", token.pinFile,
                 "--store", "sqlite", "--sqlite-path", directory + "/gateway.sqlite",
@@ -26,6 +28,7 @@ struct ModuleUnderTestProcessTests {
             if let initializeArguments = token.initializeArguments {
                 arguments += ["--set", "hsm.initialize_args=\(initializeArguments)"]
             }
+            if let gcmIV { arguments += ["--set", "hsm.gcm_iv=\(gcmIV)"] }
             let fixture = try SoftHSMFixture.shared()
             let process = try SpawnedProcess(
                 PackagePaths.gatewayBinary, arguments, environment: ["SOFTHSM2_CONF": fixture.configPath],
@@ -73,9 +76,18 @@ struct ModuleUnderTestProcessTests {
         first.process.send(SIGTERM)
         #expect(await first.process.wait(timeout: .seconds(60)) == 0)
 
-        let second = try await SQLiteGateway.start(token: token, directory: directory, log: directory + "/second.log")
+        // NSS has PKCS#11 3.0 message-based encryption: the restart switches to `hsm.gcm_iv:
+        // message` (the token's IV generator), which changes no stored format, so what was sealed
+        // with gateway IVs still opens, and what is sealed now opens too.
+        let secondIV = SoftHSMFixture.implementation == .nss ? "message" : nil
+        let second = try await SQLiteGateway.start(
+            token: token, directory: directory, log: directory + "/second.log", gcmIV: secondIV)
+        #expect(second.process.output().contains("gcm-iv=\(secondIV ?? "gateway")"), "\(second.process.output())")
         let again = try second.client(token: adminToken)
-        for key in [before, after] {
+        let made = try await again.generateDataKey(tenant: "acme", context: ["app": "billing"])
+        let rewrapped = try await again.rewrapDataKey(tenant: "acme", id: before.id, context: ["app": "billing"])
+        #expect(rewrapped.masterKeyVersion == 2)
+        for key in [before, after, made] {
             let decrypted = try await again.decryptDataKey(tenant: "acme", id: key.id, context: ["app": "billing"])
             #expect(decrypted.plaintext?.copyBytes() == key.plaintext?.copyBytes())
         }

@@ -56,6 +56,12 @@ struct PreflightInitializeArgumentsTests {
         #expect(withFlag.output.contains("PASS  AES-GCM round trip"), "\(withFlag)")
         #expect(withFlag.output.contains("C_GetInterface"), "\(withFlag)")
 
+        // NSS has PKCS#11 3.0 message-based encryption: `--gcm-iv message` probes it for real.
+        let message = try ChildProcess.run(
+            admin, common + ["--initialize-args", token.initializeArguments, "--gcm-iv", "message"])
+        #expect(message.status == 0, "\(message)")
+        #expect(message.output.contains("message: the module's PKCS#11 3.0 IV generator makes the IV"), "\(message)")
+
         let directory = try makeTemporaryDirectory("preflight-nss-config")
         let config = directory + "/gateway.yaml"
         try """
