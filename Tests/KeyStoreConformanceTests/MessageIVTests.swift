@@ -33,42 +33,7 @@ struct MessageIVTests {
             return
         }
         try await token.checkHealth()
-        let generated = try await token.perform((0..<8).map { .generateAndWrap(key: first, aad: [UInt8($0)]) })
-        var ivs: Set<[UInt8]> = []
-        for (index, result) in generated.enumerated() {
-            guard case .generated(let plaintext, let iv, let sealed) = result else {
-                Issue.record("generate \(index) failed: \(result)")
-                continue
-            }
-            ivs.insert(iv)
-            #expect(iv.count == WrappedDataKey.ivByteCount)
-            let opened = try await gatewayMode.perform([
-                .unwrap(key: first, iv: iv, aad: [UInt8(index)], ciphertextAndTag: sealed)
-            ])
-            guard case .unwrapped(let back) = opened[0] else {
-                Issue.record("unwrap \(index) failed: \(opened[0])")
-                continue
-            }
-            #expect(back.copyBytes() == plaintext.copyBytes())
-            let rewrapped = try await token.perform([
-                .rewrap(
-                    from: first, iv: iv, aad: [UInt8(index)], ciphertextAndTag: sealed, to: second,
-                    newAAD: [UInt8(index), 2])
-            ])
-            guard case .rewrapped(let newIV, let newSealed) = rewrapped[0] else {
-                Issue.record("rewrap \(index) failed: \(rewrapped[0])")
-                continue
-            }
-            ivs.insert(newIV)
-            let reopened = try await gatewayMode.perform([
-                .unwrap(key: second, iv: newIV, aad: [UInt8(index), 2], ciphertextAndTag: newSealed)
-            ])
-            guard case .unwrapped(let again) = reopened[0] else {
-                Issue.record("the rewrapped key does not unwrap: \(reopened[0])")
-                continue
-            }
-            #expect(again.copyBytes() == plaintext.copyBytes())
-        }
+        let ivs = try await checkTokenIVRoundTrips(token: token, opener: gatewayMode, first: first, second: second)
         #expect(ivs.count == 16, "every encryption got its own IV from the token's generator")
     }
 }
