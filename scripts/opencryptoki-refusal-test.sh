@@ -34,7 +34,7 @@ fail() {
 for tool in /usr/sbin/pkcsslotd /usr/sbin/pkcsconf "$MODULE"; do
     [ -e "$tool" ] || fail "$tool is missing: install opencryptoki (make deps)"
 done
-[ -x "$GATEWAY" ] && [ -x "$ADMIN" ] || fail "build first: $GATEWAY and $ADMIN (swift build)"
+if [ ! -x "$GATEWAY" ] || [ ! -x "$ADMIN" ]; then fail "build first: $GATEWAY and $ADMIN (swift build)"; fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/hsmgw-ock.XXXXXX")
 started_daemon=""

@@ -90,8 +90,8 @@ if [[ ! -x "$VENV_DIR/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV_DIR" || { log "python venv failed (apt-get install python3-venv)"; exit 1; }
 fi
 py="$root/$VENV_DIR/bin/python"
-log "installing ./$SDK_DIR[test] into $VENV_DIR"
-"$py" -m pip install --quiet --disable-pip-version-check "./$SDK_DIR[test]"
+log "installing ./${SDK_DIR}[test] into $VENV_DIR"
+"$py" -m pip install --quiet --disable-pip-version-check "./${SDK_DIR}[test]"
 # The same version number may hold other code than last run's: install this tree's.
 "$py" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall "./$SDK_DIR"
 # The installed copy is what the tests import, not the source tree.
