@@ -124,14 +124,21 @@ public struct Session: ~Copyable {
         _ keyPath: KeyPath<CK_FUNCTION_LIST, F?>,
         _ invoke: (F) throws -> CK_RV
     ) throws -> CK_RV {
+        try noting(function) { try module.callReturningCode(function, keyPath, invoke) }
+    }
+
+    /// Runs a module call returning its code: an error that leaves the session unusable is
+    /// noted, and so is what a code other than `CKR_OK` says about the token (callers accept
+    /// some codes).
+    @inline(__always)
+    private func noting(_ function: PKCS11Function, _ body: () throws -> CK_RV) throws -> CK_RV {
         let rv: CK_RV
         do {
-            rv = try module.callReturningCode(function, keyPath, invoke)
+            rv = try body()
         } catch let error as PKCS11Error {
             throw noted(error)
         }
         if rv != CKR_OK {
-            // Callers accept some codes; what the others say about the token is noted here.
             noteTokenState(PKCS11Error.failed(function, rv))
         }
         return rv
@@ -158,16 +165,7 @@ public struct Session: ~Copyable {
         _ keyPath: KeyPath<hsmgw_ck_function_list_3_0, F?>,
         _ invoke: (F) throws -> CK_RV
     ) throws -> CK_RV {
-        let rv: CK_RV
-        do {
-            rv = try module.callReturningCode(function, keyPath, invoke)
-        } catch let error as PKCS11Error {
-            throw noted(error)
-        }
-        if rv != CKR_OK {
-            noteTokenState(PKCS11Error.failed(function, rv))
-        }
-        return rv
+        try noting(function) { try module.callReturningCode(function, keyPath, invoke) }
     }
 
     /// `call` for an entry point of the PKCS#11 3.0 table.
