@@ -68,13 +68,7 @@ extension Preflight {
     ) {
         let name = "CKA_SENSITIVE/CKA_EXTRACTABLE"
         do {
-            let key = try session.generateKey(
-                .aesKeyGen,
-                template: [
-                    .objectClass(.secretKey), .keyType(.aes), .valueLength(MasterKeyPolicy.keyByteCount),
-                    .token(false), .sensitive(true), .extractable(false), .encrypt(true), .decrypt(true),
-                ]
-            )
+            let key = try Self.sessionAESKey(session, usage: [.encrypt(true), .decrypt(true)])
             defer { try? session.destroyObject(key) }
             let read = try session.attributes([.sensitive, .extractable], of: key)
             guard read.bool(.sensitive) == true, read.bool(.extractable) == false else {
@@ -89,13 +83,7 @@ extension Preflight {
             } catch let error as PKCS11Error where error.function == .getAttributeValue {
                 // Refused, as it must be (CKR_ATTRIBUTE_SENSITIVE on conforming tokens).
             }
-            let wrapper = try session.generateKey(
-                .aesKeyGen,
-                template: [
-                    .objectClass(.secretKey), .keyType(.aes), .valueLength(MasterKeyPolicy.keyByteCount),
-                    .token(false), .sensitive(true), .extractable(false), .wrap(true), .unwrap(true),
-                ]
-            )
+            let wrapper = try Self.sessionAESKey(session, usage: [.wrap(true), .unwrap(true)])
             defer { try? session.destroyObject(wrapper) }
             for mechanism in [Mechanism.aesKeyWrapPad, .aesKeyWrap] {
                 do {
@@ -134,13 +122,7 @@ extension Preflight {
         }
         let callerIVAccepted: Bool
         do {
-            let key = try session.generateKey(
-                .aesKeyGen,
-                template: [
-                    .objectClass(.secretKey), .keyType(.aes), .valueLength(MasterKeyPolicy.keyByteCount),
-                    .token(false), .sensitive(true), .extractable(false), .encrypt(true), .decrypt(true),
-                ]
-            )
+            let key = try Self.sessionAESKey(session, usage: [.encrypt(true), .decrypt(true)])
             defer { try? session.destroyObject(key) }
             let iv = try session.generateRandom(count: Session.gcmIVByteCount)
             do {

@@ -272,6 +272,18 @@ public struct Preflight: Sendable {
         }
     }
 
+    /// A session AES key of the master keys' length, sensitive and non-extractable, for `usage`:
+    /// what preflight's checks run on, so preflight leaves nothing on the token.
+    static func sessionAESKey(_ session: borrowing Session, usage: [Attribute]) throws -> ObjectHandle {
+        try session.generateKey(
+            .aesKeyGen,
+            template: [
+                .objectClass(.secretKey), .keyType(.aes), .valueLength(MasterKeyPolicy.keyByteCount),
+                .token(false), .sensitive(true), .extractable(false),
+            ] + usage
+        )
+    }
+
     private func measureRoundTrip(
         _ session: borrowing Session,
         ivSource: GCMIVSource,
@@ -281,13 +293,7 @@ public struct Preflight: Sendable {
         guard rounds > 0 else { return }
         do {
             // A session key: preflight leaves nothing on the token.
-            let key = try session.generateKey(
-                .aesKeyGen,
-                template: [
-                    .objectClass(.secretKey), .keyType(.aes), .valueLength(MasterKeyPolicy.keyByteCount),
-                    .token(false), .sensitive(true), .extractable(false), .encrypt(true), .decrypt(true),
-                ]
-            )
+            let key = try Self.sessionAESKey(session, usage: [.encrypt(true), .decrypt(true)])
             defer { try? session.destroyObject(key) }
             let plaintext = try session.generateRandom(count: 32)
             let aad = Array("hsm-admin preflight".utf8)
