@@ -18,18 +18,7 @@ struct AESGCMMessageTests {
 
     /// Runs `body` in a logged-in session with a fresh AES-256 session key.
     func withKey<T>(_ body: (borrowing Session, ObjectHandle) throws -> T) throws -> T {
-        try fixture.module.withSession(slot: token.slot) { session in
-            try session.login(.user, pin: token.pin)
-            let key = try session.generateKey(
-                .aesKeyGen,
-                template: [
-                    .objectClass(.secretKey), .keyType(.aes), .valueLength(32), .token(false), .sensitive(true),
-                    .extractable(false), .encrypt(true), .decrypt(true),
-                ]
-            )
-            defer { try? session.destroyObject(key) }
-            return try body(session, key)
-        }
+        try withAESSessionKey(fixture, token, body)
     }
 
     @Test(

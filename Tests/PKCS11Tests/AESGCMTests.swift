@@ -17,18 +17,7 @@ struct AESGCMTests {
     /// Runs `body` in a logged-in session with a fresh AES-256 session key (sensitive, not
     /// extractable, encrypt and decrypt only).
     func withKey<T>(_ body: (borrowing Session, ObjectHandle) throws -> T) throws -> T {
-        try fixture.module.withSession(slot: token.slot) { session in
-            try session.login(.user, pin: token.pin)
-            let key = try session.generateKey(
-                .aesKeyGen,
-                template: [
-                    .objectClass(.secretKey), .keyType(.aes), .valueLength(32), .token(false), .sensitive(true),
-                    .extractable(false), .encrypt(true), .decrypt(true),
-                ]
-            )
-            defer { try? session.destroyObject(key) }
-            return try body(session, key)
-        }
+        try withAESSessionKey(fixture, token, body)
     }
 
     @Test("known answer: GCM spec test case 16 (AES-256, 96-bit IV, 20-byte AAD)")
@@ -207,5 +196,26 @@ struct AESGCMTests {
             }
             #expect(error?.code == .invalidArgument)
         }
+    }
+}
+
+/// Runs `body` in a logged-in session of `token` with a fresh AES-256 session key (sensitive, not
+/// extractable, encrypt and decrypt only), destroyed afterwards.
+func withAESSessionKey<T>(
+    _ fixture: SoftHSMFixture,
+    _ token: TestToken,
+    _ body: (borrowing Session, ObjectHandle) throws -> T
+) throws -> T {
+    try fixture.module.withSession(slot: token.slot) { session in
+        try session.login(.user, pin: token.pin)
+        let key = try session.generateKey(
+            .aesKeyGen,
+            template: [
+                .objectClass(.secretKey), .keyType(.aes), .valueLength(32), .token(false), .sensitive(true),
+                .extractable(false), .encrypt(true), .decrypt(true),
+            ]
+        )
+        defer { try? session.destroyObject(key) }
+        return try body(session, key)
     }
 }
