@@ -55,25 +55,13 @@ pg_dir="${TMPDIR:-/tmp}/hsmgw-monitoring-pg.$$"
 gateway_pid=""
 gateway_log=""
 
-stop_gateway() {
-    if [[ -n "$gateway_pid" ]] && kill -0 "$gateway_pid" 2>/dev/null; then
-        kill -TERM "$gateway_pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$gateway_pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        if kill -0 "$gateway_pid" 2>/dev/null; then
-            log "the gateway did not stop within 10 s of SIGTERM; killing it"
-            kill -KILL "$gateway_pid" 2>/dev/null || true
-        fi
-        wait "$gateway_pid" 2>/dev/null || true
-    fi
-    gateway_pid=""
-}
+# free_ports, wait_gateway, stop_gateway.
+# shellcheck source=scripts/lib/gateway-process.sh
+source scripts/lib/gateway-process.sh
 
 cleanup() {
     local status=$?
-    stop_gateway
+    stop_gateway "$gateway_pid"
     if [[ $status -ne 0 && -n "$gateway_log" && -s "$gateway_log" ]]; then
         log "last lines of the gateway's log (API tokens redacted):"
         tail -n 40 "$gateway_log" | sed -E 's/hsmgw_[A-Za-z0-9_-]{43}/hsmgw_<redacted>/g; s/^/  | /'
@@ -120,34 +108,10 @@ admin="${HSM_ADMIN_BIN:-$(dirname "$gateway")/hsm-admin}"
 [[ -x "$gateway" ]] || { log "no gateway binary at $gateway (swift build, or set HSM_GATEWAY_BIN)"; exit 1; }
 [[ -x "$admin" ]] || { log "no hsm-admin binary at $admin (set HSM_ADMIN_BIN)"; exit 1; }
 
-free_ports() {
-    "$PYTHON" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-EOF
-}
-
-# wait_ready PORT METRICS_PORT TOKEN_FILE: until the token file has a line and /readyz says 200.
+# wait_ready METRICS_PORT TOKEN_FILE: until the token file has a line and /readyz says 200.
 wait_ready() {
-    local metrics_port=$2 token_file=$3
-    for _ in $(seq 1 $((STARTUP_TIMEOUT * 5))); do
-        if ! kill -0 "$gateway_pid" 2>/dev/null; then
-            wait "$gateway_pid" && code=0 || code=$?
-            gateway_pid=""
-            log "the gateway exited (status $code) before it was ready"
-            exit 1
-        fi
-        if [[ -s "$token_file" ]] &&
-            "$PYTHON" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$metrics_port/readyz', timeout=1)" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    log "the gateway was not ready within ${STARTUP_TIMEOUT} s"
-    exit 1
+    wait_gateway "$gateway_pid" "$2" \
+        "$PYTHON" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$1/readyz', timeout=1)" || exit 1
 }
 
 # traffic PORT TOKEN_FILE: answers of several statuses (the labelled series appear with their
@@ -175,7 +139,7 @@ scrape() {
 }
 
 # --- 2. hsm-gateway --dev (SQLite) --------------------------------------------------------------
-read -r port metrics_port < <(free_ports)
+read -r port metrics_port < <(free_ports "$PYTHON")
 data_dir="$tmp/dev"
 mkdir -m 700 "$data_dir"
 gateway_log="$tmp/dev.log"
@@ -183,10 +147,11 @@ log "starting $gateway --dev on 127.0.0.1:$port (metrics $metrics_port)"
 "$gateway" --dev --data-dir "$data_dir" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
     >"$gateway_log" 2>&1 &
 gateway_pid=$!
-wait_ready "$port" "$metrics_port" "$data_dir/admin.token"
+wait_ready "$metrics_port" "$data_dir/admin.token"
 traffic "$port" "$data_dir/admin.token"
 scrape "$metrics_port" "$tmp/sqlite.metrics"
-stop_gateway
+stop_gateway "$gateway_pid"
+gateway_pid=""
 
 # --- 3. hsm-gateway on PostgreSQL ---------------------------------------------------------------
 log "starting PostgreSQL in $pg_dir"
@@ -194,7 +159,7 @@ pg_out=$(scripts/throwaway-postgres.sh start "$pg_dir" --watch-pid $$)
 pg_port=$(sed -n 's/^port=//p' <<<"$pg_out")
 token_dir="$tmp/token"
 DATA_DIR="$token_dir" TOKEN_LABEL=hsmgw-monitoring hsm-config/dev-token.sh >/dev/null
-read -r port metrics_port < <(free_ports)
+read -r port metrics_port < <(free_ports "$PYTHON")
 cat >"$tmp/gateway.yaml" <<EOF
 listen:
   - 127.0.0.1:$port
@@ -221,10 +186,11 @@ gateway_log="$tmp/postgres.log"
 log "starting $gateway on PostgreSQL on 127.0.0.1:$port (metrics $metrics_port)"
 "$gateway" --config "$tmp/gateway.yaml" >"$gateway_log" 2>&1 &
 gateway_pid=$!
-wait_ready "$port" "$metrics_port" "$tmp/postgres-admin.token"
+wait_ready "$metrics_port" "$tmp/postgres-admin.token"
 traffic "$port" "$tmp/postgres-admin.token"
 scrape "$metrics_port" "$tmp/postgres.metrics"
-stop_gateway
+stop_gateway "$gateway_pid"
+gateway_pid=""
 scripts/throwaway-postgres.sh stop "$pg_dir"
 gateway_log=""
 

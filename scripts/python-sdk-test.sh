@@ -52,20 +52,9 @@ log() { echo "python-sdk-test: $*"; }
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/hsmgw-pysdk.XXXXXX")"
 pids=()
-stop_gateway() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.2
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "a gateway did not stop within 10 s of SIGTERM; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
+# free_ports, wait_gateway, stop_gateway.
+# shellcheck source=scripts/lib/gateway-process.sh
+source scripts/lib/gateway-process.sh
 cleanup() {
     local status=$?
     for pid in "${pids[@]}"; do stop_gateway "$pid"; done
@@ -122,43 +111,15 @@ fi
 
 [[ -x "$gateway" ]] || { log "no gateway binary at $gateway (build it: swift build --product hsm-gateway)"; exit 1; }
 
-free_ports() {
-    "$py" - <<'PYEOF'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-PYEOF
-}
-
-# Waits until the token file holds a line and the port accepts connections.
-wait_ready() {
-    local pid=$1 port=$2 token_file=$3
-    for _ in $(seq 1 $((STARTUP_TIMEOUT * 5))); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            wait "$pid" && code=0 || code=$?
-            log "the gateway exited (status $code) before it was ready"
-            return 1
-        fi
-        if [[ -s "$token_file" ]] && "$py" -c "import socket; socket.create_connection(('127.0.0.1', $port), 1).close()" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    log "the gateway was not ready within ${STARTUP_TIMEOUT} s"
-    return 1
-}
-
 # --- 3. The plaintext dev gateway -------------------------------------------------------------
-read -r port metrics_port < <(free_ports)
+read -r port metrics_port < <(free_ports "$py")
 dev_dir="$tmp/dev"
 mkdir -m 700 "$dev_dir"
 log "starting $gateway --dev on 127.0.0.1:$port"
 "$gateway" --dev --data-dir "$dev_dir" --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
     >"$tmp/dev-gateway.log" 2>&1 &
 pids+=($!)
-wait_ready "${pids[-1]}" "$port" "$dev_dir/admin.token"
+wait_gateway "${pids[-1]}" "$dev_dir/admin.token" "$py" -c "import socket; socket.create_connection(('127.0.0.1', $port), 1).close()"
 
 log "live tests against the dev gateway (plaintext, 127.0.0.1:$port)"
 live "live (plaintext)" HSMGW_LIVE_ADDRESS="127.0.0.1:$port" HSMGW_LIVE_TOKEN_FILE="$dev_dir/admin.token" \
@@ -192,7 +153,7 @@ issue serveronly "/CN=python-sdk-serverauth" "extendedKeyUsage=serverAuth"
 tls_dir="$tmp/tls"
 mkdir -m 700 "$tls_dir"
 DATA_DIR="$tls_dir" TOKEN_LABEL="hsmgw-pysdk" hsm-config/dev-token.sh >"$tmp/dev-token.log" 2>&1
-read -r tls_port tls_metrics < <(free_ports)
+read -r tls_port tls_metrics < <(free_ports "$py")
 socket_path="$tls_dir/gateway.sock"
 module="${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}"
 log "starting $gateway on TLS 127.0.0.1:$tls_port (client certificates optional) and unix:$socket_path"
@@ -204,7 +165,7 @@ SOFTHSM2_CONF="$tls_dir/softhsm2.conf" "$gateway" --hsm-module "$module" --token
     --tls-client-ca "$pki/ca.crt" --client-certificates optional \
     >"$tmp/tls-gateway.log" 2>&1 &
 pids+=($!)
-wait_ready "${pids[-1]}" "$tls_port" "$tls_dir/admin.token"
+wait_gateway "${pids[-1]}" "$tls_dir/admin.token" "$py" -c "import socket; socket.create_connection(('127.0.0.1', $tls_port), 1).close()"
 
 log "live tests against the TLS gateway (127.0.0.1:$tls_port, Unix socket $socket_path)"
 live "live (TLS, mTLS, Unix socket)" HSMGW_LIVE_ADDRESS="127.0.0.1:$tls_port" \
