@@ -23,14 +23,7 @@ struct ExecutableTests {
                 ["--dev", "--data-dir", dataDirectory, "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
                 outputPath: log
             )
-            guard
-                let portText = await process.waitForOutput(
-                    #"serving plaintext on 127\.0\.0\.1:(\d+)"#, timeout: .seconds(60)),
-                let port = Int(portText)
-            else {
-                process.send(SIGKILL)
-                throw TestSetupError("hsm-gateway --dev did not start: \(process.output())")
-            }
+            let port = try await process.servingPort(SpawnedProcess.devServingLine, name: "hsm-gateway --dev")
             return DevServer(process: process, port: port)
         }
 

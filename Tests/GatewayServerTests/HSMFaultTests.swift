@@ -31,14 +31,7 @@ struct HSMFaultTests {
                 ],
                 outputPath: root + "/gateway.log"
             )
-            guard
-                let portText = await process.waitForOutput(
-                    #"serving plaintext on 127\.0\.0\.1:(\d+)"#, timeout: .seconds(60)),
-                let port = Int(portText)
-            else {
-                process.send(SIGKILL)
-                throw TestSetupError("hsm-gateway --dev did not start: \(process.output())")
-            }
+            let port = try await process.servingPort(SpawnedProcess.devServingLine, name: "hsm-gateway --dev")
             return DevGateway(process: process, port: port, metricsPort: metricsPort, data: root + "/data")
         }
 

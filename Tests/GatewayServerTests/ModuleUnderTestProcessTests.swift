@@ -33,14 +33,7 @@ struct ModuleUnderTestProcessTests {
             let process = try SpawnedProcess(
                 PackagePaths.gatewayBinary, arguments, environment: ["SOFTHSM2_CONF": fixture.configPath],
                 outputPath: log)
-            guard
-                let portText = await process.waitForOutput(
-                    #"listen=127\.0\.0\.1:(\d+) .*serving"#, timeout: .seconds(60)),
-                let port = Int(portText)
-            else {
-                process.send(SIGKILL)
-                throw TestSetupError("hsm-gateway did not start: \(process.output())")
-            }
+            let port = try await process.servingPort()
             return SQLiteGateway(process: process, port: port)
         }
 

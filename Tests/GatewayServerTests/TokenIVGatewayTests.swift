@@ -138,13 +138,7 @@ extension HSMLoginRefusedTests {
             outputPath: directory + "/gateway.log"
         )
         defer { process.send(SIGKILL) }
-        guard
-            let portText = await process.waitForOutput(#"listen=127\.0\.0\.1:(\d+) .*serving"#, timeout: .seconds(60)),
-            let port = Int(portText)
-        else {
-            Issue.record("hsm-gateway did not start: \(process.output())")
-            return
-        }
+        let port = try await process.servingPort()
         let adminToken = try String(contentsOfFile: directory + "/admin.token", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
         var configuration = GatewayClientConfiguration(

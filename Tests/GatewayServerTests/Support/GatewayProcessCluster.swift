@@ -157,14 +157,7 @@ final class GatewayProcessCluster: Sendable {
         let process = try SpawnedProcess(
             PackagePaths.gatewayBinary, arguments, environment: ["SOFTHSM2_CONF": softHSMConfig],
             outputPath: directory + "/\(name)-\(starts.wrappingAdd(1, ordering: .relaxed).newValue).log")
-        guard
-            let portText = await process.waitForOutput(
-                #"listen=127\.0\.0\.1:(\d+) .*serving"#, timeout: .seconds(60)),
-            let port = Int(portText)
-        else {
-            process.send(SIGKILL)
-            throw TestSetupError("hsm-gateway \(name) did not start: \(process.output())")
-        }
+        let port = try await process.servingPort(name: "hsm-gateway \(name)")
         return Instance(name: name, process: process, port: port, metricsPort: metricsPort)
     }
 }
